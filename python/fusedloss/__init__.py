@@ -1,0 +1,41 @@
+"""fusedloss: fused loss kernels for token-level and large-vocabulary classification.
+
+Softmax losses (SPEC 3), sigmoid and multi-label losses (SPEC 4) and the linear-chain CRF
+(SPEC 5), each with a pure-PyTorch reference and fused backends chosen per call (SPEC 2).
+"""
+
+from fusedloss._dispatch import BackendUnavailable, available_backends
+from fusedloss.softmax import cross_entropy, focal_loss
+from fusedloss.sigmoid import (
+    GHMCLoss,
+    bi_tempered_logistic_loss,
+    binary_cross_entropy_with_logits,
+    ghmc_loss,
+    multilabel_categorical_crossentropy,
+    multilabel_soft_margin_loss,
+    sigmoid_focal_loss,
+)
+from fusedloss.crf import CRF, allowed_transitions, crf_log_likelihood, crf_marginals, crf_viterbi
+from fusedloss import nn  # noqa: E402  (modules re-exported under fusedloss.nn)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "available_backends",
+    "cross_entropy",
+    "focal_loss",
+    "binary_cross_entropy_with_logits",
+    "sigmoid_focal_loss",
+    "multilabel_soft_margin_loss",
+    "multilabel_categorical_crossentropy",
+    "ghmc_loss",
+    "GHMCLoss",
+    "bi_tempered_logistic_loss",
+    "CRF",
+    "crf_log_likelihood",
+    "crf_viterbi",
+    "crf_marginals",
+    "allowed_transitions",
+    "nn",
+]

@@ -1,0 +1,182 @@
+"""Backend dispatch (SPEC 2).
+
+Every fused op has one implementation per backend, found through ``_OP_TABLE`` as
+``"module:function"``. The ``cpp`` and ``cuda`` backends share one Python
+module per family (``fusedloss._ext``): the ops of the ``fusedloss._C`` extension have a CPU and a
+CUDA kernel and the torch dispatcher picks one by the tensors' device. An implementation module may define ``<function>_reasons`` with the same
+signature as the op; it returns the reasons (words) why that backend cannot serve this call, an
+empty list when it can. On top of that the dispatcher checks what holds for the backend as a
+whole: whether it imports, whether it runs on the tensor's device.
+
+``auto`` takes the first backend that can serve the call, in the order
+CUDA tensor: triton, cuda, reference; CPU tensor: cpp, reference.
+``FUSEDLOSS_BACKEND`` overrides ``auto``. Naming a backend that cannot serve the call raises
+:class:`BackendUnavailable` listing every reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+BACKEND_NAMES = ("reference", "triton", "cpp", "cuda")
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
+
+# op name -> backend name -> "module:function"
+_OP_TABLE: Dict[str, Dict[str, str]] = {
+    "softmax_loss": {
+        "reference": "fusedloss.reference.softmax:softmax_loss",
+        "triton": "fusedloss.triton_kernels.softmax_loss:softmax_loss",
+        "cpp": "fusedloss._ext.softmax_loss:softmax_loss",
+        "cuda": "fusedloss._ext.softmax_loss:softmax_loss",
+    },
+    "crf_log_likelihood": {
+        "reference": "fusedloss.reference.crf:crf_log_likelihood",
+        "triton": "fusedloss.triton_kernels.crf:crf_log_likelihood",
+        "cpp": "fusedloss._ext.crf:crf_log_likelihood",
+        "cuda": "fusedloss._ext.crf:crf_log_likelihood",
+    },
+    "crf_viterbi": {
+        "reference": "fusedloss.reference.crf:crf_viterbi",
+        "triton": "fusedloss.triton_kernels.crf:crf_viterbi",
+        "cpp": "fusedloss._ext.crf:crf_viterbi",
+        "cuda": "fusedloss._ext.crf:crf_viterbi",
+    },
+    "crf_marginals": {
+        "reference": "fusedloss.reference.crf:crf_marginals",
+        "triton": "fusedloss.triton_kernels.crf:crf_marginals",
+        "cpp": "fusedloss._ext.crf:crf_marginals",
+        "cuda": "fusedloss._ext.crf:crf_marginals",
+    },
+    # The sigmoid and multi-label family has only the reference so far (SPEC 4).
+    "binary_cross_entropy_with_logits": {"reference": "fusedloss.reference.sigmoid:binary_cross_entropy_with_logits"},
+    "sigmoid_focal_loss": {"reference": "fusedloss.reference.sigmoid:sigmoid_focal_loss"},
+    "multilabel_soft_margin_loss": {"reference": "fusedloss.reference.sigmoid:multilabel_soft_margin_loss"},
+    "multilabel_categorical_crossentropy": {
+        "reference": "fusedloss.reference.sigmoid:multilabel_categorical_crossentropy"
+    },
+    "ghmc_loss": {"reference": "fusedloss.reference.sigmoid:ghmc_loss"},
+    "bi_tempered_logistic_loss": {"reference": "fusedloss.reference.sigmoid:bi_tempered_logistic_loss"},
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """A named backend cannot serve a call; the message lists every reason."""
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_BACKEND_REASONS: Dict[str, Optional[str]] = {}
+
+
+def _backend_reason(name: str) -> Optional[str]:
+    """Why a backend cannot run at all on this machine, or None (computed once per process)."""
+    if name not in _BACKEND_REASONS:
+        _BACKEND_REASONS[name] = _compute_backend_reason(name)
+    return _BACKEND_REASONS[name]
+
+
+def _compute_backend_reason(name: str) -> Optional[str]:
+    if name == "reference":
+        return None
+    if name == "triton":
+        try:
+            importlib.import_module("triton")
+        except Exception as exc:  # ImportError, or a broken install
+            return f"triton is not importable ({type(exc).__name__}: {exc})"
+        if not torch.cuda.is_available() and not _triton_interpret():
+            return "no CUDA device (CPU tensors need TRITON_INTERPRET=1, set before triton is imported)"
+        return None
+    if name in ("cpp", "cuda"):
+        try:
+            ext = importlib.import_module("fusedloss._C")
+        except Exception as exc:
+            return f"the fusedloss._C extension is not built ({type(exc).__name__}: {exc})"
+        if name == "cuda":
+            if not getattr(ext, "WITH_CUDA", False):
+                return "fusedloss._C was built without CUDA"
+            if not torch.cuda.is_available():
+                return "no CUDA device"
+        return None
+    raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {name!r}")
+
+
+def available_backends() -> Dict[str, Optional[str]]:
+    """``{backend name: None if usable here, else the reason it is not}``."""
+    return {name: _backend_reason(name) for name in BACKEND_NAMES}
+
+
+def _device_reason(name: str, device: torch.device) -> Optional[str]:
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
+        return f"runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got a {device.type} tensor"
+    if name == "cpp" and device.type != "cpu":
+        return f"runs on CPU tensors, got a {device.type} tensor"
+    if name == "cuda" and device.type != "cuda":
+        return f"runs on CUDA tensors, got a {device.type} tensor"
+    return None
+
+
+_IMPLS: Dict[Tuple[str, str], Tuple[Callable, Optional[Callable]]] = {}
+
+
+def _load(op: str, name: str) -> Tuple[Callable, Optional[Callable]]:
+    key = (op, name)
+    if key not in _IMPLS:
+        module_name, func_name = _OP_TABLE[op][name].split(":")
+        module = importlib.import_module(module_name)
+        _IMPLS[key] = (getattr(module, func_name), getattr(module, func_name + "_reasons", None))
+    return _IMPLS[key]
+
+
+def _reasons(op: str, name: str, device: torch.device, args: tuple, kwargs: dict) -> Tuple[List[str], Optional[Callable]]:
+    backend_reason = _backend_reason(name)
+    if backend_reason is not None:
+        return [backend_reason], None
+    if name not in _OP_TABLE[op]:
+        return [f"has no kernel for {op}"], None
+    device_reason = _device_reason(name, device)
+    if device_reason is not None:
+        return [device_reason], None
+    try:
+        impl, reasons_fn = _load(op, name)
+    except (ImportError, AttributeError) as exc:
+        return [f"does not implement {op} ({type(exc).__name__}: {exc})"], None
+    reasons = list(reasons_fn(*args, **kwargs)) if reasons_fn is not None else []
+    return reasons, (None if reasons else impl)
+
+
+def resolve(op: str, backend: str, device: torch.device, *args, **kwargs) -> Tuple[str, Callable]:
+    """Choose the backend for one call of ``op``; returns ``(name, implementation)``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("FUSEDLOSS_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        order = _AUTO_ORDER.get(device.type, ("reference",))
+    elif backend in BACKEND_NAMES:
+        order = (backend,)
+    else:
+        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    all_reasons = []
+    for name in order:
+        reasons, impl = _reasons(op, name, device, args, kwargs)
+        if impl is not None:
+            return name, impl
+        all_reasons.append(f"{name}: " + "; ".join(reasons))
+    raise BackendUnavailable(f"no backend can run {op} for this call:\n  " + "\n  ".join(all_reasons))
+
+
+def call(op: str, backend: str, device: torch.device, *args, **kwargs):
+    """Run ``op`` on the backend chosen by :func:`resolve`."""
+    _, impl = resolve(op, backend, device, *args, **kwargs)
+    return impl(*args, **kwargs)
+
+
+def why_not(op: str, backend: str, device: torch.device, *args, **kwargs) -> List[str]:
+    """The reasons ``backend`` cannot serve this call of ``op`` (empty when it can)."""
+    return _reasons(op, backend, device, args, kwargs)[0]
