@@ -71,13 +71,18 @@ def _extensions_and_cmdclass():
             extra_link_args=["-fopenmp"],
         )
 
+    strict = os.environ.get("FUSEDLOSS_STRICT_BUILD", "0") not in ("", "0")
+
     class OptionalBuildExt(cpp_extension.BuildExtension):
-        """Builds fusedloss._C; a failure warns and leaves the pure-Python package installable."""
+        """Builds fusedloss._C; a failure warns and leaves the pure-Python package installable
+        (FUSEDLOSS_STRICT_BUILD=1 makes it fail instead, for development and CI of the kernels)."""
 
         def run(self):
             try:
                 super().run()
             except Exception as exc:  # noqa: BLE001 (any compiler/linker failure)
+                if strict:
+                    raise
                 print(f"fusedloss: WARNING: building fusedloss._C failed ({exc}); "
                       "the cpp/cuda backends will be unavailable", file=sys.stderr)
 
@@ -85,6 +90,8 @@ def _extensions_and_cmdclass():
             try:
                 super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001
+                if strict:
+                    raise
                 print(f"fusedloss: WARNING: building {ext.name} failed ({exc})", file=sys.stderr)
 
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
