@@ -1,0 +1,106 @@
+"""Reference softmax losses: cross entropy with label smoothing, class weights, focal factor, z-loss and
+logit soft-capping, as plain PyTorch ops with autograd for the backward (docs/BACKENDS.md, ``softmax_loss``).
+
+For one row with logits ``x`` (C classes), per-class weights ``w`` (ones when absent), smoothing ``ε`` and
+focusing parameter ``γ``::
+
+    s     = softcap * tanh(x / softcap)            (s = x without softcap)
+    log p = log_softmax(s)
+    q     = (1 - ε) * onehot(y) + ε / C            (or the given probabilities, smoothed the same way)
+    l     = -Σ_c q_c * w_c * (1 - p_c)^γ * log p_c  +  z_loss * logsumexp(s)^2
+
+With ``γ = 0``, ``z_loss = 0`` and no softcap this is ``torch.nn.functional.cross_entropy`` term by term,
+including its rule for label smoothing with weights and its ``mean`` divisor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; half types and float32 are computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def focal_factor(log_probs: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``(1 - p)^γ`` from ``log p``, with finite gradients everywhere.
+
+    ``1 - p`` is ``-expm1(log p)``: exact when p is close to 1, where ``1 - exp(log p)`` cancels.
+    For ``0 < γ < 1`` the derivative ``γ (1 - p)^(γ - 1)`` is infinite at ``p = 1`` (and overflows
+    just above it), while the loss term ``(1 - p)^γ log p`` has derivative 0 there. Entries with
+    ``1 - p`` below the smallest normal number therefore take the factor 0 through a ``where`` whose
+    other branch never sees them: the value changes by less than that number times ``-log p`` (about
+    ``1 - p`` itself), and no inf or NaN reaches the gradient.
+    """
+    one_minus_p = -torch.expm1(log_probs)
+    tiny = torch.finfo(log_probs.dtype).tiny
+    representable = one_minus_p > tiny
+    safe_base = torch.where(representable, one_minus_p, torch.ones_like(one_minus_p))
+    return torch.where(representable, safe_base.pow(gamma), torch.zeros_like(one_minus_p))
+
+
+def softmax_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    focal_gamma: float,
+    z_loss: float,
+    softcap: float | None,
+    mean_by_count: bool,
+    inplace_backward: bool,
+) -> torch.Tensor:
+    """Softmax loss of ``input (N, C)`` against ``target``: int64 ``(N,)`` indices or float ``(N, C)`` probabilities.
+
+    Returns ``(N,)`` for ``reduction="none"`` (0 at rows whose target is ``ignore_index``), else a scalar:
+    ``sum``, or ``mean`` = sum / Σ_n w_{y_n} over non-ignored rows (NaN when every row is ignored, as torch),
+    sum / number of non-ignored rows when ``mean_by_count``, sum / N for soft targets. The result has the dtype
+    of ``input``; the arithmetic runs in float32 (float64 for float64 input). ``inplace_backward`` is a memory
+    option of fused backends and has no meaning here.
+    """
+    del inplace_backward
+    compute_dtype = _compute_dtype(input.dtype)
+    logits = input.to(compute_dtype)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    num_classes = logits.shape[-1]
+
+    # class_cost[n, c] = -w_c (1 - p_c)^γ log p_c: the loss of row n if all its target mass sat on class c.
+    class_cost = -log_probs
+    if focal_gamma != 0:  # γ = 0 skips the factor, so the result is cross entropy bit for bit
+        class_cost = class_cost * focal_factor(log_probs, focal_gamma)
+    if weight is not None:
+        weight = weight.to(compute_dtype)
+        class_cost = class_cost * weight
+
+    if target.is_floating_point():
+        target_probs = target.to(compute_dtype)
+        if label_smoothing > 0:
+            target_probs = (1.0 - label_smoothing) * target_probs + label_smoothing / num_classes
+        row_loss = (target_probs * class_cost).sum(dim=-1)
+        if z_loss > 0:
+            row_loss = row_loss + z_loss * torch.logsumexp(logits, dim=-1).square()
+        divisor = torch.tensor(float(row_loss.shape[0]), dtype=compute_dtype, device=input.device)
+    else:
+        kept = target != ignore_index
+        safe_target = torch.where(kept, target, torch.zeros_like(target)).unsqueeze(-1)
+        row_loss = class_cost.gather(-1, safe_target).squeeze(-1)
+        if label_smoothing > 0:
+            row_loss = (1.0 - label_smoothing) * row_loss + (label_smoothing / num_classes) * class_cost.sum(dim=-1)
+        if z_loss > 0:
+            row_loss = row_loss + z_loss * torch.logsumexp(logits, dim=-1).square()
+        row_loss = torch.where(kept, row_loss, torch.zeros_like(row_loss))
+        if weight is not None and not mean_by_count:
+            divisor = torch.where(kept, weight[safe_target.squeeze(-1)], torch.zeros_like(row_loss)).sum()
+        else:
+            divisor = kept.sum().to(compute_dtype)
+
+    if reduction == "none":
+        return row_loss.to(input.dtype)
+    if reduction == "sum":
+        return row_loss.sum().to(input.dtype)
+    return (row_loss.sum() / divisor).to(input.dtype)
