@@ -1,9 +1,7 @@
 """Backend dispatch (SPEC 2).
 
-Every fused op has one implementation per backend, found through ``_OP_TABLE`` as
-``"module:function"``. The ``cpp`` and ``cuda`` backends share one Python
-module per family (``fusedloss._ext``): the ops of the ``fusedloss._C`` extension have a CPU and a
-CUDA kernel and the torch dispatcher picks one by the tensors' device. An implementation module may define ``<function>_reasons`` with the same
+Every fused op has one implementation per backend: a function named like the op in the module
+that ``_OP_TABLE`` loads for that backend. The module may define ``<op>_reasons`` with the same
 signature as the op; it returns the reasons (words) why that backend cannot serve this call, an
 empty list when it can. On top of that the dispatcher checks what holds for the backend as a
 whole: whether it imports, whether it runs on the tensor's device.
@@ -25,41 +23,74 @@ import torch
 BACKEND_NAMES = ("reference", "triton", "cpp", "cuda")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
 
-# op name -> backend name -> "module:function"
-_OP_TABLE: Dict[str, Dict[str, str]] = {
-    "softmax_loss": {
-        "reference": "fusedloss.reference.softmax:softmax_loss",
-        "triton": "fusedloss.triton_kernels.softmax_loss:softmax_loss",
-        "cpp": "fusedloss._ext.softmax_loss:softmax_loss",
-        "cuda": "fusedloss._ext.softmax_loss:softmax_loss",
-    },
-    "crf_log_likelihood": {
-        "reference": "fusedloss.reference.crf:crf_log_likelihood",
-        "triton": "fusedloss.triton_kernels.crf:crf_log_likelihood",
-        "cpp": "fusedloss._ext.crf:crf_log_likelihood",
-        "cuda": "fusedloss._ext.crf:crf_log_likelihood",
-    },
-    "crf_viterbi": {
-        "reference": "fusedloss.reference.crf:crf_viterbi",
-        "triton": "fusedloss.triton_kernels.crf:crf_viterbi",
-        "cpp": "fusedloss._ext.crf:crf_viterbi",
-        "cuda": "fusedloss._ext.crf:crf_viterbi",
-    },
-    "crf_marginals": {
-        "reference": "fusedloss.reference.crf:crf_marginals",
-        "triton": "fusedloss.triton_kernels.crf:crf_marginals",
-        "cpp": "fusedloss._ext.crf:crf_marginals",
-        "cuda": "fusedloss._ext.crf:crf_marginals",
-    },
+# Module loaders. Plain import statements, not importlib: torch.compile (Dynamo) traces an import
+# statement when the first call of an op happens inside a compiled region, but not importlib.
+def _reference_softmax():
+    from fusedloss.reference import softmax
+
+    return softmax
+
+
+def _reference_sigmoid():
+    from fusedloss.reference import sigmoid
+
+    return sigmoid
+
+
+def _reference_crf():
+    from fusedloss.reference import crf
+
+    return crf
+
+
+def _triton_softmax():
+    from fusedloss.triton_kernels import softmax_loss
+
+    return softmax_loss
+
+
+def _triton_crf():
+    from fusedloss.triton_kernels import crf
+
+    return crf
+
+
+def _ext_softmax():
+    from fusedloss._ext import softmax_loss
+
+    return softmax_loss
+
+
+def _ext_crf():
+    from fusedloss._ext import crf
+
+    return crf
+
+
+def _family(reference, triton=None, ext=None) -> Dict[str, Callable]:
+    table = {"reference": reference}
+    if triton is not None:
+        table["triton"] = triton
+    if ext is not None:
+        table["cpp"] = table["cuda"] = ext
+    return table
+
+
+# op name -> backend name -> loader of the module that defines a function named like the op.
+# The cpp and cuda backends share one module per family: the ops of the fusedloss._C extension
+# have a CPU and a CUDA kernel and the torch dispatcher picks one by the tensors' device.
+_OP_TABLE: Dict[str, Dict[str, Callable]] = {
+    "softmax_loss": _family(_reference_softmax, _triton_softmax, _ext_softmax),
+    "crf_log_likelihood": _family(_reference_crf, _triton_crf, _ext_crf),
+    "crf_viterbi": _family(_reference_crf, _triton_crf, _ext_crf),
+    "crf_marginals": _family(_reference_crf, _triton_crf, _ext_crf),
     # The sigmoid and multi-label family has only the reference so far (SPEC 4).
-    "binary_cross_entropy_with_logits": {"reference": "fusedloss.reference.sigmoid:binary_cross_entropy_with_logits"},
-    "sigmoid_focal_loss": {"reference": "fusedloss.reference.sigmoid:sigmoid_focal_loss"},
-    "multilabel_soft_margin_loss": {"reference": "fusedloss.reference.sigmoid:multilabel_soft_margin_loss"},
-    "multilabel_categorical_crossentropy": {
-        "reference": "fusedloss.reference.sigmoid:multilabel_categorical_crossentropy"
-    },
-    "ghmc_loss": {"reference": "fusedloss.reference.sigmoid:ghmc_loss"},
-    "bi_tempered_logistic_loss": {"reference": "fusedloss.reference.sigmoid:bi_tempered_logistic_loss"},
+    "binary_cross_entropy_with_logits": _family(_reference_sigmoid),
+    "sigmoid_focal_loss": _family(_reference_sigmoid),
+    "multilabel_soft_margin_loss": _family(_reference_sigmoid),
+    "multilabel_categorical_crossentropy": _family(_reference_sigmoid),
+    "ghmc_loss": _family(_reference_sigmoid),
+    "bi_tempered_logistic_loss": _family(_reference_sigmoid),
 }
 
 
@@ -74,8 +105,10 @@ def _triton_interpret() -> bool:
 _BACKEND_REASONS: Dict[str, Optional[str]] = {}
 
 
+@torch.compiler.assume_constant_result
 def _backend_reason(name: str) -> Optional[str]:
-    """Why a backend cannot run at all on this machine, or None (computed once per process)."""
+    """Why a backend cannot run at all on this machine, or None (computed once per process;
+    torch.compile takes the answer as a constant instead of tracing the imports it does)."""
     if name not in _BACKEND_REASONS:
         _BACKEND_REASONS[name] = _compute_backend_reason(name)
     return _BACKEND_REASONS[name]
@@ -127,13 +160,14 @@ _IMPLS: Dict[Tuple[str, str], Tuple[Callable, Optional[Callable]]] = {}
 def _load(op: str, name: str) -> Tuple[Callable, Optional[Callable]]:
     key = (op, name)
     if key not in _IMPLS:
-        module_name, func_name = _OP_TABLE[op][name].split(":")
-        module = importlib.import_module(module_name)
-        _IMPLS[key] = (getattr(module, func_name), getattr(module, func_name + "_reasons", None))
+        module = _OP_TABLE[op][name]()
+        _IMPLS[key] = (getattr(module, op), getattr(module, op + "_reasons", None))
     return _IMPLS[key]
 
 
-def _reasons(op: str, name: str, device: torch.device, args: tuple, kwargs: dict) -> Tuple[List[str], Optional[Callable]]:
+def _reasons(
+    op: str, name: str, device: torch.device, args: tuple, kwargs: dict
+) -> Tuple[List[str], Optional[Callable]]:
     backend_reason = _backend_reason(name)
     if backend_reason is not None:
         return [backend_reason], None
