@@ -1,0 +1,692 @@
+"""Triton kernels of the linear-chain CRF: log-likelihood with a hand-written backward, Viterbi, marginals.
+
+The ``triton`` backend of the internal ops ``crf_log_likelihood``, ``crf_viterbi`` and ``crf_marginals``
+(docs/BACKENDS.md). Arguments are batch first and already validated by the public layer: emissions
+``(B, T, K)`` float16/bfloat16/float32, tags ``(B, T)`` int64 in [0, K), mask ``(B, T)`` bool left-aligned with
+``mask[:, 0]`` all true, transitions ``A (K, K)`` (``A[i, j]`` scores i -> j), start ``s (K,)`` and end
+``f (K,)`` transitions, constraints already folded in as ``-1e4`` entries. Everything is computed in float32;
+results have the dtype ``promote_types(emissions.dtype, transitions.dtype)``. float64 is declined (see the
+``*_reasons`` functions): the kernels accumulate in float32 and the reference and cpp backends serve float64.
+
+The math, for a sequence of length L (a prefix of ones in its mask)::
+
+    α_0[j] = s[j] + e[0, j],   α_t[j] = logsumexp_i(α_{t-1}[i] + A[i, j]) + e[t, j]   (0 < t < L)
+    log Z  = logsumexp_j(α_{L-1}[j] + f[j])
+    β_{L-1}[i] = f[i],         β_{t-1}[i] = logsumexp_j(A[i, j] + e[t, j] + β_t[j])
+    P(y_t = j) = exp(α_t[j] + β_t[j] - log Z)
+    P(y_{t-1} = i, y_t = j) = exp(α_{t-1}[i] + A[i, j] + e[t, j] + β_t[j] - log Z)
+
+and the log-likelihood ``ll = score(y) - log Z`` has the gradients (g = the sequence's grad_output)::
+
+    ∂/∂e[t, j] = g (1[y_t = j] - P(y_t = j))                          (t < L, else 0)
+    ∂/∂A[i, j] = g Σ_{0<t<L} (1[y_{t-1} = i, y_t = j] - P(y_{t-1} = i, y_t = j))
+    ∂/∂s[j]    = ∂/∂e[0, j],     ∂/∂f[j] = ∂/∂e[L-1, j]
+
+Layout of the work: one program owns a tile of ``BLOCK_B`` sequences and loops over time inside the kernel;
+the K tags are processed in tiles of ``BLOCK_K`` (several tiles when K does not fit a block). The recursion
+state of step t-1 lives in a float32 buffer that the same program wrote (α is kept for all t, as the backward
+needs it), so a step reads it tile by tile; a barrier between steps makes one step's writes visible to the
+next step's reads.
+
+Forward step in matrix form (the scaled forward algorithm): with ``m = max_i α[i]``, ``c_j = max_i A[i, j]`` and
+``E[i, j] = exp(A[i, j] - c_j)`` computed once per call, ``logsumexp_i(α[i] + A[i, j]) =
+log Σ_i exp(α[i] - m) E[i, j] + m + c_j``: K exps and a ``(BLOCK_B, K) x (K, K)`` product per step, which
+``tl.dot`` runs on tensor cores (full float32 precision) for tiles of 16 and more. Where a column's sum falls
+under ``_UNDERFLOW_GUARD`` (its best predecessor is far below m: large emissions with forbidden transitions)
+the column is recomputed exactly as an online logsumexp. The backward step is the same operation with ``Aᵀ``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Finite stand-in for -inf in padding lanes: -inf would turn max-subtraction into inf - inf = NaN.
+_NEG = -1.0e30
+# A column sum of the matrix-form step below this has lost its largest term to float32 underflow (each term
+# is at most 1 and there are at most K of them, so a sum >= 1e-20 keeps a term >= 1e-20 / K, far from the
+# float32 subnormal range); such columns are recomputed exactly.
+_UNDERFLOW_GUARD = 1.0e-20
+# The transition-gradient accumulator holds one (K, K) float32 matrix per group of programs; it is capped at
+# this many floats so that large K times many programs stays within memory (programs then share by atomics).
+_PAIR_ACCUMULATOR_FLOATS = 1 << 24
+
+
+@triton.jit
+def _logsumexp_step(
+    state_ptr,
+    row_offsets,
+    row_max,
+    rows_ok,
+    mat_ptr,
+    expmat_ptr,
+    colmax_ptr,
+    cols,
+    cols_ok,
+    K,
+    NUM_K_TILES: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    """``out[b, x] = logsumexp_y(state[b, y] + mat[y, x])`` for one tile of columns x, ``(BLOCK_B, BLOCK_K)``.
+
+    ``state`` rows start at ``state_ptr + row_offsets``; ``row_max`` is each row's max over y;
+    ``expmat = exp(mat - colmax)`` with ``colmax[x] = max_y mat[y, x]``.
+    """
+    acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+    for y_tile in range(NUM_K_TILES):
+        ys = y_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        ys_ok = ys < K
+        state = tl.load(state_ptr + row_offsets[:, None] + ys[None, :], mask=rows_ok[:, None] & ys_ok[None, :],
+                        other=_NEG)
+        scaled = tl.exp(state - row_max[:, None])
+        expmat = tl.load(expmat_ptr + ys[:, None] * K + cols[None, :], mask=ys_ok[:, None] & cols_ok[None, :],
+                         other=0.0)
+        if USE_DOT:
+            acc += tl.dot(scaled, expmat, input_precision="ieee")
+        else:
+            acc += tl.sum(scaled[:, :, None] * expmat[None, :, :], axis=1)
+    colmax = tl.load(colmax_ptr + cols, mask=cols_ok, other=0.0)
+    acc = tl.where(cols_ok[None, :], acc, 1.0)
+    out = tl.log(acc) + row_max[:, None] + colmax[None, :]
+    if tl.min(acc) < _UNDERFLOW_GUARD:
+        # Exact online logsumexp over the y tiles, only for tiles where some column underflowed.
+        run_max = tl.full((BLOCK_B, BLOCK_K), _NEG, dtype=tl.float32)
+        run_sum = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+        for y_tile in range(NUM_K_TILES):
+            ys = y_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            ys_ok = ys < K
+            state = tl.load(state_ptr + row_offsets[:, None] + ys[None, :], mask=rows_ok[:, None] & ys_ok[None, :],
+                            other=_NEG)
+            mat = tl.load(mat_ptr + ys[:, None] * K + cols[None, :], mask=ys_ok[:, None] & cols_ok[None, :],
+                          other=_NEG)
+            scores = state[:, :, None] + mat[None, :, :]
+            new_max = tl.maximum(run_max, tl.max(scores, axis=1))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(scores - new_max[:, None, :]), axis=1)
+            run_max = new_max
+        exact = run_max + tl.log(tl.where(cols_ok[None, :], run_sum, 1.0))
+        out = tl.where(acc < _UNDERFLOW_GUARD, exact, out)
+    return out
+
+
+@triton.jit
+def _crf_forward_kernel(
+    emissions_ptr,
+    tags_ptr,
+    lengths_ptr,
+    trans_ptr,
+    exptrans_ptr,
+    colmax_ptr,
+    start_ptr,
+    end_ptr,
+    alpha_ptr,
+    ll_ptr,
+    log_z_ptr,
+    B,
+    T,
+    K,
+    HAS_TAGS: tl.constexpr,
+    NUM_K_TILES: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    """Forward algorithm and gold-path score in one pass over the emissions.
+
+    Writes α (B, T, K) float32 (α_t for t >= L repeats α_{L-1}), ``log_z`` (B,) and, with ``HAS_TAGS``,
+    ``ll = score(tags) - log Z`` (B,).
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows_ok = rows < B
+    lengths = tl.load(lengths_ptr + rows, mask=rows_ok, other=1)
+    emission_rows = rows.to(tl.int64) * T * K
+    tag_rows = rows.to(tl.int64) * T
+
+    # t = 0: α_0 = s + e_0.
+    row_max = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
+    for x_tile in range(NUM_K_TILES):
+        cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        cols_ok = cols < K
+        ok = rows_ok[:, None] & cols_ok[None, :]
+        emission = tl.load(emissions_ptr + emission_rows[:, None] + cols[None, :], mask=ok, other=0.0)
+        start = tl.load(start_ptr + cols, mask=cols_ok, other=0.0)
+        alpha = emission.to(tl.float32) + start[None, :]
+        tl.store(alpha_ptr + emission_rows[:, None] + cols[None, :], alpha, mask=ok)
+        row_max = tl.maximum(row_max, tl.max(tl.where(ok, alpha, _NEG), axis=1))
+    if HAS_TAGS:
+        tag = tl.load(tags_ptr + tag_rows, mask=rows_ok, other=0)
+        gold = tl.load(start_ptr + tag, mask=rows_ok, other=0.0)
+        gold += tl.load(emissions_ptr + emission_rows + tag, mask=rows_ok, other=0.0).to(tl.float32)
+    tl.debug_barrier()
+
+    for t in range(1, T):
+        active = rows_ok & (t < lengths)
+        if HAS_TAGS:
+            previous_tag = tag
+            tag = tl.load(tags_ptr + tag_rows + t, mask=rows_ok, other=0)
+            step_score = tl.load(emissions_ptr + emission_rows + t * K + tag, mask=active, other=0.0).to(tl.float32)
+            step_score += tl.load(trans_ptr + previous_tag * K + tag, mask=active, other=0.0)
+            gold += tl.where(active, step_score, 0.0)
+        previous_offsets = emission_rows + (t - 1) * K
+        new_max = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
+        for x_tile in range(NUM_K_TILES):
+            cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            cols_ok = cols < K
+            ok = rows_ok[:, None] & cols_ok[None, :]
+            step = _logsumexp_step(alpha_ptr, previous_offsets, row_max, rows_ok, trans_ptr, exptrans_ptr, colmax_ptr,
+                                   cols, cols_ok, K, NUM_K_TILES, BLOCK_K, BLOCK_B, USE_DOT)
+            emission = tl.load(emissions_ptr + emission_rows[:, None] + t * K + cols[None, :], mask=ok, other=0.0)
+            previous = tl.load(alpha_ptr + previous_offsets[:, None] + cols[None, :], mask=ok, other=0.0)
+            alpha = tl.where(active[:, None], step + emission.to(tl.float32), previous)
+            tl.store(alpha_ptr + emission_rows[:, None] + t * K + cols[None, :], alpha, mask=ok)
+            new_max = tl.maximum(new_max, tl.max(tl.where(ok, alpha, _NEG), axis=1))
+        row_max = new_max
+        tl.debug_barrier()
+
+    # log Z = logsumexp_j(α_{T-1}[j] + f[j]) (α_{T-1} = α_{L-1}), online over the tiles.
+    last_offsets = emission_rows + (T - 1) * K
+    z_max = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
+    z_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for x_tile in range(NUM_K_TILES):
+        cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        cols_ok = cols < K
+        ok = rows_ok[:, None] & cols_ok[None, :]
+        final = tl.load(alpha_ptr + last_offsets[:, None] + cols[None, :], mask=ok, other=_NEG)
+        final += tl.load(end_ptr + cols, mask=cols_ok, other=0.0)[None, :]
+        tile_max = tl.maximum(z_max, tl.max(final, axis=1))
+        z_sum = z_sum * tl.exp(z_max - tile_max) + tl.sum(tl.exp(final - tile_max[:, None]), axis=1)
+        z_max = tile_max
+    log_z = z_max + tl.log(tl.where(rows_ok, z_sum, 1.0))
+    tl.store(log_z_ptr + rows, log_z, mask=rows_ok)
+    if HAS_TAGS:
+        last_tag = tl.load(tags_ptr + tag_rows + lengths - 1, mask=rows_ok, other=0)
+        gold += tl.load(end_ptr + last_tag, mask=rows_ok, other=0.0)
+        tl.store(ll_ptr + rows, gold - log_z, mask=rows_ok)
+
+
+@triton.jit
+def _crf_backward_kernel(
+    emissions_ptr,
+    tags_ptr,
+    lengths_ptr,
+    trans_ptr,
+    trans_t_ptr,
+    exptrans_t_ptr,
+    rowmax_ptr,
+    end_ptr,
+    alpha_ptr,
+    log_z_ptr,
+    grad_ptr,
+    w_ptr,
+    out_ptr,
+    pair_ptr,
+    B,
+    T,
+    K,
+    NUM_PAIR_GROUPS,
+    MARGINALS: tl.constexpr,
+    NUM_K_TILES: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    """Backward algorithm from t = T-1 down to 0, with the tag marginals at each step.
+
+    With ``MARGINALS``: ``out[b, t, j] = P(y_t = j)`` (0 past the end). Otherwise
+    ``out[b, t, j] = g_b (1[y_t = j] - P(y_t = j))`` and the pair marginals ``g_b P(y_{t-1} = i, y_t = j)``,
+    summed over the tile's sequences and over t, are added to ``pair[pid % NUM_PAIR_GROUPS]`` (K, K).
+    ``w (B, 2, K)`` is scratch holding ``e_t + β_t``, the state of the next step (``β_{t-1}`` is the
+    logsumexp over j of ``Aᵀ[j, i] + w_t[j]``).
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows_ok = rows < B
+    lengths = tl.load(lengths_ptr + rows, mask=rows_ok, other=1)
+    log_z = tl.load(log_z_ptr + rows, mask=rows_ok, other=0.0)
+    if not MARGINALS:
+        grad = tl.load(grad_ptr + rows, mask=rows_ok, other=0.0)
+    emission_rows = rows.to(tl.int64) * T * K
+    w_rows = rows.to(tl.int64) * 2 * K
+    pair_base = pair_ptr + (pid % NUM_PAIR_GROUPS).to(tl.int64) * K * K
+
+    w_max = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for step_index in range(T):
+        t = T - 1 - step_index
+        active = rows_ok & (t < lengths)
+        next_offsets = w_rows + ((t + 1) % 2) * K
+        this_offsets = w_rows + (t % 2) * K
+        if not MARGINALS:
+            tag = tl.load(tags_ptr + rows.to(tl.int64) * T + t, mask=rows_ok, other=0)
+        new_max = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
+        for x_tile in range(NUM_K_TILES):
+            cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            cols_ok = cols < K
+            ok = rows_ok[:, None] & cols_ok[None, :]
+            # At t = T-1 the scratch holds zeros and every sequence takes β = f: the step result is unused.
+            step = _logsumexp_step(w_ptr, next_offsets, w_max, rows_ok, trans_t_ptr, exptrans_t_ptr, rowmax_ptr,
+                                   cols, cols_ok, K, NUM_K_TILES, BLOCK_K, BLOCK_B, USE_DOT)
+            end = tl.load(end_ptr + cols, mask=cols_ok, other=0.0)
+            beta = tl.where((t == lengths - 1)[:, None], end[None, :], step)
+            alpha = tl.load(alpha_ptr + emission_rows[:, None] + t * K + cols[None, :], mask=ok, other=0.0)
+            in_sequence = active[:, None] & cols_ok[None, :]
+            marginal = tl.where(in_sequence, tl.exp(alpha + beta - log_z[:, None]), 0.0)
+            out_ptrs = out_ptr + emission_rows[:, None] + t * K + cols[None, :]
+            if MARGINALS:
+                tl.store(out_ptrs, marginal, mask=ok)
+            else:
+                gold = tl.where(tag[:, None] == cols[None, :], 1.0, 0.0)
+                tl.store(out_ptrs, tl.where(in_sequence, grad[:, None] * (gold - marginal), 0.0), mask=ok)
+            emission = tl.load(emissions_ptr + emission_rows[:, None] + t * K + cols[None, :], mask=ok, other=0.0)
+            # Past the end w is 0: finite, and never read for an active step.
+            w = tl.where(in_sequence, beta + emission.to(tl.float32), 0.0)
+            tl.store(w_ptr + this_offsets[:, None] + cols[None, :], w, mask=ok)
+            new_max = tl.maximum(new_max, tl.max(tl.where(ok, w, _NEG), axis=1))
+        w_max = new_max
+        tl.debug_barrier()
+        if not MARGINALS:
+            if t > 0:
+                # Σ_b g_b P(y_{t-1} = i, y_t = j) for the tile, exact in log space (K² exps per step).
+                weight = tl.where(active, grad, 0.0)
+                for i_tile in range(NUM_K_TILES):
+                    tags_i = i_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+                    tags_i_ok = tags_i < K
+                    alpha = tl.load(alpha_ptr + emission_rows[:, None] + (t - 1) * K + tags_i[None, :],
+                                    mask=rows_ok[:, None] & tags_i_ok[None, :], other=_NEG)
+                    alpha = alpha - log_z[:, None]
+                    for j_tile in range(NUM_K_TILES):
+                        tags_j = j_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+                        tags_j_ok = tags_j < K
+                        pair_ok = tags_i_ok[:, None] & tags_j_ok[None, :]
+                        trans = tl.load(trans_ptr + tags_i[:, None] * K + tags_j[None, :], mask=pair_ok, other=_NEG)
+                        w = tl.load(w_ptr + this_offsets[:, None] + tags_j[None, :],
+                                    mask=rows_ok[:, None] & tags_j_ok[None, :], other=_NEG)
+                        log_pair = alpha[:, :, None] + trans[None, :, :] + w[:, None, :]
+                        pair = tl.where(active[:, None, None], tl.exp(log_pair), 0.0) * weight[:, None, None]
+                        tl.atomic_add(pair_base + tags_i[:, None] * K + tags_j[None, :], tl.sum(pair, axis=0),
+                                      mask=pair_ok)
+
+
+@triton.jit
+def _crf_viterbi_kernel(
+    emissions_ptr,
+    lengths_ptr,
+    trans_ptr,
+    start_ptr,
+    end_ptr,
+    score_ptr,
+    backpointers_ptr,
+    tags_out_ptr,
+    best_ptr,
+    B,
+    T,
+    K,
+    NUM_K_TILES: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Max-plus recursion ``δ_t[j] = max_i(δ_{t-1}[i] + A[i, j]) + e[t, j]`` with backpointers, then the
+    backtrace inside the kernel.
+
+    ``score (B, 2, K)`` float32 scratch holds δ_{t-1} and δ_t; ``backpointers (B, T, K)`` int8/uint8/int16/int32;
+    writes ``tags_out (B, T)`` int64 padded with -1 and ``best (B,)`` float32. Ties take the lowest index.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows_ok = rows < B
+    lengths = tl.load(lengths_ptr + rows, mask=rows_ok, other=1)
+    emission_rows = rows.to(tl.int64) * T * K
+    score_rows = rows.to(tl.int64) * 2 * K
+
+    for x_tile in range(NUM_K_TILES):
+        cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        cols_ok = cols < K
+        ok = rows_ok[:, None] & cols_ok[None, :]
+        emission = tl.load(emissions_ptr + emission_rows[:, None] + cols[None, :], mask=ok, other=0.0)
+        start = tl.load(start_ptr + cols, mask=cols_ok, other=0.0)
+        tl.store(score_ptr + score_rows[:, None] + cols[None, :], emission.to(tl.float32) + start[None, :], mask=ok)
+    tl.debug_barrier()
+
+    for t in range(1, T):
+        active = rows_ok & (t < lengths)
+        previous_offsets = score_rows + ((t - 1) % 2) * K
+        for x_tile in range(NUM_K_TILES):
+            cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            cols_ok = cols < K
+            ok = rows_ok[:, None] & cols_ok[None, :]
+            best = tl.full((BLOCK_B, BLOCK_K), _NEG, dtype=tl.float32)
+            best_previous = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.int32)
+            for y_tile in range(NUM_K_TILES):
+                ys = y_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+                ys_ok = ys < K
+                previous = tl.load(score_ptr + previous_offsets[:, None] + ys[None, :],
+                                   mask=rows_ok[:, None] & ys_ok[None, :], other=_NEG)
+                trans = tl.load(trans_ptr + ys[:, None] * K + cols[None, :], mask=ys_ok[:, None] & cols_ok[None, :],
+                                other=_NEG)
+                scores = previous[:, :, None] + trans[None, :, :]
+                tile_best = tl.max(scores, axis=1)
+                tile_argbest = tl.argmax(scores, axis=1, tie_break_left=True) + y_tile * BLOCK_K
+                # Strictly greater: an earlier tile (lower index) keeps a tie.
+                better = tile_best > best
+                best = tl.where(better, tile_best, best)
+                best_previous = tl.where(better, tile_argbest, best_previous)
+            emission = tl.load(emissions_ptr + emission_rows[:, None] + t * K + cols[None, :], mask=ok, other=0.0)
+            carried = tl.load(score_ptr + previous_offsets[:, None] + cols[None, :], mask=ok, other=0.0)
+            score = tl.where(active[:, None], best + emission.to(tl.float32), carried)
+            tl.store(score_ptr + score_rows[:, None] + (t % 2) * K + cols[None, :], score, mask=ok)
+            tl.store(backpointers_ptr + emission_rows[:, None] + t * K + cols[None, :],
+                     best_previous.to(backpointers_ptr.dtype.element_ty), mask=ok)
+        tl.debug_barrier()
+
+    last_offsets = score_rows + ((T - 1) % 2) * K
+    best = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
+    current = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    for x_tile in range(NUM_K_TILES):
+        cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        cols_ok = cols < K
+        ok = rows_ok[:, None] & cols_ok[None, :]
+        final = tl.load(score_ptr + last_offsets[:, None] + cols[None, :], mask=ok, other=_NEG)
+        final += tl.load(end_ptr + cols, mask=cols_ok, other=0.0)[None, :]
+        final = tl.where(ok, final, _NEG)
+        tile_best = tl.max(final, axis=1)
+        tile_argbest = tl.argmax(final, axis=1, tie_break_left=True) + x_tile * BLOCK_K
+        better = tile_best > best
+        best = tl.where(better, tile_best, best)
+        current = tl.where(better, tile_argbest, current)
+    tl.store(best_ptr + rows, best, mask=rows_ok)
+
+    tag_rows = rows.to(tl.int64) * T
+    for step_index in range(T):
+        t = T - 1 - step_index
+        active = rows_ok & (t < lengths)
+        tl.store(tags_out_ptr + tag_rows + t, tl.where(active, current, -1).to(tl.int64), mask=rows_ok)
+        # t broadcast to a vector: a scalar comparison would not combine with the row mask in every frontend.
+        follow = active & (tl.full((BLOCK_B,), t, dtype=tl.int32) > 0)
+        previous = tl.load(backpointers_ptr + emission_rows + t * K + current, mask=follow, other=0).to(tl.int32)
+        current = tl.where(follow, previous, current)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def _tiling(batch: int, num_tags: int, block_b: Optional[int], block_k: Optional[int]) -> Tuple[int, int, bool]:
+    """``(BLOCK_B, BLOCK_K, USE_DOT)``.
+
+    Defaults: one sequence per program (the time loop is serial, so parallelism comes from the batch) unless
+    the batch alone fills an H100 with 16-sequence tiles, which then run the step on tensor cores; K in one
+    block up to 64 tags (32 on the tensor-core path, to bound the (BLOCK_B, BLOCK_K, BLOCK_K) exact tiles in
+    registers), tiled above. ``block_b``/``block_k`` override them (tests force the tiled and dot paths at
+    small sizes).
+    """
+    if block_b is None:
+        block_b = 16 if num_tags >= 16 and batch >= 2048 else 1
+    use_dot = block_b >= 16 and (block_k or num_tags) >= 16
+    if block_k is None:
+        block_k = min(triton.next_power_of_2(num_tags), 32 if use_dot else 64)
+        block_k = max(block_k, 16) if use_dot else block_k
+    return block_b, block_k, use_dot
+
+
+def _compute_dtypes_reason(emissions: torch.Tensor, transitions: torch.Tensor) -> List[str]:
+    reasons = []
+    for name, tensor in (("emissions", emissions), ("transitions", transitions)):
+        if tensor.dtype == torch.float64:
+            reasons.append(f"{name} are float64: the Triton CRF kernels accumulate in float32 "
+                           "(the reference and cpp backends serve float64)")
+    return reasons
+
+
+def _transition_matrices(transitions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, exp(A - colmax), colmax)`` in float32, contiguous: the operands of the matrix-form step."""
+    trans = transitions.to(torch.float32).contiguous()
+    colmax = trans.amax(0)
+    return trans, torch.exp(trans - colmax).contiguous(), colmax.contiguous()
+
+
+def _forward(emissions, tags, mask, transitions, start_transitions, end_transitions, block_b=None, block_k=None):
+    """Launch the forward kernel: ``(ll (B,) float32 or None without tags, alpha (B, T, K), log_z (B,))``."""
+    batch, seq_len, num_tags = emissions.shape
+    block_b, block_k, use_dot = _tiling(batch, num_tags, block_b, block_k)
+    device = emissions.device
+    alpha = torch.empty((batch, seq_len, num_tags), dtype=torch.float32, device=device)
+    log_z = torch.empty((batch,), dtype=torch.float32, device=device)
+    ll = torch.empty((batch,), dtype=torch.float32, device=device) if tags is not None else log_z
+    if batch == 0:
+        return ll, alpha, log_z
+    trans, exptrans, colmax = _transition_matrices(transitions)
+    lengths = mask.sum(1, dtype=torch.int32)
+    grid = (triton.cdiv(batch, block_b),)
+    _crf_forward_kernel[grid](
+        emissions.contiguous(), tags.contiguous() if tags is not None else lengths, lengths, trans, exptrans, colmax,
+        start_transitions.to(torch.float32).contiguous(), end_transitions.to(torch.float32).contiguous(),
+        alpha, ll, log_z, batch, seq_len, num_tags,
+        HAS_TAGS=tags is not None, NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k, BLOCK_B=block_b,
+        USE_DOT=use_dot, num_warps=8 if use_dot else 4,
+    )
+    return ll, alpha, log_z
+
+
+def _backward(grad, emissions, tags, mask, transitions, end_transitions, alpha, log_z, block_b=None, block_k=None):
+    """Launch the backward kernel.
+
+    With ``tags``: ``(∂e (B, T, K), ∂A (K, K), ∂s (K,), ∂f (K,))`` in float32 for ``ll`` scaled by ``grad`` (B,).
+    Without: the marginals ``P(y_t = k)`` (B, T, K) float32.
+    """
+    batch, seq_len, num_tags = emissions.shape
+    block_b, block_k, use_dot = _tiling(batch, num_tags, block_b, block_k)
+    device = emissions.device
+    out = torch.zeros((batch, seq_len, num_tags), dtype=torch.float32, device=device)
+    marginals_only = tags is None
+    num_programs = triton.cdiv(batch, block_b)
+    num_groups = max(1, min(num_programs, _PAIR_ACCUMULATOR_FLOATS // (num_tags * num_tags)))
+    pair = torch.zeros((0 if marginals_only else num_groups, num_tags, num_tags), dtype=torch.float32, device=device)
+    lengths = mask.sum(1, dtype=torch.int32)
+    if batch > 0:
+        trans = transitions.to(torch.float32).contiguous()
+        trans_t, exptrans_t, rowmax = _transition_matrices(trans.t())
+        w = torch.zeros((batch, 2, num_tags), dtype=torch.float32, device=device)
+        grad32 = grad.to(torch.float32).contiguous() if grad is not None else log_z
+        _crf_backward_kernel[(num_programs,)](
+            emissions.contiguous(), tags.contiguous() if tags is not None else lengths, lengths, trans, trans_t,
+            exptrans_t, rowmax, end_transitions.to(torch.float32).contiguous(), alpha, log_z, grad32, w, out,
+            pair if not marginals_only else w, batch, seq_len, num_tags, num_groups,
+            MARGINALS=marginals_only, NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k,
+            BLOCK_B=block_b, USE_DOT=use_dot, num_warps=8 if use_dot else 4,
+        )
+    if marginals_only:
+        return out
+    # Gold-path counts of the transitions, scaled per sequence, minus the expected counts from the kernel.
+    weights = torch.where(mask[:, 1:], grad.to(torch.float32)[:, None], 0.0)
+    flat_pairs = tags[:, :-1] * num_tags + tags[:, 1:]
+    grad_trans = torch.zeros(num_tags * num_tags, dtype=torch.float32, device=device)
+    grad_trans.index_add_(0, flat_pairs.reshape(-1), weights.reshape(-1))
+    grad_trans = grad_trans.view(num_tags, num_tags) - pair.sum(0)
+    # ∂s is ∂e at t = 0 and ∂f is ∂e at each sequence's last position, summed over the batch.
+    grad_start = out[:, 0].sum(0)
+    grad_end = out[torch.arange(batch, device=device), lengths.long() - 1].sum(0)
+    return out, grad_trans, grad_start, grad_end
+
+
+def _viterbi(emissions, mask, transitions, start_transitions, end_transitions, block_b=None, block_k=None):
+    """Launch the Viterbi kernel: ``(tags (B, T) int64 padded with -1, best scores (B,) float32)``."""
+    batch, seq_len, num_tags = emissions.shape
+    if block_k is None:
+        block_k = min(triton.next_power_of_2(num_tags), 64)
+    # The max-plus step has no matrix-product form: keep the (BLOCK_B, BLOCK_K, BLOCK_K) tile near 4096 values.
+    if block_b is None:
+        block_b = max(1, min(16, 4096 // (block_k * block_k)))
+    device = emissions.device
+    tags = torch.empty((batch, seq_len), dtype=torch.int64, device=device)
+    best = torch.empty((batch,), dtype=torch.float32, device=device)
+    if batch == 0:
+        return tags, best
+    # Backpointers in the narrowest integer type that holds a tag index: B·T·K bytes for K <= 256.
+    if num_tags <= 127:
+        pointer_dtype = torch.int8
+    elif num_tags <= 256:
+        pointer_dtype = torch.uint8
+    elif num_tags <= 32767:
+        pointer_dtype = torch.int16
+    else:
+        pointer_dtype = torch.int32
+    backpointers = torch.empty((batch, seq_len, num_tags), dtype=pointer_dtype, device=device)
+    score = torch.empty((batch, 2, num_tags), dtype=torch.float32, device=device)
+    _crf_viterbi_kernel[(triton.cdiv(batch, block_b),)](
+        emissions.contiguous(), mask.sum(1, dtype=torch.int32), transitions.to(torch.float32).contiguous(),
+        start_transitions.to(torch.float32).contiguous(), end_transitions.to(torch.float32).contiguous(),
+        score, backpointers, tags, best, batch, seq_len, num_tags,
+        NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k, BLOCK_B=block_b,
+    )
+    return tags, best
+
+
+# ------------------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("fusedloss::triton_crf_log_likelihood", mutates_args=())
+def _log_likelihood_op(
+    emissions: torch.Tensor,
+    tags: torch.Tensor,
+    mask: torch.Tensor,
+    transitions: torch.Tensor,
+    start_transitions: torch.Tensor,
+    end_transitions: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ll (B,) in the result dtype, alpha (B, T, K) float32, log_z (B,) float32)``; α and log Z are kept
+    for the backward."""
+    ll, alpha, log_z = _forward(emissions, tags, mask, transitions, start_transitions, end_transitions)
+    return ll.to(torch.promote_types(emissions.dtype, transitions.dtype)), alpha, log_z
+
+
+@_log_likelihood_op.register_fake
+def _(emissions, tags, mask, transitions, start_transitions, end_transitions):
+    batch, seq_len, num_tags = emissions.shape
+    result_dtype = torch.promote_types(emissions.dtype, transitions.dtype)
+    return (
+        emissions.new_empty((batch,), dtype=result_dtype),
+        emissions.new_empty((batch, seq_len, num_tags), dtype=torch.float32),
+        emissions.new_empty((batch,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("fusedloss::triton_crf_log_likelihood_backward", mutates_args=())
+def _log_likelihood_backward_op(
+    grad: torch.Tensor,
+    emissions: torch.Tensor,
+    tags: torch.Tensor,
+    mask: torch.Tensor,
+    transitions: torch.Tensor,
+    start_transitions: torch.Tensor,
+    end_transitions: torch.Tensor,
+    alpha: torch.Tensor,
+    log_z: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``ll`` scaled by ``grad`` (B,): ``(∂emissions, ∂transitions, ∂start, ∂end)``, each in the
+    dtype of its input."""
+    grad_emissions, grad_trans, grad_start, grad_end = _backward(
+        grad, emissions, tags, mask, transitions, end_transitions, alpha, log_z
+    )
+    return (
+        grad_emissions.to(emissions.dtype),
+        grad_trans.to(transitions.dtype),
+        grad_start.to(start_transitions.dtype),
+        grad_end.to(end_transitions.dtype),
+    )
+
+
+@_log_likelihood_backward_op.register_fake
+def _(grad, emissions, tags, mask, transitions, start_transitions, end_transitions, alpha, log_z):
+    return (
+        torch.empty_like(emissions),
+        torch.empty_like(transitions),
+        torch.empty_like(start_transitions),
+        torch.empty_like(end_transitions),
+    )
+
+
+def _log_likelihood_setup_context(ctx, inputs, output):
+    emissions, tags, mask, transitions, start_transitions, end_transitions = inputs
+    _, alpha, log_z = output
+    ctx.save_for_backward(emissions, tags, mask, transitions, start_transitions, end_transitions, alpha, log_z)
+
+
+def _log_likelihood_autograd(ctx, grad_ll, grad_alpha, grad_log_z):
+    # α and log Z are internal outputs (nothing downstream uses them), so only grad_ll carries a gradient.
+    grads = _log_likelihood_backward_op(grad_ll, *ctx.saved_tensors)
+    grad_emissions, grad_trans, grad_start, grad_end = grads
+    return grad_emissions, None, None, grad_trans, grad_start, grad_end
+
+
+_log_likelihood_op.register_autograd(_log_likelihood_autograd, setup_context=_log_likelihood_setup_context)
+
+
+@torch.library.custom_op("fusedloss::triton_crf_viterbi", mutates_args=())
+def _viterbi_op(
+    emissions: torch.Tensor,
+    mask: torch.Tensor,
+    transitions: torch.Tensor,
+    start_transitions: torch.Tensor,
+    end_transitions: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    tags, best = _viterbi(emissions, mask, transitions, start_transitions, end_transitions)
+    return tags, best.to(torch.promote_types(emissions.dtype, transitions.dtype))
+
+
+@_viterbi_op.register_fake
+def _(emissions, mask, transitions, start_transitions, end_transitions):
+    batch, seq_len, _ = emissions.shape
+    result_dtype = torch.promote_types(emissions.dtype, transitions.dtype)
+    return (emissions.new_empty((batch, seq_len), dtype=torch.int64), emissions.new_empty((batch,), dtype=result_dtype))
+
+
+@torch.library.custom_op("fusedloss::triton_crf_marginals", mutates_args=())
+def _marginals_op(
+    emissions: torch.Tensor,
+    mask: torch.Tensor,
+    transitions: torch.Tensor,
+    start_transitions: torch.Tensor,
+    end_transitions: torch.Tensor,
+) -> torch.Tensor:
+    _, alpha, log_z = _forward(emissions, None, mask, transitions, start_transitions, end_transitions)
+    marginals = _backward(None, emissions, None, mask, transitions, end_transitions, alpha, log_z)
+    return marginals.to(torch.promote_types(emissions.dtype, transitions.dtype))
+
+
+@_marginals_op.register_fake
+def _(emissions, mask, transitions, start_transitions, end_transitions):
+    return torch.empty_like(emissions, dtype=torch.promote_types(emissions.dtype, transitions.dtype))
+
+
+# ------------------------------------------------------------------------------ backend entry points
+
+
+def crf_log_likelihood(emissions, tags, mask, transitions, start_transitions, end_transitions) -> torch.Tensor:
+    """Per-sequence log-likelihood ``score(tags) - log Z`` (B,), differentiable w.r.t. the emissions and the
+    three transition tensors (docs/BACKENDS.md)."""
+    return _log_likelihood_op(emissions, tags, mask, transitions, start_transitions, end_transitions)[0]
+
+
+def crf_log_likelihood_reasons(emissions, tags, mask, transitions, start_transitions, end_transitions) -> List[str]:
+    return _compute_dtypes_reason(emissions, transitions)
+
+
+def crf_viterbi(emissions, mask, transitions, start_transitions, end_transitions) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Best path per sequence: ``(tags (B, T) int64 padded with -1, scores (B,))``; ties take the lowest tag."""
+    return _viterbi_op(emissions, mask, transitions, start_transitions, end_transitions)
+
+
+def crf_viterbi_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> List[str]:
+    return _compute_dtypes_reason(emissions, transitions)
+
+
+def crf_marginals(emissions, mask, transitions, start_transitions, end_transitions) -> torch.Tensor:
+    """Tag posteriors ``P(y_t = k)`` (B, T, K), 0 at masked positions."""
+    return _marginals_op(emissions, mask, transitions, start_transitions, end_transitions)
+
+
+def crf_marginals_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> List[str]:
+    return _compute_dtypes_reason(emissions, transitions)
