@@ -1,0 +1,28 @@
+"""``fusedloss-bench``: time every fusedloss backend against the libraries it replaces.
+
+Ops (``--ops``):
+
+=====================  ===============================================  ===========================
+op                     what is timed                                    baseline
+=====================  ===============================================  ===========================
+cross_entropy          ``fusedloss.cross_entropy(x, y)``, x ``(N, C)``  ``F.cross_entropy``
+cross_entropy_smooth   the same with ``label_smoothing=0.1``            the same in ``F``
+focal                  ``fusedloss.focal_loss(x, y, gamma=2)``          eager ``-(1-p_y)^2 log p_y``
+crf_nll                ``-fusedloss.CRF(K)(emissions, tags, mask)``,    ``torchcrf.CRF`` (pytorch-crf)
+                       emissions ``(B, T, K)``
+crf_decode             ``CRF.decode(emissions, mask)`` (to lists)       ``torchcrf.CRF.decode``
+=====================  ===============================================  ===========================
+
+Each op runs in mode ``forward`` and (except decode) ``full`` = forward + backward, on every
+fusedloss backend that can serve it on the device, on the baseline, and on the optional peers
+(Liger-Kernel on CUDA, ``torch.compile`` of the eager code with ``--compile``, torch-struct when
+importable). Timing: warmup calls, then ``--repeats`` timed calls; median, 20% and 80% quantiles
+(CUDA events on the GPU). Peak extra memory: see :func:`fusedloss.bench.harness.peak_memory`.
+Outputs in ``--out``: ``<name>.csv`` (one row per op, mode, backend, shape, dtype, device),
+``<name>.json`` (environment and skipped cases), ``<name>_cross_entropy.png`` and
+``<name>_crf.png``.
+"""
+
+from fusedloss.bench.cli import main
+
+__all__ = ["main"]
