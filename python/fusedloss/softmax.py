@@ -115,6 +115,10 @@ def _check_target(input: torch.Tensor, target: object, ignore_index: int) -> Non
                 f"target holds class probabilities ({target.dtype}) and must have input's shape {input_shape}, "
                 f"got {target_shape}"
             )
+        if ignore_index != -100:  # as torch: a probability target has no index to ignore
+            raise ValueError(
+                f"ignore_index must stay at its default -100 with class-probability targets, got {ignore_index}"
+            )
     elif target.dtype != torch.int64:
         raise TypeError(
             f"target must be int64 class indices or floating-point class probabilities, got {target.dtype} "
