@@ -104,8 +104,11 @@ def values_checkable(tensor: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_target(input: torch.Tensor, target: object, ignore_index: int) -> None:
-    """Target is int64 class indices of shape ``input.shape[:-1]`` or probabilities of ``input.shape``."""
+def check_class_target(input: torch.Tensor, target: object, ignore_index: int | None) -> None:
+    """Target is int64 class indices of shape ``input.shape[:-1]`` or probabilities of ``input.shape``.
+
+    Indices must lie in ``[0, C)`` or equal ``ignore_index`` (None: no index is ignored).
+    """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     input_shape, target_shape = tuple(input.shape), tuple(target.shape)
@@ -115,7 +118,7 @@ def _check_target(input: torch.Tensor, target: object, ignore_index: int) -> Non
                 f"target holds class probabilities ({target.dtype}) and must have input's shape {input_shape}, "
                 f"got {target_shape}"
             )
-        if ignore_index != -100:  # as torch: a probability target has no index to ignore
+        if ignore_index is not None and ignore_index != -100:  # as torch: probabilities have no index to ignore
             raise ValueError(
                 f"ignore_index must stay at its default -100 with class-probability targets, got {ignore_index}"
             )
@@ -138,16 +141,19 @@ def _check_target(input: torch.Tensor, target: object, ignore_index: int) -> Non
     check_same_device("target", target, input)
     if not target.is_floating_point() and values_checkable(target) and target.numel() > 0:
         num_classes = input.shape[-1]
-        out_of_range = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+        out_of_range = (target < 0) | (target >= num_classes)
+        if ignore_index is not None:
+            out_of_range &= target != ignore_index
         if bool(out_of_range.any()):
             bad = target[out_of_range]
+            allowed = f"[0, {num_classes})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
             raise ValueError(
-                f"target values must be class indices in [0, {num_classes}) or ignore_index={ignore_index}, "
-                f"got {bad.numel()} value(s) outside, e.g. {int(bad[0])}"
+                f"target values must be class indices in {allowed}, got {bad.numel()} value(s) outside, "
+                f"e.g. {int(bad[0])}"
             )
 
 
-def _check_input(input: object) -> torch.Tensor:
+def check_class_input(input: object) -> torch.Tensor:
     input = check_floating_tensor("input", input, min_dim=1)
     if input.shape[-1] == 0:
         raise ValueError(f"input must have at least one class (input.shape[-1] >= 1), got shape {tuple(input.shape)}")
@@ -265,12 +271,12 @@ def cross_entropy(
         The loss in ``input``'s dtype (computed in float32 for half types): a scalar, or ``target``'s index
         shape for ``reduction="none"``.
     """
-    input = _check_input(input)
+    input = check_class_input(input)
     label_smoothing, focal_gamma, z_loss, softcap = _check_softmax_options(
         ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, backend
     )
     check_bool("inplace_backward", inplace_backward)
-    _check_target(input, target, ignore_index)
+    check_class_target(input, target, ignore_index)
     check_class_weight("weight", weight, input)
     return _softmax_loss(
         input,
@@ -328,11 +334,11 @@ def focal_loss(
 
     ``focal_loss(alpha=None, gamma=0)`` equals :func:`cross_entropy`.
     """
-    input = _check_input(input)
+    input = check_class_input(input)
     label_smoothing, gamma, _, _ = _check_softmax_options(
         ignore_index, reduction, label_smoothing, gamma, 0.0, None, backend, focal_gamma_name="gamma"
     )
-    _check_target(input, target, ignore_index)
+    check_class_target(input, target, ignore_index)
     weight = _alpha_weight(alpha, input)
     return _softmax_loss(
         input, target, weight, ignore_index, reduction, label_smoothing, gamma, 0.0, None, True, False, backend

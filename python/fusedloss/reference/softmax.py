@@ -23,21 +23,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def focal_factor(log_probs: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``(1 - p)^γ`` from ``log p``, with finite gradients everywhere.
+def focal_power(base: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``base^γ`` for the focal factor ``(1 - p)^γ``, with finite gradients everywhere.
 
-    ``1 - p`` is ``-expm1(log p)``: exact when p is close to 1, where ``1 - exp(log p)`` cancels.
-    For ``0 < γ < 1`` the derivative ``γ (1 - p)^(γ - 1)`` is infinite at ``p = 1`` (and overflows
-    just above it), while the loss term ``(1 - p)^γ log p`` has derivative 0 there. Entries with
-    ``1 - p`` below the smallest normal number therefore take the factor 0 through a ``where`` whose
-    other branch never sees them: the value changes by less than that number times ``-log p`` (about
-    ``1 - p`` itself), and no inf or NaN reaches the gradient.
+    For ``0 < γ < 1`` the derivative ``γ base^(γ - 1)`` is infinite at ``base = 0`` (p = 1) and
+    overflows just above it, while the loss term ``(1 - p)^γ log p`` has derivative 0 there. Entries
+    with ``base`` below the smallest normal number therefore take the factor 0 through a ``where``
+    whose other branch never sees them: the loss changes by less than that number times ``-log p``
+    (about ``1 - p`` itself), and no inf or NaN reaches the gradient.
     """
-    one_minus_p = -torch.expm1(log_probs)
-    tiny = torch.finfo(log_probs.dtype).tiny
-    representable = one_minus_p > tiny
-    safe_base = torch.where(representable, one_minus_p, torch.ones_like(one_minus_p))
-    return torch.where(representable, safe_base.pow(gamma), torch.zeros_like(one_minus_p))
+    representable = base > torch.finfo(base.dtype).tiny
+    safe_base = torch.where(representable, base, torch.ones_like(base))
+    return torch.where(representable, safe_base.pow(gamma), torch.zeros_like(base))
 
 
 def softmax_loss(
@@ -72,7 +69,8 @@ def softmax_loss(
     # class_cost[n, c] = -w_c (1 - p_c)^γ log p_c: the loss of row n if all its target mass sat on class c.
     class_cost = -log_probs
     if focal_gamma != 0:  # γ = 0 skips the factor, so the result is cross entropy bit for bit
-        class_cost = class_cost * focal_factor(log_probs, focal_gamma)
+        # 1 - p as -expm1(log p): exact when p is close to 1, where 1 - exp(log p) cancels
+        class_cost = class_cost * focal_power(-torch.expm1(log_probs), focal_gamma)
     if weight is not None:
         weight = weight.to(compute_dtype)
         class_cost = class_cost * weight
