@@ -1,0 +1,178 @@
+"""Reference linear-chain CRF: log-likelihood, Viterbi and tag marginals as plain PyTorch ops, with autograd for
+the backward (docs/BACKENDS.md, ``crf_log_likelihood``, ``crf_viterbi``, ``crf_marginals``).
+
+For one sequence of length L (its mask is a prefix of L ones), emissions ``e`` (L, K), transition scores
+``A[i, j]`` (i -> j), start scores ``s`` and end scores ``f``, a tag path ``y`` scores::
+
+    score(y) = s[y_0] + Σ_{t<L} e[t, y_t] + Σ_{0<t<L} A[y_{t-1}, y_t] + f[y_{L-1}]
+
+and the model is ``P(y | e) = exp(score(y) - log Z)`` with ``log Z = logsumexp_y score(y)``, computed by the
+forward algorithm in log space::
+
+    α_0[j] = s[j] + e[0, j]
+    α_t[j] = logsumexp_i(α_{t-1}[i] + A[i, j]) + e[t, j]          (0 < t < L)
+    log Z  = logsumexp_j(α_{L-1}[j] + f[j])
+
+and the backward algorithm ``β_{L-1}[i] = f[i]``, ``β_t[i] = logsumexp_j(A[i, j] + e[t+1, j] + β_{t+1}[j])``, so
+that the tag marginals are ``P(y_t = k) = exp(α_t[k] + β_t[k] - log Z)``. Viterbi is the same recursion with
+max for logsumexp, plus backpointers.
+
+Every function is vectorized over the batch: the only Python loop runs over time steps. Positions past a
+sequence's end carry the recursion state unchanged (``torch.where`` on the mask), which is how ragged batches
+run in one pass. Arguments are batch first, already validated by the public layer (``fusedloss.crf``):
+emissions ``(B, T, K)`` float16/bfloat16/float32/float64, tags ``(B, T)`` int64 in [0, K), mask ``(B, T)`` bool
+left-aligned with ``mask[:, 0]`` all true, transitions ``(K, K)``, start and end transitions ``(K,)``. Results
+have the dtype ``promote_types(emissions.dtype, transitions.dtype)`` and are computed in float32 for half types
+(float64 when either input is float64).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+
+def _dtypes(emissions: torch.Tensor, transitions: torch.Tensor) -> Tuple[torch.dtype, torch.dtype]:
+    """``(result dtype, compute dtype)``: the promoted dtype, and at least float32 for the arithmetic."""
+    result_dtype = torch.promote_types(emissions.dtype, transitions.dtype)
+    return result_dtype, torch.promote_types(result_dtype, torch.float32)
+
+
+def _prepare(emissions, mask, transitions, start_transitions, end_transitions):
+    """Cast to the compute dtype; emissions past each sequence's end become 0 so that nothing there (not even a
+    NaN) reaches a value or a gradient."""
+    result_dtype, compute_dtype = _dtypes(emissions, transitions)
+    emissions = torch.where(mask.unsqueeze(2), emissions.to(compute_dtype), 0.0)
+    return (
+        result_dtype,
+        emissions,
+        transitions.to(compute_dtype),
+        start_transitions.to(compute_dtype),
+        end_transitions.to(compute_dtype),
+    )
+
+
+def _forward_algorithm(emissions: torch.Tensor, transitions: torch.Tensor,
+                       start_transitions: torch.Tensor) -> torch.Tensor:
+    """The forward variables ``α_t``, stacked to ``(B, T, K)``. The recursion runs on past each sequence's
+    end (over zero emissions) instead of branching on the mask; only ``α_t`` for ``t < L`` is ever read."""
+    # Entry [j, i] of the transposed matrix scores i -> j: the logsumexp below reduces over the contiguous axis.
+    transitions_to_from = transitions.t().contiguous()
+    alpha = start_transitions + emissions[:, 0]
+    alphas = [alpha]
+    for t in range(1, emissions.size(1)):
+        alpha = torch.logsumexp(alpha.unsqueeze(1) + transitions_to_from, dim=2) + emissions[:, t]
+        alphas.append(alpha)
+    return torch.stack(alphas, 1)
+
+
+def _at_last_position(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values[b, L_b - 1]`` for ``values (B, T, ...)``: each sequence's entry at its last position."""
+    last_index = (mask.sum(1) - 1).view(-1, 1, *([1] * (values.dim() - 2)))
+    return values.gather(1, last_index.expand(-1, 1, *values.shape[2:])).squeeze(1)
+
+
+def _gold_score(emissions, tags, mask, transitions, start_transitions, end_transitions) -> torch.Tensor:
+    """``score(y)`` of the given tag paths, ``(B,)``; emissions are already 0 past each sequence's end."""
+    emission_score = emissions.gather(2, tags.unsqueeze(2)).squeeze(2).sum(1)
+    transition_score = torch.where(mask[:, 1:], transitions[tags[:, :-1], tags[:, 1:]], 0.0).sum(1)
+    last_tags = _at_last_position(tags, mask)
+    return start_transitions[tags[:, 0]] + emission_score + transition_score + end_transitions[last_tags]
+
+
+def crf_log_likelihood(
+    emissions: torch.Tensor,
+    tags: torch.Tensor,
+    mask: torch.Tensor,
+    transitions: torch.Tensor,
+    start_transitions: torch.Tensor,
+    end_transitions: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sequence log-likelihood ``score(tags) - log Z``, ``(B,)``, differentiable w.r.t. the emissions and the
+    three transition tensors."""
+    result_dtype, emissions, transitions, start_transitions, end_transitions = _prepare(
+        emissions, mask, transitions, start_transitions, end_transitions
+    )
+    gold = _gold_score(emissions, tags, mask, transitions, start_transitions, end_transitions)
+    alphas = _forward_algorithm(emissions, transitions, start_transitions)
+    log_partition = torch.logsumexp(_at_last_position(alphas, mask) + end_transitions, dim=1)
+    return (gold - log_partition).to(result_dtype)
+
+
+def crf_marginals(
+    emissions: torch.Tensor,
+    mask: torch.Tensor,
+    transitions: torch.Tensor,
+    start_transitions: torch.Tensor,
+    end_transitions: torch.Tensor,
+) -> torch.Tensor:
+    """Tag posteriors ``P(y_t = k | emissions)``, ``(B, T, K)``, by the forward-backward recursions in log space;
+    0 at masked positions. Each unmasked row sums to 1."""
+    result_dtype, emissions, transitions, start_transitions, end_transitions = _prepare(
+        emissions, mask, transitions, start_transitions, end_transitions
+    )
+    alphas = _forward_algorithm(emissions, transitions, start_transitions)
+    log_partition = torch.logsumexp(_at_last_position(alphas, mask) + end_transitions, dim=1)
+
+    end_scores = end_transitions.expand_as(alphas[:, 0])
+    beta = end_scores
+    betas = [beta]
+    for t in range(emissions.size(1) - 2, -1, -1):
+        # (K, K) + (B, 1, K): entry [b, i, j] scores moving from i at t to j at t+1 and every path after it.
+        step = torch.logsumexp(transitions + (emissions[:, t + 1] + beta).unsqueeze(1), dim=2)
+        # Where t+1 is past the end, t is the last position (or past it): β_t = f.
+        beta = torch.where(mask[:, t + 1].unsqueeze(1), step, end_scores)
+        betas.append(beta)
+    betas.reverse()
+
+    log_marginals = alphas + torch.stack(betas, 1) - log_partition[:, None, None]
+    return torch.where(mask.unsqueeze(2), log_marginals.exp(), 0.0).to(result_dtype)
+
+
+def crf_viterbi(
+    emissions: torch.Tensor,
+    mask: torch.Tensor,
+    transitions: torch.Tensor,
+    start_transitions: torch.Tensor,
+    end_transitions: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Best tag path per sequence and its score: ``(tags (B, T) int64 padded with -1 past each sequence's end,
+    scores (B,))``. Ties go to the lowest tag index (``argmax`` returns the first maximal index).
+
+    The max-plus recursion ``δ_t[j] = max_i(δ_{t-1}[i] + A[i, j]) + e[t, j]`` keeps no backpointers: the
+    backtrace recomputes ``argmax_i(δ_{t-1}[i] + A[i, j])`` for the path's tag j only, B·K values per step
+    instead of an argmax over B·K² (``max`` with indices costs several times ``amax`` at K = 37). The score is
+    that of the returned path, ``score(y)``, so it is differentiable like the log-likelihood.
+    """
+    result_dtype, emissions, transitions, start_transitions, end_transitions = _prepare(
+        emissions, mask, transitions, start_transitions, end_transitions
+    )
+    batch_size, seq_len, num_tags = emissions.shape
+    with torch.no_grad():
+        transitions_to_from = transitions.t().contiguous()  # [j, i] scores i -> j
+        emissions_time_first = emissions.transpose(0, 1).contiguous()
+        # δ_t for every t, time first so that δ_t is contiguous; like α it runs on past each sequence's end.
+        deltas = torch.empty(seq_len, batch_size, num_tags, dtype=emissions.dtype, device=emissions.device)
+        torch.add(start_transitions, emissions_time_first[0], out=deltas[0])
+        # One (B, K, K) buffer for all steps: a fresh tensor of that size per step costs more than the max.
+        candidates = torch.empty(batch_size, num_tags, num_tags, dtype=emissions.dtype, device=emissions.device)
+        for t in range(1, seq_len):
+            torch.add(deltas[t - 1].unsqueeze(1), transitions_to_from, out=candidates)
+            torch.amax(candidates, dim=2, out=deltas[t])
+            deltas[t] += emissions_time_first[t]
+        lengths = mask.sum(1)
+        final_delta = deltas[lengths - 1, torch.arange(batch_size, device=lengths.device)]
+        current = (final_delta + end_transitions).argmax(1)
+
+        # Backtrace for the whole batch: at step t, `current` is the path's tag at t for sequences longer than
+        # t, and their last tag for the others (which have not started their backtrace yet).
+        path = [current]
+        for t in range(seq_len - 1, 0, -1):
+            previous = (deltas[t - 1] + transitions_to_from[current]).argmax(1)
+            current = torch.where(lengths > t, previous, current)
+            path.append(current)
+        path.reverse()
+        best_path = torch.stack(path, 1)
+    score = _gold_score(emissions, best_path, mask, transitions, start_transitions, end_transitions)
+    return best_path.masked_fill(~mask, -1), score.to(result_dtype)
