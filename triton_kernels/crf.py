@@ -72,7 +72,8 @@ def _logsumexp_step(
     BLOCK_B: tl.constexpr,
     USE_DOT: tl.constexpr,
 ):
-    """``out[b, x] = logsumexp_y(state[b, y] + mat[y, x])`` for one tile of columns x, ``(BLOCK_B, BLOCK_K)``.
+    """``out[b, x] = logsumexp_y(state[b, y] - row_max[b] + mat[y, x])`` for one tile of columns x,
+    ``(BLOCK_B, BLOCK_K)``: the step relative to the state's row max, so values stay the size of one step.
 
     ``state`` rows start at ``state_ptr + row_offsets``; ``row_max`` is each row's max over y;
     ``expmat = exp(mat - colmax)`` with ``colmax[x] = max_y mat[y, x]``.
@@ -91,8 +92,10 @@ def _logsumexp_step(
         else:
             acc += tl.sum(scaled[:, :, None] * expmat[None, :, :], axis=1)
     colmax = tl.load(colmax_ptr + cols, mask=cols_ok, other=0.0)
-    acc = tl.where(cols_ok[None, :], acc, 1.0)
-    out = tl.log(acc) + row_max[:, None] + colmax[None, :]
+    # Padding rows and columns must not trigger the guard; an underflowed sum is replaced below, so its log
+    # is taken of the guard value instead of 0.
+    acc = tl.where(rows_ok[:, None] & cols_ok[None, :], acc, 1.0)
+    out = tl.log(tl.maximum(acc, _UNDERFLOW_GUARD)) + colmax[None, :]
     if tl.min(acc) < _UNDERFLOW_GUARD:
         # Exact online logsumexp over the y tiles, only for tiles where some column underflowed.
         run_max = tl.full((BLOCK_B, BLOCK_K), _NEG, dtype=tl.float32)
@@ -104,11 +107,11 @@ def _logsumexp_step(
                             other=_NEG)
             mat = tl.load(mat_ptr + ys[:, None] * K + cols[None, :], mask=ys_ok[:, None] & cols_ok[None, :],
                           other=_NEG)
-            scores = state[:, :, None] + mat[None, :, :]
+            scores = (state - row_max[:, None])[:, :, None] + mat[None, :, :]
             new_max = tl.maximum(run_max, tl.max(scores, axis=1))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(scores - new_max[:, None, :]), axis=1)
             run_max = new_max
-        exact = run_max + tl.log(tl.where(cols_ok[None, :], run_sum, 1.0))
+        exact = run_max + tl.log(tl.where(rows_ok[:, None] & cols_ok[None, :], run_sum, 1.0))
         out = tl.where(acc < _UNDERFLOW_GUARD, exact, out)
     return out
 
@@ -124,8 +127,8 @@ def _crf_forward_kernel(
     start_ptr,
     end_ptr,
     alpha_ptr,
+    alpha_max_ptr,
     ll_ptr,
-    log_z_ptr,
     B,
     T,
     K,
@@ -137,8 +140,10 @@ def _crf_forward_kernel(
 ):
     """Forward algorithm and gold-path score in one pass over the emissions.
 
-    Writes α (B, T, K) float32 (α_t for t >= L repeats α_{L-1}), ``log_z`` (B,) and, with ``HAS_TAGS``,
-    ``ll = score(tags) - log Z`` (B,).
+    Writes the scaled forward variables ``a (B, T, K)`` float32 with ``α_t = a_t + C_t``, ``C_0 = 0``,
+    ``C_t = C_{t-1} + m_{t-1}``, ``m_t = max_j a_t[j]`` written to ``alpha_max (B, T)`` (past a sequence's end
+    α stays α_{L-1}); with ``HAS_TAGS``, ``ll = score(tags) - log Z`` (B,) float32 with
+    ``log Z = C_{T-1} + logsumexp_j(a_{T-1}[j] + f[j])``.
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -147,7 +152,7 @@ def _crf_forward_kernel(
     emission_rows = rows.to(tl.int64) * T * K
     tag_rows = rows.to(tl.int64) * T
 
-    # t = 0: α_0 = s + e_0.
+    # t = 0: a_0 = α_0 = s + e_0.
     row_max = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
     for x_tile in range(NUM_K_TILES):
         cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -158,6 +163,8 @@ def _crf_forward_kernel(
         alpha = emission.to(tl.float32) + start[None, :]
         tl.store(alpha_ptr + emission_rows[:, None] + cols[None, :], alpha, mask=ok)
         row_max = tl.maximum(row_max, tl.max(tl.where(ok, alpha, _NEG), axis=1))
+    tl.store(alpha_max_ptr + tag_rows, row_max, mask=rows_ok)
+    offset = tl.zeros((BLOCK_B,), dtype=tl.float32)
     if HAS_TAGS:
         tag = tl.load(tags_ptr + tag_rows, mask=rows_ok, other=0)
         gold = tl.load(start_ptr + tag, mask=rows_ok, other=0.0)
@@ -182,28 +189,30 @@ def _crf_forward_kernel(
                                    cols, cols_ok, K, NUM_K_TILES, BLOCK_K, BLOCK_B, USE_DOT)
             emission = tl.load(emissions_ptr + emission_rows[:, None] + t * K + cols[None, :], mask=ok, other=0.0)
             previous = tl.load(alpha_ptr + previous_offsets[:, None] + cols[None, :], mask=ok, other=0.0)
-            alpha = tl.where(active[:, None], step + emission.to(tl.float32), previous)
+            # Past the end α is carried: a_t = a_{t-1} - m_{t-1} keeps α_t = α_{t-1} under the new offset.
+            alpha = tl.where(active[:, None], step + emission.to(tl.float32), previous - row_max[:, None])
             tl.store(alpha_ptr + emission_rows[:, None] + t * K + cols[None, :], alpha, mask=ok)
             new_max = tl.maximum(new_max, tl.max(tl.where(ok, alpha, _NEG), axis=1))
+        offset += row_max
         row_max = new_max
+        tl.store(alpha_max_ptr + tag_rows + t, row_max, mask=rows_ok)
         tl.debug_barrier()
 
-    # log Z = logsumexp_j(α_{T-1}[j] + f[j]) (α_{T-1} = α_{L-1}), online over the tiles.
-    last_offsets = emission_rows + (T - 1) * K
-    z_max = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
-    z_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for x_tile in range(NUM_K_TILES):
-        cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
-        cols_ok = cols < K
-        ok = rows_ok[:, None] & cols_ok[None, :]
-        final = tl.load(alpha_ptr + last_offsets[:, None] + cols[None, :], mask=ok, other=_NEG)
-        final += tl.load(end_ptr + cols, mask=cols_ok, other=0.0)[None, :]
-        tile_max = tl.maximum(z_max, tl.max(final, axis=1))
-        z_sum = z_sum * tl.exp(z_max - tile_max) + tl.sum(tl.exp(final - tile_max[:, None]), axis=1)
-        z_max = tile_max
-    log_z = z_max + tl.log(tl.where(rows_ok, z_sum, 1.0))
-    tl.store(log_z_ptr + rows, log_z, mask=rows_ok)
     if HAS_TAGS:
+        # log Z = C_{T-1} + logsumexp_j(a_{T-1}[j] + f[j]), online over the tiles.
+        last_offsets = emission_rows + (T - 1) * K
+        z_max = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
+        z_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for x_tile in range(NUM_K_TILES):
+            cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            cols_ok = cols < K
+            ok = rows_ok[:, None] & cols_ok[None, :]
+            final = tl.load(alpha_ptr + last_offsets[:, None] + cols[None, :], mask=ok, other=_NEG)
+            final += tl.load(end_ptr + cols, mask=cols_ok, other=0.0)[None, :]
+            tile_max = tl.maximum(z_max, tl.max(final, axis=1))
+            z_sum = z_sum * tl.exp(z_max - tile_max) + tl.sum(tl.exp(final - tile_max[:, None]), axis=1)
+            z_max = tile_max
+        log_z = offset + z_max + tl.log(tl.where(rows_ok, z_sum, 1.0))
         last_tag = tl.load(tags_ptr + tag_rows + lengths - 1, mask=rows_ok, other=0)
         gold += tl.load(end_ptr + last_tag, mask=rows_ok, other=0.0)
         tl.store(ll_ptr + rows, gold - log_z, mask=rows_ok)
@@ -215,14 +224,16 @@ def _crf_backward_kernel(
     tags_ptr,
     lengths_ptr,
     trans_ptr,
+    exptrans_ptr,
+    colmax_ptr,
     trans_t_ptr,
     exptrans_t_ptr,
     rowmax_ptr,
     end_ptr,
     alpha_ptr,
-    log_z_ptr,
+    alpha_max_ptr,
     grad_ptr,
-    w_ptr,
+    v_ptr,
     out_ptr,
     pair_ptr,
     B,
@@ -237,76 +248,126 @@ def _crf_backward_kernel(
 ):
     """Backward algorithm from t = T-1 down to 0, with the tag marginals at each step.
 
+    β is scaled like α: ``b_{L-1} = f``, ``b_{t-1}[i] = logsumexp_j(A[i, j] + v_t[j] - n_t)`` with
+    ``v_t = b_t + e_t`` (kept in the scratch ``v (B, 2, K)``) and ``n_t = max_j v_t[j]``. The offsets of a and
+    b are never needed: each step normalizes on its own, ``P(y_t = j) = softmax_j(a_t[j] + b_t[j])`` and
+    ``P(y_{t-1} = i, y_t = j) = exp(a_{t-1}[i] - m_{t-1} + A[i, j] + v_t[j] - z_t)`` with
+    ``z_t = logsumexp_j(r_t[j] + v_t[j])``, ``r_t`` the forward step recomputed from ``a_{t-1}`` (kept in the
+    third row of the scratch), evaluated as ``(a_{t-1}[i] - m_{t-1} + A[i, j] - r_t[j]) + (r_t[j] + v_t[j] - z_t)``
+    (log P(i | j) + log P(j)) so that no term the size of an emission is added and then subtracted. Values stay
+    the size of one step however long the sequence (no cancellation of α + β against log Z), and a peaked
+    distribution gives probabilities of exactly 1.
+
     With ``MARGINALS``: ``out[b, t, j] = P(y_t = j)`` (0 past the end). Otherwise
     ``out[b, t, j] = g_b (1[y_t = j] - P(y_t = j))`` and the pair marginals ``g_b P(y_{t-1} = i, y_t = j)``,
     summed over the tile's sequences and over t, are added to ``pair[pid % NUM_PAIR_GROUPS]`` (K, K).
-    ``w (B, 2, K)`` is scratch holding ``e_t + β_t``, the state of the next step (``β_{t-1}`` is the
-    logsumexp over j of ``Aᵀ[j, i] + w_t[j]``).
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     rows_ok = rows < B
     lengths = tl.load(lengths_ptr + rows, mask=rows_ok, other=1)
-    log_z = tl.load(log_z_ptr + rows, mask=rows_ok, other=0.0)
     if not MARGINALS:
         grad = tl.load(grad_ptr + rows, mask=rows_ok, other=0.0)
     emission_rows = rows.to(tl.int64) * T * K
-    w_rows = rows.to(tl.int64) * 2 * K
+    tag_rows = rows.to(tl.int64) * T
+    v_rows = rows.to(tl.int64) * 3 * K
+    r_offsets = v_rows + 2 * K
     pair_base = pair_ptr + (pid % NUM_PAIR_GROUPS).to(tl.int64) * K * K
 
-    w_max = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    v_max = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for step_index in range(T):
         t = T - 1 - step_index
         active = rows_ok & (t < lengths)
-        next_offsets = w_rows + ((t + 1) % 2) * K
-        this_offsets = w_rows + (t % 2) * K
-        if not MARGINALS:
-            tag = tl.load(tags_ptr + rows.to(tl.int64) * T + t, mask=rows_ok, other=0)
+        next_offsets = v_rows + ((t + 1) % 2) * K
+        this_offsets = v_rows + (t % 2) * K
+        # Pass 1: b_t, v_t, and z = logsumexp_j(a_t[j] + b_t[j]); a_t + b_t waits in `out` for pass 2.
         new_max = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
+        z_max = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
+        z_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for x_tile in range(NUM_K_TILES):
             cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
             cols_ok = cols < K
             ok = rows_ok[:, None] & cols_ok[None, :]
-            # At t = T-1 the scratch holds zeros and every sequence takes β = f: the step result is unused.
-            step = _logsumexp_step(w_ptr, next_offsets, w_max, rows_ok, trans_t_ptr, exptrans_t_ptr, rowmax_ptr,
+            in_sequence = active[:, None] & cols_ok[None, :]
+            # At t = T-1 the scratch holds zeros and every sequence takes b = f: the step result is unused.
+            step = _logsumexp_step(v_ptr, next_offsets, v_max, rows_ok, trans_t_ptr, exptrans_t_ptr, rowmax_ptr,
                                    cols, cols_ok, K, NUM_K_TILES, BLOCK_K, BLOCK_B, USE_DOT)
             end = tl.load(end_ptr + cols, mask=cols_ok, other=0.0)
             beta = tl.where((t == lengths - 1)[:, None], end[None, :], step)
             alpha = tl.load(alpha_ptr + emission_rows[:, None] + t * K + cols[None, :], mask=ok, other=0.0)
+            joint = tl.where(in_sequence, alpha + beta, _NEG)
+            tl.store(out_ptr + emission_rows[:, None] + t * K + cols[None, :], joint, mask=ok)
+            tile_max = tl.maximum(z_max, tl.max(joint, axis=1))
+            z_sum = z_sum * tl.exp(z_max - tile_max) + tl.sum(tl.exp(joint - tile_max[:, None]), axis=1)
+            z_max = tile_max
+            emission = tl.load(emissions_ptr + emission_rows[:, None] + t * K + cols[None, :], mask=ok, other=0.0)
+            # Past the end v is 0: finite, and never read for an active step.
+            v = tl.where(in_sequence, beta + emission.to(tl.float32), 0.0)
+            tl.store(v_ptr + this_offsets[:, None] + cols[None, :], v, mask=ok)
+            new_max = tl.maximum(new_max, tl.max(tl.where(ok, v, _NEG), axis=1))
+        v_max = new_max
+        log_norm = z_max + tl.log(tl.where(active, z_sum, 1.0))
+        if not MARGINALS:
+            tag = tl.load(tags_ptr + tag_rows + t, mask=rows_ok, other=0)
+        tl.debug_barrier()
+        # Pass 2: the marginals (or the emission gradient) from the stored a_t + b_t.
+        for x_tile in range(NUM_K_TILES):
+            cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            cols_ok = cols < K
+            ok = rows_ok[:, None] & cols_ok[None, :]
             in_sequence = active[:, None] & cols_ok[None, :]
-            marginal = tl.where(in_sequence, tl.exp(alpha + beta - log_z[:, None]), 0.0)
             out_ptrs = out_ptr + emission_rows[:, None] + t * K + cols[None, :]
+            joint = tl.load(out_ptrs, mask=ok, other=_NEG)
+            marginal = tl.where(in_sequence, tl.exp(joint - log_norm[:, None]), 0.0)
             if MARGINALS:
                 tl.store(out_ptrs, marginal, mask=ok)
             else:
                 gold = tl.where(tag[:, None] == cols[None, :], 1.0, 0.0)
                 tl.store(out_ptrs, tl.where(in_sequence, grad[:, None] * (gold - marginal), 0.0), mask=ok)
-            emission = tl.load(emissions_ptr + emission_rows[:, None] + t * K + cols[None, :], mask=ok, other=0.0)
-            # Past the end w is 0: finite, and never read for an active step.
-            w = tl.where(in_sequence, beta + emission.to(tl.float32), 0.0)
-            tl.store(w_ptr + this_offsets[:, None] + cols[None, :], w, mask=ok)
-            new_max = tl.maximum(new_max, tl.max(tl.where(ok, w, _NEG), axis=1))
-        w_max = new_max
-        tl.debug_barrier()
         if not MARGINALS:
             if t > 0:
                 # Σ_b g_b P(y_{t-1} = i, y_t = j) for the tile, exact in log space (K² exps per step).
+                previous_offsets = emission_rows + (t - 1) * K
+                previous_max = tl.load(alpha_max_ptr + tag_rows + t - 1, mask=rows_ok, other=0.0)
+                pair_max = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
+                pair_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+                for j_tile in range(NUM_K_TILES):
+                    tags_j = j_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+                    tags_j_ok = tags_j < K
+                    forward_step = _logsumexp_step(alpha_ptr, previous_offsets, previous_max, rows_ok, trans_ptr,
+                                                   exptrans_ptr, colmax_ptr, tags_j, tags_j_ok, K, NUM_K_TILES,
+                                                   BLOCK_K, BLOCK_B, USE_DOT)
+                    tl.store(v_ptr + r_offsets[:, None] + tags_j[None, :], forward_step,
+                             mask=rows_ok[:, None] & tags_j_ok[None, :])
+                    v = tl.load(v_ptr + this_offsets[:, None] + tags_j[None, :],
+                                mask=rows_ok[:, None] & tags_j_ok[None, :], other=0.0)
+                    joint = tl.where(active[:, None] & tags_j_ok[None, :], forward_step + v, _NEG)
+                    tile_max = tl.maximum(pair_max, tl.max(joint, axis=1))
+                    pair_sum = pair_sum * tl.exp(pair_max - tile_max) + tl.sum(tl.exp(joint - tile_max[:, None]), 1)
+                    pair_max = tile_max
+                pair_norm = pair_max + tl.log(tl.where(active, pair_sum, 1.0))
                 weight = tl.where(active, grad, 0.0)
+                tl.debug_barrier()
                 for i_tile in range(NUM_K_TILES):
                     tags_i = i_tile * BLOCK_K + tl.arange(0, BLOCK_K)
                     tags_i_ok = tags_i < K
-                    alpha = tl.load(alpha_ptr + emission_rows[:, None] + (t - 1) * K + tags_i[None, :],
+                    alpha = tl.load(alpha_ptr + previous_offsets[:, None] + tags_i[None, :],
                                     mask=rows_ok[:, None] & tags_i_ok[None, :], other=_NEG)
-                    alpha = alpha - log_z[:, None]
+                    alpha = alpha - previous_max[:, None]
                     for j_tile in range(NUM_K_TILES):
                         tags_j = j_tile * BLOCK_K + tl.arange(0, BLOCK_K)
                         tags_j_ok = tags_j < K
                         pair_ok = tags_i_ok[:, None] & tags_j_ok[None, :]
                         trans = tl.load(trans_ptr + tags_i[:, None] * K + tags_j[None, :], mask=pair_ok, other=_NEG)
-                        w = tl.load(w_ptr + this_offsets[:, None] + tags_j[None, :],
-                                    mask=rows_ok[:, None] & tags_j_ok[None, :], other=_NEG)
-                        log_pair = alpha[:, :, None] + trans[None, :, :] + w[:, None, :]
-                        pair = tl.where(active[:, None, None], tl.exp(log_pair), 0.0) * weight[:, None, None]
+                        j_ok = rows_ok[:, None] & tags_j_ok[None, :]
+                        v = tl.load(v_ptr + this_offsets[:, None] + tags_j[None, :], mask=j_ok, other=0.0)
+                        forward_step = tl.load(v_ptr + r_offsets[:, None] + tags_j[None, :], mask=j_ok, other=0.0)
+                        log_marginal_j = (forward_step + v) - pair_norm[:, None]
+                        log_pair = (alpha[:, :, None] + trans[None, :, :] - forward_step[:, None, :])
+                        log_pair += log_marginal_j[:, None, :]
+                        # Past the end the exponent is garbage: replace it before exp, which could overflow.
+                        log_pair = tl.where(active[:, None, None], log_pair, _NEG)
+                        pair = tl.exp(log_pair) * weight[:, None, None]
                         tl.atomic_add(pair_base + tags_i[:, None] * K + tags_j[None, :], tl.sum(pair, axis=0),
                                       mask=pair_ok)
 
@@ -448,29 +509,31 @@ def _transition_matrices(transitions: torch.Tensor) -> Tuple[torch.Tensor, torch
 
 
 def _forward(emissions, tags, mask, transitions, start_transitions, end_transitions, block_b=None, block_k=None):
-    """Launch the forward kernel: ``(ll (B,) float32 or None without tags, alpha (B, T, K), log_z (B,))``."""
+    """Launch the forward kernel: ``(ll (B,) float32, alpha (B, T, K) float32, alpha_max (B, T) float32)``, the
+    scaled forward variables and their row maxima (``ll`` is not written without ``tags``)."""
     batch, seq_len, num_tags = emissions.shape
     block_b, block_k, use_dot = _tiling(batch, num_tags, block_b, block_k)
     device = emissions.device
     alpha = torch.empty((batch, seq_len, num_tags), dtype=torch.float32, device=device)
-    log_z = torch.empty((batch,), dtype=torch.float32, device=device)
-    ll = torch.empty((batch,), dtype=torch.float32, device=device) if tags is not None else log_z
+    alpha_max = torch.empty((batch, seq_len), dtype=torch.float32, device=device)
+    ll = torch.empty((batch,), dtype=torch.float32, device=device)
     if batch == 0:
-        return ll, alpha, log_z
+        return ll, alpha, alpha_max
     trans, exptrans, colmax = _transition_matrices(transitions)
     lengths = mask.sum(1, dtype=torch.int32)
     grid = (triton.cdiv(batch, block_b),)
     _crf_forward_kernel[grid](
         emissions.contiguous(), tags.contiguous() if tags is not None else lengths, lengths, trans, exptrans, colmax,
         start_transitions.to(torch.float32).contiguous(), end_transitions.to(torch.float32).contiguous(),
-        alpha, ll, log_z, batch, seq_len, num_tags,
+        alpha, alpha_max, ll, batch, seq_len, num_tags,
         HAS_TAGS=tags is not None, NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k, BLOCK_B=block_b,
         USE_DOT=use_dot, num_warps=8 if use_dot else 4,
     )
-    return ll, alpha, log_z
+    return ll, alpha, alpha_max
 
 
-def _backward(grad, emissions, tags, mask, transitions, end_transitions, alpha, log_z, block_b=None, block_k=None):
+def _backward(grad, emissions, tags, mask, transitions, end_transitions, alpha, alpha_max, block_b=None,
+              block_k=None):
     """Launch the backward kernel.
 
     With ``tags``: ``(∂e (B, T, K), ∂A (K, K), ∂s (K,), ∂f (K,))`` in float32 for ``ll`` scaled by ``grad`` (B,).
@@ -486,14 +549,15 @@ def _backward(grad, emissions, tags, mask, transitions, end_transitions, alpha, 
     pair = torch.zeros((0 if marginals_only else num_groups, num_tags, num_tags), dtype=torch.float32, device=device)
     lengths = mask.sum(1, dtype=torch.int32)
     if batch > 0:
-        trans = transitions.to(torch.float32).contiguous()
+        trans, exptrans, colmax = _transition_matrices(transitions)
         trans_t, exptrans_t, rowmax = _transition_matrices(trans.t())
-        w = torch.zeros((batch, 2, num_tags), dtype=torch.float32, device=device)
-        grad32 = grad.to(torch.float32).contiguous() if grad is not None else log_z
+        # v_t ping-pong (rows 0, 1) and r_t (row 2) of the backward recursion.
+        scratch = torch.zeros((batch, 3, num_tags), dtype=torch.float32, device=device)
+        grad32 = grad.to(torch.float32).contiguous() if grad is not None else alpha_max
         _crf_backward_kernel[(num_programs,)](
-            emissions.contiguous(), tags.contiguous() if tags is not None else lengths, lengths, trans, trans_t,
-            exptrans_t, rowmax, end_transitions.to(torch.float32).contiguous(), alpha, log_z, grad32, w, out,
-            pair if not marginals_only else w, batch, seq_len, num_tags, num_groups,
+            emissions.contiguous(), tags.contiguous() if tags is not None else lengths, lengths, trans, exptrans,
+            colmax, trans_t, exptrans_t, rowmax, end_transitions.to(torch.float32).contiguous(), alpha, alpha_max,
+            grad32, scratch, out, pair if not marginals_only else scratch, batch, seq_len, num_tags, num_groups,
             MARGINALS=marginals_only, NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k,
             BLOCK_B=block_b, USE_DOT=use_dot, num_warps=8 if use_dot else 4,
         )
@@ -555,21 +619,24 @@ def _log_likelihood_op(
     transitions: torch.Tensor,
     start_transitions: torch.Tensor,
     end_transitions: torch.Tensor,
+    block_b: Optional[int] = None,
+    block_k: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ll (B,) in the result dtype, alpha (B, T, K) float32, log_z (B,) float32)``; α and log Z are kept
-    for the backward."""
-    ll, alpha, log_z = _forward(emissions, tags, mask, transitions, start_transitions, end_transitions)
-    return ll.to(torch.promote_types(emissions.dtype, transitions.dtype)), alpha, log_z
+    """``(ll (B,) in the result dtype, alpha (B, T, K) float32, alpha_max (B, T) float32)``; the scaled
+    forward variables are kept for the backward. ``block_b``/``block_k`` override the tiling (tests)."""
+    ll, alpha, alpha_max = _forward(emissions, tags, mask, transitions, start_transitions, end_transitions,
+                                    block_b, block_k)
+    return ll.to(torch.promote_types(emissions.dtype, transitions.dtype)), alpha, alpha_max
 
 
 @_log_likelihood_op.register_fake
-def _(emissions, tags, mask, transitions, start_transitions, end_transitions):
+def _(emissions, tags, mask, transitions, start_transitions, end_transitions, block_b=None, block_k=None):
     batch, seq_len, num_tags = emissions.shape
     result_dtype = torch.promote_types(emissions.dtype, transitions.dtype)
     return (
         emissions.new_empty((batch,), dtype=result_dtype),
         emissions.new_empty((batch, seq_len, num_tags), dtype=torch.float32),
-        emissions.new_empty((batch,), dtype=torch.float32),
+        emissions.new_empty((batch, seq_len), dtype=torch.float32),
     )
 
 
@@ -583,12 +650,14 @@ def _log_likelihood_backward_op(
     start_transitions: torch.Tensor,
     end_transitions: torch.Tensor,
     alpha: torch.Tensor,
-    log_z: torch.Tensor,
+    alpha_max: torch.Tensor,
+    block_b: Optional[int] = None,
+    block_k: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``ll`` scaled by ``grad`` (B,): ``(∂emissions, ∂transitions, ∂start, ∂end)``, each in the
     dtype of its input."""
     grad_emissions, grad_trans, grad_start, grad_end = _backward(
-        grad, emissions, tags, mask, transitions, end_transitions, alpha, log_z
+        grad, emissions, tags, mask, transitions, end_transitions, alpha, alpha_max, block_b, block_k
     )
     return (
         grad_emissions.to(emissions.dtype),
@@ -599,7 +668,8 @@ def _log_likelihood_backward_op(
 
 
 @_log_likelihood_backward_op.register_fake
-def _(grad, emissions, tags, mask, transitions, start_transitions, end_transitions, alpha, log_z):
+def _(grad, emissions, tags, mask, transitions, start_transitions, end_transitions, alpha, alpha_max,
+      block_b=None, block_k=None):
     return (
         torch.empty_like(emissions),
         torch.empty_like(transitions),
@@ -609,16 +679,16 @@ def _(grad, emissions, tags, mask, transitions, start_transitions, end_transitio
 
 
 def _log_likelihood_setup_context(ctx, inputs, output):
-    emissions, tags, mask, transitions, start_transitions, end_transitions = inputs
-    _, alpha, log_z = output
-    ctx.save_for_backward(emissions, tags, mask, transitions, start_transitions, end_transitions, alpha, log_z)
+    emissions, tags, mask, transitions, start_transitions, end_transitions, ctx.block_b, ctx.block_k = inputs
+    _, alpha, alpha_max = output
+    ctx.save_for_backward(emissions, tags, mask, transitions, start_transitions, end_transitions, alpha, alpha_max)
 
 
-def _log_likelihood_autograd(ctx, grad_ll, grad_alpha, grad_log_z):
-    # α and log Z are internal outputs (nothing downstream uses them), so only grad_ll carries a gradient.
-    grads = _log_likelihood_backward_op(grad_ll, *ctx.saved_tensors)
+def _log_likelihood_autograd(ctx, grad_ll, grad_alpha, grad_alpha_max):
+    # The scaled α are internal outputs (nothing downstream uses them), so only grad_ll carries a gradient.
+    grads = _log_likelihood_backward_op(grad_ll, *ctx.saved_tensors, ctx.block_b, ctx.block_k)
     grad_emissions, grad_trans, grad_start, grad_end = grads
-    return grad_emissions, None, None, grad_trans, grad_start, grad_end
+    return grad_emissions, None, None, grad_trans, grad_start, grad_end, None, None
 
 
 _log_likelihood_op.register_autograd(_log_likelihood_autograd, setup_context=_log_likelihood_setup_context)
@@ -631,13 +701,15 @@ def _viterbi_op(
     transitions: torch.Tensor,
     start_transitions: torch.Tensor,
     end_transitions: torch.Tensor,
+    block_b: Optional[int] = None,
+    block_k: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    tags, best = _viterbi(emissions, mask, transitions, start_transitions, end_transitions)
+    tags, best = _viterbi(emissions, mask, transitions, start_transitions, end_transitions, block_b, block_k)
     return tags, best.to(torch.promote_types(emissions.dtype, transitions.dtype))
 
 
 @_viterbi_op.register_fake
-def _(emissions, mask, transitions, start_transitions, end_transitions):
+def _(emissions, mask, transitions, start_transitions, end_transitions, block_b=None, block_k=None):
     batch, seq_len, _ = emissions.shape
     result_dtype = torch.promote_types(emissions.dtype, transitions.dtype)
     return (emissions.new_empty((batch, seq_len), dtype=torch.int64), emissions.new_empty((batch,), dtype=result_dtype))
@@ -650,14 +722,18 @@ def _marginals_op(
     transitions: torch.Tensor,
     start_transitions: torch.Tensor,
     end_transitions: torch.Tensor,
+    block_b: Optional[int] = None,
+    block_k: Optional[int] = None,
 ) -> torch.Tensor:
-    _, alpha, log_z = _forward(emissions, None, mask, transitions, start_transitions, end_transitions)
-    marginals = _backward(None, emissions, None, mask, transitions, end_transitions, alpha, log_z)
+    _, alpha, alpha_max = _forward(emissions, None, mask, transitions, start_transitions, end_transitions,
+                                   block_b, block_k)
+    marginals = _backward(None, emissions, None, mask, transitions, end_transitions, alpha, alpha_max, block_b,
+                          block_k)
     return marginals.to(torch.promote_types(emissions.dtype, transitions.dtype))
 
 
 @_marginals_op.register_fake
-def _(emissions, mask, transitions, start_transitions, end_transitions):
+def _(emissions, mask, transitions, start_transitions, end_transitions, block_b=None, block_k=None):
     return torch.empty_like(emissions, dtype=torch.promote_types(emissions.dtype, transitions.dtype))
 
 

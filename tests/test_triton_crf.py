@@ -1,0 +1,260 @@
+"""Triton CRF kernels (triton_kernels/crf.py) under TRITON_INTERPRET=1, against oracles nobody here wrote.
+
+Oracles: pytorch-crf (``torchcrf.CRF``) run in float64 for the log-likelihood, its gradients and the Viterbi
+tags; ``fusedloss.reference.crf`` in float64 for Viterbi scores and marginals; brute-force enumeration of every
+tag path for marginals. Tolerances follow STYLE.md: the kernel's error against the float64 oracle may be at
+most twice the error of PyTorch's own computation at the test's dtype (pytorch-crf or the reference run on the
+same inputs), plus a few units in the last place of the result's magnitude so that an exact baseline does not
+demand an exact kernel.
+
+Shapes are tiny (the interpreter is slow) but reach every branch: K = 1, T = 1, ragged masks, a K split into
+tiles (forced through the launcher's ``block_k``), the tensor-core batch tile (``block_b = 16``, ``tl.dot``),
+a partial batch tile, and the underflow guard of the matrix-form step (large emissions with forbidden
+transitions).
+"""
+
+import itertools
+
+import pytest
+import torch
+import torchcrf
+
+from fusedloss.reference import crf as reference
+from fusedloss.triton_kernels import crf as triton_crf
+
+CONSTRAINT_SCORE = -1.0e4  # docs/BACKENDS.md: forbidden transitions as folded in by the public layer
+
+# (B, T, K, block_b, block_k): None takes the launcher's default tiling.
+CASES = [
+    pytest.param(3, 4, 5, None, None, id="ragged-one-tile"),
+    pytest.param(2, 1, 5, None, None, id="T1"),
+    pytest.param(3, 3, 1, None, None, id="K1"),
+    pytest.param(2, 3, 5, 1, 4, id="K-tiled"),
+    pytest.param(17, 3, 20, 16, 16, id="dot-tile-K-tiled-partial-batch"),
+]
+
+
+def make_inputs(batch, seq_len, num_tags, seed=0, scale=1.0, constrained=False):
+    """Random emissions and transition scores, ragged left-aligned mask (the first sequence is full), tags that
+    are 0 past each end (as the public layer writes them)."""
+    generator = torch.Generator().manual_seed(seed)
+    emissions = torch.randn(batch, seq_len, num_tags, generator=generator) * scale
+    transitions = torch.randn(num_tags, num_tags, generator=generator)
+    start = torch.randn(num_tags, generator=generator)
+    end = torch.randn(num_tags, generator=generator)
+    lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator)
+    lengths[0] = seq_len
+    mask = torch.arange(seq_len)[None, :] < lengths[:, None]
+    tags = torch.randint(0, num_tags, (batch, seq_len), generator=generator) * mask
+    if constrained:
+        # A chain: tag j is reached only from j and j - 1 (like I-X only after B-X or I-X), and only tag 0
+        # starts. With emissions in the hundreds the best predecessor of a column is then often far below the
+        # row max, which underflows the matrix-form step; gold tags follow the allowed moves.
+        tags_range = torch.arange(num_tags)
+        allowed = (tags_range[:, None] == tags_range[None, :]) | (tags_range[:, None] + 1 == tags_range[None, :])
+        transitions = torch.where(allowed, transitions, CONSTRAINT_SCORE)
+        start = torch.where(tags_range == 0, start, CONSTRAINT_SCORE)
+        steps = torch.randint(0, 2, (batch, seq_len), generator=generator)
+        steps[:, 0] = 0
+        tags = torch.clamp(steps.cumsum(1), max=num_tags - 1) * mask
+    return emissions, tags, mask, transitions, start, end
+
+
+def eps(dtype):
+    return torch.finfo(dtype).eps
+
+
+def assert_within_oracle_error(actual, baseline, exact, what, log_magnitude=0.0):
+    """``|actual - exact| <= 2 |baseline - exact| + (4 + log_magnitude) eps(actual.dtype) max(1, |exact|)``
+    (max norms).
+
+    ``log_magnitude`` is for probabilities and gradients: ``exp`` of a log-domain quantity of size M (the
+    emissions) carries a relative error of about eps·M in any float32 implementation, one rounding of a number
+    that size, and two implementations differ element by element in where they pay it, so one such rounding
+    is allowed on top of twice PyTorch's own error.
+    """
+    exact = exact.detach().double()
+    error = (actual.detach().double() - exact).abs().max().item()
+    baseline_error = (baseline.detach().double() - exact).abs().max().item()
+    floor = (4 + float(log_magnitude)) * eps(actual.dtype) * max(1.0, exact.abs().max().item())
+    assert error <= 2 * baseline_error + floor, (
+        f"{what}: error {error:.3g} against float64, PyTorch's own {baseline_error:.3g}, floor {floor:.3g}"
+    )
+
+
+def torchcrf_log_likelihood(emissions, tags, mask, transitions, start, end, grad_output):
+    """pytorch-crf's per-sequence log-likelihood and the gradients of ``Σ_b grad_output[b] ll[b]``, computed in
+    the dtype of ``transitions``."""
+    num_tags = transitions.size(0)
+    model = torchcrf.CRF(num_tags, batch_first=True).to(transitions.dtype)
+    with torch.no_grad():
+        model.transitions.copy_(transitions)
+        model.start_transitions.copy_(start)
+        model.end_transitions.copy_(end)
+    emissions = emissions.detach().to(transitions.dtype).requires_grad_()
+    ll = model(emissions, tags, mask, reduction="none")
+    (ll * grad_output.to(ll.dtype)).sum().backward()
+    leaves = (emissions, model.transitions, model.start_transitions, model.end_transitions)
+    # With T = 1 no transition is used and autograd leaves its gradient as None.
+    return ll.detach(), tuple(torch.zeros_like(x) if x.grad is None else x.grad for x in leaves)
+
+
+def triton_log_likelihood(emissions, tags, mask, transitions, start, end, grad_output, block_b=None, block_k=None):
+    """The custom op's per-sequence log-likelihood and its gradients through the registered autograd."""
+    leaves = [x.detach().clone().requires_grad_() for x in (emissions, transitions, start, end)]
+    ll = triton_crf._log_likelihood_op(leaves[0], tags, mask, *leaves[1:], block_b, block_k)[0]
+    (ll * grad_output.to(ll.dtype)).sum().backward()
+    return ll.detach(), tuple(x.grad for x in leaves)
+
+
+GRAD_NAMES = ("emissions", "transitions", "start_transitions", "end_transitions")
+
+
+@pytest.mark.parametrize("batch, seq_len, num_tags, block_b, block_k", CASES)
+def test_log_likelihood_and_gradients_match_pytorch_crf(batch, seq_len, num_tags, block_b, block_k):
+    emissions, tags, mask, transitions, start, end = make_inputs(batch, seq_len, num_tags)
+    grad_output = torch.randn(batch, generator=torch.Generator().manual_seed(1))
+    ll, grads = triton_log_likelihood(emissions, tags, mask, transitions, start, end, grad_output, block_b, block_k)
+    ll32, grads32 = torchcrf_log_likelihood(emissions, tags, mask, transitions, start, end, grad_output)
+    ll64, grads64 = torchcrf_log_likelihood(emissions, tags, mask, transitions.double(), start.double(),
+                                            end.double(), grad_output)
+    assert ll.dtype == torch.float32 and ll.shape == (batch,)
+    assert_within_oracle_error(ll, ll32, ll64, "log-likelihood")
+    for name, grad, grad32, grad64 in zip(GRAD_NAMES, grads, grads32, grads64):
+        assert grad.dtype == torch.float32
+        assert_within_oracle_error(grad, grad32, grad64, f"grad of {name}", emissions.abs().max())
+    # Nothing past a sequence's end gets a gradient.
+    assert torch.all(grads[0][~mask] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_emissions_accumulate_in_float32(dtype):
+    emissions, tags, mask, transitions, start, end = make_inputs(3, 4, 5, seed=2)
+    emissions = emissions.to(dtype)
+    grad_output = torch.randn(3, generator=torch.Generator().manual_seed(3))
+    ll, grads = triton_log_likelihood(emissions, tags, mask, transitions, start, end, grad_output)
+    assert ll.dtype == torch.float32 and grads[0].dtype == dtype
+    # PyTorch's own computation at this dtype: the reference on the same half emissions (float32 arithmetic,
+    # gradient rounded to the emissions' dtype).
+    leaves = [x.detach().clone().requires_grad_() for x in (emissions, transitions, start, end)]
+    ll_half = reference.crf_log_likelihood(leaves[0], tags, mask, *leaves[1:])
+    (ll_half * grad_output).sum().backward()
+    ll64, grads64 = torchcrf_log_likelihood(emissions, tags, mask, transitions.double(), start.double(),
+                                            end.double(), grad_output)
+    assert_within_oracle_error(ll, ll_half, ll64, "log-likelihood")
+    for name, grad, leaf, grad64 in zip(GRAD_NAMES, grads, leaves, grads64):
+        assert_within_oracle_error(grad, leaf.grad, grad64, f"grad of {name}", emissions.abs().max())
+
+
+@pytest.mark.parametrize("block_b, block_k, num_tags", [(None, None, 5), (16, 16, 20)], ids=["default", "dot"])
+def test_underflow_guard_keeps_large_emissions_exact(block_b, block_k, num_tags):
+    """Emissions in the hundreds with forbidden transitions: without the exact fallback of the matrix-form step
+    log Z is -inf or inf here (checked by disabling the guard)."""
+    batch = 2 if block_b is None else 16
+    emissions, tags, mask, transitions, start, end = make_inputs(batch, 4, num_tags, seed=4, scale=100.0,
+                                                                 constrained=True)
+    grad_output = torch.ones(batch)
+    ll, grads = triton_log_likelihood(emissions, tags, mask, transitions, start, end, grad_output, block_b, block_k)
+    ll32, grads32 = torchcrf_log_likelihood(emissions, tags, mask, transitions, start, end, grad_output)
+    ll64, grads64 = torchcrf_log_likelihood(emissions, tags, mask, transitions.double(), start.double(),
+                                            end.double(), grad_output)
+    assert torch.isfinite(ll).all() and all(torch.isfinite(g).all() for g in grads)
+    assert_within_oracle_error(ll, ll32, ll64, "log-likelihood")
+    for name, grad, grad32, grad64 in zip(GRAD_NAMES, grads, grads32, grads64):
+        assert_within_oracle_error(grad, grad32, grad64, f"grad of {name}", emissions.abs().max())
+    marginals = triton_crf._marginals_op(emissions, mask, transitions, start, end, block_b, block_k)
+    marginals32 = reference.crf_marginals(emissions, mask, transitions, start, end)
+    marginals64 = reference.crf_marginals(emissions.double(), mask, transitions.double(), start.double(),
+                                          end.double())
+    assert_within_oracle_error(marginals, marginals32, marginals64, "marginals", emissions.abs().max())
+
+
+def brute_force_marginals(emissions, length, transitions, start, end):
+    """``P(y_t = k)`` (length, K) of one sequence by enumerating all K^length tag paths, float64."""
+    num_tags = transitions.size(0)
+    paths = torch.tensor(list(itertools.product(range(num_tags), repeat=length)))
+    scores = start[paths[:, 0]] + end[paths[:, -1]] + emissions[torch.arange(length), paths].sum(1)
+    scores = scores + transitions[paths[:, :-1], paths[:, 1:]].sum(1)
+    probabilities = torch.softmax(scores, 0)
+    return torch.stack([torch.zeros(num_tags, dtype=torch.float64).index_add_(0, paths[:, t], probabilities)
+                        for t in range(length)])
+
+
+@pytest.mark.parametrize("batch, seq_len, num_tags, block_b, block_k", CASES)
+def test_marginals_match_brute_force_and_reference(batch, seq_len, num_tags, block_b, block_k):
+    emissions, _, mask, transitions, start, end = make_inputs(batch, seq_len, num_tags, seed=5)
+    marginals = triton_crf._marginals_op(emissions, mask, transitions, start, end, block_b, block_k)
+    marginals32 = reference.crf_marginals(emissions, mask, transitions, start, end)
+    args64 = [x.double() for x in (emissions, transitions, start, end)]
+    marginals64 = reference.crf_marginals(args64[0], mask, *args64[1:])
+    assert marginals.shape == (batch, seq_len, num_tags) and marginals.dtype == torch.float32
+    assert_within_oracle_error(marginals, marginals32, marginals64, "marginals", emissions.abs().max())
+    assert torch.all(marginals[~mask] == 0)
+    if num_tags ** seq_len <= 1024:  # enumeration stays cheap: check the first two sequences against it
+        for b in range(min(batch, 2)):
+            length = int(mask[b].sum())
+            exact = brute_force_marginals(args64[0][b], length, *args64[1:])
+            assert_within_oracle_error(marginals[b, :length], marginals32[b, :length], exact, f"marginals[{b}]",
+                                       emissions.abs().max())
+
+
+def torchcrf_decode(emissions, mask, transitions, start, end):
+    model = torchcrf.CRF(transitions.size(0), batch_first=True).double()
+    with torch.no_grad():
+        model.transitions.copy_(transitions)
+        model.start_transitions.copy_(start)
+        model.end_transitions.copy_(end)
+    return model.decode(emissions.double(), mask)
+
+
+VITERBI_CASES = CASES + [
+    pytest.param(2, 3, 130, None, None, id="uint8-backpointers"),
+    pytest.param(1, 2, 300, None, 128, id="int16-backpointers"),
+]
+
+
+@pytest.mark.parametrize("batch, seq_len, num_tags, block_b, block_k", VITERBI_CASES)
+def test_viterbi_matches_pytorch_crf_and_reference(batch, seq_len, num_tags, block_b, block_k):
+    emissions, _, mask, transitions, start, end = make_inputs(batch, seq_len, num_tags, seed=6)
+    tags, scores = triton_crf._viterbi_op(emissions, mask, transitions, start, end, block_b, block_k)
+    assert tags.dtype == torch.int64 and tags.shape == (batch, seq_len)
+    assert scores.dtype == torch.float32 and scores.shape == (batch,)
+    expected = torchcrf_decode(emissions, mask, transitions, start, end)
+    assert [row[row >= 0].tolist() for row in tags] == expected
+    assert torch.all(tags[~mask] == -1)
+    _, scores32 = reference.crf_viterbi(emissions, mask, transitions, start, end)
+    _, scores64 = reference.crf_viterbi(emissions.double(), mask, transitions.double(), start.double(), end.double())
+    assert_within_oracle_error(scores, scores32, scores64, "Viterbi scores")
+
+
+@pytest.mark.parametrize("block_k", [None, 2], ids=["one-tile", "tiled"])
+def test_viterbi_ties_take_the_lowest_tag(block_k):
+    """All paths score the same: torch.argmax's convention picks tag 0 everywhere, across tiles too."""
+    emissions = torch.zeros(2, 3, 5)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    zeros = torch.zeros(5)
+    tags, scores = triton_crf._viterbi_op(emissions, mask, torch.zeros(5, 5), zeros, zeros, None, block_k)
+    assert tags.tolist() == [[0, 0, 0], [0, 0, -1]]
+    assert scores.tolist() == [0.0, 0.0]
+
+
+def test_float64_is_declined_with_reasons():
+    emissions, tags, mask, transitions, start, end = make_inputs(2, 2, 3)
+    assert triton_crf.crf_log_likelihood_reasons(emissions, tags, mask, transitions, start, end) == []
+    reasons = triton_crf.crf_viterbi_reasons(emissions.double(), mask, transitions, start, end)
+    assert len(reasons) == 1 and "float64" in reasons[0] and "emissions" in reasons[0]
+    reasons = triton_crf.crf_marginals_reasons(emissions, mask, transitions.double(), start, end)
+    assert len(reasons) == 1 and "transitions" in reasons[0]
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and the registered autograd agree with the real kernels (the
+    compiled path itself is tested through the public module below)."""
+    emissions, tags, mask, transitions, start, end = make_inputs(2, 2, 3, seed=7)
+    leaves = [x.requires_grad_() for x in (emissions, transitions, start, end)]
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(triton_crf._log_likelihood_op, (leaves[0], tags, mask, *leaves[1:], None, None),
+                          test_utils=checks)
+    plain = [x.detach() for x in leaves]
+    torch.library.opcheck(triton_crf._viterbi_op, (plain[0], mask, *plain[1:], None, None), test_utils=checks)
+    torch.library.opcheck(triton_crf._marginals_op, (plain[0], mask, *plain[1:], None, None), test_utils=checks)
