@@ -1,0 +1,111 @@
+"""Backend dispatch (SPEC 2): availability with reasons, explicit backends, the environment override, auto."""
+
+import importlib.util
+import types
+
+import pytest
+import torch
+
+import fusedloss
+from fusedloss import _dispatch
+from fusedloss.reference.softmax import softmax_loss as reference_softmax_loss
+
+CPU = torch.device("cpu")
+
+
+def _softmax_args(num_rows=4, num_classes=5):
+    """The 11 positional arguments of the softmax_loss op (docs/BACKENDS.md)."""
+    logits = torch.randn(num_rows, num_classes)
+    target = torch.randint(0, num_classes, (num_rows,))
+    return (logits, target, None, -100, "mean", 0.0, 0.0, 0.0, None, False, False)
+
+
+def test_available_backends_names_and_reasons():
+    available = fusedloss.available_backends()
+    assert set(available) == {"reference", "triton", "cpp", "cuda"}
+    assert available["reference"] is None
+    for name, reason in available.items():
+        assert reason is None or (isinstance(reason, str) and reason), name
+    if not torch.cuda.is_available():
+        assert available["cuda"] is not None  # CUDA cannot run here, whether or not _C was built with it
+    extension_present = importlib.util.find_spec("fusedloss._C") is not None
+    if not extension_present:
+        assert "not built" in available["cpp"]
+
+
+def test_backend_unavailable_is_a_runtime_error_listing_reasons():
+    assert issubclass(fusedloss.BackendUnavailable, RuntimeError)
+    logits, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(fusedloss.BackendUnavailable) as info:
+        fusedloss.cross_entropy(logits, target, backend="cuda")
+    message = str(info.value)
+    assert "softmax_loss" in message and "cuda:" in message
+    assert ("CUDA" in message) or ("not built" in message)  # the reason, in words
+
+
+def test_op_without_a_kernel_in_the_named_backend():
+    x, y = torch.randn(3, 4), (torch.rand(3, 4) > 0.5).float()
+    with pytest.raises(fusedloss.BackendUnavailable, match="cpp: "):
+        fusedloss.multilabel_categorical_crossentropy(x, y, backend="cpp")
+    name, _ = _dispatch.resolve("multilabel_categorical_crossentropy", "auto", CPU, x, y, "mean")
+    assert name == "reference"  # the sigmoid family has only the reference: auto falls back to it
+
+
+def test_unknown_backend_name_is_a_value_error():
+    logits, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="backend"):
+        fusedloss.cross_entropy(logits, target, backend="fast")
+    with pytest.raises(ValueError, match="backend"):
+        fusedloss.sigmoid_focal_loss(logits, torch.rand(3, 4), backend="gpu")
+    with pytest.raises(TypeError, match="backend"):
+        _dispatch.resolve("softmax_loss", None, CPU, *_softmax_args())
+
+
+def _expected_auto_cpu(op, args):
+    """SPEC 2: cpp when the extension is built and its kernel accepts the call, else reference."""
+    if importlib.util.find_spec("fusedloss._C") is None:
+        return "reference"
+    return "reference" if _dispatch.why_not(op, "cpp", CPU, *args) else "cpp"
+
+
+def test_auto_on_cpu_picks_cpp_when_built_else_reference(monkeypatch):
+    monkeypatch.delenv("FUSEDLOSS_BACKEND", raising=False)
+    args = _softmax_args()
+    name, impl = _dispatch.resolve("softmax_loss", "auto", CPU, *args)
+    assert name == _expected_auto_cpu("softmax_loss", args)
+    if fusedloss.available_backends()["cpp"] is None:
+        assert _dispatch.why_not("softmax_loss", "cpp", CPU, *args) == [] and name == "cpp"
+    # whatever auto picked computes the oracle's number
+    torch.testing.assert_close(impl(*args), reference_softmax_loss(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    args = _softmax_args()
+    monkeypatch.setenv("FUSEDLOSS_BACKEND", "reference")
+    assert _dispatch.resolve("softmax_loss", "auto", CPU, *args)[0] == "reference"
+    # an explicit backend argument is not overridden
+    assert _dispatch.resolve("softmax_loss", "reference", CPU, *args)[0] == "reference"
+    monkeypatch.setenv("FUSEDLOSS_BACKEND", "cuda")
+    with pytest.raises(fusedloss.BackendUnavailable, match="cuda"):
+        fusedloss.cross_entropy(args[0], args[1])
+    monkeypatch.setenv("FUSEDLOSS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        fusedloss.cross_entropy(args[0], args[1])
+    monkeypatch.setenv("FUSEDLOSS_BACKEND", "")  # empty means auto
+    assert _dispatch.resolve("softmax_loss", "auto", CPU, *args)[0] == _expected_auto_cpu("softmax_loss", args)
+
+
+def test_per_call_reasons_decline_a_backend(monkeypatch):
+    """A backend module's ``<op>_reasons`` declines one call; a named backend then says why."""
+
+    def refuse_float64(*args):
+        return ["does not take float64 here"] if args[0].dtype == torch.float64 else []
+
+    module = types.SimpleNamespace(softmax_loss=reference_softmax_loss, softmax_loss_reasons=refuse_float64)
+    monkeypatch.setattr(_dispatch, "_IMPLS", {})  # forget loaded modules, restored after the test
+    monkeypatch.setitem(_dispatch._OP_TABLE["softmax_loss"], "reference", lambda: module)
+    args64 = (torch.randn(2, 3, dtype=torch.float64),) + _softmax_args(2, 3)[1:]
+    assert _dispatch.why_not("softmax_loss", "reference", CPU, *args64) == ["does not take float64 here"]
+    assert _dispatch.why_not("softmax_loss", "reference", CPU, *_softmax_args(2, 3)) == []
+    with pytest.raises(fusedloss.BackendUnavailable, match="reference: does not take float64 here"):
+        _dispatch.resolve("softmax_loss", "reference", CPU, *args64)
