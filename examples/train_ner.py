@@ -82,6 +82,11 @@ def bio_labels(sentences: Sequence[Sentence]) -> List[str]:
     return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
 
 
+def build_vocab(sentences: Sequence[Sentence]) -> Dict[str, int]:
+    """Index of every lower-cased training word, after PAD = 0 and UNK = 1."""
+    return {word: i + 2 for i, word in enumerate(sorted({t.lower() for tokens, _ in sentences for t in tokens}))}
+
+
 class Encoded:
     """A split as padded tensors: word ids, shape ids, tag ids ``(S, T_max)`` int64, lengths ``(S,)``."""
 
@@ -280,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--word-dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     return parser
 
 
@@ -298,8 +304,7 @@ def run(args, log=print) -> Dict:
             write_corpus(directory, num_train, num_eval, seed=args.seed)
             splits_text = read_corpus(directory)
     labels = bio_labels(splits_text["train"])
-    word_counts = Counter(t.lower() for tokens, _ in splits_text["train"] for t in tokens)
-    vocab = {word: i + 2 for i, word in enumerate(sorted(word_counts))}
+    vocab = build_vocab(splits_text["train"])
     splits = {name: Encoded(sentences, vocab, labels) for name, sentences in splits_text.items()}
     log(f"data: {', '.join(f'{k} {len(v)} sentences' for k, v in splits_text.items())}; "
         f"{len(labels)} tags; vocabulary {len(vocab)}; device {device}; fusedloss backends "
@@ -332,7 +337,10 @@ def format_summary(baselines: Dict, results: Sequence[Dict]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    run(args)
     return 0
 
 

@@ -101,14 +101,16 @@ def _loss_workload(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor
 
 
 def _crf_module(backend: str, num_tags: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """A CRF with pytorch-crf's initialization from a fixed seed, so every backend has the same parameters."""
-    torch.manual_seed(1)
-    if backend == "pytorch-crf":
-        import torchcrf
+    """A CRF whose parameters are pytorch-crf's initialization from a fixed seed, for every backend
+    (fusedloss.CRF loads torchcrf.CRF's state_dict, SPEC 5)."""
+    import torchcrf
 
-        module = torchcrf.CRF(num_tags, batch_first=True)
-    else:
-        module = fusedloss.CRF(num_tags, batch_first=True, backend=backend.removeprefix("fusedloss-"))
+    torch.manual_seed(1)
+    module = torchcrf.CRF(num_tags, batch_first=True)
+    if backend != "pytorch-crf":
+        fused = fusedloss.CRF(num_tags, batch_first=True, backend=backend.removeprefix("fusedloss-"))
+        fused.load_state_dict(module.state_dict())
+        module = fused
     return module.to(device=device, dtype=dtype)
 
 
@@ -213,5 +215,5 @@ def difference(op: str, value, baseline_value) -> float:
     or for decode the fraction of sequences whose best path differs."""
     if op == "crf_decode":
         return sum(a != b for a, b in zip(value, baseline_value)) / max(len(baseline_value), 1)
-    value, baseline_value = float(value), float(baseline_value)
+    value, baseline_value = float(value.detach()), float(baseline_value.detach())
     return abs(value - baseline_value) / max(abs(baseline_value), 1e-30)

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stem of the output files; {device} is replaced by the device name (default bench)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 10, quick 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2, quick 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (default: torch's choice, all cores)")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of the eager cross-entropy code (compiles once per shape)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -142,6 +144,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fusedloss-bench: --device cuda, but torch sees no CUDA device")
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        _run_and_report(args, device, list(sys.argv[1:] if argv is None else argv))
+    finally:  # main() may run inside a longer process (the tests): leave its thread count as it was
+        torch.set_num_threads(threads)
+    return 0
+
+
+def _run_and_report(args, device: torch.device, argv: List[str]) -> None:
     environment = harness.environment(device)
     name = args.name.replace("{device}", harness.device_slug(device))
     os.makedirs(args.out, exist_ok=True)
@@ -151,11 +164,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"skipped {item['op']} {item['backend']} {item['shape']} {item['dtype']}: {item['reason']}")
     prefix = os.path.join(args.out, name)
     report.write_csv(rows, prefix + ".csv")
-    config = {"argv": list(sys.argv[1:] if argv is None else argv), "memory_method": harness.MEMORY_METHOD[device.type],
+    config = {"argv": argv, "memory_method": harness.MEMORY_METHOD[device.type],
               "backends": fusedloss.available_backends()}
     report.write_json(prefix + ".json", environment, config, skipped, rows)
     written = report.plot(rows, prefix)
     print(f"\nwrote {prefix}.csv, {prefix}.json" + "".join(f", {p}" for p in written))
     print(f"device: {environment['device_name']}; torch {environment['torch_version']}, "
           f"triton {environment['triton_version'] or '-'}; peak memory: {harness.MEMORY_METHOD[device.type]}")
-    return 0

@@ -1,0 +1,152 @@
+"""fusedloss-bench: a tiny run writes a well-formed CSV, JSON and PNGs; the timing, quantile,
+peak-memory and speed-up helpers give hand-computed answers."""
+
+import csv
+import importlib.metadata
+import json
+import runpy
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fusedloss.bench import cli, harness, report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+OPS = ("cross_entropy", "focal", "crf_nll", "crf_decode")
+CE_SHAPES, CRF_SHAPES = ("16x7", "40x7"), ("2x5x3", "2x9x3")
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = cli.main(["--ops", ",".join(OPS), "--shapes", ",".join(CE_SHAPES + CRF_SHAPES), "--repeats", "3",
+                   "--warmup", "1", "--threads", "1", "--device", "cpu", "--out", str(out), "--name", "tiny_{device}",
+                   "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def _rows(out):
+    (path,) = out.glob("tiny_cpu-*.csv")
+    with open(path, newline="") as src:
+        reader = csv.DictReader(src)
+        return reader.fieldnames, list(reader)
+
+
+def test_csv_has_the_columns_and_one_row_per_op_mode_backend_shape(bench_out):
+    columns, rows = _rows(bench_out)
+    assert tuple(columns) == report.COLUMNS
+    keys = [(r["op"], r["mode"], r["backend"], r["shape"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    expected = set()
+    for op in OPS:
+        modes = ("forward",) if op == "crf_decode" else ("forward", "full")
+        baseline = "eager" if op in ("cross_entropy", "focal") else "pytorch-crf"
+        for shape in (CE_SHAPES if op in ("cross_entropy", "focal") else CRF_SHAPES):
+            expected |= {(op, mode, backend, shape) for mode in modes for backend in (baseline, "fusedloss-reference")}
+    assert expected <= set(keys)
+    # The Triton interpreter (TRITON_INTERPRET=1 in the tests) is never benchmarked on CPU tensors.
+    assert not any(r["backend"] == "fusedloss-triton" for r in rows)
+
+
+def test_csv_values(bench_out):
+    _, rows = _rows(bench_out)
+    for r in rows:
+        q20, median, q80, fastest = (float(r[k]) for k in ("q20_ms", "median_ms", "q80_ms", "min_ms"))
+        assert 0 < fastest <= q20 <= median <= q80
+        assert float(r["peak_mem_mib"]) >= 0
+        assert r["device"] == "cpu" and r["device_name"] and r["dtype"] == "float32"
+        assert r["torch_version"] == torch.__version__ and r["repeats"] == "3"
+        dims = ("N", "C") if r["op"] in ("cross_entropy", "focal") else ("B", "T", "K")
+        assert "x".join(r[d] for d in dims) == r["shape"]
+        if r["backend"] == r["baseline"]:
+            assert float(r["speedup"]) == 1.0
+        else:
+            assert float(r["speedup"]) == pytest.approx(
+                next(float(b["median_ms"]) for b in rows if b["backend"] == r["baseline"]
+                     and (b["op"], b["mode"], b["shape"]) == (r["op"], r["mode"], r["shape"])) / median, rel=1e-4)
+        # Every backend computed the baseline's value from the same inputs (decode: the same paths).
+        limit = 0.0 if r["op"] == "crf_decode" else 1e-5
+        assert float(r["rel_diff_vs_baseline"]) <= limit, r
+
+
+def test_png_plots(bench_out):
+    import matplotlib.image
+
+    for suffix in ("cross_entropy", "crf"):
+        (path,) = bench_out.glob(f"tiny_cpu-*_{suffix}.png")
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+        assert image.std() > 0.01  # not a blank canvas
+
+
+def test_json_records_the_environment(bench_out):
+    (path,) = bench_out.glob("tiny_cpu-*.json")
+    data = json.loads(path.read_text())
+    assert data["environment"]["torch_version"] == torch.__version__
+    assert data["environment"]["device"] == "cpu"
+    assert "profiler" in data["config"]["memory_method"]
+    assert set(data["config"]["backends"]) == {"reference", "triton", "cpp", "cuda"}
+    assert len(data["results"]) == len(_rows(bench_out)[1])
+
+
+def test_read_csv_round_trip(bench_out):
+    (path,) = bench_out.glob("tiny_cpu-*.csv")
+    rows = report.read_csv(str(path))
+    assert len(rows) == len(_rows(bench_out)[1])
+    assert all(isinstance(r["median_ms"], float) and isinstance(r["speedup"], float) for r in rows)
+
+
+def test_peak_memory_cpu_counts_what_is_held_at_once():
+    mib = 1 << 18  # float32 elements in one MiB
+
+    def two_at_once():
+        a = torch.ones(4 * mib)
+        b = torch.ones(2 * mib)
+        del a
+        c = torch.ones(3 * mib)
+        return b, c
+
+    cpu = torch.device("cpu")
+    assert harness.peak_memory(two_at_once, lambda: None, cpu) == pytest.approx(6.0, abs=0.01)
+    assert harness.peak_memory(lambda: torch.ones(mib) + 1, lambda: None, cpu) == pytest.approx(2.0, abs=0.01)
+
+
+def test_time_call_and_quantiles():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+    for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+        assert harness.quantile(values, q) == pytest.approx(np.quantile(values, q))
+    calls = []
+    timing = harness.time_call(lambda: calls.append("fn"), lambda: calls.append("reset"), torch.device("cpu"), 2, 5)
+    assert calls == ["reset", "fn"] * 7
+    assert 0 < timing["min_ms"] <= timing["q20_ms"] <= timing["median_ms"] <= timing["q80_ms"]
+
+
+def test_speedups_against_the_baseline_of_the_same_problem():
+    def row(backend, shape, ms):
+        return {"op": "crf_nll", "mode": "full", "shape": shape, "dtype": "float32", "device": "cpu",
+                "backend": backend, "baseline": "pytorch-crf", "median_ms": ms}
+
+    rows = [row("pytorch-crf", "8x128x9", 30.0), row("fusedloss-cpp", "8x128x9", 1.5),
+            row("fusedloss-cpp", "8x512x9", 6.0)]
+    report.add_speedups(rows)
+    assert [r["speedup"] for r in rows] == [1.0, 20.0, ""]
+
+
+def test_bad_shapes_are_rejected():
+    for bad in ("4096", "0x5", "1x2x3x4"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["--shapes", bad])
+    assert cli.parse_shapes("4096x32000, 8x128x9") == [(4096, 32000), (8, 128, 9)]
+
+
+def test_module_and_console_entry_points(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["fusedloss-bench", "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("fusedloss.bench", run_name="__main__")
+    assert done.value.code == 0 and "--quick" in capsys.readouterr().out
+    (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "fusedloss-bench"]
+    assert script.load() is cli.main
