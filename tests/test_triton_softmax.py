@@ -116,12 +116,12 @@ def test_matches_torch_cross_entropy(num_classes, reduction):
         target = _target(n, num_classes, soft=kind == "soft")
         weight = _weight(num_classes) if use_weight else None
 
-        def torch_ce(x):
+        def torch_ce(x, target=target, weight=weight, kind=kind, smoothing=smoothing):
             w = None if weight is None else weight.to(x.dtype)
             t = target.to(x.dtype) if kind == "soft" else target
             return F.cross_entropy(x, t, w, reduction=reduction, label_smoothing=smoothing)
 
-        def ours(x):
+        def ours(x, target=target, weight=weight, kind=kind, smoothing=smoothing):
             w = None if weight is None else weight.to(x.dtype)
             t = target.to(x.dtype) if kind == "soft" else target
             return softmax_loss(x, t, w, -100, reduction, smoothing, 0.0, 0.0, None, False, False)
@@ -149,7 +149,7 @@ REFERENCE_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("options", REFERENCE_OPTIONS, ids=lambda o: "w{}-eps{}-soft{}-g{}-z{}-cap{}-count{}".format(*o))
+@pytest.mark.parametrize("options", REFERENCE_OPTIONS, ids=lambda o: "w{}-eps{}-soft{}-g{}-z{}-cap{}-n{}".format(*o))
 def test_options_match_reference(layout, options):
     use_weight, smoothing, soft, gamma, z_loss, softcap, by_count = options
     # With blocks of 16, C = 2 and 9 fit one block (the tile path again): only C = 40 spans blocks.
@@ -217,11 +217,11 @@ def test_public_cross_entropy_on_token_logits():
     target = _target(10, 9).reshape(2, 5)
     weight = _weight(9)
     for reduction in ("none", "mean"):
-        def torch_ce(x):
+        def torch_ce(x, reduction=reduction):
             return F.cross_entropy(x.movedim(-1, 1), target, weight.to(x.dtype), reduction=reduction,
                                    label_smoothing=0.1)
 
-        def ours(x):
+        def ours(x, reduction=reduction):
             return fusedloss.cross_entropy(x, target, weight.to(x.dtype), reduction=reduction, label_smoothing=0.1,
                                            backend="triton")
 

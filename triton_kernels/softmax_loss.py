@@ -439,7 +439,7 @@ def _softmax_loss_op(
     mean_by_count: bool,
     compute_grad: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, grad)``: grad is ``∂loss/∂input`` as a contiguous ``(N, C)`` tensor, or empty ``(0,)`` when not asked."""
+    """``(loss, grad)``: ``grad`` is ``∂loss/∂input``, contiguous ``(N, C)``, or empty ``(0,)`` if not asked for."""
     if input.stride(-1) != 1:
         input = input.contiguous()
     grad = torch.empty_like(input, memory_format=torch.contiguous_format) if compute_grad else input.new_empty(0)
