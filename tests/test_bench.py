@@ -93,6 +93,13 @@ def test_json_records_the_environment(bench_out):
     assert len(data["results"]) == len(_rows(bench_out)[1])
 
 
+def test_markdown_tables(bench_out):
+    (path,) = bench_out.glob("tiny_cpu-*.md")
+    text = path.read_text()
+    assert "**cross_entropy, forward + backward** on" in text and "**crf_decode, forward** on" in text
+    assert "| 40x7 | float32 | " in text and "| B x T x K | dtype | pytorch-crf | fusedloss-reference" in text
+
+
 def test_read_csv_round_trip(bench_out):
     (path,) = bench_out.glob("tiny_cpu-*.csv")
     rows = report.read_csv(str(path))

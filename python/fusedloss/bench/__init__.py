@@ -19,8 +19,8 @@ fusedloss backend that can serve it on the device, on the baseline, and on the o
 importable). Timing: warmup calls, then ``--repeats`` timed calls; median, 20% and 80% quantiles
 (CUDA events on the GPU). Peak extra memory: see :func:`fusedloss.bench.harness.peak_memory`.
 Outputs in ``--out``: ``<name>.csv`` (one row per op, mode, backend, shape, dtype, device),
-``<name>.json`` (environment and skipped cases), ``<name>_cross_entropy.png`` and
-``<name>_crf.png``.
+``<name>.json`` (environment and skipped cases), ``<name>.md`` (the tables in Markdown),
+``<name>_cross_entropy.png`` and ``<name>_crf.png``.
 """
 
 from fusedloss.bench.cli import main

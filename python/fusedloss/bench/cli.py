@@ -167,7 +167,9 @@ def _run_and_report(args, device: torch.device, argv: List[str]) -> None:
     config = {"argv": argv, "memory_method": harness.MEMORY_METHOD[device.type],
               "backends": fusedloss.available_backends()}
     report.write_json(prefix + ".json", environment, config, skipped, rows)
+    with open(prefix + ".md", "w") as markdown:
+        markdown.write(report.format_markdown(rows))
     written = report.plot(rows, prefix)
-    print(f"\nwrote {prefix}.csv, {prefix}.json" + "".join(f", {p}" for p in written))
+    print(f"\nwrote {prefix}.csv, {prefix}.json, {prefix}.md" + "".join(f", {p}" for p in written))
     print(f"device: {environment['device_name']}; torch {environment['torch_version']}, "
           f"triton {environment['triton_version'] or '-'}; peak memory: {harness.MEMORY_METHOD[device.type]}")

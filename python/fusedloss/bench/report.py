@@ -48,6 +48,31 @@ def format_table(rows: Sequence[Dict]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: Sequence[Dict]) -> str:
+    """Markdown tables for a README: one per (op, mode), a row per shape and dtype, a column per
+    backend; each cell ``median ms (speed-up, peak MiB)``; the device named above each table."""
+    tables: Dict[tuple, List[Dict]] = defaultdict(list)
+    for row in rows:
+        tables[(row["op"], row["mode"])].append(row)
+    out = []
+    for (op, mode), group in tables.items():
+        backends = list(dict.fromkeys(r["backend"] for r in group))
+        cells: Dict[tuple, Dict[str, str]] = defaultdict(dict)
+        for r in group:
+            speedup = f"{r['speedup']:.2f}x" if r["speedup"] != "" else "-"
+            memory = f", {r['peak_mem_mib']:.1f} MiB" if r["peak_mem_mib"] != "" else ""
+            cells[(r["shape"], r["dtype"])][r["backend"]] = f"{r['median_ms']:.3f} ms ({speedup}{memory})"
+        dims = "N x C" if op in CROSS_ENTROPY_OPS else "B x T x K"
+        out.append(f"\n**{op}, {'forward + backward' if mode == 'full' else mode}** on {group[0]['device_name']}, "
+                   f"torch {group[0]['torch_version']}: median time (speed-up over {group[0]['baseline']}, "
+                   "peak extra memory)\n")
+        out.append(f"| {dims} | dtype | " + " | ".join(backends) + " |")
+        out.append("|---|---|" + "---|" * len(backends))
+        for (shape, dtype), by_backend in cells.items():
+            out.append(f"| {shape} | {dtype} | " + " | ".join(by_backend.get(b, "-") for b in backends) + " |")
+    return "\n".join(out) + "\n"
+
+
 def write_csv(rows: Sequence[Dict], path: str) -> None:
     with open(path, "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
