@@ -19,6 +19,7 @@ import pytest
 import torch
 import torchcrf
 
+import fusedloss
 from fusedloss.reference import crf as reference
 from fusedloss.triton_kernels import crf as triton_crf
 
@@ -258,3 +259,102 @@ def test_custom_ops_pass_opcheck():
     plain = [x.detach() for x in leaves]
     torch.library.opcheck(triton_crf._viterbi_op, (plain[0], mask, *plain[1:], None, None), test_utils=checks)
     torch.library.opcheck(triton_crf._marginals_op, (plain[0], mask, *plain[1:], None, None), test_utils=checks)
+
+
+# ------------------------------------------------------------------ through the public module (fusedloss.CRF)
+
+
+def paired_models(num_tags, batch_first, dtype, seed=8):
+    """A ``fusedloss.CRF`` on the triton backend and a ``torchcrf.CRF`` in ``dtype`` with the same parameters
+    (loaded through the state_dict, which SPEC 5 says is shared)."""
+    torch.manual_seed(seed)
+    ours = fusedloss.CRF(num_tags, batch_first=batch_first, backend="triton")
+    theirs = torchcrf.CRF(num_tags, batch_first=batch_first)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs.to(dtype)
+
+
+@pytest.mark.parametrize("batch_first, reduction", [(True, "token_mean"), (False, "mean")])
+def test_public_crf_module_matches_pytorch_crf(batch_first, reduction):
+    emissions, tags, mask, _, _, _ = make_inputs(3, 4, 5, seed=9)
+    if not batch_first:
+        emissions, tags, mask = emissions.transpose(0, 1), tags.transpose(0, 1), mask.transpose(0, 1)
+    ours, theirs32 = paired_models(5, batch_first, torch.float32)
+    _, theirs64 = paired_models(5, batch_first, torch.float64)
+    results = []
+    for model, dtype in ((ours, torch.float32), (theirs32, torch.float32), (theirs64, torch.float64)):
+        leaf = emissions.detach().to(dtype).clone().requires_grad_()
+        loss = model(leaf, tags, mask, reduction=reduction)
+        loss.backward()
+        grads = [leaf.grad] + [getattr(model, name).grad for name in GRAD_NAMES[1:]]
+        results.append((loss.detach(), grads))
+    (loss, grads), (loss32, grads32), (loss64, grads64) = results
+    assert_within_oracle_error(loss, loss32, loss64, f"{reduction} log-likelihood")
+    for name, grad, grad32, grad64 in zip(GRAD_NAMES, grads, grads32, grads64):
+        assert_within_oracle_error(grad, grad32, grad64, f"grad of {name}", emissions.abs().max())
+    assert ours.decode(emissions, mask) == theirs64.decode(emissions.double(), mask)
+
+
+def test_public_crf_with_bio_constraints_matches_reference():
+    """Constraints from fusedloss.allowed_transitions reach the kernels as -1e4 entries: the log-likelihood,
+    its gradients, the Viterbi path (which must respect them) and the marginals agree with the reference."""
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    constraints = fusedloss.allowed_transitions("BIO", labels)
+    emissions, _, mask, _, _, _ = make_inputs(3, 4, 5, seed=10, scale=3.0)
+    tags = torch.tensor([[1, 2, 0, 3], [3, 4, 4, 0], [0, 1, 0, 0]]) * mask
+    outputs = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float32), ("reference", torch.float64)):
+        torch.manual_seed(11)
+        model = fusedloss.CRF(5, batch_first=True, constraints=constraints, backend=backend).to(dtype)
+        leaf = emissions.detach().to(dtype).clone().requires_grad_()
+        model(leaf, tags, mask, reduction="sum").backward()
+        grads = [leaf.grad] + [getattr(model, name).grad for name in GRAD_NAMES[1:]]
+        with torch.no_grad():
+            loss = model(leaf, tags, mask, reduction="none")
+            path, path_score = model.viterbi(leaf, mask)
+            marginals = model.marginals(leaf, mask)
+        outputs[backend, dtype] = (loss, grads, path, path_score, marginals)
+    ours, baseline, exact = outputs["triton", torch.float32], outputs["reference", torch.float32], \
+        outputs["reference", torch.float64]
+    assert_within_oracle_error(ours[0], baseline[0], exact[0], "log-likelihood")
+    for name, grad, grad32, grad64 in zip(GRAD_NAMES, ours[1], baseline[1], exact[1]):
+        assert torch.isfinite(grad).all()
+        assert_within_oracle_error(grad, grad32, grad64, f"grad of {name}", emissions.abs().max())
+    assert torch.equal(ours[2], exact[2])
+    allowed, allowed_start, allowed_end = constraints
+    for row in ours[2]:
+        path = row[row >= 0]
+        assert allowed_start[path[0]] and allowed_end[path[-1]] and allowed[path[:-1], path[1:]].all()
+    assert_within_oracle_error(ours[3], baseline[3], exact[3], "Viterbi scores")
+    assert_within_oracle_error(ours[4], baseline[4], exact[4], "marginals", emissions.abs().max())
+
+
+def test_torch_compile_fullgraph_of_a_tagger_with_crf():
+    """A model with fusedloss.CRF(backend="triton") compiles without graph breaks (fullgraph=True raises on
+    one) and gives the eager loss and gradients. aot_eager runs Dynamo and AOT autograd over the custom ops'
+    fake and autograd registrations like Inductor does, without its C++ code generation for the Linear (tens
+    of seconds on this CPU)."""
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projection = torch.nn.Linear(6, 4)
+            self.crf = fusedloss.CRF(4, batch_first=True, backend="triton")
+
+        def forward(self, features, tags, mask):
+            return -self.crf(self.projection(features), tags, mask, reduction="mean")
+
+    torch.manual_seed(12)
+    model = Tagger()
+    features = torch.randn(2, 3, 6)
+    tags = torch.randint(0, 4, (2, 3))
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    eager_loss = model(features, tags, mask)
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled_loss = torch.compile(model, fullgraph=True, backend="aot_eager")(features, tags, mask)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=0, atol=0)
+    for eager_grad, parameter in zip(eager_grads, model.parameters()):
+        torch.testing.assert_close(parameter.grad, eager_grad, rtol=0, atol=0)
