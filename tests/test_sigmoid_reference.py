@@ -421,6 +421,7 @@ def test_modules_match_functions():
 
 
 def test_compiles_fullgraph():
+    """No graph break in any public function (Dynamo's capture; the "eager" backend skips code generation)."""
     x = _randn((3, 4), dtype=torch.float32)
     y = _binary((3, 4), dtype=torch.float32)
     labels = torch.tensor([0, 3, 1])
@@ -435,7 +436,7 @@ def test_compiles_fullgraph():
             + fusedloss.bi_tempered_logistic_loss(v, labels, 0.5, 1.5, backend=REF)
         )
 
-    compiled, compiled_grad = _value_and_grad(torch.compile(total, fullgraph=True, backend="aot_eager"), x)
+    compiled, compiled_grad = _value_and_grad(torch.compile(total, fullgraph=True, backend="eager"), x)
     eager, eager_grad = _value_and_grad(total, x)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
