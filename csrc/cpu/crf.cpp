@@ -1,0 +1,447 @@
+// The cpp backend of the linear-chain CRF ops (docs/BACKENDS.md, crf_*): the per-sequence math of
+// csrc/kernels/crf.h, sequences in parallel with at::parallel_for.
+//
+// Compute dtype: float32 for float16/bfloat16/float32 emissions (16-bit emissions are read as they are and
+// converted one row at a time), float64 when emissions or transitions are float64. Extra memory: the
+// forward variables alpha (B, T, K) in the compute dtype, only when the backward will need them; per-thread
+// workspace of O(T K) otherwise, and for the transition gradient one (K, K) accumulator per slot of
+// sequences.
+//
+// Determinism: every result is a function of one sequence, except the transition gradients, which are
+// summed over fixed slots of sequences (a partition of the batch that depends on B and K, not on the
+// number of threads) and then over the slots in order, so any thread count gives identical bits.
+//
+// Vector ISA: the extension is built for the baseline x86-64 ISA; each kernel loop below is compiled a
+// second time for AVX2 + FMA and picked at run time when the CPU has them.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+// The selects of crf::fast_exp / fast_log (clamps, NaN) vectorize only when floating-point compares may
+// be executed speculatively; no-trapping-math allows that (it changes no value, only FP exception flags).
+#pragma GCC optimize("no-trapping-math")
+
+#include "kernels/crf.h"
+
+namespace fusedloss {
+namespace {
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FUSEDLOSS_CRF_AVX2 1
+// fp-contract lets the AVX2 variant fuse the multiply-adds of the K^2 loops.
+#define FUSEDLOSS_TARGET_AVX2 __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
+#endif
+
+bool cpu_has_avx2_fma() {
+#ifdef FUSEDLOSS_CRF_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// A job's run() is always inlined into these two, so its loops are compiled for each ISA.
+template <typename Job>
+void run_baseline(const Job& job, int64_t begin, int64_t end) {
+  job.run(begin, end);
+}
+
+#ifdef FUSEDLOSS_CRF_AVX2
+template <typename Job>
+FUSEDLOSS_TARGET_AVX2 void run_avx2(const Job& job, int64_t begin, int64_t end) {
+  job.run(begin, end);
+}
+#endif
+
+template <typename Job>
+void run(const Job& job, int64_t begin, int64_t end) {
+#ifdef FUSEDLOSS_CRF_AVX2
+  if (cpu_has_avx2_fma()) {
+    run_avx2(job, begin, end);
+    return;
+  }
+#endif
+  run_baseline(job, begin, end);
+}
+
+template <typename Job>
+void run_parallel(const Job& job, int64_t n) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { run(job, begin, end); });
+}
+
+template <typename T>
+struct TablesJob {
+  crf::Tables<T> tab;
+  FUSEDLOSS_INLINE void run(int64_t, int64_t) const { crf::make_tables(tab); }
+};
+
+// The transition tensors in the compute dtype and their tables (crf::Tables), built once per call.
+template <typename T>
+struct TransitionTables {
+  at::Tensor transitions, start, end;
+  std::vector<T> buffer;
+  crf::Tables<T> tab;
+
+  TransitionTables(const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
+                   at::ScalarType dtype, bool with_exp_tables) {
+    transitions = transitions_arg.to(dtype).contiguous();
+    start = start_arg.to(dtype).contiguous();
+    end = end_arg.to(dtype).contiguous();
+    const int K = static_cast<int>(transitions.size(0));
+    tab.K = K;
+    tab.transitions = transitions.const_data_ptr<T>();
+    tab.start = start.const_data_ptr<T>();
+    tab.end = end.const_data_ptr<T>();
+    if (!with_exp_tables) return;  // Viterbi needs only the scores
+    buffer.resize(2 * static_cast<size_t>(K) + 2 * static_cast<size_t>(K) * K);
+    tab.col_max = buffer.data();
+    tab.row_max = tab.col_max + K;
+    tab.e_col = tab.row_max + K;
+    tab.e_row_t = tab.e_col + static_cast<int64_t>(K) * K;
+    run(TablesJob<T>{tab}, 0, 1);
+  }
+};
+
+// Sequence lengths from a left-aligned mask (B, T) of bool or uint8.
+std::vector<int64_t> sequence_lengths(const at::Tensor& mask_arg) {
+  TORCH_CHECK(mask_arg.scalar_type() == at::kBool || mask_arg.scalar_type() == at::kByte,
+              "crf: mask must be bool or uint8, got ", mask_arg.scalar_type());
+  const at::Tensor mask = mask_arg.contiguous();
+  const int64_t B = mask.size(0), T = mask.size(1);
+  const uint8_t* m = static_cast<const uint8_t*>(mask.const_data_ptr());
+  std::vector<int64_t> lengths(B);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t L = 0;
+    for (int64_t t = 0; t < T; ++t) L += m[b * T + t] != 0;
+    TORCH_CHECK(L >= 1, "crf: every sequence needs mask[:, 0] on, sequence ", b, " has none");
+    lengths[b] = L;
+  }
+  return lengths;
+}
+
+template <typename X>
+struct TypeTag {
+  using type = X;
+};
+
+// Compute dtype and the emissions it reads: float32 unless emissions or transitions are float64, in which
+// case 16-bit or float32 emissions are widened once.
+at::ScalarType compute_dtype(const at::Tensor& emissions, const at::Tensor& transitions) {
+  return emissions.scalar_type() == at::kDouble || transitions.scalar_type() == at::kDouble ? at::kDouble
+                                                                                            : at::kFloat;
+}
+
+// Calls f(TypeTag<E>, TypeTag<T>) for emissions type E (already in the compute dtype's family) and T.
+template <typename F>
+void dispatch_types(const at::Tensor& emissions, F&& f) {
+  switch (emissions.scalar_type()) {
+    case at::kDouble:
+      f(TypeTag<double>{}, TypeTag<double>{});
+      break;
+    case at::kFloat:
+      f(TypeTag<float>{}, TypeTag<float>{});
+      break;
+    case at::kHalf:
+      f(TypeTag<at::Half>{}, TypeTag<float>{});
+      break;
+    case at::kBFloat16:
+      f(TypeTag<at::BFloat16>{}, TypeTag<float>{});
+      break;
+    default:
+      TORCH_CHECK(false, "crf: emissions must be float16, bfloat16, float32 or float64, got ",
+                  emissions.scalar_type());
+  }
+}
+
+at::Tensor emissions_for(const at::Tensor& emissions, at::ScalarType dtype) {
+  TORCH_CHECK(emissions.dim() == 3, "crf: emissions must be (B, T, K), got ", emissions.sizes());
+  return (dtype == at::kDouble ? emissions.to(at::kDouble) : emissions).contiguous();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Jobs: one range of sequences (or slots) each; run() holds the loops compiled per ISA.
+
+template <typename E, typename T>
+struct ForwardJob {
+  const crf::Tables<T>* tab;
+  const E* emissions;
+  const int64_t* tags;
+  const int64_t* lengths;
+  int64_t T_len;
+  T* alpha;  // (B, T, K) or nullptr
+  T* log_likelihood;
+  T* log_partition;
+  uint8_t* bad_tags;
+
+  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
+    const int K = tab->K;
+    std::vector<T> scratch(crf::Workspace<T>::size(K) + (alpha == nullptr ? 2 * K : 0));
+    const auto ws = crf::Workspace<T>::carve(scratch.data(), K);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t L = lengths[b];
+      const E* em = emissions + b * T_len * K;
+      const int64_t* y = tags + b * T_len;
+      T* alpha_b = alpha != nullptr ? alpha + b * T_len * K : scratch.data() + crf::Workspace<T>::size(K);
+      const T log_z = crf::forward(*tab, em, L, alpha_b, alpha != nullptr, ws);
+      log_partition[b] = log_z;
+      if (!crf::tags_in_range(y, L, K)) {
+        bad_tags[b] = 1;
+        continue;
+      }
+      log_likelihood[b] = crf::gold_score(*tab, em, y, L) - log_z;
+    }
+  }
+};
+
+template <typename E, typename T>
+struct BackwardJob {
+  const crf::Tables<T>* tab;
+  const E* emissions;
+  const int64_t* tags;
+  const int64_t* lengths;
+  int64_t T_len, B, num_slots, max_length;
+  const T* alpha;  // (B, T, K) or nullptr: recompute
+  const T* log_partition;
+  const T* grad;
+  E* grad_emissions;
+  T* slot_grads;  // per slot: transitions (K, K) transposed, start (K), end (K)
+
+  FUSEDLOSS_INLINE void run(int64_t slot_begin, int64_t slot_end) const {
+    const int K = tab->K;
+    const int64_t slot_size = static_cast<int64_t>(K) * K + 2 * K;
+    std::vector<T> scratch(crf::Workspace<T>::size(K) + (alpha == nullptr ? max_length * K : 0));
+    const auto ws = crf::Workspace<T>::carve(scratch.data(), K);
+    for (int64_t slot = slot_begin; slot < slot_end; ++slot) {
+      T* acc = slot_grads + slot * slot_size;
+      for (int64_t b = slot * B / num_slots; b < (slot + 1) * B / num_slots; ++b) {
+        const int64_t L = lengths[b];
+        const E* em = emissions + b * T_len * K;
+        const T* alpha_b = alpha;
+        if (alpha != nullptr) {
+          alpha_b += b * T_len * K;
+        } else {
+          T* recomputed = scratch.data() + crf::Workspace<T>::size(K);
+          crf::forward(*tab, em, L, recomputed, true, ws);
+          alpha_b = recomputed;
+        }
+        E* out = grad_emissions + b * T_len * K;
+        crf::backward<true>(*tab, em, tags + b * T_len, L, alpha_b, log_partition[b], grad[b], out, acc,
+                            acc + static_cast<int64_t>(K) * K, acc + static_cast<int64_t>(K) * K + K, ws);
+        std::fill(out + L * K, out + T_len * K, E(0));
+      }
+    }
+  }
+};
+
+template <typename E, typename T, typename BP>
+struct ViterbiJob {
+  const crf::Tables<T>* tab;
+  const E* emissions;
+  const int64_t* lengths;
+  int64_t T_len, max_length;
+  int64_t* paths;
+  T* scores;
+
+  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
+    const int K = tab->K;
+    std::vector<T> scratch(3 * static_cast<size_t>(K));
+    std::vector<int32_t> best_prev(K);
+    std::vector<BP> backpointers(max_length * K);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t L = lengths[b];
+      int64_t* path = paths + b * T_len;
+      scores[b] = crf::viterbi(*tab, emissions + b * T_len * K, L, scratch.data(), scratch.data() + 2 * K,
+                               best_prev.data(), backpointers.data(), path);
+      std::fill(path + L, path + T_len, int64_t(-1));
+    }
+  }
+};
+
+template <typename E, typename T>
+struct MarginalsJob {
+  const crf::Tables<T>* tab;
+  const E* emissions;
+  const int64_t* lengths;
+  int64_t T_len, max_length;
+  T* marginals;
+
+  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
+    const int K = tab->K;
+    std::vector<T> scratch(crf::Workspace<T>::size(K) + max_length * K);
+    const auto ws = crf::Workspace<T>::carve(scratch.data(), K);
+    T* alpha = scratch.data() + crf::Workspace<T>::size(K);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t L = lengths[b];
+      const E* em = emissions + b * T_len * K;
+      T* out = marginals + b * T_len * K;
+      const T log_z = crf::forward(*tab, em, L, alpha, true, ws);
+      crf::backward<false>(*tab, em, static_cast<const int64_t*>(nullptr), L, alpha, log_z, T(1), out,
+                           static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr), ws);
+      std::fill(out + L * K, out + T_len * K, T(0));
+    }
+  }
+};
+
+int64_t max_of_lengths(const std::vector<int64_t>& lengths) {
+  return lengths.empty() ? 0 : *std::max_element(lengths.begin(), lengths.end());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Op implementations.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_forward_cpu(
+    const at::Tensor& emissions_arg, const at::Tensor& tags_arg, const at::Tensor& mask,
+    const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
+    bool save_for_backward) {
+  const at::ScalarType result_dtype = at::promote_types(emissions_arg.scalar_type(), transitions_arg.scalar_type());
+  const at::ScalarType dtype = compute_dtype(emissions_arg, transitions_arg);
+  const at::Tensor emissions = emissions_for(emissions_arg, dtype);
+  const at::Tensor tags = tags_arg.to(at::kLong).contiguous();
+  const int64_t B = emissions.size(0), T_len = emissions.size(1), K = emissions.size(2);
+  const std::vector<int64_t> lengths = sequence_lengths(mask);
+  const auto opts = emissions.options().dtype(dtype);
+  at::Tensor log_likelihood = at::empty({B}, opts);
+  at::Tensor log_partition = at::empty({B}, opts);
+  at::Tensor alpha = save_for_backward ? at::empty({B, T_len, K}, opts) : at::empty({0}, opts);
+  std::vector<uint8_t> bad_tags(B, 0);
+  dispatch_types(emissions, [&](auto e_tag, auto t_tag) {
+    using E = typename decltype(e_tag)::type;
+    using T = typename decltype(t_tag)::type;
+    const TransitionTables<T> tables(transitions_arg, start_arg, end_arg, dtype, true);
+    const ForwardJob<E, T> job{&tables.tab,
+                               emissions.const_data_ptr<E>(),
+                               tags.const_data_ptr<int64_t>(),
+                               lengths.data(),
+                               T_len,
+                               save_for_backward ? alpha.data_ptr<T>() : nullptr,
+                               log_likelihood.data_ptr<T>(),
+                               log_partition.data_ptr<T>(),
+                               bad_tags.data()};
+    run_parallel(job, B);
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(!bad_tags[b], "crf: tags of sequence ", b, " hold a value outside [0, ", K, ")");
+  }
+  return {log_likelihood.to(result_dtype), log_partition, alpha};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_backward_cpu(
+    const at::Tensor& grad_arg, const at::Tensor& emissions_arg, const at::Tensor& tags_arg, const at::Tensor& mask,
+    const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
+    const at::Tensor& log_partition_arg, const at::Tensor& alpha_arg) {
+  const at::ScalarType dtype = compute_dtype(emissions_arg, transitions_arg);
+  const at::Tensor emissions = emissions_for(emissions_arg, dtype);
+  const at::Tensor tags = tags_arg.to(at::kLong).contiguous();
+  const int64_t B = emissions.size(0), T_len = emissions.size(1), K = emissions.size(2);
+  const std::vector<int64_t> lengths = sequence_lengths(mask);
+  const at::Tensor grad = grad_arg.to(dtype).contiguous();
+  const at::Tensor log_partition = log_partition_arg.to(dtype).contiguous();
+  const bool have_alpha = alpha_arg.numel() > 0;
+  const at::Tensor alpha = have_alpha ? alpha_arg.to(dtype).contiguous() : alpha_arg;
+  // Slots: as many as there are sequences, up to 4M accumulator entries in all (16 MiB in float32).
+  const int64_t slot_size = K * K + 2 * K;
+  const int64_t num_slots = std::max<int64_t>(1, std::min<int64_t>(B, (int64_t(1) << 22) / slot_size));
+  at::Tensor slot_grads = at::zeros({num_slots, slot_size}, emissions.options().dtype(dtype));
+  at::Tensor grad_emissions = at::empty_like(emissions);
+  dispatch_types(emissions, [&](auto e_tag, auto t_tag) {
+    using E = typename decltype(e_tag)::type;
+    using T = typename decltype(t_tag)::type;
+    const TransitionTables<T> tables(transitions_arg, start_arg, end_arg, dtype, true);
+    const BackwardJob<E, T> job{&tables.tab,
+                                emissions.const_data_ptr<E>(),
+                                tags.const_data_ptr<int64_t>(),
+                                lengths.data(),
+                                T_len,
+                                B,
+                                num_slots,
+                                max_of_lengths(lengths),
+                                have_alpha ? alpha.const_data_ptr<T>() : nullptr,
+                                log_partition.const_data_ptr<T>(),
+                                grad.const_data_ptr<T>(),
+                                grad_emissions.data_ptr<E>(),
+                                slot_grads.data_ptr<T>()};
+    run_parallel(job, num_slots);
+  });
+  // Sum the slots in order (a fixed order: see Determinism above); the transition block is stored
+  // transposed ([j, i]).
+  at::Tensor total = at::zeros({slot_size}, slot_grads.options());
+  AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "crf_sum_slots", [&] {
+    const scalar_t* slots = slot_grads.const_data_ptr<scalar_t>();
+    scalar_t* sum = total.data_ptr<scalar_t>();
+    for (int64_t slot = 0; slot < num_slots; ++slot) {
+      for (int64_t k = 0; k < slot_size; ++k) sum[k] += slots[slot * slot_size + k];
+    }
+  });
+  const at::Tensor grad_transitions = total.narrow(0, 0, K * K).view({K, K}).t().contiguous();
+  const at::Tensor grad_start = total.narrow(0, K * K, K);
+  const at::Tensor grad_end = total.narrow(0, K * K + K, K);
+  return {grad_emissions.to(emissions_arg.scalar_type()), grad_transitions.to(transitions_arg.scalar_type()),
+          grad_start.to(start_arg.scalar_type()), grad_end.to(end_arg.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions_arg, const at::Tensor& mask,
+                                                   const at::Tensor& transitions_arg, const at::Tensor& start_arg,
+                                                   const at::Tensor& end_arg) {
+  const at::ScalarType result_dtype = at::promote_types(emissions_arg.scalar_type(), transitions_arg.scalar_type());
+  const at::ScalarType dtype = compute_dtype(emissions_arg, transitions_arg);
+  const at::Tensor emissions = emissions_for(emissions_arg, dtype);
+  const int64_t B = emissions.size(0), T_len = emissions.size(1), K = emissions.size(2);
+  TORCH_CHECK(K <= 32767, "crf_viterbi: backpointers are int16, so K must be at most 32767, got ", K);
+  const std::vector<int64_t> lengths = sequence_lengths(mask);
+  at::Tensor paths = at::empty({B, T_len}, emissions.options().dtype(at::kLong));
+  at::Tensor scores = at::empty({B}, emissions.options().dtype(dtype));
+  dispatch_types(emissions, [&](auto e_tag, auto t_tag) {
+    using E = typename decltype(e_tag)::type;
+    using T = typename decltype(t_tag)::type;
+    const TransitionTables<T> tables(transitions_arg, start_arg, end_arg, dtype, false);
+    const E* em = emissions.const_data_ptr<E>();
+    if (K <= 256) {
+      run_parallel(ViterbiJob<E, T, uint8_t>{&tables.tab, em, lengths.data(), T_len, max_of_lengths(lengths),
+                                             paths.data_ptr<int64_t>(), scores.data_ptr<T>()},
+                   B);
+    } else {
+      run_parallel(ViterbiJob<E, T, int16_t>{&tables.tab, em, lengths.data(), T_len, max_of_lengths(lengths),
+                                             paths.data_ptr<int64_t>(), scores.data_ptr<T>()},
+                   B);
+    }
+  });
+  return {paths, scores.to(result_dtype)};
+}
+
+at::Tensor crf_marginals_cpu(const at::Tensor& emissions_arg, const at::Tensor& mask,
+                             const at::Tensor& transitions_arg, const at::Tensor& start_arg,
+                             const at::Tensor& end_arg) {
+  const at::ScalarType result_dtype = at::promote_types(emissions_arg.scalar_type(), transitions_arg.scalar_type());
+  const at::ScalarType dtype = compute_dtype(emissions_arg, transitions_arg);
+  const at::Tensor emissions = emissions_for(emissions_arg, dtype);
+  const int64_t B = emissions.size(0), T_len = emissions.size(1), K = emissions.size(2);
+  const std::vector<int64_t> lengths = sequence_lengths(mask);
+  at::Tensor marginals = at::empty({B, T_len, K}, emissions.options().dtype(dtype));
+  dispatch_types(emissions, [&](auto e_tag, auto t_tag) {
+    using E = typename decltype(e_tag)::type;
+    using T = typename decltype(t_tag)::type;
+    const TransitionTables<T> tables(transitions_arg, start_arg, end_arg, dtype, true);
+    run_parallel(MarginalsJob<E, T>{&tables.tab, emissions.const_data_ptr<E>(), lengths.data(), T_len,
+                                    max_of_lengths(lengths), marginals.data_ptr<T>()},
+                 B);
+  });
+  return marginals.to(result_dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("crf_log_likelihood_forward", &crf_log_likelihood_forward_cpu);
+  m.impl("crf_log_likelihood_backward", &crf_log_likelihood_backward_cpu);
+  m.impl("crf_viterbi", &crf_viterbi_cpu);
+  m.impl("crf_marginals", &crf_marginals_cpu);
+}
+
+}  // namespace fusedloss

@@ -1,0 +1,429 @@
+// Linear-chain CRF math for one sequence, torch-free, shared by csrc/cpu and csrc/cuda.
+//
+// One sequence of length L (its mask is a prefix of L ones), emissions e (L, K), transition scores
+// A[i, j] (i -> j), start scores s and end scores f. A tag path y scores
+//     score(y) = s[y_0] + sum_{t<L} e[t, y_t] + sum_{0<t<L} A[y_{t-1}, y_t] + f[y_{L-1}]
+// and log Z = logsumexp_y score(y), by the forward algorithm in log space
+//     alpha_0[j] = s[j] + e[0, j],  alpha_t[j] = logsumexp_i(alpha_{t-1}[i] + A[i, j]) + e[t, j],
+//     log Z = logsumexp_j(alpha_{L-1}[j] + f[j]),
+// and the backward algorithm beta_{L-1}[i] = f[i], beta_{t-1}[i] = logsumexp_j(A[i, j] + e[t, j] + beta_t[j]).
+// Marginals: u_t[k] = P(y_t = k) = exp(alpha_t[k] + beta_t[k] - log Z) and
+// P_t(i, j) = P(y_{t-1} = i, y_t = j) = exp(alpha_{t-1}[i] + A[i, j] + e[t, j] + beta_t[j] - log Z).
+// Gradient of the log-likelihood score(y) - log Z: gold indicators minus these marginals.
+//
+// Matrix form (the scaled forward algorithm, TECHNIQUES.md "CRF"). With the column maxima c_j of A and
+// Ecol[i, j] = exp(A[i, j] - c_j), computed once per call, a forward step is
+//     m = max_i alpha[i],  p_i = exp(alpha[i] - m),  S_j = sum_i p_i Ecol[i, j],
+//     alpha'[j] = log S_j + m + c_j + e[t, j]:
+// K exps, K^2 multiply-adds (vectorized along j: Ecol is row-major) and K logs instead of K^2 exps. The
+// backward step is the same with the row maxima r_i of A and Erow^T[j, i] = exp(A[i, j] - r_i) (stored
+// transposed so that its inner loop runs along i). Forbidden transitions (-1e4) are exact zeros there.
+//
+// Underflow guard. The matrix form loses a column when all its terms underflow: its best predecessor lies
+// far below m (emissions in the hundreds, or a column reachable only from unlikely tags through forbidden
+// transitions). Every term that underflows was below the smallest normal number `tiny`, so with
+// S_j >= kMinSum the sum keeps a relative error under K * tiny / kMinSum (1e-11 at K = 1024 in float32);
+// columns under kMinSum (or NaN) take the exact path M_j + log sum_i exp(alpha[i] + A[i, j] - M_j) with
+// M_j = max_i(alpha[i] + A[i, j]). They are rare, so typical steps pay nothing for the guard.
+//
+// Backward with the pairwise marginals in the same sweep. With v_j = e[t, j] + beta_t[j], mv = max_j v_j,
+// w_j = exp(v_j - mv) and the row sums S'_i = sum_j Erow[i, j] w_j (so beta_{t-1}[i] = log S'_i + mv + r_i),
+//     P_t(i, j) = F_i Erow[i, j] w_j,   F_i = exp(alpha_{t-1}[i] + r_i + mv - log Z),   u_{t-1}[i] = F_i S'_i.
+// F_i <= 1 / S'_i, so for guarded rows F_i stays finite; a row whose F_i exceeds 1 / kMinSum (its S'_i is
+// tiny) gets its pairwise marginals exactly instead. One K^2 sweep thus gives beta, the tag marginals and the
+// transition gradient.
+//
+// Viterbi: the same recursion in the max-plus semiring (no exp), backpointers in a compact buffer
+// (uint8_t for K <= 256, int16_t above), then a backtrace. Ties go to the lowest tag index.
+//
+// Types: E is the emission type (float, double, or a 16-bit float type convertible to float), T the
+// accumulation type (float or double). Every function works on one sequence with caller-provided workspace.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/common.h"
+
+namespace fusedloss {
+namespace crf {
+
+// Threshold of the underflow guard (see the header comment), and its reciprocal bounding F_i.
+template <typename T>
+struct Guard;
+
+template <>
+struct Guard<float> {
+  static constexpr float min_sum = 1e-24f;
+  static constexpr float max_scale = 1e24f;
+};
+
+template <>
+struct Guard<double> {
+  static constexpr double min_sum = 1e-280;
+  static constexpr double max_scale = 1e280;
+};
+
+// exp and log the compiler can vectorize (no calls, no branches) on the host for float32: the hot loops
+// take K of each per step. Both are the Cephes single-precision algorithms (about 1 ulp). exp flushes
+// results below the smallest normal number to 0 (so exp(-1e4) is exactly 0, as for forbidden
+// transitions) and returns +inf above 88; NaN propagates. log expects a positive normal finite argument
+// (the guard makes sure of it). Double precision and device code use the library functions.
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T fast_exp(T x) {
+  return exp(x);
+}
+
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T fast_log(T x) {
+  return log(x);
+}
+
+#ifndef __CUDA_ARCH__
+template <>
+FUSEDLOSS_INLINE float fast_exp<float>(float x) {
+  constexpr float lo = -87.33654f;  // log(FLT_MIN)
+  constexpr float hi = 88.0f;       // keeps the exponent field of 2^n below 255
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  xc = xc == xc ? xc : 0.0f;  // NaN: any finite value here, the NaN is restored below
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick (no rounding instruction needed at the baseline ISA).
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // Cody-Waite: r = x - n ln 2 in two parts, exact enough for |n| <= 127.
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float y = poly * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // Every comparison and select below runs unconditionally so that the loops calling this vectorize
+  // without -fno-trapping-math.
+  const bool below = x < lo;
+  const bool above = x > hi;
+  const bool nan = x != x;
+  float result = y * __builtin_bit_cast(float, bits);
+  result = below ? 0.0f : result;
+  result = above ? __builtin_huge_valf() : result;
+  return nan ? x : result;
+}
+
+template <>
+FUSEDLOSS_INLINE float fast_log<float>(float x) {
+  const int32_t bits = __builtin_bit_cast(int32_t, x);
+  // x = mantissa * 2^exponent with mantissa in [0.5, 1).
+  float exponent = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  float mantissa = __builtin_bit_cast(float, (bits & 0x807fffff) | 0x3f000000);
+  // Fold to [sqrt(1/2), sqrt(2)) and take log(1 + z) of z = mantissa - 1.
+  const bool small = mantissa < 0.707106781186547524f;
+  exponent = exponent - (small ? 1.0f : 0.0f);
+  const float z = mantissa * (small ? 2.0f : 1.0f) - 1.0f;
+  const float z2 = z * z;
+  float poly = 7.0376836292e-2f;
+  poly = poly * z - 1.1514610310e-1f;
+  poly = poly * z + 1.1676998740e-1f;
+  poly = poly * z - 1.2420140846e-1f;
+  poly = poly * z + 1.4249322787e-1f;
+  poly = poly * z - 1.6668057665e-1f;
+  poly = poly * z + 2.0000714765e-1f;
+  poly = poly * z - 2.4999993993e-1f;
+  poly = poly * z + 3.3333331174e-1f;
+  float y = poly * z * z2;
+  y = y + exponent * -2.12194440e-4f;
+  y = y - 0.5f * z2;
+  return (z + y) + exponent * 0.693359375f;
+}
+#endif
+
+// Tables of the transition scores, computed once per call (make_tables) and shared by every sequence.
+template <typename T>
+struct Tables {
+  int K;
+  const T* transitions;  // (K, K) row-major, [i, j] scores i -> j
+  const T* start;        // (K,)
+  const T* end;          // (K,)
+  T* col_max;            // (K,) c_j = max_i A[i, j]
+  T* row_max;            // (K,) r_i = max_j A[i, j]
+  T* e_col;              // (K, K) [i, j] = exp(A[i, j] - c_j)
+  T* e_row_t;            // (K, K) [j, i] = exp(A[i, j] - r_i)
+};
+
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void make_tables(const Tables<T>& tab) {
+  const int K = tab.K;
+  for (int j = 0; j < K; ++j) tab.col_max[j] = tab.transitions[j];
+  for (int i = 0; i < K; ++i) {
+    const T* row = tab.transitions + static_cast<int64_t>(i) * K;
+    T row_max = row[0];
+    for (int j = 0; j < K; ++j) {
+      tab.col_max[j] = max_of(tab.col_max[j], row[j]);
+      row_max = max_of(row_max, row[j]);
+    }
+    tab.row_max[i] = row_max;
+  }
+  for (int i = 0; i < K; ++i) {
+    const T* row = tab.transitions + static_cast<int64_t>(i) * K;
+    T* e_col = tab.e_col + static_cast<int64_t>(i) * K;
+    for (int j = 0; j < K; ++j) e_col[j] = fast_exp(row[j] - tab.col_max[j]);
+    for (int j = 0; j < K; ++j) tab.e_row_t[static_cast<int64_t>(j) * K + i] = fast_exp(row[j] - tab.row_max[i]);
+  }
+}
+
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T max_over(const T* x, int K) {
+  T m = x[0];
+  for (int k = 1; k < K; ++k) m = max_of(m, x[k]);
+  return m;
+}
+
+// logsumexp_k(x[k] + y[k]) with the max subtracted first; a NaN term makes the sum NaN.
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T logsumexp_sum(const T* x, const T* y, int K) {
+  T m = x[0] + y[0];
+  for (int k = 1; k < K; ++k) m = max_of(m, x[k] + y[k]);
+  T s = 0;
+  for (int k = 0; k < K; ++k) s += exp(x[k] + y[k] - m);
+  return m + log(s);
+}
+
+// Emission row t in the accumulation type (16-bit floats are converted once, outside the K^2 loops).
+template <typename E, typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void load_row(const E* emissions, int64_t t, int K, T* out) {
+  const E* row = emissions + t * K;
+  for (int k = 0; k < K; ++k) out[k] = static_cast<T>(row[k]);
+}
+
+// Workspace of the forward and backward sweeps: 6 vectors of K.
+template <typename T>
+struct Workspace {
+  T* emission;  // the current emission row in T
+  T* weights;   // p (forward) or w (backward)
+  T* sums;      // S (forward) or S' (backward)
+  T* scale;     // F (backward)
+  T* beta;      // beta_t, then beta_{t-1} (backward)
+  T* extra;     // v (backward), the previous alpha (forward without storage)
+  FUSEDLOSS_HOST_DEVICE static int64_t size(int K) { return 6 * static_cast<int64_t>(K); }
+  FUSEDLOSS_HOST_DEVICE static Workspace carve(T* buffer, int K) {
+    return Workspace{buffer, buffer + K, buffer + 2 * K, buffer + 3 * K, buffer + 4 * K, buffer + 5 * K};
+  }
+};
+
+// One forward step: next[j] = logsumexp_i(prev[i] + A[i, j]) + emission[j] (matrix form, guarded).
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void forward_step(const Tables<T>& tab, const T* prev, const T* emission,
+                                                         T* next, T* p, T* sums) {
+  const int K = tab.K;
+  const T m = max_over(prev, K);
+  for (int i = 0; i < K; ++i) p[i] = fast_exp(prev[i] - m);
+  for (int j = 0; j < K; ++j) sums[j] = 0;
+  for (int i = 0; i < K; ++i) {
+    const T pi = p[i];
+    if (pi == 0) continue;  // tags far below the best one add nothing (and rows of E need not be read)
+    const T* e_col = tab.e_col + static_cast<int64_t>(i) * K;
+    for (int j = 0; j < K; ++j) sums[j] += pi * e_col[j];
+  }
+  for (int j = 0; j < K; ++j) {
+    const T s = sums[j] >= Guard<T>::min_sum ? sums[j] : Guard<T>::min_sum;
+    next[j] = fast_log(s) + m + tab.col_max[j] + emission[j];
+  }
+  for (int j = 0; j < K; ++j) {
+    if (sums[j] >= Guard<T>::min_sum) continue;
+    // Exact column: every term of the matrix form underflowed (or a NaN came in).
+    T best = prev[0] + tab.transitions[j];
+    for (int i = 1; i < K; ++i) best = max_of(best, prev[i] + tab.transitions[static_cast<int64_t>(i) * K + j]);
+    T s = 0;
+    for (int i = 0; i < K; ++i) s += exp(prev[i] + tab.transitions[static_cast<int64_t>(i) * K + j] - best);
+    next[j] = best + log(s) + emission[j];
+  }
+}
+
+// Forward algorithm over one sequence. Returns log Z. alpha: (L, K) when store_alpha (kept for the
+// backward sweep), else (2, K) of scratch.
+template <typename E, typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T forward(const Tables<T>& tab, const E* emissions, int64_t L, T* alpha,
+                                                 bool store_alpha, const Workspace<T>& ws) {
+  const int K = tab.K;
+  load_row(emissions, 0, K, ws.emission);
+  for (int k = 0; k < K; ++k) alpha[k] = tab.start[k] + ws.emission[k];
+  for (int64_t t = 1; t < L; ++t) {
+    const T* prev = alpha + (store_alpha ? (t - 1) * K : ((t - 1) & 1) * K);
+    T* next = alpha + (store_alpha ? t * K : (t & 1) * K);
+    load_row(emissions, t, K, ws.emission);
+    forward_step(tab, prev, ws.emission, next, ws.weights, ws.sums);
+  }
+  const T* last = alpha + (store_alpha ? (L - 1) * K : ((L - 1) & 1) * K);
+  return logsumexp_sum(last, tab.end, K);
+}
+
+// score(tags) of one sequence; tags are in [0, K) (the caller checks: see tags_in_range).
+template <typename E, typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T gold_score(const Tables<T>& tab, const E* emissions, const int64_t* tags,
+                                                    int64_t L) {
+  const int K = tab.K;
+  T score = tab.start[tags[0]] + static_cast<T>(emissions[tags[0]]);
+  for (int64_t t = 1; t < L; ++t) {
+    score += tab.transitions[tags[t - 1] * K + tags[t]] + static_cast<T>(emissions[t * K + tags[t]]);
+  }
+  return score + tab.end[tags[L - 1]];
+}
+
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool tags_in_range(const int64_t* tags, int64_t L, int K) {
+  bool ok = true;
+  for (int64_t t = 0; t < L; ++t) ok = ok && tags[t] >= 0 && tags[t] < K;
+  return ok;
+}
+
+// Backward sweep over one sequence, from the stored alpha (L, K) and log Z.
+// kGradient = true (log-likelihood gradient, tags given): out[t, k] = g * (1[y_t = k] - u_t[k]) and the
+//   transition gradients are accumulated: grad_transitions_t[j * K + i] += g * (gold count - sum_t P_t(i, j))
+//   (transposed), grad_start[k] += g * (1[y_0 = k] - u_0[k]), grad_end[k] += g * (1[y_{L-1} = k] - u_{L-1}[k]).
+// kGradient = false (marginals): out[t, k] = u_t[k]; tags and the gradient pointers are unused.
+// Rows t >= L of out are not written.
+template <bool kGradient, typename E, typename T, typename Out>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const E* emissions, const int64_t* tags,
+                                                     int64_t L, const T* alpha, T log_z, T g, Out* out,
+                                                     T* grad_transitions_t, T* grad_start, T* grad_end,
+                                                     const Workspace<T>& ws) {
+  const int K = tab.K;
+  T* beta = ws.beta;
+  T* u = ws.scale;  // u_t of the row being written; F is computed into the same vector below
+  const T* alpha_last = alpha + (L - 1) * K;
+  for (int k = 0; k < K; ++k) {
+    beta[k] = tab.end[k];
+    u[k] = exp(alpha_last[k] + beta[k] - log_z);
+  }
+  auto write_row = [&](int64_t t, const T* marginals) {
+    Out* row = out + t * K;
+    if (kGradient) {
+      for (int k = 0; k < K; ++k) row[k] = static_cast<Out>(-g * marginals[k]);
+      row[tags[t]] = static_cast<Out>(g - g * marginals[tags[t]]);
+    } else {
+      for (int k = 0; k < K; ++k) row[k] = static_cast<Out>(marginals[k]);
+    }
+  };
+  write_row(L - 1, u);
+  if (kGradient) {
+    for (int k = 0; k < K; ++k) grad_end[k] -= g * u[k];
+    grad_end[tags[L - 1]] += g;
+  }
+  T* v = ws.extra;
+  T* w = ws.weights;
+  T* sums = ws.sums;
+  T* scale = ws.scale;
+  for (int64_t t = L - 1; t >= 1; --t) {
+    const T* alpha_prev = alpha + (t - 1) * K;
+    load_row(emissions, t, K, ws.emission);
+    for (int j = 0; j < K; ++j) v[j] = ws.emission[j] + beta[j];
+    const T mv = max_over(v, K);
+    for (int j = 0; j < K; ++j) w[j] = fast_exp(v[j] - mv);
+    for (int i = 0; i < K; ++i) scale[i] = fast_exp(alpha_prev[i] + tab.row_max[i] + mv - log_z);
+    for (int i = 0; i < K; ++i) sums[i] = 0;
+    if (kGradient) {
+      // ws.beta is free until beta_{t-1} is written: it holds g * F_i for the rows swept in the matrix form.
+      T* g_scale = beta;
+      for (int i = 0; i < K; ++i) g_scale[i] = scale[i] <= Guard<T>::max_scale ? g * scale[i] : T(0);
+      for (int j = 0; j < K; ++j) {
+        const T wj = w[j];
+        if (wj == 0) continue;
+        const T* e_row = tab.e_row_t + static_cast<int64_t>(j) * K;
+        T* grad = grad_transitions_t + static_cast<int64_t>(j) * K;
+        for (int i = 0; i < K; ++i) {
+          const T ew = e_row[i] * wj;
+          sums[i] += ew;
+          grad[i] -= g_scale[i] * ew;
+        }
+      }
+      grad_transitions_t[tags[t] * K + tags[t - 1]] += g;
+    } else {
+      for (int j = 0; j < K; ++j) {
+        const T wj = w[j];
+        if (wj == 0) continue;
+        const T* e_row = tab.e_row_t + static_cast<int64_t>(j) * K;
+        for (int i = 0; i < K; ++i) sums[i] += e_row[i] * wj;
+      }
+    }
+    // beta_{t-1} and u_{t-1} = F * S' (overwrites F, kept per row where the exact path needs it).
+    for (int i = 0; i < K; ++i) {
+      const T s = sums[i] >= Guard<T>::min_sum ? sums[i] : Guard<T>::min_sum;
+      beta[i] = fast_log(s) + mv + tab.row_max[i];
+    }
+    for (int i = 0; i < K; ++i) {
+      const bool exact_row = !(sums[i] >= Guard<T>::min_sum);
+      const bool exact_pairs = kGradient && !(scale[i] <= Guard<T>::max_scale);
+      const T* a_row = tab.transitions + static_cast<int64_t>(i) * K;
+      if (exact_row) beta[i] = logsumexp_sum(a_row, v, K);
+      if (exact_pairs) {
+        for (int j = 0; j < K; ++j) {
+          grad_transitions_t[static_cast<int64_t>(j) * K + i] -= g * exp(alpha_prev[i] + a_row[j] + v[j] - log_z);
+        }
+      }
+      u[i] = exact_row ? exp(alpha_prev[i] + beta[i] - log_z) : scale[i] * sums[i];
+    }
+    write_row(t - 1, u);
+  }
+  if (kGradient) {
+    for (int k = 0; k < K; ++k) grad_start[k] -= g * u[k];
+    grad_start[tags[0]] += g;
+  }
+}
+
+// Viterbi over one sequence: writes the best path to path[0..L) and returns its score.
+// score: (2, K) scratch; best_prev: (K,) int32 scratch; backpointers: (L, K) of uint8_t or int16_t.
+template <typename E, typename T, typename BP>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T viterbi(const Tables<T>& tab, const E* emissions, int64_t L, T* score,
+                                                 T* emission, int32_t* best_prev, BP* backpointers, int64_t* path) {
+  const int K = tab.K;
+  T* cur = score;
+  T* nxt = score + K;
+  load_row(emissions, 0, K, emission);
+  for (int k = 0; k < K; ++k) cur[k] = tab.start[k] + emission[k];
+  for (int64_t t = 1; t < L; ++t) {
+    // Predecessor 0 first, then strictly better ones: the lowest index wins ties. A NaN candidate wins
+    // and stays, so NaN reaches the score.
+    for (int j = 0; j < K; ++j) {
+      nxt[j] = cur[0] + tab.transitions[j];
+      best_prev[j] = 0;
+    }
+    for (int i = 1; i < K; ++i) {
+      const T ci = cur[i];
+      const T* row = tab.transitions + static_cast<int64_t>(i) * K;
+      for (int j = 0; j < K; ++j) {
+        const T cand = ci + row[j];
+        const bool take = cand > nxt[j] || cand != cand;
+        nxt[j] = take ? cand : nxt[j];
+        best_prev[j] = take ? i : best_prev[j];
+      }
+    }
+    load_row(emissions, t, K, emission);
+    BP* bp = backpointers + t * K;
+    for (int j = 0; j < K; ++j) {
+      nxt[j] += emission[j];
+      bp[j] = static_cast<BP>(best_prev[j]);
+    }
+    T* swap = cur;
+    cur = nxt;
+    nxt = swap;
+  }
+  int best = 0;
+  T best_score = cur[0] + tab.end[0];
+  for (int k = 1; k < K; ++k) {
+    const T s = cur[k] + tab.end[k];
+    if (s > best_score || s != s) {
+      best_score = s;
+      best = k;
+    }
+    if (s != s) break;
+  }
+  path[L - 1] = best;
+  for (int64_t t = L - 1; t >= 1; --t) {
+    best = static_cast<int>(backpointers[t * K + best]);
+    path[t - 1] = best;
+  }
+  return best_score;
+}
+
+}  // namespace crf
+}  // namespace fusedloss

@@ -1,0 +1,141 @@
+"""Linear-chain CRF ops on the ``fusedloss._C`` extension: the ``cpp`` backend (CPU kernels) and the ``cuda``
+backend (CUDA kernels), chosen by the torch dispatcher from the tensors' device.
+
+Arguments are batch first and already validated (docs/BACKENDS.md): emissions ``(B, T, K)``
+float16/bfloat16/float32/float64, tags ``(B, T)`` int64 in [0, K), mask ``(B, T)`` bool (left-aligned,
+``mask[:, 0]`` on), transitions ``(K, K)`` with ``[i, j]`` scoring i -> j, start and end transitions ``(K,)``;
+constraints are already folded into the transitions as -1e4 entries. Results have the dtype
+``promote_types(emissions.dtype, transitions.dtype)`` and are computed in float32 (float64 when either input
+is float64). The math is in ``csrc/kernels/crf.h``:
+
+- ``crf_log_likelihood``: ``score(tags) - log Z`` per sequence, ``(B,)``. The forward op runs the forward
+  algorithm (matrix form with its underflow guard) and the gold score in one sweep and, when a gradient will be
+  needed, keeps the forward variables alpha ``(B, T, K)`` in the compute dtype; the backward op runs the
+  backward algorithm from them and produces, in the same sweep, ``grad · (gold indicators − marginals)`` for
+  the emissions and the three transition tensors.
+- ``crf_viterbi``: best path per sequence, tags ``(B, T)`` int64 padded with -1, and its score ``(B,)``.
+- ``crf_marginals``: ``P(y_t = k)``, ``(B, T, K)``, 0 at masked positions (not differentiable).
+
+Registered with ``torch.library`` (fake kernels and an autograd formula), so ``torch.compile(fullgraph=True)``
+traces through them.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+import fusedloss._C  # noqa: F401  (loads the extension, which registers the fusedloss:: ops)
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_VITERBI_TAGS = 32767  # backpointers are int16 above 256 tags
+_FORWARD = "fusedloss::crf_log_likelihood_forward"
+
+
+def _dtypes(emissions: torch.Tensor, transitions: torch.Tensor) -> Tuple[torch.dtype, torch.dtype]:
+    """``(result dtype, compute dtype)``."""
+    result = torch.promote_types(emissions.dtype, transitions.dtype)
+    compute = torch.float64 if torch.float64 in (emissions.dtype, transitions.dtype) else torch.float32
+    return result, compute
+
+
+@torch.library.register_fake(_FORWARD)
+def _forward_fake(emissions, tags, mask, transitions, start_transitions, end_transitions, save_for_backward):
+    result, compute = _dtypes(emissions, transitions)
+    batch = emissions.shape[0]
+    alpha_shape = emissions.shape if save_for_backward else (0,)
+    return (emissions.new_empty((batch,), dtype=result), emissions.new_empty((batch,), dtype=compute),
+            emissions.new_empty(alpha_shape, dtype=compute))
+
+
+@torch.library.register_fake("fusedloss::crf_log_likelihood_backward")
+def _backward_fake(grad, emissions, tags, mask, transitions, start_transitions, end_transitions, log_partition,
+                   alpha):
+    return (torch.empty_like(emissions), torch.empty_like(transitions), torch.empty_like(start_transitions),
+            torch.empty_like(end_transitions))
+
+
+@torch.library.register_fake("fusedloss::crf_viterbi")
+def _viterbi_fake(emissions, mask, transitions, start_transitions, end_transitions):
+    result, _ = _dtypes(emissions, transitions)
+    return (emissions.new_empty(emissions.shape[:2], dtype=torch.int64),
+            emissions.new_empty((emissions.shape[0],), dtype=result))
+
+
+@torch.library.register_fake("fusedloss::crf_marginals")
+def _marginals_fake(emissions, mask, transitions, start_transitions, end_transitions):
+    result, _ = _dtypes(emissions, transitions)
+    return emissions.new_empty(emissions.shape, dtype=result)
+
+
+def _setup_context(ctx, inputs, output):
+    emissions, tags, mask, transitions, start_transitions, end_transitions, _ = inputs
+    _, log_partition, alpha = output
+    ctx.mark_non_differentiable(log_partition, alpha)
+    ctx.save_for_backward(emissions, tags, mask, transitions, start_transitions, end_transitions, log_partition,
+                          alpha)
+
+
+def _backward(ctx, grad_log_likelihood, _grad_log_partition, _grad_alpha):
+    grads = torch.ops.fusedloss.crf_log_likelihood_backward(grad_log_likelihood, *ctx.saved_tensors)
+    grad_emissions, grad_transitions, grad_start, grad_end = grads
+    return grad_emissions, None, None, grad_transitions, grad_start, grad_end, None
+
+
+torch.library.register_autograd(_FORWARD, _backward, setup_context=_setup_context)
+
+
+def crf_log_likelihood(emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor, transitions: torch.Tensor,
+                       start_transitions: torch.Tensor, end_transitions: torch.Tensor) -> torch.Tensor:
+    """Per-sequence log-likelihood ``score(tags) − log Z``, ``(B,)``, differentiable w.r.t. the emissions and
+    the three transition tensors (hand-written backward)."""
+    save = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (emissions, transitions, start_transitions, end_transitions))
+    log_likelihood, _, _ = torch.ops.fusedloss.crf_log_likelihood_forward(
+        emissions, tags, mask, transitions, start_transitions, end_transitions, save)
+    return log_likelihood
+
+
+def crf_viterbi(emissions: torch.Tensor, mask: torch.Tensor, transitions: torch.Tensor,
+                start_transitions: torch.Tensor, end_transitions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Best tag path per sequence and its score: ``(tags (B, T) int64 padded with −1, scores (B,))``; ties go
+    to the lowest tag index."""
+    return torch.ops.fusedloss.crf_viterbi(emissions, mask, transitions, start_transitions, end_transitions)
+
+
+def crf_marginals(emissions: torch.Tensor, mask: torch.Tensor, transitions: torch.Tensor,
+                  start_transitions: torch.Tensor, end_transitions: torch.Tensor) -> torch.Tensor:
+    """Tag posteriors ``P(y_t = k | emissions)``, ``(B, T, K)``, 0 at masked positions."""
+    return torch.ops.fusedloss.crf_marginals(emissions, mask, transitions, start_transitions, end_transitions)
+
+
+def _common_reasons(emissions: torch.Tensor, transitions: torch.Tensor) -> List[str]:
+    reasons = []
+    if emissions.dtype not in _SUPPORTED_DTYPES:
+        reasons.append(f"emissions dtype {emissions.dtype} is not float16, bfloat16, float32 or float64")
+    if transitions.dtype not in _SUPPORTED_DTYPES:
+        reasons.append(f"transitions dtype {transitions.dtype} is not float16, bfloat16, float32 or float64")
+    return reasons
+
+
+def crf_log_likelihood_reasons(emissions, tags, mask, transitions, start_transitions, end_transitions) -> List[str]:
+    """Why the extension's kernels cannot serve this call (empty when they can)."""
+    return _common_reasons(emissions, transitions)
+
+
+def crf_viterbi_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> List[str]:
+    """Why the extension's kernels cannot serve this call (empty when they can)."""
+    reasons = _common_reasons(emissions, transitions)
+    if emissions.dim() == 3 and emissions.shape[2] > _MAX_VITERBI_TAGS:
+        reasons.append(f"Viterbi backpointers are int16: at most {_MAX_VITERBI_TAGS} tags, got {emissions.shape[2]}")
+    return reasons
+
+
+def crf_marginals_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> List[str]:
+    """Why the extension's kernels cannot serve this call (empty when they can)."""
+    reasons = _common_reasons(emissions, transitions)
+    if torch.is_grad_enabled() and any(
+            x.requires_grad for x in (emissions, transitions, start_transitions, end_transitions)):
+        reasons.append("marginals are not differentiable here (an input requires grad)")
+    return reasons
