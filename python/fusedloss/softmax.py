@@ -9,6 +9,7 @@ never while ``torch.compile`` traces, so ``torch.compile(fullgraph=True)`` sees 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -36,7 +37,7 @@ def check_real(
     low_open: bool = False,
 ) -> float:
     """``value`` as a float, checked to be a finite real number in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real admits numpy scalars
         raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__}")
     value = float(value)
     below = low is not None and (value <= low if low_open else value < low)
@@ -50,9 +51,9 @@ def check_real(
 
 
 def check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
+    return int(value)
 
 
 def check_bool(name: str, value: object) -> bool:
@@ -169,9 +170,10 @@ def _check_softmax_options(
     softcap: object,
     backend: object,
     focal_gamma_name: str = "focal_gamma",
-) -> tuple[float, float, float, float | None]:
-    """Validates the scalar options; returns ``(label_smoothing, focal_gamma, z_loss, softcap)`` as floats."""
-    check_int("ignore_index", ignore_index)
+) -> tuple[int, float, float, float, float | None]:
+    """Validates the scalar options; returns ``(ignore_index, label_smoothing, focal_gamma, z_loss, softcap)``
+    as Python int and floats (what the ops' schemas take)."""
+    ignore_index = check_int("ignore_index", ignore_index)
     check_reduction(reduction)
     label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     focal_gamma = check_real(focal_gamma_name, focal_gamma, low=0.0)
@@ -180,7 +182,7 @@ def _check_softmax_options(
         softcap = check_real("softcap", softcap, low=0.0, low_open=True)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    return label_smoothing, focal_gamma, z_loss, softcap
+    return ignore_index, label_smoothing, focal_gamma, z_loss, softcap
 
 
 def _softmax_loss(
@@ -272,7 +274,7 @@ def cross_entropy(
         shape for ``reduction="none"``.
     """
     input = check_class_input(input)
-    label_smoothing, focal_gamma, z_loss, softcap = _check_softmax_options(
+    ignore_index, label_smoothing, focal_gamma, z_loss, softcap = _check_softmax_options(
         ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, backend
     )
     check_bool("inplace_backward", inplace_backward)
@@ -335,7 +337,7 @@ def focal_loss(
     ``focal_loss(alpha=None, gamma=0)`` equals :func:`cross_entropy`.
     """
     input = check_class_input(input)
-    label_smoothing, gamma, _, _ = _check_softmax_options(
+    ignore_index, label_smoothing, gamma, _, _ = _check_softmax_options(
         ignore_index, reduction, label_smoothing, gamma, 0.0, None, backend, focal_gamma_name="gamma"
     )
     check_class_target(input, target, ignore_index)
@@ -378,7 +380,7 @@ class CrossEntropyLoss(torch.nn.Module):
             check_floating_tensor("weight", weight)
             if weight.dim() != 1:
                 raise ValueError(f"weight must have shape (C,), got {tuple(weight.shape)}")
-        label_smoothing, focal_gamma, z_loss, softcap = _check_softmax_options(
+        ignore_index, label_smoothing, focal_gamma, z_loss, softcap = _check_softmax_options(
             ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, backend
         )
         self.register_buffer("weight", weight)
@@ -427,7 +429,7 @@ class FocalLoss(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        label_smoothing, gamma, _, _ = _check_softmax_options(
+        ignore_index, label_smoothing, gamma, _, _ = _check_softmax_options(
             ignore_index, reduction, label_smoothing, gamma, 0.0, None, backend, focal_gamma_name="gamma"
         )
         if isinstance(alpha, torch.Tensor):
