@@ -64,7 +64,9 @@ def test_forward_and_gradients_match_torchcrf(batch_first, reduction, mask_dtype
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("num_tags,lengths,seq_len", [(5, [9, 4, 1, 9], 9), (1, [3, 1], 3), (4, [1, 1], 1)])
+# K = 20 is above the reference's threshold for storing backpointers (its backtrace recomputes them).
+@pytest.mark.parametrize("num_tags,lengths,seq_len", [(5, [9, 4, 1, 9], 9), (1, [3, 1], 3), (4, [1, 1], 1),
+                                                      (20, [8, 5, 1, 8], 8)])
 def test_decode_matches_torchcrf(batch_first, num_tags, lengths, seq_len):
     theirs, ours = module_pair(num_tags, batch_first, seed=1)
     emissions, _, mask = batch(batch_first, lengths, seq_len, num_tags, seed=1)

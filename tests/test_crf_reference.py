@@ -122,9 +122,10 @@ def test_constrained_paths_match_enumeration_of_allowed_paths():
         torch.testing.assert_close(marginals[b, :length], expected, rtol=1e-12, atol=1e-12)
 
 
-def test_viterbi_ties_go_to_the_lowest_index():
-    emissions = torch.zeros(2, 3, 4)
-    transitions, start, end = torch.zeros(4, 4), torch.zeros(4), torch.zeros(4)
+@pytest.mark.parametrize("num_tags", [4, 20])  # stored and recomputed backpointers
+def test_viterbi_ties_go_to_the_lowest_index(num_tags):
+    emissions = torch.zeros(2, 3, num_tags)
+    transitions, start, end = torch.zeros(num_tags, num_tags), torch.zeros(num_tags), torch.zeros(num_tags)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
     best_tags, best_scores = reference.crf_viterbi(emissions, mask, transitions, start, end)
     assert best_tags.tolist() == [[0, 0, 0], [0, 0, -1]]
