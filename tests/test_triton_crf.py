@@ -8,7 +8,7 @@ same inputs), plus a few units in the last place of the result's magnitude so th
 demand an exact kernel.
 
 Shapes are tiny (the interpreter is slow) but reach every branch: K = 1, T = 1, ragged masks, a K split into
-tiles (forced through the launcher's ``block_k``), the tensor-core batch tile (``block_b = 16``, ``tl.dot``),
+tiles (forced through the launcher's ``block_k``), the batch tile that runs the step as a ``tl.dot`` (``block_b = 16``),
 a partial batch tile, and the underflow guard of the matrix-form step (large emissions with forbidden
 transitions).
 """

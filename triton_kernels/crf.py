@@ -26,14 +26,22 @@ Layout of the work: one program owns a tile of ``BLOCK_B`` sequences and loops o
 the K tags are processed in tiles of ``BLOCK_K`` (several tiles when K does not fit a block). The recursion
 state of step t-1 lives in a float32 buffer that the same program wrote (α is kept for all t, as the backward
 needs it), so a step reads it tile by tile; a barrier between steps makes one step's writes visible to the
-next step's reads.
+next step's reads. The stored variables are scaled: each step subtracts the previous row max, so they stay
+the size of one step's scores however long the sequence (pytorch-crf's α grow like T times the emissions, and
+so do their rounding errors), and the backward normalizes each step's marginals on its own instead of
+subtracting log Z from α + β.
 
-Forward step in matrix form (the scaled forward algorithm): with ``m = max_i α[i]``, ``c_j = max_i A[i, j]`` and
-``E[i, j] = exp(A[i, j] - c_j)`` computed once per call, ``logsumexp_i(α[i] + A[i, j]) =
-log Σ_i exp(α[i] - m) E[i, j] + m + c_j``: K exps and a ``(BLOCK_B, K) x (K, K)`` product per step, which
-``tl.dot`` runs on tensor cores (full float32 precision) for tiles of 16 and more. Where a column's sum falls
-under ``_UNDERFLOW_GUARD`` (its best predecessor is far below m: large emissions with forbidden transitions)
-the column is recomputed exactly as an online logsumexp. The backward step is the same operation with ``Aᵀ``.
+Forward step in matrix form (the scaled forward algorithm): with ``m = max_i a[i]``, ``c_j = max_i A[i, j]`` and
+``E[i, j] = exp(A[i, j] - c_j)`` computed once per call, ``logsumexp_i(a[i] - m + A[i, j]) =
+log Σ_i exp(a[i] - m) E[i, j] + c_j``: K exps and a ``(BLOCK_B, K) x (K, K)`` product per step, one ``tl.dot``
+for batch tiles of 16 and more (``input_precision="ieee"``: full float32, on the FMA units; "tf32x3" would
+move it to tensor cores at an accuracy cost to be measured on a GPU). Where a column's sum falls under
+``_UNDERFLOW_GUARD`` (its best predecessor is far below m: large emissions with forbidden transitions) the
+column is recomputed exactly as an online logsumexp. The backward step is the same operation with ``Aᵀ``.
+
+Viterbi is the max-plus recursion (no exp) with backpointers in int8/uint8/int16 by K, backtracked inside the
+kernel. GPU performance is unmeasured (no GPU was available when this was written): block sizes and the batch
+tile threshold are first guesses for an H100.
 """
 
 from __future__ import annotations
@@ -45,11 +53,11 @@ import triton
 import triton.language as tl
 
 # Finite stand-in for -inf in padding lanes: -inf would turn max-subtraction into inf - inf = NaN.
-_NEG = -1.0e30
+_NEG = tl.constexpr(-1.0e30)
 # A column sum of the matrix-form step below this has lost its largest term to float32 underflow (each term
 # is at most 1 and there are at most K of them, so a sum >= 1e-20 keeps a term >= 1e-20 / K, far from the
 # float32 subnormal range); such columns are recomputed exactly.
-_UNDERFLOW_GUARD = 1.0e-20
+_UNDERFLOW_GUARD = tl.constexpr(1.0e-20)
 # The transition-gradient accumulator holds one (K, K) float32 matrix per group of programs; it is capped at
 # this many floats so that large K times many programs stays within memory (programs then share by atomics).
 _PAIR_ACCUMULATOR_FLOATS = 1 << 24
@@ -478,8 +486,8 @@ def _tiling(batch: int, num_tags: int, block_b: Optional[int], block_k: Optional
     """``(BLOCK_B, BLOCK_K, USE_DOT)``.
 
     Defaults: one sequence per program (the time loop is serial, so parallelism comes from the batch) unless
-    the batch alone fills an H100 with 16-sequence tiles, which then run the step on tensor cores; K in one
-    block up to 64 tags (32 on the tensor-core path, to bound the (BLOCK_B, BLOCK_K, BLOCK_K) exact tiles in
+    the batch alone fills an H100 with 16-sequence tiles, which then run the step as one ``tl.dot``; K in one
+    block up to 64 tags (32 on the ``tl.dot`` path, to bound the (BLOCK_B, BLOCK_K, BLOCK_K) exact tiles in
     registers), tiled above. ``block_b``/``block_k`` override them (tests force the tiled and dot paths at
     small sizes).
     """
