@@ -38,7 +38,9 @@ def _loss_and_grads(model, features, target):
     "loss_options",
     [
         {},
-        {"reduction": "none", "label_smoothing": 0.1, "focal_gamma": 2.0, "z_loss": 1e-3, "softcap": 5.0},
+        # inplace_backward falls back to the functional op under torch.compile (softmax_loss's docstring).
+        {"reduction": "none", "label_smoothing": 0.1, "focal_gamma": 2.0, "z_loss": 1e-3, "softcap": 5.0,
+         "inplace_backward": True},
     ],
     ids=["plain", "every-option"],
 )
