@@ -326,6 +326,22 @@ def test_nan_row_stays_in_its_row():
     assert mean_loss.isnan() and torch.isfinite(mean_grad[keep]).all()
 
 
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_non_contiguous_classes(inplace_backward):
+    """A transposed input (class stride N) is copied to rows; inplace_backward falls back to a gradient buffer."""
+    x64 = _logits(6, 5, seed=12).t()  # (5, 6) with strides (1, 5)
+    target = _target(5, 6)
+    x = x64.float().requires_grad_()
+    loss = softmax_loss(x, target, None, -100, "sum", 0.1, 0.0, 0.0, None, False, inplace_backward)
+    loss.backward()
+    x_ref = x64.detach().clone().requires_grad_()
+    expected = F.cross_entropy(x_ref, target, reduction="sum", label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.detach().double(), x64)  # the input was not overwritten
+
+
 def test_row_offsets_beyond_int32():
     """Row n starts at n * stride > 2^31 elements: the kernels must index with int64 (virtual memory only)."""
     num_classes, stride = 9, 2 ** 30 + 11
