@@ -1,0 +1,299 @@
+// C++ tests of csrc/kernels/crf.h (no libtorch): log Z, the gold score, the gradients (gold indicators minus
+// marginals), the tag marginals and Viterbi against brute-force enumeration of every tag path in float64,
+// for tiny K and L; with forbidden transitions (-1e4), emissions in the hundreds (the underflow guard), and
+// float32 against float64 at long sequences; plus the accuracy of fast_exp and fast_log.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/crf.h"
+
+namespace {
+
+using fusedloss::crf::Tables;
+using fusedloss::crf::Workspace;
+
+int g_passed = 0;
+int g_failed = 0;
+
+void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAILED: %s\n", what.c_str());
+  }
+}
+
+bool close(double got, double want, double atol, double rtol) {
+  return std::abs(got - want) <= atol + rtol * std::abs(want);  // false for NaN
+}
+
+// A CRF problem of one sequence in float64: emissions (L, K), transitions (K, K), start, end, gold tags.
+struct Problem {
+  int K;
+  int64_t L;
+  std::vector<double> emissions, transitions, start, end;
+  std::vector<int64_t> tags;
+};
+
+Problem random_problem(std::mt19937& rng, int K, int64_t L, double emission_scale, bool constrained) {
+  std::normal_distribution<double> normal(0.0, 1.0);
+  Problem p{K, L, {}, {}, {}, {}, {}};
+  for (int64_t i = 0; i < L * K; ++i) p.emissions.push_back(emission_scale * normal(rng));
+  for (int i = 0; i < K * K; ++i) p.transitions.push_back(normal(rng));
+  for (int i = 0; i < K; ++i) p.start.push_back(normal(rng));
+  for (int i = 0; i < K; ++i) p.end.push_back(normal(rng));
+  if (constrained && K > 1) {
+    // Forbid about a third of the transitions but keep i -> i, so every tag stays reachable.
+    std::uniform_int_distribution<int> pick(0, 2);
+    for (int i = 0; i < K; ++i)
+      for (int j = 0; j < K; ++j)
+        if (i != j && pick(rng) == 0) p.transitions[i * K + j] = -1e4;
+    p.start[K - 1] = -1e4;
+  }
+  std::uniform_int_distribution<int> tag(0, K - 1);
+  for (int64_t t = 0; t < L; ++t) p.tags.push_back(tag(rng));
+  return p;
+}
+
+double path_score(const Problem& p, const std::vector<int64_t>& y) {
+  double s = p.start[y[0]] + p.end[y[p.L - 1]];
+  for (int64_t t = 0; t < p.L; ++t) s += p.emissions[t * p.K + y[t]];
+  for (int64_t t = 1; t < p.L; ++t) s += p.transitions[y[t - 1] * p.K + y[t]];
+  return s;
+}
+
+// Every path of the problem, by brute force: log Z, the marginals of tags and transitions, the best path.
+struct BruteForce {
+  double log_z, best_score;
+  std::vector<int64_t> best_path;
+  std::vector<double> unary;     // (L, K)
+  std::vector<double> pairwise;  // (K, K) summed over t
+  std::vector<double> first, last;
+};
+
+BruteForce brute_force(const Problem& p) {
+  const int K = p.K;
+  const int64_t L = p.L;
+  std::vector<std::vector<int64_t>> paths;
+  std::vector<double> scores;
+  std::vector<int64_t> y(L, 0);
+  while (true) {
+    paths.push_back(y);
+    scores.push_back(path_score(p, y));
+    int64_t t = L - 1;
+    while (t >= 0 && y[t] == K - 1) y[t--] = 0;
+    if (t < 0) break;
+    ++y[t];
+  }
+  BruteForce r{0, -INFINITY, {}, std::vector<double>(L * K, 0), std::vector<double>(K * K, 0),
+               std::vector<double>(K, 0), std::vector<double>(K, 0)};
+  double m = -INFINITY;
+  for (size_t n = 0; n < paths.size(); ++n) {
+    m = std::max(m, scores[n]);
+    if (scores[n] > r.best_score) {  // strict: the first (lowest tags in lexicographic order) wins ties
+      r.best_score = scores[n];
+      r.best_path = paths[n];
+    }
+  }
+  double z = 0;
+  for (double s : scores) z += std::exp(s - m);
+  r.log_z = m + std::log(z);
+  for (size_t n = 0; n < paths.size(); ++n) {
+    const double prob = std::exp(scores[n] - r.log_z);
+    const auto& path = paths[n];
+    for (int64_t t = 0; t < L; ++t) r.unary[t * K + path[t]] += prob;
+    for (int64_t t = 1; t < L; ++t) r.pairwise[path[t - 1] * K + path[t]] += prob;
+    r.first[path[0]] += prob;
+    r.last[path[L - 1]] += prob;
+  }
+  return r;
+}
+
+// The kernels on one problem in precision T.
+template <typename T>
+struct Run {
+  T log_z, gold, viterbi_score;
+  std::vector<int64_t> viterbi_path;
+  std::vector<T> grad_emissions, grad_transitions, grad_start, grad_end, marginals;
+};
+
+template <typename T>
+Run<T> run_kernels(const Problem& p, T g) {
+  const int K = p.K;
+  const int64_t L = p.L;
+  std::vector<T> emissions(p.emissions.begin(), p.emissions.end());
+  std::vector<T> transitions(p.transitions.begin(), p.transitions.end());
+  std::vector<T> start(p.start.begin(), p.start.end()), end(p.end.begin(), p.end.end());
+  std::vector<T> tables(2 * K + 2 * K * K);
+  Tables<T> tab{K, transitions.data(), start.data(), end.data(), tables.data(), tables.data() + K,
+                tables.data() + 2 * K, tables.data() + 2 * K + K * K};
+  fusedloss::crf::make_tables(tab);
+  std::vector<T> work(Workspace<T>::size(K));
+  const auto ws = Workspace<T>::carve(work.data(), K);
+  std::vector<T> alpha(L * K), scratch(2 * K);
+
+  Run<T> r;
+  r.log_z = fusedloss::crf::forward(tab, emissions.data(), L, alpha.data(), true, ws);
+  const T log_z_unstored = fusedloss::crf::forward(tab, emissions.data(), L, scratch.data(), false, ws);
+  check(log_z_unstored == r.log_z, "forward without stored alpha gives the same log Z");
+  r.gold = fusedloss::crf::gold_score(tab, emissions.data(), p.tags.data(), L);
+  r.grad_emissions.assign(L * K, 0);
+  std::vector<T> grad_t(K * K, 0);
+  r.grad_start.assign(K, 0);
+  r.grad_end.assign(K, 0);
+  fusedloss::crf::backward<true>(tab, emissions.data(), p.tags.data(), L, alpha.data(), r.log_z, g,
+                                 r.grad_emissions.data(), grad_t.data(), r.grad_start.data(), r.grad_end.data(), ws);
+  r.grad_transitions.assign(K * K, 0);
+  for (int i = 0; i < K; ++i)
+    for (int j = 0; j < K; ++j) r.grad_transitions[i * K + j] = grad_t[j * K + i];
+  r.marginals.assign(L * K, 0);
+  fusedloss::crf::backward<false>(tab, emissions.data(), static_cast<const int64_t*>(nullptr), L, alpha.data(),
+                                  r.log_z, T(1), r.marginals.data(), static_cast<T*>(nullptr),
+                                  static_cast<T*>(nullptr), static_cast<T*>(nullptr), ws);
+  std::vector<T> viterbi_scores(2 * K), viterbi_emission(K);
+  std::vector<int32_t> best_prev(K);
+  std::vector<uint8_t> backpointers(L * K);
+  r.viterbi_path.assign(L, -1);
+  r.viterbi_score = fusedloss::crf::viterbi(tab, emissions.data(), L, viterbi_scores.data(), viterbi_emission.data(),
+                                            best_prev.data(), backpointers.data(), r.viterbi_path.data());
+  return r;
+}
+
+template <typename T>
+void check_against_brute_force(const Problem& p, const std::string& name, double atol, double rtol) {
+  const BruteForce want = brute_force(p);
+  const double g = 0.75;
+  const Run<T> got = run_kernels<T>(p, static_cast<T>(g));
+  const int K = p.K;
+  const int64_t L = p.L;
+  const double gold = path_score(p, p.tags);
+  check(close(got.log_z, want.log_z, atol, rtol), name + ": log Z");
+  check(close(got.gold, gold, atol, rtol), name + ": gold score");
+  bool grads = true, marginals = true;
+  for (int64_t t = 0; t < L; ++t) {
+    for (int k = 0; k < K; ++k) {
+      const double u = want.unary[t * K + k];
+      grads = grads && close(got.grad_emissions[t * K + k], g * ((p.tags[t] == k) - u), atol, rtol);
+      marginals = marginals && close(got.marginals[t * K + k], u, atol, rtol);
+    }
+  }
+  check(grads, name + ": emission gradient");
+  check(marginals, name + ": marginals");
+  std::vector<double> counts(K * K, 0);
+  for (int64_t t = 1; t < L; ++t) counts[p.tags[t - 1] * K + p.tags[t]] += 1;
+  bool trans = true;
+  for (int i = 0; i < K * K; ++i) trans = trans && close(got.grad_transitions[i], g * (counts[i] - want.pairwise[i]), atol, rtol);
+  check(trans, name + ": transition gradient");
+  bool ends = true;
+  for (int k = 0; k < K; ++k) {
+    ends = ends && close(got.grad_start[k], g * ((p.tags[0] == k) - want.first[k]), atol, rtol);
+    ends = ends && close(got.grad_end[k], g * ((p.tags[L - 1] == k) - want.last[k]), atol, rtol);
+  }
+  check(ends, name + ": start and end gradients");
+  check(got.viterbi_path == want.best_path, name + ": Viterbi path");
+  check(close(got.viterbi_score, want.best_score, atol, rtol), name + ": Viterbi score");
+}
+
+void test_brute_force() {
+  std::mt19937 rng(1234);
+  for (int K : {1, 2, 3, 4}) {
+    for (int64_t L : {1, 2, 3, 5}) {
+      for (bool constrained : {false, true}) {
+        const Problem p = random_problem(rng, K, L, 1.0, constrained);
+        const std::string name = "K=" + std::to_string(K) + " L=" + std::to_string(L) +
+                                 (constrained ? " constrained" : "");
+        check_against_brute_force<double>(p, name + " double", 1e-10, 1e-10);
+        check_against_brute_force<float>(p, name + " float", 2e-5, 2e-5);
+      }
+    }
+  }
+}
+
+// Emissions in the hundreds: every column of the matrix form underflows unless guarded. With constraints,
+// the only allowed predecessors of a column can be ~300 below the best tag: the exact column path.
+void test_large_emissions() {
+  std::mt19937 rng(99);
+  for (bool constrained : {false, true}) {
+    const Problem p = random_problem(rng, 4, 5, 200.0, constrained);
+    const std::string name = std::string("emissions x200") + (constrained ? " constrained" : "");
+    check_against_brute_force<double>(p, name + " double", 1e-9, 1e-12);
+    // Float32 holds scores of ~1000 to ~1e-4; marginals are 0/1-like here.
+    check_against_brute_force<float>(p, name + " float", 2e-3, 1e-6);
+  }
+}
+
+// Long sequences: float32 log Z against float64 within the rounding of float32 sums of that size.
+void test_long_sequence() {
+  std::mt19937 rng(7);
+  for (double scale : {1.0, 100.0}) {
+    const Problem p = random_problem(rng, 9, 2000, scale, true);
+    const Run<double> want = run_kernels<double>(p, 1.0);
+    const Run<float> got = run_kernels<float>(p, 1.0f);
+    // alpha grows to about L * scale; float32 keeps ~1e-7 of it per step, about sqrt(L) steps' worth.
+    const double tolerance = 1e-6 * std::abs(want.log_z) + 1e-3;
+    check(close(got.log_z, want.log_z, tolerance, 0), "T=2000 scale=" + std::to_string(scale) + ": float32 log Z");
+    check(std::isfinite(want.log_z), "T=2000: finite log Z");
+    double row_error = 0;
+    for (int64_t t = 0; t < p.L; ++t) {
+      double sum = 0;
+      for (int k = 0; k < p.K; ++k) sum += want.marginals[t * p.K + k];
+      row_error = std::max(row_error, std::abs(sum - 1));
+    }
+    char error[32];
+    std::snprintf(error, sizeof error, "%.3g", row_error);
+    // The exponent alpha + beta - log Z cancels terms of size |log Z|; each of the L steps rounds them.
+    const double sum_tolerance = 1.2e-16 * static_cast<double>(p.L) * std::abs(want.log_z);
+    check(row_error < sum_tolerance, "T=2000 scale=" + std::to_string(scale) + ": marginals sum to 1, error " + error);
+  }
+}
+
+// A forbidden transition gets exactly zero pairwise mass and no NaN anywhere, also when every path the
+// gold tags take is forbidden (the gold score is then ~-1e4, still finite).
+void test_forbidden_gold_path() {
+  std::mt19937 rng(5);
+  Problem p = random_problem(rng, 3, 4, 1.0, false);
+  p.transitions[0 * 3 + 1] = -1e4;
+  p.tags = {0, 1, 1, 2};
+  const Run<float> got = run_kernels<float>(p, 1.0f);
+  bool finite = std::isfinite(got.log_z) && std::isfinite(got.gold);
+  for (float v : got.grad_emissions) finite = finite && std::isfinite(v);
+  for (float v : got.grad_transitions) finite = finite && std::isfinite(v);
+  check(finite, "forbidden gold path: finite values and gradients");
+  // d/dA[0,1]: gold count 1 minus a pairwise marginal of exactly 0.
+  check(got.grad_transitions[0 * 3 + 1] == 1.0f, "forbidden transition: marginal exactly 0");
+}
+
+void test_fast_math() {
+  double exp_error = 0, log_error = 0;
+  for (double x = -87.0; x <= 87.0; x += 0.01) {
+    const float e = fusedloss::crf::fast_exp(static_cast<float>(x));
+    const double want = std::exp(static_cast<double>(static_cast<float>(x)));
+    exp_error = std::max(exp_error, std::abs(e - want) / want);
+    const float l = fusedloss::crf::fast_log(static_cast<float>(want));
+    const double want_log = std::log(static_cast<double>(static_cast<float>(want)));
+    log_error = std::max(log_error, std::abs(l - want_log) / std::max(1.0, std::abs(want_log)));
+  }
+  check(exp_error < 3e-7, "fast_exp within 3e-7 relative, got " + std::to_string(exp_error));
+  check(log_error < 3e-7, "fast_log within 3e-7, got " + std::to_string(log_error));
+  check(fusedloss::crf::fast_exp(-1e4f) == 0.0f, "fast_exp(-1e4) is exactly 0");
+  check(fusedloss::crf::fast_exp(-INFINITY) == 0.0f, "fast_exp(-inf) is 0");
+  check(std::isinf(fusedloss::crf::fast_exp(100.0f)), "fast_exp(100) overflows to inf");
+  check(std::isnan(fusedloss::crf::fast_exp(NAN)), "fast_exp(NaN) is NaN");
+  check(fusedloss::crf::fast_exp(0.0f) == 1.0f, "fast_exp(0) is exactly 1");
+}
+
+}  // namespace
+
+int main() {
+  test_brute_force();
+  test_large_emissions();
+  test_long_sequence();
+  test_forbidden_gold_path();
+  test_fast_math();
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
