@@ -1,0 +1,508 @@
+// Torch-free math of one fused softmax-loss row (docs/BACKENDS.md, softmax_loss; SPEC 3).
+//
+// For one row of logits x (C classes), target y (an index) or probabilities t, per-class weights w
+// (ones when absent), smoothing ε, focal γ, z-loss z and soft-cap c:
+//
+//   s_c   = c·tanh(x_c / c)   (s = x without soft-cap)        lse = log Σ_c exp(s_c)
+//   lp_c  = s_c − lse         p_c = exp(lp_c)
+//   q_c   = (1 − ε)·[c = y] + ε/C   (or (1 − ε)·t_c + ε/C)      a_c = q_c·w_c
+//   cost(lp) = −(1 − p)^γ·lp                                   (the focal cost of one class)
+//   l     = Σ_c a_c·cost(lp_c) + z·lse²
+//
+// Gradient (written during the forward pass, TECHNIQUES.md), with cost'(lp) = d cost / d lp and
+// G = Σ_c a_c·cost'(lp_c):
+//
+//   dl/ds_j = a_j·cost'(lp_j) + p_j·(2·z·lse − G)          dl/dx_j = dl/ds_j · (1 − (s_j / c)²)
+//   cost'(lp) = −(1 − p)^γ + γ·p·(1 − p)^γ · lp / (1 − p)   (= −1 for γ = 0)
+//
+// so that, for γ = 0 (cost' = −1, G = −A with A = Σ a_c):  dl/ds_j = p_j·(A + 2·z·lse) − a_j, and
+// for hard targets without smoothing only a_y is nonzero: dl/ds_j = p_j·(2·z·lse − g_y) + [j = y]·g_y
+// with g_y = w_y·cost'(lp_y). Both are one row-constant times p_j plus a per-class term, so plain,
+// smoothed and focal cross entropy share one vectorized sweep; only focal with smoothing or soft
+// targets needs cost'(lp_c) per class (an extra sweep with pow).
+//
+// Everything is computed in acc_t (float for float16/bfloat16/float32 input, double for float64);
+// inputs are read through a load-convert (static_cast), so half types need only a conversion to
+// float. The host row function below processes a row in blocks: each block is converted (and
+// soft-capped) once into a small buffer, then max, sum-of-exp and the extra sums run over it (online
+// softmax at block granularity: the running sum is rescaled once per block, not per element), with
+// loops written so that the compiler vectorizes them at the baseline ISA. CUDA code reuses the
+// element and row-scalar functions with its own block-wide reductions.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/common.h"
+
+namespace fusedloss {
+namespace softmax_loss {
+
+// Unqualified calls below pick the float overloads on the host and CUDA's on the device.
+using std::exp;
+using std::expm1;
+using std::log;
+using std::pow;
+using std::tanh;
+
+// ---------------------------------------------------------------------------------------------
+// Element math
+// ---------------------------------------------------------------------------------------------
+
+#ifndef __CUDA_ARCH__
+FUSEDLOSS_INLINE int32_t float_bits(float v) {
+  int32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
+
+FUSEDLOSS_INLINE float bits_float(int32_t bits) {
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+FUSEDLOSS_INLINE int64_t double_bits(double v) {
+  int64_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
+
+FUSEDLOSS_INLINE double bits_double(int64_t bits) {
+  double v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+#endif
+
+// exp(x) in float32 with about 1 ulp of error, branch-free so that a loop over it vectorizes
+// (std::exp does not: it is a library call). Cephes' expf: x = n·ln2 + r with |r| ≤ ln2/2
+// (n rounded with the 1.5·2^23 trick, since SSE2 has no round instruction), a degree-6 polynomial
+// for e^r, and 2^n built in the exponent bits. NaN propagates (the clamps are written so that a
+// NaN compares false and passes through); inputs below −87.3 give 0 instead of a subnormal, and
+// inputs above 88.37 are clamped (callers pass s − max ≤ 0).
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return ::expf(x);
+#else
+  constexpr float kHi = 88.3762626647949f;
+  constexpr float kLo = -87.3365478515625f;
+  const bool underflow = x < kLo;
+  x = x > kHi ? kHi : x;
+  x = x < kLo ? kLo : x;
+  constexpr float kMagic = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
+  const float shifted = x * 1.44269504088896341f + kMagic;
+  const float n = shifted - kMagic;
+  const int32_t n_int = float_bits(shifted) - float_bits(kMagic);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float exp_r = poly * r * r + r + 1.0f;
+  // Computed unconditionally, then selected: a conditional multiply would keep the compiler from
+  // vectorizing (it may not speculate a floating-point operation under -ftrapping-math).
+  const float result = exp_r * bits_float((n_int + 127) << 23);
+  return underflow ? 0.0f : result;
+#endif
+}
+
+// exp(x) in float64 with about 1 ulp of error, branch-free (Cephes' exp: x = n·ln2 + r, the Padé
+// form e^r = 1 + 2·r·P(r²) / (Q(r²) − r·P(r²)), 2^n in the exponent bits). Inputs below −708
+// give 0.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double fast_exp(double x) {
+#ifdef __CUDA_ARCH__
+  return ::exp(x);
+#else
+  constexpr double kHi = 709.0;
+  constexpr double kLo = -708.0;
+  const bool underflow = x < kLo;
+  x = x > kHi ? kHi : x;
+  x = x < kLo ? kLo : x;
+  constexpr double kMagic = 6755399441055744.0;  // 1.5·2^52
+  const double shifted = x * 1.4426950408889634074 + kMagic;
+  const double n = shifted - kMagic;
+  const int64_t n_int = double_bits(shifted) - double_bits(kMagic);
+  double r = x - n * 6.93145751953125e-1;
+  r = r - n * 1.42860682030941723212e-6;
+  const double r2 = r * r;
+  double p = 1.26177193074810590878e-4;
+  p = p * r2 + 3.02994407707441961300e-2;
+  p = p * r2 + 9.99999999999999999910e-1;
+  p = p * r;
+  double q = 3.00198505138664455042e-6;
+  q = q * r2 + 2.52448340349684104192e-3;
+  q = q * r2 + 2.27265548208155028766e-1;
+  q = q * r2 + 2.00000000000000000009e0;
+  const double exp_r = 1.0 + 2.0 * p / (q - p);
+  const double result = exp_r * bits_double((n_int + 1023) << 52);
+  return underflow ? 0.0 : result;
+#endif
+}
+
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t softcap_value(acc_t x, acc_t softcap, acc_t inv_softcap) {
+  return softcap * tanh(x * inv_softcap);
+}
+
+// ds/dx of s = c·tanh(x/c), from s itself.
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t softcap_derivative(acc_t s, acc_t inv_softcap) {
+  const acc_t t = s * inv_softcap;
+  return acc_t(1) - t * t;
+}
+
+// The focal cost of one class and its derivative in lp = log p:
+//   cost = −(1 − p)^γ·lp,   dcost = −(1 − p)^γ + γ·p·(1 − p)^γ·lp/(1 − p).
+// 1 − p is −expm1(lp) (exact near p = 1). Where 1 − p is below the smallest normal number the
+// factor is 0 and so is its derivative, as in fusedloss.reference.softmax.focal_factor (this keeps
+// the derivative finite for 0 < γ < 1, where (1 − p)^(γ−1) is infinite at p = 1). NaN in lp
+// propagates through cost (0·NaN).
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void focal_cost(acc_t lp, acc_t gamma, acc_t* cost, acc_t* dcost) {
+  const acc_t one_minus_p = -expm1(lp);
+  const bool representable = one_minus_p > Limits<acc_t>::tiny;
+  const acc_t factor = representable ? pow(one_minus_p, gamma) : acc_t(0);
+  const acc_t ratio = representable ? lp / one_minus_p : acc_t(0);
+  *cost = -factor * lp;
+  *dcost = -factor + gamma * exp(lp) * factor * ratio;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row scalars
+// ---------------------------------------------------------------------------------------------
+
+// Options of one call, converted to acc_t once.
+template <typename acc_t>
+struct Params {
+  int64_t num_classes = 0;
+  int64_t ignore_index = -100;
+  acc_t label_smoothing = 0;  // ε
+  acc_t focal_gamma = 0;      // γ
+  acc_t z_loss = 0;
+  acc_t softcap = 0;          // 0: no soft-cap
+  acc_t inv_softcap = 0;
+  acc_t weight_sum = 0;       // Σ_c w_c (C without weights); used by smoothed hard targets
+};
+
+// What the statistics sweep accumulates. Merging two partial states (CUDA reductions, or the
+// blocks of the host sweep) rescales the smaller max's sum: online softmax.
+template <typename acc_t>
+struct RowStats {
+  acc_t max = Limits<acc_t>::large_negative;
+  acc_t sum_exp = 0;    // Σ exp(s_c − max)
+  acc_t sum_a_s = 0;    // Σ a'_c·s_c: hard targets Σ w_c s_c (smoothing part), soft targets Σ a_c s_c
+  acc_t sum_a = 0;      // soft targets: A = Σ a_c
+
+  FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void merge(const RowStats& other) {
+    const acc_t new_max = max_of(max, other.max);
+    sum_exp = sum_exp * fast_exp(max - new_max) + other.sum_exp * fast_exp(other.max - new_max);
+    max = new_max;
+    sum_a_s += other.sum_a_s;
+    sum_a += other.sum_a;
+  }
+
+  FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t logsumexp() const { return max + log(sum_exp); }
+};
+
+// The row's loss and the row constants of its gradient:
+//   dl/ds_j = p_j·p_coef − smooth_coef·w_j − [j = y]·target_coef          (hard targets)
+//   dl/ds_j = p_j·p_coef − a_j                                              (soft targets, γ = 0)
+//   dl/ds_j = p_j·p_coef + a_j·cost'(lp_j)                                  (per_class_focal)
+template <typename acc_t>
+struct RowResult {
+  acc_t loss = 0;
+  acc_t lse = 0;
+  acc_t p_coef = 0;
+  acc_t smooth_coef = 0;
+  acc_t target_coef = 0;
+  bool per_class_focal = false;  // the gradient needs cost'(lp_c) of every class: see focal_row_sums
+};
+
+// True when a hard-target row needs cost'(lp_c) for every class (focal with smoothing).
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool needs_per_class_focal(const Params<acc_t>& prm, bool soft) {
+  return prm.focal_gamma != acc_t(0) && (soft || prm.label_smoothing != acc_t(0));
+}
+
+// Finish a hard-target row from its statistics and its target's soft-capped logit s_y.
+// Stats must hold sum_a_s = Σ_c w_c s_c when ε > 0. Not for per-class focal rows (γ ≠ 0 and ε > 0),
+// which finish_per_class_focal completes.
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE RowResult<acc_t> finish_hard_row(const RowStats<acc_t>& stats,
+                                                                        const Params<acc_t>& prm, acc_t s_y,
+                                                                        acc_t w_y) {
+  RowResult<acc_t> res;
+  const acc_t lse = stats.logsumexp();
+  res.lse = lse;
+  const acc_t lp_y = s_y - lse;
+  const acc_t eps = prm.label_smoothing;
+  const acc_t z_term = acc_t(2) * prm.z_loss * lse;
+  const acc_t z_value = prm.z_loss * lse * lse;
+  if (prm.focal_gamma != acc_t(0)) {
+    if (eps != acc_t(0)) {
+      res.per_class_focal = true;
+      return res;
+    }
+    acc_t cost, dcost;
+    focal_cost(lp_y, prm.focal_gamma, &cost, &dcost);
+    const acc_t g_y = w_y * dcost;
+    res.loss = w_y * cost + z_value;
+    res.p_coef = z_term - g_y;
+    res.target_coef = -g_y;
+    return res;
+  }
+  const acc_t eps_c = eps / acc_t(prm.num_classes);
+  // Σ_c a_c lp_c = (1 − ε) w_y lp_y + ε/C (Σ_c w_c s_c − Σ_c w_c · lse)
+  acc_t loss = -(acc_t(1) - eps) * w_y * lp_y;
+  if (eps != acc_t(0)) loss -= eps_c * (stats.sum_a_s - prm.weight_sum * lse);
+  res.loss = loss + z_value;
+  res.p_coef = (acc_t(1) - eps) * w_y + eps_c * prm.weight_sum + z_term;
+  res.smooth_coef = eps_c;
+  res.target_coef = (acc_t(1) - eps) * w_y;
+  return res;
+}
+
+// Soft-target weight a_c = ((1 − ε)·t_c + ε/C)·w_c.
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t soft_weight(acc_t t, acc_t w, acc_t eps, acc_t eps_c) {
+  return ((acc_t(1) - eps) * t + eps_c) * w;
+}
+
+// Finish a soft-target row with γ = 0; stats hold sum_a_s = Σ a_c s_c and sum_a = A.
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE RowResult<acc_t> finish_soft_row(const RowStats<acc_t>& stats,
+                                                                        const Params<acc_t>& prm) {
+  RowResult<acc_t> res;
+  const acc_t lse = stats.logsumexp();
+  res.lse = lse;
+  if (prm.focal_gamma != acc_t(0)) {
+    res.per_class_focal = true;
+    return res;
+  }
+  res.loss = lse * stats.sum_a - stats.sum_a_s + prm.z_loss * lse * lse;
+  res.p_coef = stats.sum_a + acc_t(2) * prm.z_loss * lse;
+  return res;
+}
+
+// Per-class focal rows: given Σ_c a_c cost(lp_c) and G = Σ_c a_c cost'(lp_c) (a second sweep),
+// the loss and p_coef = 2·z·lse − G.
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void finish_per_class_focal(RowResult<acc_t>* res, const Params<acc_t>& prm,
+                                                                   acc_t sum_cost, acc_t sum_dcost) {
+  res->loss = sum_cost + prm.z_loss * res->lse * res->lse;
+  res->p_coef = acc_t(2) * prm.z_loss * res->lse - sum_dcost;
+}
+
+// ---------------------------------------------------------------------------------------------
+// One row on the host (CPU backend and the C++ tests)
+// ---------------------------------------------------------------------------------------------
+
+#ifndef __CUDA_ARCH__
+
+// Elements per block of the host sweep (the block buffer stays in L1) and independent
+// accumulators per reduction (so that the compiler can keep them in vector registers without
+// reassociating a single float sum, which it may not do without -ffast-math).
+constexpr int64_t kBlock = 512;
+constexpr int kLanes = 8;
+
+template <typename acc_t>
+FUSEDLOSS_INLINE acc_t lane_sum(const acc_t* lanes) {
+  acc_t total = 0;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
+}
+
+// Block buffer: s_c of the block, converted to acc_t and soft-capped.
+template <typename acc_t, typename scalar_t>
+FUSEDLOSS_INLINE void load_block(const scalar_t* x, int64_t len, const Params<acc_t>& prm, acc_t* s) {
+  if (prm.softcap != acc_t(0)) {
+    for (int64_t i = 0; i < len; ++i) s[i] = softcap_value(static_cast<acc_t>(x[i]), prm.softcap, prm.inv_softcap);
+  } else {
+    for (int64_t i = 0; i < len; ++i) s[i] = static_cast<acc_t>(x[i]);
+  }
+}
+
+template <typename acc_t>
+FUSEDLOSS_INLINE acc_t block_max(const acc_t* s, int64_t len) {
+  acc_t lanes[kLanes];
+  for (int k = 0; k < kLanes; ++k) lanes[k] = Limits<acc_t>::large_negative;
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] = s[i + k] > lanes[k] ? s[i + k] : lanes[k];
+  acc_t result = Limits<acc_t>::large_negative;
+  for (int k = 0; k < kLanes; ++k) result = max_of(result, lanes[k]);
+  for (; i < len; ++i) result = max_of(result, s[i]);
+  return result;
+}
+
+template <typename acc_t>
+FUSEDLOSS_INLINE acc_t block_sum_exp(const acc_t* s, int64_t len, acc_t shift) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += fast_exp(s[i + k] - shift);
+  acc_t result = lane_sum(lanes);
+  for (; i < len; ++i) result += fast_exp(s[i] - shift);
+  return result;
+}
+
+// Σ_i v_i·s_i over the block (v = w, or unit when v is null).
+template <typename acc_t>
+FUSEDLOSS_INLINE acc_t block_dot(const acc_t* v, const acc_t* s, int64_t len) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  if (v == nullptr) {
+    for (; i + kLanes <= len; i += kLanes)
+      for (int k = 0; k < kLanes; ++k) lanes[k] += s[i + k];
+  } else {
+    for (; i + kLanes <= len; i += kLanes)
+      for (int k = 0; k < kLanes; ++k) lanes[k] += v[i + k] * s[i + k];
+  }
+  acc_t result = lane_sum(lanes);
+  for (; i < len; ++i) result += (v == nullptr ? acc_t(1) : v[i]) * s[i];
+  return result;
+}
+
+// Process one row: returns its loss (0 for an ignored row) and, when grad is not null, writes
+// grad_scale·dl/dx into grad[0:C) (which may be x itself: every element is read before it is
+// written). Hard targets: soft == nullptr and target is the class index; soft targets: soft points
+// to the row's probabilities. weight may be null (all ones).
+template <typename acc_t, typename scalar_t, typename target_t>
+acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const acc_t* weight,
+                  const Params<acc_t>& prm, scalar_t* grad, acc_t grad_scale) {
+  const int64_t C = prm.num_classes;
+  const bool is_soft = soft != nullptr;
+  if (!is_soft && target == prm.ignore_index) {
+    if (grad != nullptr)
+      for (int64_t i = 0; i < C; ++i) grad[i] = static_cast<scalar_t>(acc_t(0));
+    return acc_t(0);
+  }
+  const acc_t eps = prm.label_smoothing;
+  const acc_t eps_c = eps / acc_t(C);
+  const bool hard_smoothing = !is_soft && eps != acc_t(0);
+  acc_t s[kBlock];  // s_c of the block
+  acc_t a[kBlock];  // soft targets: a_c of the block
+  acc_t g[kBlock];  // gradient of the block before the conversion to scalar_t
+
+  auto load_soft_weights = [&](int64_t start, int64_t len) {
+    for (int64_t i = 0; i < len; ++i)
+      a[i] = soft_weight(static_cast<acc_t>(soft[start + i]), weight == nullptr ? acc_t(1) : weight[start + i], eps,
+                         eps_c);
+  };
+
+  // Sweep 1: online max / sum of exp, and the sums the loss needs.
+  RowStats<acc_t> stats;
+  for (int64_t start = 0; start < C; start += kBlock) {
+    const int64_t len = min_of(kBlock, C - start);
+    load_block(x + start, len, prm, s);
+    RowStats<acc_t> block;
+    block.max = block_max(s, len);
+    block.sum_exp = block_sum_exp(s, len, block.max);
+    if (hard_smoothing) block.sum_a_s = block_dot(weight == nullptr ? nullptr : weight + start, s, len);
+    if (is_soft) {
+      load_soft_weights(start, len);
+      block.sum_a_s = block_dot(a, s, len);
+      acc_t lanes[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes)
+        for (int k = 0; k < kLanes; ++k) lanes[k] += a[i + k];
+      block.sum_a = lane_sum(lanes);
+      for (; i < len; ++i) block.sum_a += a[i];
+    }
+    if (start == 0) {
+      stats = block;
+    } else {
+      stats.merge(block);
+    }
+  }
+
+  RowResult<acc_t> res;
+  acc_t w_y = acc_t(1);
+  acc_t s_y = acc_t(0);
+  if (is_soft) {
+    res = finish_soft_row(stats, prm);
+  } else {
+    w_y = weight == nullptr ? acc_t(1) : weight[target];
+    const acc_t x_y = static_cast<acc_t>(x[target]);
+    s_y = prm.softcap != acc_t(0) ? softcap_value(x_y, prm.softcap, prm.inv_softcap) : x_y;
+    res = finish_hard_row(stats, prm, s_y, w_y);
+  }
+  const acc_t lse = res.lse;
+
+  if (res.per_class_focal) {
+    // Sweep 2 (focal with smoothing or soft targets): Σ a_c cost(lp_c) and G = Σ a_c cost'(lp_c).
+    acc_t sum_cost = 0, sum_dcost = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t x_c = static_cast<acc_t>(x[c]);
+      const acc_t s_c = prm.softcap != acc_t(0) ? softcap_value(x_c, prm.softcap, prm.inv_softcap) : x_c;
+      const acc_t w_c = weight == nullptr ? acc_t(1) : weight[c];
+      const acc_t a_c = is_soft ? soft_weight(static_cast<acc_t>(soft[c]), w_c, eps, eps_c)
+                                : (eps_c + (c == target ? acc_t(1) - eps : acc_t(0))) * w_c;
+      acc_t cost, dcost;
+      focal_cost(s_c - lse, prm.focal_gamma, &cost, &dcost);
+      sum_cost += a_c * cost;
+      sum_dcost += a_c * dcost;
+    }
+    finish_per_class_focal(&res, prm, sum_cost, sum_dcost);
+    if (grad != nullptr) {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t x_c = static_cast<acc_t>(x[c]);
+        const acc_t s_c = prm.softcap != acc_t(0) ? softcap_value(x_c, prm.softcap, prm.inv_softcap) : x_c;
+        const acc_t w_c = weight == nullptr ? acc_t(1) : weight[c];
+        const acc_t a_c = is_soft ? soft_weight(static_cast<acc_t>(soft[c]), w_c, eps, eps_c)
+                                  : (eps_c + (c == target ? acc_t(1) - eps : acc_t(0))) * w_c;
+        acc_t cost, dcost;
+        const acc_t lp = s_c - lse;
+        focal_cost(lp, prm.focal_gamma, &cost, &dcost);
+        acc_t g = fast_exp(lp) * res.p_coef + a_c * dcost;
+        if (prm.softcap != acc_t(0)) g *= softcap_derivative(s_c, prm.inv_softcap);
+        grad[c] = static_cast<scalar_t>(g * grad_scale);
+      }
+    }
+    return res.loss;
+  }
+
+  if (grad == nullptr) return res.loss;
+
+  // Sweep 2: dl/dx_j = scale·(p_j·p_coef − smooth_coef·w_j − a_j)·ds/dx, one row constant and one
+  // per-class term; the target class is rewritten afterwards in acc_t (its p_y − 1 must not be
+  // rounded to the input dtype before the subtraction).
+  const acc_t p_coef = res.p_coef * grad_scale;
+  const acc_t smooth_coef = res.smooth_coef * grad_scale;
+  const bool softcap = prm.softcap != acc_t(0);
+  for (int64_t start = 0; start < C; start += kBlock) {
+    const int64_t len = min_of(kBlock, C - start);
+    load_block(x + start, len, prm, s);
+    scalar_t* out = grad + start;
+    if (is_soft) {
+      load_soft_weights(start, len);
+      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp(s[i] - lse) * p_coef - a[i] * grad_scale;
+    } else if (smooth_coef != acc_t(0) && weight != nullptr) {
+      const acc_t* w = weight + start;
+      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp(s[i] - lse) * p_coef - smooth_coef * w[i];
+    } else if (smooth_coef != acc_t(0)) {
+      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp(s[i] - lse) * p_coef - smooth_coef;
+    } else {
+      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp(s[i] - lse) * p_coef;
+    }
+    if (softcap)
+      for (int64_t i = 0; i < len; ++i) g[i] *= softcap_derivative(s[i], prm.inv_softcap);
+    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<scalar_t>(g[i]);
+  }
+  if (!is_soft) {
+    acc_t g_y = fast_exp(s_y - lse) * p_coef - smooth_coef * w_y - res.target_coef * grad_scale;
+    if (softcap) g_y *= softcap_derivative(s_y, prm.inv_softcap);
+    grad[target] = static_cast<scalar_t>(g_y);
+  }
+  return res.loss;
+}
+
+#endif  // __CUDA_ARCH__
+
+}  // namespace softmax_loss
+}  // namespace fusedloss
