@@ -14,7 +14,7 @@ from fusedloss.bench import cases, harness, report
 
 # Shape grids. Cross entropy: (N, C); CRF: (B, T, K).
 _GRIDS = {
-    ("cpu", True): {"ce": [(1024, c) for c in (512, 4096, 32000)],
+    ("cpu", True): {"ce": [(512, c) for c in (512, 4096, 32000)],
                     "crf": [(8, 64, 9), (8, 256, 9), (8, 64, 37), (8, 64, 73)]},
     ("cuda", True): {"ce": [(4096, c) for c in (4096, 32000, 128256)],
                      "crf": [(32, t, k) for t in (128, 512) for k in (9, 73)]},
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
     parser.add_argument("--name", default="bench",
                         help="stem of the output files; {device} is replaced by the device name (default bench)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 10, quick 5)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 10, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2, quick 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: torch's choice, all cores)")
@@ -96,7 +96,7 @@ def run(args, device: torch.device, environment: Dict) -> Tuple[List[Dict], List
     """Measure every (op, shape, dtype) x backend x mode; returns (rows, skipped)."""
     from tqdm import tqdm
 
-    repeats = args.repeats if args.repeats is not None else (5 if args.quick else 10)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     fused = cases.fusedloss_backends(device)
     plan = [(op, shape, dtype, cases.peer_backends(op, device, args.compile) + fused)
