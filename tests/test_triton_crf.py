@@ -5,7 +5,8 @@ tags; ``fusedloss.reference.crf`` in float64 for Viterbi scores and marginals; b
 tag path for marginals. Tolerances follow STYLE.md: the kernel's error against the float64 oracle may be at
 most twice the error of PyTorch's own computation at the test's dtype (pytorch-crf or the reference run on the
 same inputs), plus a few units in the last place of the result's magnitude so that an exact baseline does not
-demand an exact kernel.
+demand an exact kernel, and for probabilities and gradients one rounding of the emissions' magnitude (see
+``assert_within_oracle_error``).
 
 Shapes are tiny (the interpreter is slow) but reach every branch: K = 1, T = 1, ragged masks, a K split into
 tiles (forced through the launcher's ``block_k``), the batch tile that runs the step as a ``tl.dot`` (``block_b = 16``),
@@ -237,6 +238,25 @@ def test_viterbi_ties_take_the_lowest_tag(block_k):
     tags, scores = triton_crf._viterbi_op(emissions, mask, torch.zeros(5, 5), zeros, zeros, None, block_k)
     assert tags.tolist() == [[0, 0, 0], [0, 0, -1]]
     assert scores.tolist() == [0.0, 0.0]
+
+
+def test_nan_stays_in_its_sequence_and_masked_positions_are_never_read():
+    """SPEC 7: a NaN emission at an unmasked position poisons its own sequence's values and emission gradients
+    (and the shared transition gradients), nothing of the other sequences; one past a sequence's end changes
+    nothing at all."""
+    emissions, tags, mask, transitions, start, end = make_inputs(3, 3, 4, seed=13)
+    mask[1, 2] = False
+    clean_ll, clean_grads = triton_log_likelihood(emissions, tags, mask, transitions, start, end, torch.ones(3))
+    emissions[1, 2, 0] = float("nan")  # masked
+    emissions[2, 1, 3] = float("nan")  # unmasked
+    ll, grads = triton_log_likelihood(emissions, tags, mask, transitions, start, end, torch.ones(3))
+    assert torch.isnan(ll[2]) and torch.equal(ll[:2], clean_ll[:2])
+    assert torch.isnan(grads[0][2]).any() and torch.equal(grads[0][:2], clean_grads[0][:2])
+    tags_out, scores = triton_crf._viterbi_op(emissions, mask, transitions, start, end, None, None)
+    marginals = triton_crf._marginals_op(emissions, mask, transitions, start, end, None, None)
+    clean_tags, clean_scores = triton_crf._viterbi_op(emissions[:2], mask[:2], transitions, start, end, None, None)
+    assert torch.equal(tags_out[:2], clean_tags) and torch.equal(scores[:2], clean_scores)
+    assert torch.isfinite(marginals[:2]).all() and torch.isnan(marginals[2]).any()
 
 
 def test_float64_is_declined_with_reasons():

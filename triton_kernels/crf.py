@@ -473,7 +473,7 @@ def _crf_viterbi_kernel(
         t = T - 1 - step_index
         active = rows_ok & (t < lengths)
         tl.store(tags_out_ptr + tag_rows + t, tl.where(active, current, -1).to(tl.int64), mask=rows_ok)
-        # t broadcast to a vector: a scalar comparison would not combine with the row mask in every frontend.
+        # t as a vector: the interpreter rejects a load mask combined from a Python bool.
         follow = active & (tl.full((BLOCK_B,), t, dtype=tl.int32) > 0)
         previous = tl.load(backpointers_ptr + emission_rows + t * K + current, mask=follow, other=0).to(tl.int32)
         current = tl.where(follow, previous, current)
@@ -498,6 +498,12 @@ def _tiling(batch: int, num_tags: int, block_b: Optional[int], block_k: Optional
         block_k = min(triton.next_power_of_2(num_tags), 32 if use_dot else 64)
         block_k = max(block_k, 16) if use_dot else block_k
     return block_b, block_k, use_dot
+
+
+def _num_warps(block_b: int, block_k: int) -> int:
+    """About 256 values of the largest (BLOCK_B, BLOCK_K, BLOCK_K) tile per warp, 1 to 8 warps: a small tag set
+    needs few threads, and fewer warps make the barrier between time steps cheaper."""
+    return max(1, min(8, block_b * block_k * block_k // 256))
 
 
 def _compute_dtypes_reason(emissions: torch.Tensor, transitions: torch.Tensor) -> List[str]:
@@ -535,7 +541,7 @@ def _forward(emissions, tags, mask, transitions, start_transitions, end_transiti
         start_transitions.to(torch.float32).contiguous(), end_transitions.to(torch.float32).contiguous(),
         alpha, alpha_max, ll, batch, seq_len, num_tags,
         HAS_TAGS=tags is not None, NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k, BLOCK_B=block_b,
-        USE_DOT=use_dot, num_warps=8 if use_dot else 4,
+        USE_DOT=use_dot, num_warps=_num_warps(block_b, block_k),
     )
     return ll, alpha, alpha_max
 
@@ -567,7 +573,7 @@ def _backward(grad, emissions, tags, mask, transitions, end_transitions, alpha, 
             colmax, trans_t, exptrans_t, rowmax, end_transitions.to(torch.float32).contiguous(), alpha, alpha_max,
             grad32, scratch, out, pair if not marginals_only else scratch, batch, seq_len, num_tags, num_groups,
             MARGINALS=marginals_only, NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k,
-            BLOCK_B=block_b, USE_DOT=use_dot, num_warps=8 if use_dot else 4,
+            BLOCK_B=block_b, USE_DOT=use_dot, num_warps=_num_warps(block_b, block_k),
         )
     if marginals_only:
         return out
@@ -612,6 +618,7 @@ def _viterbi(emissions, mask, transitions, start_transitions, end_transitions, b
         start_transitions.to(torch.float32).contiguous(), end_transitions.to(torch.float32).contiguous(),
         score, backpointers, tags, best, batch, seq_len, num_tags,
         NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k, BLOCK_B=block_b,
+        num_warps=_num_warps(block_b, block_k),
     )
     return tags, best
 
