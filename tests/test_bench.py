@@ -107,6 +107,15 @@ def test_read_csv_round_trip(bench_out):
     assert all(isinstance(r["median_ms"], float) and isinstance(r["speedup"], float) for r in rows)
 
 
+def test_torch_struct_peer_matches_pytorch_crf(tmp_path):
+    pytest.importorskip("torch_struct")
+    cli.main(["--ops", "crf_nll", "--shapes", "3x9x5", "--repeats", "1", "--warmup", "0", "--threads", "1",
+              "--out", str(tmp_path), "--no-progress", "--no-memory"])
+    rows = report.read_csv(str(tmp_path / "bench.csv"))
+    struct_rows = [r for r in rows if r["backend"] == "torch-struct"]
+    assert len(struct_rows) == 2 and all(r["rel_diff_vs_baseline"] < 1e-5 for r in struct_rows)
+
+
 def test_peak_memory_cpu_counts_what_is_held_at_once():
     mib = 1 << 18  # float32 elements in one MiB
 

@@ -139,6 +139,8 @@ def _torch_struct_nll(emissions, tags, mask, transitions, start, end) -> torch.T
     start and emission of step 0 folded into the first edge, the end score into the last)."""
     import torch_struct
 
+    if emissions.shape[1] < 2:
+        raise ValueError("the torch-struct adapter needs T >= 2 (it folds step 0 into the first edge)")
     edges = (emissions[:, 1:, :, None] + transitions.t()[None, None]).clone()
     edges[:, 0] += (start + emissions[:, 0])[:, None, :]
     edges[:, -1] += end[:, None]

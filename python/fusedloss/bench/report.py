@@ -43,8 +43,8 @@ def format_table(rows: Sequence[Dict]) -> str:
         for row in group:
             speedup = f"{row['speedup']:.2f}x" if row["speedup"] != "" else "-"
             spread = f"[{row['q20_ms']:.3f}, {row['q80_ms']:.3f}]"
-            lines.append(f"{row['backend']:<22} {row['median_ms']:>10.3f} {spread:>21} {speedup:>9} "
-                         f"{row['peak_mem_mib']:>9.1f}")
+            memory = f"{row['peak_mem_mib']:.1f}" if row["peak_mem_mib"] != "" else "-"
+            lines.append(f"{row['backend']:<22} {row['median_ms']:>10.3f} {spread:>21} {speedup:>9} {memory:>9}")
     return "\n".join(lines)
 
 
