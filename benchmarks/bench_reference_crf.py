@@ -5,7 +5,7 @@ Both run in this process on the same inputs, alternating run by run: log-likelih
 (``torchcrf.CRF.decode`` against the reference Viterbi plus one ``tolist()``). Prints the median time of each
 and the ratio torchcrf / reference (above 1: the reference is faster). Times are those of this machine's CPU only.
 
-    python benchmarks/bench_reference_crf.py [--threads 2] [--repeats 20]
+    python benchmarks/bench_reference_crf.py [--threads 2] [--repeats 20] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ import torchcrf
 from fusedloss.reference import crf as reference
 
 
-def median_seconds(baseline, candidate, repeats: int):
-    """Median wall time of each function; the runs alternate so that both see the same machine load."""
+def median_seconds(baseline, candidate, repeats: int, clock=time.perf_counter):
+    """Median time of each function; the runs alternate so that both see the same machine load."""
     baseline(), candidate()  # warm-up
     times = {baseline: [], candidate: []}
     for _ in range(repeats):
         for fn in (baseline, candidate):
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[fn].append(time.perf_counter() - start)
+            times[fn].append(clock() - start)
     return statistics.median(times[baseline]), statistics.median(times[candidate])
 
 
-def bench(batch: int, seq_len: int, num_tags: int, repeats: int) -> None:
+def bench(batch: int, seq_len: int, num_tags: int, repeats: int, clock) -> None:
     torch.manual_seed(0)
     crf = torchcrf.CRF(num_tags, batch_first=True)
     emissions = torch.randn(batch, seq_len, num_tags, requires_grad=True)
@@ -59,7 +59,7 @@ def bench(batch: int, seq_len: int, num_tags: int, repeats: int) -> None:
 
     for name, baseline, ours in (("llh fwd+bwd", torchcrf_llh, reference_llh),
                                  ("decode", torchcrf_decode, reference_decode)):
-        t_base, t_ours = median_seconds(baseline, ours, repeats)
+        t_base, t_ours = median_seconds(baseline, ours, repeats, clock)
         print(f"B={batch} T={seq_len} K={num_tags} {name:12s} torchcrf {t_base * 1e3:8.2f} ms  "
               f"reference {t_ours * 1e3:8.2f} ms  speedup {t_base / t_ours:5.2f}x")
 
@@ -68,10 +68,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: time.perf_counter; cpu: time.process_time, this process's CPU time (steadier "
+                        "when other processes load the machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"median of {args.repeats}")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     for num_tags in (9, 37):
-        bench(32, 128, num_tags, args.repeats)
+        bench(32, 128, num_tags, args.repeats, clock)
 
 
 if __name__ == "__main__":

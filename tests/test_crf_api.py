@@ -405,11 +405,16 @@ def test_functional_reductions_and_layout():
     torch.testing.assert_close(marginals.sum(2), args["mask"].float())
 
 
-def test_auto_backend_and_unknown_backend():
+def test_backend_argument_reaches_the_dispatcher(monkeypatch):
+    """``backend`` goes to fusedloss._dispatch: "auto" honours FUSEDLOSS_BACKEND, an unknown name is refused."""
     args = functional_args()
+    monkeypatch.setenv("FUSEDLOSS_BACKEND", "reference")
     torch.testing.assert_close(crf_log_likelihood(**args), crf_log_likelihood(**args, backend=BACKEND))
+    monkeypatch.setenv("FUSEDLOSS_BACKEND", "fortran")
     with pytest.raises(ValueError, match="backend"):
-        crf_log_likelihood(**args, backend="fortran")
+        crf_log_likelihood(**args)
+    with pytest.raises(ValueError, match="backend"):
+        CRF(4, backend="fortran").decode(args["emissions"])
 
 
 def test_compiles_without_graph_breaks():

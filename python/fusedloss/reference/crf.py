@@ -163,36 +163,42 @@ def crf_viterbi(
         transitions_to_from = transitions.t().contiguous()  # [j, i] scores i -> j
         # Time first, and split into per-step views once: indexing a view per step costs as much as an op.
         emissions_at = emissions.transpose(0, 1).contiguous().unbind(0)
-        # δ_t for every t; like α it runs on past each sequence's end.
-        deltas = emissions.new_empty(seq_len, batch_size, num_tags)
-        deltas_at = deltas.unbind(0)
-        backpointers_at = deltas.new_empty(deltas.shape, dtype=torch.int64).unbind(0) if store_backpointers else None
-        torch.add(start_transitions, emissions_at[0], out=deltas_at[0])
+        delta = start_transitions + emissions_at[0]
+        deltas = [delta]  # δ_t for every t; like α it runs on past each sequence's end
+        backpointers = [delta.new_zeros(delta.shape, dtype=torch.int64)]  # backpointers[t]: t-1 given t
         # One (B, K, K) buffer for all steps: a fresh tensor of that size per step costs more than the max.
-        candidates = deltas.new_empty(batch_size, num_tags, num_tags)
-        for t in range(1, seq_len):
-            torch.add(deltas_at[t - 1].unsqueeze(1), transitions_to_from, out=candidates)
+        candidates = delta.new_empty(batch_size, num_tags, num_tags)
+        for emission in emissions_at[1:]:
+            torch.add(delta.unsqueeze(1), transitions_to_from, out=candidates)
             if store_backpointers:
-                torch.max(candidates, dim=2, out=(deltas_at[t], backpointers_at[t]))
+                delta, best_previous = candidates.max(dim=2)
+                backpointers.append(best_previous)
             else:
-                torch.amax(candidates, dim=2, out=deltas_at[t])
-            deltas_at[t].add_(emissions_at[t])
+                delta = candidates.amax(dim=2)
+            delta = delta.add_(emission)
+            deltas.append(delta)
         lengths = mask.sum(1)
-        final_delta = deltas[lengths - 1, torch.arange(batch_size, device=lengths.device)]
+        final_delta = torch.stack(deltas)[lengths - 1, torch.arange(batch_size, device=lengths.device)]
         current = (final_delta + end_transitions).argmax(1, keepdim=True)  # (B, 1)
 
         # Backtrace for the whole batch: at step t, `current` is the path's tag at t for sequences longer than
         # t, and their last tag for the others (which have not started their backtrace yet).
-        inside_at = mask.t().unsqueeze(2).unbind(0)  # inside_at[t]: (B, 1), t < length
+        inside = mask.t().unsqueeze(2)  # inside[t]: (B, 1), t < length
         path = [current]
-        for t in range(seq_len - 1, 0, -1):
-            if store_backpointers:
-                previous = backpointers_at[t].gather(1, current)
-            else:
+        if store_backpointers:
+            # Past each sequence's end the backpointers are the identity, so the tag stays put: one gather a step.
+            identity = torch.arange(num_tags, device=delta.device)
+            backpointers_at = torch.where(inside, torch.stack(backpointers), identity).unbind(0)
+            for t in range(seq_len - 1, 0, -1):
+                current = backpointers_at[t].gather(1, current)
+                path.append(current)
+        else:
+            inside_at = inside.unbind(0)
+            for t in range(seq_len - 1, 0, -1):
                 column = torch.index_select(transitions_to_from, 0, current.view(-1))
-                previous = column.add_(deltas_at[t - 1]).argmax(1, keepdim=True)
-            current = torch.where(inside_at[t], previous, current)
-            path.append(current)
+                previous = column.add_(deltas[t - 1]).argmax(1, keepdim=True)
+                current = torch.where(inside_at[t], previous, current)
+                path.append(current)
         path.reverse()
         best_path = torch.cat(path, 1)
     score = _gold_score(emissions, best_path, mask, transitions, start_transitions, end_transitions)
