@@ -186,60 +186,82 @@ struct Params {
   acc_t z_loss = 0;
   acc_t softcap = 0;          // 0: no soft-cap
   acc_t inv_softcap = 0;
-  acc_t weight_sum = 0;       // Σ_c w_c (C without weights); used by smoothed hard targets
 };
 
-// What the statistics sweep accumulates. Merging two partial states (CUDA reductions, or the
-// blocks of the host sweep) rescales the smaller max's sum: online softmax.
+// What the statistics sweep accumulates, relative to the running max so that log-probabilities
+// are formed as (s − max) − log Σ exp(s − max), never as s − lse (lse rounds to the ulp of its own
+// magnitude, which would cost relative accuracy in every p_c). Merging two partial states (blocks
+// of the host sweep, CUDA threads) rescales the one with the smaller max: online softmax.
+//   sum_a   = Σ a'_c     sum_a_s = Σ a'_c·(s_c − max)
+// with a'_c = w_c for smoothed hard targets (the ε/C part of the target) and a_c for soft targets.
 template <typename acc_t>
 struct RowStats {
   acc_t max = Limits<acc_t>::large_negative;
-  acc_t sum_exp = 0;    // Σ exp(s_c − max)
-  acc_t sum_a_s = 0;    // Σ a'_c·s_c: hard targets Σ w_c s_c (smoothing part), soft targets Σ a_c s_c
-  acc_t sum_a = 0;      // soft targets: A = Σ a_c
+  acc_t sum_exp = 0;
+  acc_t sum_a_s = 0;
+  acc_t sum_a = 0;
+
+  // Adds one class with logit s and target weight a (a = 0 when the row needs no target sums).
+  FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void add(acc_t s, acc_t a) {
+    if (s > max) {
+      sum_exp = sum_exp * fast_exp(max - s) + acc_t(1);
+      sum_a_s += sum_a * (max - s);
+      max = s;
+    } else {
+      sum_exp += fast_exp(s - max);
+    }
+    sum_a_s += a * (s - max);
+    sum_a += a;
+  }
 
   FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void merge(const RowStats& other) {
     const acc_t new_max = max_of(max, other.max);
     sum_exp = sum_exp * fast_exp(max - new_max) + other.sum_exp * fast_exp(other.max - new_max);
-    max = new_max;
-    sum_a_s += other.sum_a_s;
+    sum_a_s = sum_a_s + sum_a * (max - new_max) + other.sum_a_s + other.sum_a * (other.max - new_max);
     sum_a += other.sum_a;
+    max = new_max;
   }
-
-  FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t logsumexp() const { return max + log(sum_exp); }
 };
 
-// The row's loss and the row constants of its gradient:
-//   dl/ds_j = p_j·p_coef − smooth_coef·w_j − [j = y]·target_coef          (hard targets)
-//   dl/ds_j = p_j·p_coef − a_j                                              (soft targets, γ = 0)
-//   dl/ds_j = p_j·p_coef + a_j·cost'(lp_j)                                  (per_class_focal)
+// The row's loss and the row constants of its gradient. With p_j = exp((s_j − max) − log_sum):
+//   hard targets:  dl/ds_j = p_j·(target_coef + p_rest) − smooth_coef·w_j,  j ≠ y
+//                  dl/ds_y = (p_y − 1)·target_coef + p_rest·p_y − smooth_coef·w_y
+//   soft, γ = 0:   dl/ds_j = p_j·p_rest − a_j
+//   per_class_focal: dl/ds_j = p_j·p_rest + a_j·cost'(lp_j)
+// The target class keeps p_y − 1 as one factor: for C = 1 (p = 1) its gradient is exactly 0, as
+// torch's, and in bfloat16 output it is rounded once, after the subtraction.
 template <typename acc_t>
 struct RowResult {
   acc_t loss = 0;
-  acc_t lse = 0;
-  acc_t p_coef = 0;
+  acc_t max = 0;
+  acc_t log_sum = 0;  // log Σ exp(s_c − max)
+  acc_t p_rest = 0;
   acc_t smooth_coef = 0;
   acc_t target_coef = 0;
-  bool per_class_focal = false;  // the gradient needs cost'(lp_c) of every class: see focal_row_sums
+  bool per_class_focal = false;  // the gradient needs cost'(lp_c) of every class: finish_per_class_focal
+
+  FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t log_prob(acc_t s) const { return (s - max) - log_sum; }
+  FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t logsumexp() const { return max + log_sum; }
 };
 
-// True when a hard-target row needs cost'(lp_c) for every class (focal with smoothing).
 template <typename acc_t>
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool needs_per_class_focal(const Params<acc_t>& prm, bool soft) {
-  return prm.focal_gamma != acc_t(0) && (soft || prm.label_smoothing != acc_t(0));
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE RowResult<acc_t> start_row(const RowStats<acc_t>& stats) {
+  RowResult<acc_t> res;
+  res.max = stats.max;
+  res.log_sum = log(stats.sum_exp);
+  return res;
 }
 
-// Finish a hard-target row from its statistics and its target's soft-capped logit s_y.
-// Stats must hold sum_a_s = Σ_c w_c s_c when ε > 0. Not for per-class focal rows (γ ≠ 0 and ε > 0),
-// which finish_per_class_focal completes.
+// Finish a hard-target row from its statistics (sum_a and sum_a_s over w_c when ε > 0) and its
+// target's soft-capped logit s_y. Focal rows with smoothing only get their log-sum here and are
+// completed by finish_per_class_focal after a second sweep.
 template <typename acc_t>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE RowResult<acc_t> finish_hard_row(const RowStats<acc_t>& stats,
                                                                         const Params<acc_t>& prm, acc_t s_y,
                                                                         acc_t w_y) {
-  RowResult<acc_t> res;
-  const acc_t lse = stats.logsumexp();
-  res.lse = lse;
-  const acc_t lp_y = s_y - lse;
+  RowResult<acc_t> res = start_row(stats);
+  const acc_t lse = res.logsumexp();
+  const acc_t lp_y = res.log_prob(s_y);
   const acc_t eps = prm.label_smoothing;
   const acc_t z_term = acc_t(2) * prm.z_loss * lse;
   const acc_t z_value = prm.z_loss * lse * lse;
@@ -252,18 +274,18 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE RowResult<acc_t> finish_hard_row(const Ro
     focal_cost(lp_y, prm.focal_gamma, &cost, &dcost);
     const acc_t g_y = w_y * dcost;
     res.loss = w_y * cost + z_value;
-    res.p_coef = z_term - g_y;
     res.target_coef = -g_y;
+    res.p_rest = z_term;
     return res;
   }
   const acc_t eps_c = eps / acc_t(prm.num_classes);
-  // Σ_c a_c lp_c = (1 − ε) w_y lp_y + ε/C (Σ_c w_c s_c − Σ_c w_c · lse)
   acc_t loss = -(acc_t(1) - eps) * w_y * lp_y;
-  if (eps != acc_t(0)) loss -= eps_c * (stats.sum_a_s - prm.weight_sum * lse);
+  // ε/C · Σ_c w_c lp_c = ε/C · (Σ_c w_c (s_c − max) − Σ_c w_c · log_sum)
+  if (eps != acc_t(0)) loss -= eps_c * (stats.sum_a_s - stats.sum_a * res.log_sum);
   res.loss = loss + z_value;
-  res.p_coef = (acc_t(1) - eps) * w_y + eps_c * prm.weight_sum + z_term;
-  res.smooth_coef = eps_c;
   res.target_coef = (acc_t(1) - eps) * w_y;
+  res.p_rest = eps != acc_t(0) ? eps_c * stats.sum_a + z_term : z_term;
+  res.smooth_coef = eps_c;
   return res;
 }
 
@@ -273,29 +295,30 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t soft_weight(acc_t t, acc_t w, acc_t
   return ((acc_t(1) - eps) * t + eps_c) * w;
 }
 
-// Finish a soft-target row with γ = 0; stats hold sum_a_s = Σ a_c s_c and sum_a = A.
+// Finish a soft-target row (stats over a_c); γ ≠ 0 rows are completed by finish_per_class_focal.
 template <typename acc_t>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE RowResult<acc_t> finish_soft_row(const RowStats<acc_t>& stats,
                                                                         const Params<acc_t>& prm) {
-  RowResult<acc_t> res;
-  const acc_t lse = stats.logsumexp();
-  res.lse = lse;
+  RowResult<acc_t> res = start_row(stats);
   if (prm.focal_gamma != acc_t(0)) {
     res.per_class_focal = true;
     return res;
   }
-  res.loss = lse * stats.sum_a - stats.sum_a_s + prm.z_loss * lse * lse;
-  res.p_coef = stats.sum_a + acc_t(2) * prm.z_loss * lse;
+  const acc_t lse = res.logsumexp();
+  // −Σ_c a_c lp_c = A·log_sum − Σ_c a_c (s_c − max)
+  res.loss = stats.sum_a * res.log_sum - stats.sum_a_s + prm.z_loss * lse * lse;
+  res.p_rest = stats.sum_a + acc_t(2) * prm.z_loss * lse;
   return res;
 }
 
 // Per-class focal rows: given Σ_c a_c cost(lp_c) and G = Σ_c a_c cost'(lp_c) (a second sweep),
-// the loss and p_coef = 2·z·lse − G.
+// the loss and p_rest = 2·z·lse − G.
 template <typename acc_t>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void finish_per_class_focal(RowResult<acc_t>* res, const Params<acc_t>& prm,
                                                                    acc_t sum_cost, acc_t sum_dcost) {
-  res->loss = sum_cost + prm.z_loss * res->lse * res->lse;
-  res->p_coef = acc_t(2) * prm.z_loss * res->lse - sum_dcost;
+  const acc_t lse = res->logsumexp();
+  res->loss = sum_cost + prm.z_loss * lse * lse;
+  res->p_rest = acc_t(2) * prm.z_loss * lse - sum_dcost;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,20 +374,31 @@ FUSEDLOSS_INLINE acc_t block_sum_exp(const acc_t* s, int64_t len, acc_t shift) {
   return result;
 }
 
-// Σ_i v_i·s_i over the block (v = w, or unit when v is null).
+// Σ_i v_i·(s_i − shift) over the block (v = w, or ones when v is null).
 template <typename acc_t>
-FUSEDLOSS_INLINE acc_t block_dot(const acc_t* v, const acc_t* s, int64_t len) {
+FUSEDLOSS_INLINE acc_t block_dot(const acc_t* v, const acc_t* s, acc_t shift, int64_t len) {
   acc_t lanes[kLanes] = {};
   int64_t i = 0;
   if (v == nullptr) {
     for (; i + kLanes <= len; i += kLanes)
-      for (int k = 0; k < kLanes; ++k) lanes[k] += s[i + k];
+      for (int k = 0; k < kLanes; ++k) lanes[k] += s[i + k] - shift;
   } else {
     for (; i + kLanes <= len; i += kLanes)
-      for (int k = 0; k < kLanes; ++k) lanes[k] += v[i + k] * s[i + k];
+      for (int k = 0; k < kLanes; ++k) lanes[k] += v[i + k] * (s[i + k] - shift);
   }
   acc_t result = lane_sum(lanes);
-  for (; i < len; ++i) result += (v == nullptr ? acc_t(1) : v[i]) * s[i];
+  for (; i < len; ++i) result += (v == nullptr ? acc_t(1) : v[i]) * (s[i] - shift);
+  return result;
+}
+
+template <typename acc_t>
+FUSEDLOSS_INLINE acc_t block_sum(const acc_t* v, int64_t len) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += v[i + k];
+  acc_t result = lane_sum(lanes);
+  for (; i < len; ++i) result += v[i];
   return result;
 }
 
@@ -385,6 +419,7 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
   const acc_t eps = prm.label_smoothing;
   const acc_t eps_c = eps / acc_t(C);
   const bool hard_smoothing = !is_soft && eps != acc_t(0);
+  const bool softcap = prm.softcap != acc_t(0);
   acc_t s[kBlock];  // s_c of the block
   acc_t a[kBlock];  // soft targets: a_c of the block
   acc_t g[kBlock];  // gradient of the block before the conversion to scalar_t
@@ -394,8 +429,18 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
       a[i] = soft_weight(static_cast<acc_t>(soft[start + i]), weight == nullptr ? acc_t(1) : weight[start + i], eps,
                          eps_c);
   };
+  auto logit = [&](int64_t c) {
+    const acc_t v = static_cast<acc_t>(x[c]);
+    return softcap ? softcap_value(v, prm.softcap, prm.inv_softcap) : v;
+  };
+  // a_c of a per-class focal row.
+  auto target_weight = [&](int64_t c) {
+    const acc_t w_c = weight == nullptr ? acc_t(1) : weight[c];
+    return is_soft ? soft_weight(static_cast<acc_t>(soft[c]), w_c, eps, eps_c)
+                   : (eps_c + (c == target ? acc_t(1) - eps : acc_t(0))) * w_c;
+  };
 
-  // Sweep 1: online max / sum of exp, and the sums the loss needs.
+  // Sweep 1: online max / sum of exp, and the target sums the loss needs.
   RowStats<acc_t> stats;
   for (int64_t start = 0; start < C; start += kBlock) {
     const int64_t len = min_of(kBlock, C - start);
@@ -403,16 +448,15 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
     RowStats<acc_t> block;
     block.max = block_max(s, len);
     block.sum_exp = block_sum_exp(s, len, block.max);
-    if (hard_smoothing) block.sum_a_s = block_dot(weight == nullptr ? nullptr : weight + start, s, len);
+    if (hard_smoothing) {
+      const acc_t* w = weight == nullptr ? nullptr : weight + start;
+      block.sum_a_s = block_dot(w, s, block.max, len);
+      block.sum_a = w == nullptr ? acc_t(len) : block_sum(w, len);
+    }
     if (is_soft) {
       load_soft_weights(start, len);
-      block.sum_a_s = block_dot(a, s, len);
-      acc_t lanes[kLanes] = {};
-      int64_t i = 0;
-      for (; i + kLanes <= len; i += kLanes)
-        for (int k = 0; k < kLanes; ++k) lanes[k] += a[i + k];
-      block.sum_a = lane_sum(lanes);
-      for (; i < len; ++i) block.sum_a += a[i];
+      block.sum_a_s = block_dot(a, s, block.max, len);
+      block.sum_a = block_sum(a, len);
     }
     if (start == 0) {
       stats = block;
@@ -428,40 +472,31 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
     res = finish_soft_row(stats, prm);
   } else {
     w_y = weight == nullptr ? acc_t(1) : weight[target];
-    const acc_t x_y = static_cast<acc_t>(x[target]);
-    s_y = prm.softcap != acc_t(0) ? softcap_value(x_y, prm.softcap, prm.inv_softcap) : x_y;
+    s_y = logit(target);
     res = finish_hard_row(stats, prm, s_y, w_y);
   }
-  const acc_t lse = res.lse;
 
   if (res.per_class_focal) {
-    // Sweep 2 (focal with smoothing or soft targets): Σ a_c cost(lp_c) and G = Σ a_c cost'(lp_c).
+    // Focal with smoothing or soft targets: Σ a_c cost(lp_c) and G = Σ a_c cost'(lp_c), then the
+    // gradient, per class (pow and expm1 per element: this combination is not on the fast path).
     acc_t sum_cost = 0, sum_dcost = 0;
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t x_c = static_cast<acc_t>(x[c]);
-      const acc_t s_c = prm.softcap != acc_t(0) ? softcap_value(x_c, prm.softcap, prm.inv_softcap) : x_c;
-      const acc_t w_c = weight == nullptr ? acc_t(1) : weight[c];
-      const acc_t a_c = is_soft ? soft_weight(static_cast<acc_t>(soft[c]), w_c, eps, eps_c)
-                                : (eps_c + (c == target ? acc_t(1) - eps : acc_t(0))) * w_c;
       acc_t cost, dcost;
-      focal_cost(s_c - lse, prm.focal_gamma, &cost, &dcost);
+      focal_cost(res.log_prob(logit(c)), prm.focal_gamma, &cost, &dcost);
+      const acc_t a_c = target_weight(c);
       sum_cost += a_c * cost;
       sum_dcost += a_c * dcost;
     }
     finish_per_class_focal(&res, prm, sum_cost, sum_dcost);
     if (grad != nullptr) {
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t x_c = static_cast<acc_t>(x[c]);
-        const acc_t s_c = prm.softcap != acc_t(0) ? softcap_value(x_c, prm.softcap, prm.inv_softcap) : x_c;
-        const acc_t w_c = weight == nullptr ? acc_t(1) : weight[c];
-        const acc_t a_c = is_soft ? soft_weight(static_cast<acc_t>(soft[c]), w_c, eps, eps_c)
-                                  : (eps_c + (c == target ? acc_t(1) - eps : acc_t(0))) * w_c;
+        const acc_t s_c = logit(c);
+        const acc_t lp = res.log_prob(s_c);
         acc_t cost, dcost;
-        const acc_t lp = s_c - lse;
         focal_cost(lp, prm.focal_gamma, &cost, &dcost);
-        acc_t g = fast_exp(lp) * res.p_coef + a_c * dcost;
-        if (prm.softcap != acc_t(0)) g *= softcap_derivative(s_c, prm.inv_softcap);
-        grad[c] = static_cast<scalar_t>(g * grad_scale);
+        acc_t d = fast_exp(lp) * res.p_rest + target_weight(c) * dcost;
+        if (softcap) d *= softcap_derivative(s_c, prm.inv_softcap);
+        grad[c] = static_cast<scalar_t>(d * grad_scale);
       }
     }
     return res.loss;
@@ -469,33 +504,34 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
 
   if (grad == nullptr) return res.loss;
 
-  // Sweep 2: dl/dx_j = scale·(p_j·p_coef − smooth_coef·w_j − a_j)·ds/dx, one row constant and one
-  // per-class term; the target class is rewritten afterwards in acc_t (its p_y − 1 must not be
-  // rounded to the input dtype before the subtraction).
-  const acc_t p_coef = res.p_coef * grad_scale;
+  // Sweep 2: dl/dx_j = scale·(p_j·p_coef − smooth_coef·w_j − a_j)·ds/dx: one row constant and one
+  // per-class term; the target class is rewritten afterwards in acc_t from p_y − 1.
+  const acc_t p_coef = (res.target_coef + res.p_rest) * grad_scale;
   const acc_t smooth_coef = res.smooth_coef * grad_scale;
-  const bool softcap = prm.softcap != acc_t(0);
+  const acc_t row_max = res.max;
+  const acc_t log_sum = res.log_sum;
   for (int64_t start = 0; start < C; start += kBlock) {
     const int64_t len = min_of(kBlock, C - start);
     load_block(x + start, len, prm, s);
     scalar_t* out = grad + start;
     if (is_soft) {
       load_soft_weights(start, len);
-      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp(s[i] - lse) * p_coef - a[i] * grad_scale;
+      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp((s[i] - row_max) - log_sum) * p_coef - a[i] * grad_scale;
     } else if (smooth_coef != acc_t(0) && weight != nullptr) {
       const acc_t* w = weight + start;
-      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp(s[i] - lse) * p_coef - smooth_coef * w[i];
+      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp((s[i] - row_max) - log_sum) * p_coef - smooth_coef * w[i];
     } else if (smooth_coef != acc_t(0)) {
-      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp(s[i] - lse) * p_coef - smooth_coef;
+      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp((s[i] - row_max) - log_sum) * p_coef - smooth_coef;
     } else {
-      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp(s[i] - lse) * p_coef;
+      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp((s[i] - row_max) - log_sum) * p_coef;
     }
     if (softcap)
       for (int64_t i = 0; i < len; ++i) g[i] *= softcap_derivative(s[i], prm.inv_softcap);
     for (int64_t i = 0; i < len; ++i) out[i] = static_cast<scalar_t>(g[i]);
   }
   if (!is_soft) {
-    acc_t g_y = fast_exp(s_y - lse) * p_coef - smooth_coef * w_y - res.target_coef * grad_scale;
+    const acc_t p_y = fast_exp(res.log_prob(s_y));
+    acc_t g_y = ((p_y - acc_t(1)) * res.target_coef + p_y * res.p_rest - res.smooth_coef * w_y) * grad_scale;
     if (softcap) g_y *= softcap_derivative(s_y, prm.inv_softcap);
     grad[target] = static_cast<scalar_t>(g_y);
   }

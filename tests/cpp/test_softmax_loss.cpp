@@ -75,9 +75,6 @@ void run_case(const Case& c, std::mt19937& rng, double value_tol, double grad_to
   prm.z_loss = acc_t(c.z);
   prm.softcap = acc_t(c.softcap);
   prm.inv_softcap = c.softcap > 0 ? acc_t(1.0 / c.softcap) : acc_t(0);
-  double w_sum = 0;
-  for (auto v : w) w_sum += v;
-  prm.weight_sum = acc_t(w_sum);
 
   std::vector<acc_t> xa(x.begin(), x.end()), ta(t.begin(), t.end()), wa(w.begin(), w.end()), grad(C);
   const acc_t scale = acc_t(0.5);
