@@ -7,19 +7,21 @@
 
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
   // Per-sequence log-likelihood score(tags) - log Z, (B,), in promote_types(emissions, transitions).
-  // Also returns log Z (B,) and, when save_for_backward, the forward variables alpha (B, T, K) (rows past
-  // a sequence's end are not written), both in the compute dtype (float32, or float64 when either input
-  // is float64); without save_for_backward alpha is empty.
+  // Also returns log Z (B,) in float64 and, when save_for_backward, the normalized forward variables
+  // alpha (B, T, K) in the compute dtype (float32, or float64 when either input is float64) with their
+  // per-step offsets (B, T) in float64 (alpha_t = alpha[:, t] + offsets[:, t]; entries past a sequence's end
+  // are not written); without save_for_backward both are empty.
   m.def(
       "crf_log_likelihood_forward(Tensor emissions, Tensor tags, Tensor mask, Tensor transitions, "
-      "Tensor start_transitions, Tensor end_transitions, bool save_for_backward) -> (Tensor, Tensor, Tensor)");
+      "Tensor start_transitions, Tensor end_transitions, bool save_for_backward) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of sum_b grad[b] * log_likelihood[b] w.r.t. emissions (0 at masked positions), transitions,
-  // start and end transitions, each in its input's dtype. log_partition and alpha come from the forward;
-  // an empty alpha makes the backward recompute the forward recursion per sequence.
+  // start and end transitions, each in its input's dtype. log_partition, alpha and alpha_offsets come from
+  // the forward; an empty alpha makes the backward recompute the forward recursion per sequence.
   m.def(
       "crf_log_likelihood_backward(Tensor grad, Tensor emissions, Tensor tags, Tensor mask, Tensor transitions, "
-      "Tensor start_transitions, Tensor end_transitions, Tensor log_partition, Tensor alpha) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor start_transitions, Tensor end_transitions, Tensor log_partition, Tensor alpha, "
+      "Tensor alpha_offsets) -> (Tensor, Tensor, Tensor, Tensor)");
   // Best path per sequence: tags (B, T) int64 padded with -1 past each sequence's end, and its score (B,).
   m.def(
       "crf_viterbi(Tensor emissions, Tensor mask, Tensor transitions, Tensor start_transitions, "

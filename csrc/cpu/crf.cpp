@@ -2,8 +2,9 @@
 // csrc/kernels/crf.h, sequences in parallel with at::parallel_for.
 //
 // Compute dtype: float32 for float16/bfloat16/float32 emissions (16-bit emissions are read as they are and
-// converted one row at a time), float64 when emissions or transitions are float64. Extra memory: the
-// forward variables alpha (B, T, K) in the compute dtype, only when the backward will need them; per-thread
+// converted one row at a time), float64 when emissions or transitions are float64; log Z, the gold score and
+// the per-step offsets of the normalized forward variables in float64. Extra memory: the forward variables
+// alpha (B, T, K) in the compute dtype and their offsets (B, T), only when the backward will need them; per-thread
 // workspace of O(T K) otherwise, and for the transition gradient one (K, K) accumulator per slot of
 // sequences.
 //
@@ -175,9 +176,10 @@ struct ForwardJob {
   const int64_t* tags;
   const int64_t* lengths;
   int64_t T_len;
-  T* alpha;  // (B, T, K) or nullptr
+  T* alpha;         // (B, T, K) or nullptr
+  double* offsets;  // (B, T) or nullptr
   T* log_likelihood;
-  T* log_partition;
+  double* log_partition;
   uint8_t* bad_tags;
 
   FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
@@ -188,14 +190,15 @@ struct ForwardJob {
       const int64_t L = lengths[b];
       const E* em = emissions + b * T_len * K;
       const int64_t* y = tags + b * T_len;
-      T* alpha_b = alpha != nullptr ? alpha + b * T_len * K : scratch.data() + crf::Workspace<T>::size(K);
-      const T log_z = crf::forward(*tab, em, L, alpha_b, alpha != nullptr, ws);
+      const bool store = alpha != nullptr;
+      T* alpha_b = store ? alpha + b * T_len * K : scratch.data() + crf::Workspace<T>::size(K);
+      const double log_z = crf::forward(*tab, em, L, alpha_b, store ? offsets + b * T_len : nullptr, store, ws);
       log_partition[b] = log_z;
       if (!crf::tags_in_range(y, L, K)) {
         bad_tags[b] = 1;
         continue;
       }
-      log_likelihood[b] = crf::gold_score(*tab, em, y, L) - log_z;
+      log_likelihood[b] = static_cast<T>(crf::gold_score(*tab, em, y, L) - log_z);
     }
   }
 };
@@ -207,8 +210,9 @@ struct BackwardJob {
   const int64_t* tags;
   const int64_t* lengths;
   int64_t T_len, B, num_slots, max_length;
-  const T* alpha;  // (B, T, K) or nullptr: recompute
-  const T* log_partition;
+  const T* alpha;          // (B, T, K) or nullptr: recompute
+  const double* offsets;   // (B, T) or nullptr
+  const double* log_partition;
   const T* grad;
   E* grad_emissions;
   T* slot_grads;  // per slot: transitions (K, K) transposed, start (K), end (K)
@@ -217,6 +221,7 @@ struct BackwardJob {
     const int K = tab->K;
     const int64_t slot_size = static_cast<int64_t>(K) * K + 2 * K;
     std::vector<T> scratch(crf::Workspace<T>::size(K) + (alpha == nullptr ? max_length * K : 0));
+    std::vector<double> offsets_scratch(alpha == nullptr ? max_length : 0);
     const auto ws = crf::Workspace<T>::carve(scratch.data(), K);
     for (int64_t slot = slot_begin; slot < slot_end; ++slot) {
       T* acc = slot_grads + slot * slot_size;
@@ -224,15 +229,18 @@ struct BackwardJob {
         const int64_t L = lengths[b];
         const E* em = emissions + b * T_len * K;
         const T* alpha_b = alpha;
+        const double* offsets_b = offsets;
         if (alpha != nullptr) {
           alpha_b += b * T_len * K;
+          offsets_b += b * T_len;
         } else {
           T* recomputed = scratch.data() + crf::Workspace<T>::size(K);
-          crf::forward(*tab, em, L, recomputed, true, ws);
+          crf::forward(*tab, em, L, recomputed, offsets_scratch.data(), true, ws);
           alpha_b = recomputed;
+          offsets_b = offsets_scratch.data();
         }
         E* out = grad_emissions + b * T_len * K;
-        crf::backward<true>(*tab, em, tags + b * T_len, L, alpha_b, log_partition[b], grad[b], out, acc,
+        crf::backward<true>(*tab, em, tags + b * T_len, L, alpha_b, offsets_b, log_partition[b], grad[b], out, acc,
                             acc + static_cast<int64_t>(K) * K, acc + static_cast<int64_t>(K) * K + K, ws);
         std::fill(out + L * K, out + T_len * K, E(0));
       }
@@ -275,14 +283,15 @@ struct MarginalsJob {
   FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
     const int K = tab->K;
     std::vector<T> scratch(crf::Workspace<T>::size(K) + max_length * K);
+    std::vector<double> offsets(max_length);
     const auto ws = crf::Workspace<T>::carve(scratch.data(), K);
     T* alpha = scratch.data() + crf::Workspace<T>::size(K);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t L = lengths[b];
       const E* em = emissions + b * T_len * K;
       T* out = marginals + b * T_len * K;
-      const T log_z = crf::forward(*tab, em, L, alpha, true, ws);
-      crf::backward<false>(*tab, em, static_cast<const int64_t*>(nullptr), L, alpha, log_z, T(1), out,
+      const double log_z = crf::forward(*tab, em, L, alpha, offsets.data(), true, ws);
+      crf::backward<false>(*tab, em, static_cast<const int64_t*>(nullptr), L, alpha, offsets.data(), log_z, T(1), out,
                            static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr), ws);
       std::fill(out + L * K, out + T_len * K, T(0));
     }
@@ -296,7 +305,7 @@ int64_t max_of_lengths(const std::vector<int64_t>& lengths) {
 // ---------------------------------------------------------------------------------------------------
 // Op implementations.
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_forward_cpu(
     const at::Tensor& emissions_arg, const at::Tensor& tags_arg, const at::Tensor& mask,
     const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
     bool save_for_backward) {
@@ -308,8 +317,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_forward_cpu(
   const std::vector<int64_t> lengths = sequence_lengths(mask);
   const auto opts = emissions.options().dtype(dtype);
   at::Tensor log_likelihood = at::empty({B}, opts);
-  at::Tensor log_partition = at::empty({B}, opts);
+  const auto opts64 = emissions.options().dtype(at::kDouble);
+  at::Tensor log_partition = at::empty({B}, opts64);
   at::Tensor alpha = save_for_backward ? at::empty({B, T_len, K}, opts) : at::empty({0}, opts);
+  at::Tensor offsets = save_for_backward ? at::empty({B, T_len}, opts64) : at::empty({0}, opts64);
   std::vector<uint8_t> bad_tags(B, 0);
   dispatch_types(emissions, [&](auto e_tag, auto t_tag) {
     using E = typename decltype(e_tag)::type;
@@ -321,30 +332,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_forward_cpu(
                                lengths.data(),
                                T_len,
                                save_for_backward ? alpha.data_ptr<T>() : nullptr,
+                               save_for_backward ? offsets.data_ptr<double>() : nullptr,
                                log_likelihood.data_ptr<T>(),
-                               log_partition.data_ptr<T>(),
+                               log_partition.data_ptr<double>(),
                                bad_tags.data()};
     run_parallel(job, B);
   });
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(!bad_tags[b], "crf: tags of sequence ", b, " hold a value outside [0, ", K, ")");
   }
-  return {log_likelihood.to(result_dtype), log_partition, alpha};
+  return {log_likelihood.to(result_dtype), log_partition, alpha, offsets};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_backward_cpu(
     const at::Tensor& grad_arg, const at::Tensor& emissions_arg, const at::Tensor& tags_arg, const at::Tensor& mask,
     const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
-    const at::Tensor& log_partition_arg, const at::Tensor& alpha_arg) {
+    const at::Tensor& log_partition_arg, const at::Tensor& alpha_arg, const at::Tensor& offsets_arg) {
   const at::ScalarType dtype = compute_dtype(emissions_arg, transitions_arg);
   const at::Tensor emissions = emissions_for(emissions_arg, dtype);
   const at::Tensor tags = tags_arg.to(at::kLong).contiguous();
   const int64_t B = emissions.size(0), T_len = emissions.size(1), K = emissions.size(2);
   const std::vector<int64_t> lengths = sequence_lengths(mask);
   const at::Tensor grad = grad_arg.to(dtype).contiguous();
-  const at::Tensor log_partition = log_partition_arg.to(dtype).contiguous();
+  const at::Tensor log_partition = log_partition_arg.to(at::kDouble).contiguous();
   const bool have_alpha = alpha_arg.numel() > 0;
   const at::Tensor alpha = have_alpha ? alpha_arg.to(dtype).contiguous() : alpha_arg;
+  const at::Tensor offsets = have_alpha ? offsets_arg.to(at::kDouble).contiguous() : offsets_arg;
   // Slots: as many as there are sequences, up to 4M accumulator entries in all (16 MiB in float32).
   const int64_t slot_size = K * K + 2 * K;
   const int64_t num_slots = std::max<int64_t>(1, std::min<int64_t>(B, (int64_t(1) << 22) / slot_size));
@@ -363,7 +376,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
                                 num_slots,
                                 max_of_lengths(lengths),
                                 have_alpha ? alpha.const_data_ptr<T>() : nullptr,
-                                log_partition.const_data_ptr<T>(),
+                                have_alpha ? offsets.const_data_ptr<double>() : nullptr,
+                                log_partition.const_data_ptr<double>(),
                                 grad.const_data_ptr<T>(),
                                 grad_emissions.data_ptr<E>(),
                                 slot_grads.data_ptr<T>()};

@@ -204,19 +204,31 @@ struct Workspace {
   T* sums;      // S (forward) or S' (backward)
   T* scale;     // F (backward)
   T* beta;      // beta_t, then beta_{t-1} (backward)
-  T* extra;     // v (backward), the previous alpha (forward without storage)
+  T* extra;     // v (backward)
   FUSEDLOSS_HOST_DEVICE static int64_t size(int K) { return 6 * static_cast<int64_t>(K); }
   FUSEDLOSS_HOST_DEVICE static Workspace carve(T* buffer, int K) {
     return Workspace{buffer, buffer + K, buffer + 2 * K, buffer + 3 * K, buffer + 4 * K, buffer + 5 * K};
   }
 };
 
-// One forward step: next[j] = logsumexp_i(prev[i] + A[i, j]) + emission[j] (matrix form, guarded).
+// Subtracts the maximum of x (K,) from it and returns that maximum: alpha and beta are kept as
+// alpha_t = hat_t + offset_t with hat_t <= 0 and a float64 offset, so the K^2 loops run on numbers of the
+// size of one step's spread, and the growth of the scores with t (|log Z| ~ L * |emission|) is summed in
+// float64 rather than rounded into every entry.
 template <typename T>
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void forward_step(const Tables<T>& tab, const T* prev, const T* emission,
-                                                         T* next, T* p, T* sums) {
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T normalize(T* x, int K) {
+  const T m = max_over(x, K);
+  for (int k = 0; k < K; ++k) x[k] -= m;
+  return m;
+}
+
+// One forward step on normalized values: next[j] = logsumexp_i(prev[i] + A[i, j]) + emission[j]
+// (matrix form, guarded), then normalized; returns the maximum taken out.
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T forward_step(const Tables<T>& tab, const T* prev, const T* emission,
+                                                      T* next, T* p, T* sums) {
   const int K = tab.K;
-  const T m = max_over(prev, K);
+  const T m = max_over(prev, K);  // 0 unless a NaN came in
   for (int i = 0; i < K; ++i) p[i] = fast_exp(prev[i] - m);
   for (int j = 0; j < K; ++j) sums[j] = 0;
   for (int i = 0; i < K; ++i) {
@@ -238,36 +250,43 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void forward_step(const Tables<T>& tab, c
     for (int i = 0; i < K; ++i) s += exp(prev[i] + tab.transitions[static_cast<int64_t>(i) * K + j] - best);
     next[j] = best + log(s) + emission[j];
   }
+  return normalize(next, K);
 }
 
-// Forward algorithm over one sequence. Returns log Z. alpha: (L, K) when store_alpha (kept for the
-// backward sweep), else (2, K) of scratch.
+// Forward algorithm over one sequence; returns log Z. With store_alpha, alpha (L, K) and offsets (L,) keep
+// alpha_t = alpha[t] + offsets[t] for the backward sweep; without, alpha is (2, K) of scratch and offsets is
+// unused.
 template <typename E, typename T>
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T forward(const Tables<T>& tab, const E* emissions, int64_t L, T* alpha,
-                                                 bool store_alpha, const Workspace<T>& ws) {
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double forward(const Tables<T>& tab, const E* emissions, int64_t L, T* alpha,
+                                                      double* offsets, bool store_alpha, const Workspace<T>& ws) {
   const int K = tab.K;
   load_row(emissions, 0, K, ws.emission);
   for (int k = 0; k < K; ++k) alpha[k] = tab.start[k] + ws.emission[k];
+  double offset = static_cast<double>(normalize(alpha, K));
+  if (store_alpha) offsets[0] = offset;
   for (int64_t t = 1; t < L; ++t) {
     const T* prev = alpha + (store_alpha ? (t - 1) * K : ((t - 1) & 1) * K);
     T* next = alpha + (store_alpha ? t * K : (t & 1) * K);
     load_row(emissions, t, K, ws.emission);
-    forward_step(tab, prev, ws.emission, next, ws.weights, ws.sums);
+    offset += static_cast<double>(forward_step(tab, prev, ws.emission, next, ws.weights, ws.sums));
+    if (store_alpha) offsets[t] = offset;
   }
   const T* last = alpha + (store_alpha ? (L - 1) * K : ((L - 1) & 1) * K);
-  return logsumexp_sum(last, tab.end, K);
+  return offset + static_cast<double>(logsumexp_sum(last, tab.end, K));
 }
 
-// score(tags) of one sequence; tags are in [0, K) (the caller checks: see tags_in_range).
+// score(tags) of one sequence; tags are in [0, K) (the caller checks: see tags_in_range). Summed in float64,
+// like the offsets of the forward algorithm that it is compared with.
 template <typename E, typename T>
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T gold_score(const Tables<T>& tab, const E* emissions, const int64_t* tags,
-                                                    int64_t L) {
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double gold_score(const Tables<T>& tab, const E* emissions,
+                                                         const int64_t* tags, int64_t L) {
   const int K = tab.K;
-  T score = tab.start[tags[0]] + static_cast<T>(emissions[tags[0]]);
+  double score = static_cast<double>(tab.start[tags[0]]) + static_cast<double>(static_cast<T>(emissions[tags[0]]));
   for (int64_t t = 1; t < L; ++t) {
-    score += tab.transitions[tags[t - 1] * K + tags[t]] + static_cast<T>(emissions[t * K + tags[t]]);
+    score += static_cast<double>(tab.transitions[tags[t - 1] * K + tags[t]]);
+    score += static_cast<double>(static_cast<T>(emissions[t * K + tags[t]]));
   }
-  return score + tab.end[tags[L - 1]];
+  return score + static_cast<double>(tab.end[tags[L - 1]]);
 }
 
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool tags_in_range(const int64_t* tags, int64_t L, int K) {
@@ -276,7 +295,9 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool tags_in_range(const int64_t* tags, i
   return ok;
 }
 
-// Backward sweep over one sequence, from the stored alpha (L, K) and log Z.
+// Backward sweep over one sequence, from the stored alpha (L, K) with its offsets (L,) and log Z. beta is
+// kept normalized the same way (beta_t = beta[.] + beta_offset), and every exponent that combines both with
+// log Z takes its offsets as one float64 sum first.
 // kGradient = true (log-likelihood gradient, tags given): out[t, k] = g * (1[y_t = k] - u_t[k]) and the
 //   transition gradients are accumulated: grad_transitions_t[j * K + i] += g * (gold count - sum_t P_t(i, j))
 //   (transposed), grad_start[k] += g * (1[y_0 = k] - u_0[k]), grad_end[k] += g * (1[y_{L-1} = k] - u_{L-1}[k]).
@@ -284,16 +305,18 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool tags_in_range(const int64_t* tags, i
 // Rows t >= L of out are not written.
 template <bool kGradient, typename E, typename T, typename Out>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const E* emissions, const int64_t* tags,
-                                                     int64_t L, const T* alpha, T log_z, T g, Out* out,
-                                                     T* grad_transitions_t, T* grad_start, T* grad_end,
-                                                     const Workspace<T>& ws) {
+                                                     int64_t L, const T* alpha, const double* offsets,
+                                                     double log_z, T g, Out* out, T* grad_transitions_t,
+                                                     T* grad_start, T* grad_end, const Workspace<T>& ws) {
   const int K = tab.K;
   T* beta = ws.beta;
   T* u = ws.scale;  // u_t of the row being written; F is computed into the same vector below
   const T* alpha_last = alpha + (L - 1) * K;
-  for (int k = 0; k < K; ++k) {
-    beta[k] = tab.end[k];
-    u[k] = exp(alpha_last[k] + beta[k] - log_z);
+  for (int k = 0; k < K; ++k) beta[k] = tab.end[k];
+  double beta_offset = static_cast<double>(normalize(beta, K));
+  {
+    const T shift = static_cast<T>(offsets[L - 1] + beta_offset - log_z);
+    for (int k = 0; k < K; ++k) u[k] = exp(alpha_last[k] + beta[k] + shift);
   }
   auto write_row = [&](int64_t t, const T* marginals) {
     Out* row = out + t * K;
@@ -318,8 +341,10 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
     load_row(emissions, t, K, ws.emission);
     for (int j = 0; j < K; ++j) v[j] = ws.emission[j] + beta[j];
     const T mv = max_over(v, K);
+    // alpha_{t-1} + v - log Z = alpha_prev + v + shift: the offsets enter as one rounded number.
+    const T shift = static_cast<T>(offsets[t - 1] + beta_offset - log_z);
     for (int j = 0; j < K; ++j) w[j] = fast_exp(v[j] - mv);
-    for (int i = 0; i < K; ++i) scale[i] = fast_exp(alpha_prev[i] + tab.row_max[i] + mv - log_z);
+    for (int i = 0; i < K; ++i) scale[i] = fast_exp(alpha_prev[i] + tab.row_max[i] + mv + shift);
     for (int i = 0; i < K; ++i) sums[i] = 0;
     if (kGradient) {
       // ws.beta is free until beta_{t-1} is written: it holds g * F_i for the rows swept in the matrix form.
@@ -345,7 +370,8 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
         for (int i = 0; i < K; ++i) sums[i] += e_row[i] * wj;
       }
     }
-    // beta_{t-1} and u_{t-1} = F * S' (overwrites F, kept per row where the exact path needs it).
+    // beta_{t-1} (relative to beta_offset) and u_{t-1} = F * S' (overwrites F, kept per row where the exact
+    // path needs it).
     for (int i = 0; i < K; ++i) {
       const T s = sums[i] >= Guard<T>::min_sum ? sums[i] : Guard<T>::min_sum;
       beta[i] = fast_log(s) + mv + tab.row_max[i];
@@ -357,11 +383,12 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
       if (exact_row) beta[i] = logsumexp_sum(a_row, v, K);
       if (exact_pairs) {
         for (int j = 0; j < K; ++j) {
-          grad_transitions_t[static_cast<int64_t>(j) * K + i] -= g * exp(alpha_prev[i] + a_row[j] + v[j] - log_z);
+          grad_transitions_t[static_cast<int64_t>(j) * K + i] -= g * exp(alpha_prev[i] + a_row[j] + v[j] + shift);
         }
       }
-      u[i] = exact_row ? exp(alpha_prev[i] + beta[i] - log_z) : scale[i] * sums[i];
+      u[i] = exact_row ? exp(alpha_prev[i] + beta[i] + shift) : scale[i] * sums[i];
     }
+    beta_offset += static_cast<double>(normalize(beta, K));
     write_row(t - 1, u);
   }
   if (kGradient) {

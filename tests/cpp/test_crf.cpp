@@ -116,7 +116,8 @@ BruteForce brute_force(const Problem& p) {
 // The kernels on one problem in precision T.
 template <typename T>
 struct Run {
-  T log_z, gold, viterbi_score;
+  double log_z, gold;
+  T viterbi_score;
   std::vector<int64_t> viterbi_path;
   std::vector<T> grad_emissions, grad_transitions, grad_start, grad_end, marginals;
 };
@@ -135,24 +136,26 @@ Run<T> run_kernels(const Problem& p, T g) {
   std::vector<T> work(Workspace<T>::size(K));
   const auto ws = Workspace<T>::carve(work.data(), K);
   std::vector<T> alpha(L * K), scratch(2 * K);
+  std::vector<double> offsets(L);
 
   Run<T> r;
-  r.log_z = fusedloss::crf::forward(tab, emissions.data(), L, alpha.data(), true, ws);
-  const T log_z_unstored = fusedloss::crf::forward(tab, emissions.data(), L, scratch.data(), false, ws);
+  r.log_z = fusedloss::crf::forward(tab, emissions.data(), L, alpha.data(), offsets.data(), true, ws);
+  const double log_z_unstored = fusedloss::crf::forward(tab, emissions.data(), L, scratch.data(),
+                                                        static_cast<double*>(nullptr), false, ws);
   check(log_z_unstored == r.log_z, "forward without stored alpha gives the same log Z");
   r.gold = fusedloss::crf::gold_score(tab, emissions.data(), p.tags.data(), L);
   r.grad_emissions.assign(L * K, 0);
   std::vector<T> grad_t(K * K, 0);
   r.grad_start.assign(K, 0);
   r.grad_end.assign(K, 0);
-  fusedloss::crf::backward<true>(tab, emissions.data(), p.tags.data(), L, alpha.data(), r.log_z, g,
+  fusedloss::crf::backward<true>(tab, emissions.data(), p.tags.data(), L, alpha.data(), offsets.data(), r.log_z, g,
                                  r.grad_emissions.data(), grad_t.data(), r.grad_start.data(), r.grad_end.data(), ws);
   r.grad_transitions.assign(K * K, 0);
   for (int i = 0; i < K; ++i)
     for (int j = 0; j < K; ++j) r.grad_transitions[i * K + j] = grad_t[j * K + i];
   r.marginals.assign(L * K, 0);
   fusedloss::crf::backward<false>(tab, emissions.data(), static_cast<const int64_t*>(nullptr), L, alpha.data(),
-                                  r.log_z, T(1), r.marginals.data(), static_cast<T*>(nullptr),
+                                  offsets.data(), r.log_z, T(1), r.marginals.data(), static_cast<T*>(nullptr),
                                   static_cast<T*>(nullptr), static_cast<T*>(nullptr), ws);
   std::vector<T> viterbi_scores(2 * K), viterbi_emission(K);
   std::vector<int32_t> best_prev(K);

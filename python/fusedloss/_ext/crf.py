@@ -10,7 +10,8 @@ is float64). The math is in ``csrc/kernels/crf.h``:
 
 - ``crf_log_likelihood``: ``score(tags) - log Z`` per sequence, ``(B,)``. The forward op runs the forward
   algorithm (matrix form with its underflow guard) and the gold score in one sweep and, when a gradient will be
-  needed, keeps the forward variables alpha ``(B, T, K)`` in the compute dtype; the backward op runs the
+  needed, keeps the forward variables alpha ``(B, T, K)`` in the compute dtype (normalized per step, with
+  float64 offsets ``(B, T)``, so that long sequences keep float32 precision); the backward op runs the
   backward algorithm from them and produces, in the same sweep, ``grad · (gold indicators − marginals)`` for
   the emissions and the three transition tensors.
 - ``crf_viterbi``: best path per sequence, tags ``(B, T)`` int64 padded with -1, and its score ``(B,)``.
@@ -45,13 +46,14 @@ def _forward_fake(emissions, tags, mask, transitions, start_transitions, end_tra
     result, compute = _dtypes(emissions, transitions)
     batch = emissions.shape[0]
     alpha_shape = emissions.shape if save_for_backward else (0,)
-    return (emissions.new_empty((batch,), dtype=result), emissions.new_empty((batch,), dtype=compute),
-            emissions.new_empty(alpha_shape, dtype=compute))
+    offsets_shape = emissions.shape[:2] if save_for_backward else (0,)
+    return (emissions.new_empty((batch,), dtype=result), emissions.new_empty((batch,), dtype=torch.float64),
+            emissions.new_empty(alpha_shape, dtype=compute), emissions.new_empty(offsets_shape, dtype=torch.float64))
 
 
 @torch.library.register_fake("fusedloss::crf_log_likelihood_backward")
 def _backward_fake(grad, emissions, tags, mask, transitions, start_transitions, end_transitions, log_partition,
-                   alpha):
+                   alpha, alpha_offsets):
     return (torch.empty_like(emissions), torch.empty_like(transitions), torch.empty_like(start_transitions),
             torch.empty_like(end_transitions))
 
@@ -71,13 +73,13 @@ def _marginals_fake(emissions, mask, transitions, start_transitions, end_transit
 
 def _setup_context(ctx, inputs, output):
     emissions, tags, mask, transitions, start_transitions, end_transitions, _ = inputs
-    _, log_partition, alpha = output
-    ctx.mark_non_differentiable(log_partition, alpha)
+    _, log_partition, alpha, alpha_offsets = output
+    ctx.mark_non_differentiable(log_partition, alpha, alpha_offsets)
     ctx.save_for_backward(emissions, tags, mask, transitions, start_transitions, end_transitions, log_partition,
-                          alpha)
+                          alpha, alpha_offsets)
 
 
-def _backward(ctx, grad_log_likelihood, _grad_log_partition, _grad_alpha):
+def _backward(ctx, grad_log_likelihood, _grad_log_partition, _grad_alpha, _grad_alpha_offsets):
     grads = torch.ops.fusedloss.crf_log_likelihood_backward(grad_log_likelihood, *ctx.saved_tensors)
     grad_emissions, grad_transitions, grad_start, grad_end = grads
     return grad_emissions, None, None, grad_transitions, grad_start, grad_end, None
@@ -92,7 +94,7 @@ def crf_log_likelihood(emissions: torch.Tensor, tags: torch.Tensor, mask: torch.
     the three transition tensors (hand-written backward)."""
     save = torch.is_grad_enabled() and any(
         x.requires_grad for x in (emissions, transitions, start_transitions, end_transitions))
-    log_likelihood, _, _ = torch.ops.fusedloss.crf_log_likelihood_forward(
+    log_likelihood, _, _, _ = torch.ops.fusedloss.crf_log_likelihood_forward(
         emissions, tags, mask, transitions, start_transitions, end_transitions, save)
     return log_likelihood
 

@@ -1,0 +1,207 @@
+// The cuda backend of the CRF ops: the torch side (dtypes, allocation of outputs and workspace, the sum of the
+// per-sequence transition gradients) around the torch-free kernels of csrc/cuda/crf.cu. Compiled only when
+// torch has CUDA (setup.py). Same contract and dtype rules as the CPU kernels in csrc/cpu/crf.cpp.
+//
+// Sequence lengths come from the mask by a sum on the device (no host sync); tags out of range are reported
+// by a per-sequence flag that is checked on the host, which syncs once per forward.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <tuple>
+
+namespace fusedloss {
+namespace crf {
+namespace cuda {
+// Defined in csrc/cuda/crf.cu; dtype_code: 0 float16, 1 bfloat16, 2 float32, 3 float64 (compute dtype float64
+// for 3, float32 otherwise).
+void launch_forward(int dtype_code, const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B,
+                    int64_t T_len, int K, const void* transitions, const void* start, const void* end, void* tables,
+                    void* workspace, void* alpha, double* offsets, void* log_likelihood, double* log_partition,
+                    uint8_t* bad_tags, cudaStream_t stream);
+void launch_backward(int dtype_code, const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B,
+                     int64_t T_len, int K, const void* transitions, const void* start, const void* end, void* tables,
+                     void* workspace, const void* alpha, const double* offsets, const double* log_partition,
+                     const void* grad, void* grad_emissions, void* slot_grads, cudaStream_t stream);
+void launch_marginals(int dtype_code, const void* emissions, const int64_t* lengths, int64_t B, int64_t T_len, int K,
+                      const void* transitions, const void* start, const void* end, void* tables, void* workspace,
+                      void* alpha, double* offsets, void* marginals, cudaStream_t stream);
+void launch_viterbi(int dtype_code, const void* emissions, const int64_t* lengths, int64_t B, int64_t T_len, int K,
+                    const void* transitions, const void* start, const void* end, void* workspace, int32_t* best_prev,
+                    int16_t* backpointers, int64_t* paths, void* scores, cudaStream_t stream);
+}  // namespace cuda
+}  // namespace crf
+
+namespace {
+
+// The compute dtype and the emissions in a dtype the kernels read (widened to float64 when transitions are).
+struct Inputs {
+  at::ScalarType result_dtype, dtype;
+  int dtype_code;
+  at::Tensor emissions, transitions, start, end, lengths;
+  int64_t B, T_len;
+  int K;
+};
+
+Inputs prepare(const at::Tensor& emissions_arg, const at::Tensor& mask, const at::Tensor& transitions_arg,
+               const at::Tensor& start_arg, const at::Tensor& end_arg) {
+  TORCH_CHECK(emissions_arg.dim() == 3, "crf: emissions must be (B, T, K), got ", emissions_arg.sizes());
+  Inputs in;
+  in.result_dtype = at::promote_types(emissions_arg.scalar_type(), transitions_arg.scalar_type());
+  const bool wide = emissions_arg.scalar_type() == at::kDouble || transitions_arg.scalar_type() == at::kDouble;
+  in.dtype = wide ? at::kDouble : at::kFloat;
+  in.emissions = (wide ? emissions_arg.to(at::kDouble) : emissions_arg).contiguous();
+  switch (in.emissions.scalar_type()) {
+    case at::kHalf:
+      in.dtype_code = 0;
+      break;
+    case at::kBFloat16:
+      in.dtype_code = 1;
+      break;
+    case at::kFloat:
+      in.dtype_code = 2;
+      break;
+    case at::kDouble:
+      in.dtype_code = 3;
+      break;
+    default:
+      TORCH_CHECK(false, "crf: emissions must be float16, bfloat16, float32 or float64, got ",
+                  emissions_arg.scalar_type());
+  }
+  in.transitions = transitions_arg.to(in.dtype).contiguous();
+  in.start = start_arg.to(in.dtype).contiguous();
+  in.end = end_arg.to(in.dtype).contiguous();
+  in.lengths = mask.sum(1, false, at::kLong).contiguous();
+  in.B = in.emissions.size(0);
+  in.T_len = in.emissions.size(1);
+  in.K = static_cast<int>(in.emissions.size(2));
+  return in;
+}
+
+at::Tensor make_tables(const Inputs& in) {
+  return at::empty({2 * in.K + 2 * static_cast<int64_t>(in.K) * in.K}, in.emissions.options().dtype(in.dtype));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_forward_cuda(
+    const at::Tensor& emissions_arg, const at::Tensor& tags_arg, const at::Tensor& mask,
+    const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
+    bool save_for_backward) {
+  const c10::cuda::CUDAGuard device_guard(emissions_arg.device());
+  const Inputs in = prepare(emissions_arg, mask, transitions_arg, start_arg, end_arg);
+  const at::Tensor tags = tags_arg.to(at::kLong).contiguous();
+  const auto opts = in.emissions.options().dtype(in.dtype);
+  const auto opts64 = in.emissions.options().dtype(at::kDouble);
+  at::Tensor log_likelihood = at::empty({in.B}, opts);
+  at::Tensor log_partition = at::empty({in.B}, opts64);
+  at::Tensor alpha = save_for_backward ? at::empty({in.B, in.T_len, in.K}, opts) : at::empty({0}, opts);
+  at::Tensor offsets = save_for_backward ? at::empty({in.B, in.T_len}, opts64) : at::empty({0}, opts64);
+  at::Tensor bad_tags = at::zeros({in.B}, in.emissions.options().dtype(at::kByte));
+  at::Tensor tables = make_tables(in);
+  at::Tensor workspace = at::empty({in.B, 8 * static_cast<int64_t>(in.K)}, opts);
+  crf::cuda::launch_forward(in.dtype_code, in.emissions.const_data_ptr(), tags.const_data_ptr<int64_t>(),
+                            in.lengths.const_data_ptr<int64_t>(), in.B, in.T_len, in.K, in.transitions.const_data_ptr(),
+                            in.start.const_data_ptr(), in.end.const_data_ptr(), tables.data_ptr(), workspace.data_ptr(),
+                            save_for_backward ? alpha.data_ptr() : nullptr,
+                            save_for_backward ? offsets.data_ptr<double>() : nullptr, log_likelihood.data_ptr(),
+                            log_partition.data_ptr<double>(), bad_tags.data_ptr<uint8_t>(),
+                            c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK(!bad_tags.any().item<bool>(), "crf: tags hold a value outside [0, ", in.K, ")");
+  return {log_likelihood.to(in.result_dtype), log_partition, alpha, offsets};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_backward_cuda(
+    const at::Tensor& grad_arg, const at::Tensor& emissions_arg, const at::Tensor& tags_arg, const at::Tensor& mask,
+    const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
+    const at::Tensor& log_partition_arg, const at::Tensor& alpha_arg, const at::Tensor& offsets_arg) {
+  const c10::cuda::CUDAGuard device_guard(emissions_arg.device());
+  const Inputs in = prepare(emissions_arg, mask, transitions_arg, start_arg, end_arg);
+  const at::Tensor tags = tags_arg.to(at::kLong).contiguous();
+  at::Tensor alpha = alpha_arg.to(in.dtype).contiguous();
+  at::Tensor offsets = offsets_arg.to(at::kDouble).contiguous();
+  at::Tensor log_partition = log_partition_arg.to(at::kDouble).contiguous();
+  if (alpha.numel() == 0) {
+    // The forward ran without saving: run it again, saving.
+    auto saved = crf_log_likelihood_forward_cuda(emissions_arg, tags_arg, mask, transitions_arg, start_arg, end_arg,
+                                                 true);
+    alpha = std::get<2>(saved);
+    offsets = std::get<3>(saved);
+    log_partition = std::get<1>(saved);
+  }
+  const at::Tensor grad = grad_arg.to(in.dtype).contiguous();
+  const auto opts = in.emissions.options().dtype(in.dtype);
+  const int64_t slot_size = static_cast<int64_t>(in.K) * in.K + 2 * in.K;
+  at::Tensor slot_grads = at::zeros({in.B, slot_size}, opts);
+  at::Tensor grad_emissions = at::empty_like(in.emissions);
+  at::Tensor tables = make_tables(in);
+  at::Tensor workspace = at::empty({in.B, 6 * static_cast<int64_t>(in.K)}, opts);
+  crf::cuda::launch_backward(in.dtype_code, in.emissions.const_data_ptr(), tags.const_data_ptr<int64_t>(),
+                             in.lengths.const_data_ptr<int64_t>(), in.B, in.T_len, in.K,
+                             in.transitions.const_data_ptr(), in.start.const_data_ptr(), in.end.const_data_ptr(),
+                             tables.data_ptr(), workspace.data_ptr(), alpha.const_data_ptr(),
+                             offsets.const_data_ptr<double>(), log_partition.const_data_ptr<double>(),
+                             grad.const_data_ptr(), grad_emissions.data_ptr(), slot_grads.data_ptr(),
+                             c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t K = in.K;
+  const at::Tensor total = slot_grads.sum(0);
+  const at::Tensor grad_transitions = total.narrow(0, 0, K * K).view({K, K}).t().contiguous();
+  return {grad_emissions.to(emissions_arg.scalar_type()), grad_transitions.to(transitions_arg.scalar_type()),
+          total.narrow(0, K * K, K).to(start_arg.scalar_type()),
+          total.narrow(0, K * K + K, K).to(end_arg.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> crf_viterbi_cuda(const at::Tensor& emissions_arg, const at::Tensor& mask,
+                                                    const at::Tensor& transitions_arg, const at::Tensor& start_arg,
+                                                    const at::Tensor& end_arg) {
+  const c10::cuda::CUDAGuard device_guard(emissions_arg.device());
+  const Inputs in = prepare(emissions_arg, mask, transitions_arg, start_arg, end_arg);
+  TORCH_CHECK(in.K <= 32767, "crf_viterbi: backpointers are int16, so K must be at most 32767, got ", in.K);
+  const auto opts = in.emissions.options().dtype(in.dtype);
+  at::Tensor paths = at::empty({in.B, in.T_len}, in.emissions.options().dtype(at::kLong));
+  at::Tensor scores = at::empty({in.B}, opts);
+  at::Tensor workspace = at::empty({in.B, 3 * static_cast<int64_t>(in.K)}, opts);
+  at::Tensor best_prev = at::empty({in.B, in.K}, in.emissions.options().dtype(at::kInt));
+  at::Tensor backpointers = at::empty({in.B, in.T_len, in.K}, in.emissions.options().dtype(at::kShort));
+  crf::cuda::launch_viterbi(in.dtype_code, in.emissions.const_data_ptr(), in.lengths.const_data_ptr<int64_t>(), in.B,
+                            in.T_len, in.K, in.transitions.const_data_ptr(), in.start.const_data_ptr(),
+                            in.end.const_data_ptr(), workspace.data_ptr(), best_prev.data_ptr<int32_t>(),
+                            backpointers.data_ptr<int16_t>(), paths.data_ptr<int64_t>(), scores.data_ptr(),
+                            c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {paths, scores.to(in.result_dtype)};
+}
+
+at::Tensor crf_marginals_cuda(const at::Tensor& emissions_arg, const at::Tensor& mask,
+                              const at::Tensor& transitions_arg, const at::Tensor& start_arg,
+                              const at::Tensor& end_arg) {
+  const c10::cuda::CUDAGuard device_guard(emissions_arg.device());
+  const Inputs in = prepare(emissions_arg, mask, transitions_arg, start_arg, end_arg);
+  const auto opts = in.emissions.options().dtype(in.dtype);
+  at::Tensor marginals = at::empty({in.B, in.T_len, in.K}, opts);
+  at::Tensor alpha = at::empty({in.B, in.T_len, in.K}, opts);
+  at::Tensor offsets = at::empty({in.B, in.T_len}, in.emissions.options().dtype(at::kDouble));
+  at::Tensor tables = make_tables(in);
+  at::Tensor workspace = at::empty({in.B, 6 * static_cast<int64_t>(in.K)}, opts);
+  crf::cuda::launch_marginals(in.dtype_code, in.emissions.const_data_ptr(), in.lengths.const_data_ptr<int64_t>(),
+                              in.B, in.T_len, in.K, in.transitions.const_data_ptr(), in.start.const_data_ptr(),
+                              in.end.const_data_ptr(), tables.data_ptr(), workspace.data_ptr(), alpha.data_ptr(),
+                              offsets.data_ptr<double>(), marginals.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return marginals.to(in.result_dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
+  m.impl("crf_log_likelihood_forward", &crf_log_likelihood_forward_cuda);
+  m.impl("crf_log_likelihood_backward", &crf_log_likelihood_backward_cuda);
+  m.impl("crf_viterbi", &crf_viterbi_cuda);
+  m.impl("crf_marginals", &crf_marginals_cuda);
+}
+
+}  // namespace fusedloss
