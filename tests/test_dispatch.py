@@ -109,3 +109,20 @@ def test_per_call_reasons_decline_a_backend(monkeypatch):
     assert _dispatch.why_not("softmax_loss", "reference", CPU, *_softmax_args(2, 3)) == []
     with pytest.raises(fusedloss.BackendUnavailable, match="reference: does not take float64 here"):
         _dispatch.resolve("softmax_loss", "reference", CPU, *args64)
+
+
+def test_auto_compiles_without_graph_breaks_past_a_declining_backend(monkeypatch):
+    """``auto`` walks past a backend that declines (cpp not built, or a per-call reason) inside
+    torch.compile(fullgraph=True): the search must not build its error text while tracing."""
+    monkeypatch.setitem(_dispatch._BACKEND_REASONS, "cpp", "pretend the extension is not built")
+    torch._dynamo.reset()
+
+    def loss(x, y):
+        return fusedloss.cross_entropy(x, y)
+
+    x = torch.randn(4, 5, requires_grad=True)
+    y = torch.tensor([0, 4, 2, 1])
+    explanation = torch._dynamo.explain(loss)(x, y)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch.testing.assert_close(torch.compile(loss, fullgraph=True, backend="eager")(x, y),
+                               torch.nn.functional.cross_entropy(x, y))

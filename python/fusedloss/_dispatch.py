@@ -201,8 +201,11 @@ def resolve(op: str, backend: str, device: torch.device, *args, **kwargs) -> Tup
         reasons, impl = _reasons(op, name, device, args, kwargs)
         if impl is not None:
             return name, impl
-        all_reasons.append(f"{name}: " + "; ".join(reasons))
-    raise BackendUnavailable(f"no backend can run {op} for this call:\n  " + "\n  ".join(all_reasons))
+        all_reasons.append((name, reasons))
+    # The words are joined only here: torch.compile traces the search above when a backend ahead
+    # of the chosen one declines, and it cannot trace str.join.
+    lines = [f"{name}: " + "; ".join(reasons) for name, reasons in all_reasons]
+    raise BackendUnavailable(f"no backend can run {op} for this call:\n  " + "\n  ".join(lines))
 
 
 def call(op: str, backend: str, device: torch.device, *args, **kwargs):
