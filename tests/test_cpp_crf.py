@@ -242,10 +242,26 @@ def test_large_emissions_long_sequence():
     best64 = ref.crf_viterbi(*double(emissions), mask, *double(transitions, start, end))[1]
     assert torch.all(log_z64 >= best64) and torch.all(log_z64 <= best64 + 2000 * torch.log(torch.tensor(9.0)))
     assert torch.isfinite(log_z).all()
+    # Viterbi scores (|score| ~ 3e5) are normalized per step as well.
+    scores = cpp.crf_viterbi(emissions, mask, transitions, start, end)[1]
+    torch.testing.assert_close(scores.double(), best64, rtol=torch.finfo(torch.float32).eps, atol=0)
     # The float32 kernel sums the per-step offsets in float64, so each step rounds only its own increment
     # (eps · |increment|): at most eps · |log Z| in all, where a float32 running log Z would round ~3e5 at
     # every one of the 2000 steps (about 50 times that).
     torch.testing.assert_close(log_z, log_z64, rtol=torch.finfo(torch.float32).eps, atol=0)
+
+
+def test_nan_stays_in_its_sequence():
+    """SPEC 7: a NaN emission makes that sequence's outputs NaN and no other's."""
+    emissions, tags, mask, transitions, start, end = make_case(3, 6, 4, seed=31, ragged=False)
+    emissions[0, 2, 1] = float("nan")
+    llh, d_emissions, d_transitions, _, _ = log_likelihood_and_grads(cpp.crf_log_likelihood, emissions, tags, mask,
+                                                                     transitions, start, end)
+    assert llh.isnan().tolist() == [True, False, False]
+    assert d_emissions.isnan().flatten(1).any(1).tolist() == [True, False, False]
+    assert cpp.crf_viterbi(emissions, mask, transitions, start, end)[1].isnan().tolist() == [True, False, False]
+    marginals = cpp.crf_marginals(emissions, mask, transitions, start, end)
+    assert marginals.isnan().flatten(1).any(1).tolist() == [True, False, False]
 
 
 def test_thread_count_does_not_change_results():

@@ -265,8 +265,8 @@ struct ViterbiJob {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t L = lengths[b];
       int64_t* path = paths + b * T_len;
-      scores[b] = crf::viterbi(*tab, emissions + b * T_len * K, L, scratch.data(), scratch.data() + 2 * K,
-                               best_prev.data(), backpointers.data(), path);
+      scores[b] = static_cast<T>(crf::viterbi(*tab, emissions + b * T_len * K, L, scratch.data(), scratch.data() + 2 * K,
+                               best_prev.data(), backpointers.data(), path));
       std::fill(path + L, path + T_len, int64_t(-1));
     }
   }

@@ -103,8 +103,8 @@ __global__ void viterbi_kernel(Tables<T> tab, const E* emissions, const int64_t*
   const int64_t L = lengths[b];
   T* ws = workspace + b * 3 * static_cast<int64_t>(K);
   int64_t* path = paths + b * T_len;
-  scores[b] = viterbi(tab, emissions + b * T_len * K, L, ws, ws + 2 * K, best_prev + b * K,
-                      backpointers + b * T_len * K, path);
+  scores[b] = static_cast<T>(viterbi(tab, emissions + b * T_len * K, L, ws, ws + 2 * K, best_prev + b * K,
+                                     backpointers + b * T_len * K, path));
   for (int64_t t = L; t < T_len; ++t) path[t] = -1;
 }
 

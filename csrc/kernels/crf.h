@@ -397,16 +397,19 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
   }
 }
 
-// Viterbi over one sequence: writes the best path to path[0..L) and returns its score.
+// Viterbi over one sequence: writes the best path to path[0..L) and returns its score. The running scores
+// are normalized each step like alpha (their maximum moves into a float64 offset), so a long sequence's score
+// is not rounded at its full size at every step.
 // score: (2, K) scratch; best_prev: (K,) int32 scratch; backpointers: (L, K) of uint8_t or int16_t.
 template <typename E, typename T, typename BP>
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T viterbi(const Tables<T>& tab, const E* emissions, int64_t L, T* score,
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double viterbi(const Tables<T>& tab, const E* emissions, int64_t L, T* score,
                                                  T* emission, int32_t* best_prev, BP* backpointers, int64_t* path) {
   const int K = tab.K;
   T* cur = score;
   T* nxt = score + K;
   load_row(emissions, 0, K, emission);
   for (int k = 0; k < K; ++k) cur[k] = tab.start[k] + emission[k];
+  double offset = static_cast<double>(normalize(cur, K));
   for (int64_t t = 1; t < L; ++t) {
     // Predecessor 0 first, then strictly better ones: the lowest index wins ties. A NaN candidate wins
     // and stays, so NaN reaches the score.
@@ -430,6 +433,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T viterbi(const Tables<T>& tab, const E* 
       nxt[j] += emission[j];
       bp[j] = static_cast<BP>(best_prev[j]);
     }
+    offset += static_cast<double>(normalize(nxt, K));
     T* swap = cur;
     cur = nxt;
     nxt = swap;
@@ -449,7 +453,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T viterbi(const Tables<T>& tab, const E* 
     best = static_cast<int>(backpointers[t * K + best]);
     path[t - 1] = best;
   }
-  return best_score;
+  return offset + static_cast<double>(best_score);
 }
 
 }  // namespace crf
