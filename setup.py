@@ -35,7 +35,10 @@ def _extensions_and_cmdclass():
         print("fusedloss: torch not importable, skipping the _C extension", file=sys.stderr)
         return [], {}
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # torch >= 2.10 headers are C++20. -fno-trapping-math lets the compiler if-convert (and so vectorize) the
+    # branch-free selects of the kernels' exp; nothing here reads floating-point exception flags. -g0 drops the
+    # debug information Python's CFLAGS ask for: with torch's headers it triples compile time and .so size.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-g0"]
     # Vector ISA: baseline x86-64 only (the wheel must run on any x86-64); the hot loops are written
     # so that the compiler vectorizes them at the baseline width. FUSEDLOSS_NATIVE=1 opts into
     # -march=native for a local build.
@@ -58,7 +61,7 @@ def _extensions_and_cmdclass():
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
             extra_link_args=["-fopenmp"],
         )
     else:
@@ -97,13 +100,21 @@ def _extensions_and_cmdclass():
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
+def _readme():
+    path = os.path.join(ROOT, "README.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 ext_modules, cmdclass = _extensions_and_cmdclass()
 
 setup(
     name="fusedloss",
     version="0.1.0",
     description="Fused loss kernels (cross entropy, focal, CRF, multi-label) for PyTorch",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description=_readme(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["fusedloss." + p for p in find_packages("python/fusedloss")] + ["fusedloss", "fusedloss.triton_kernels"],

@@ -155,7 +155,7 @@ __global__ void softmax_loss_kernel(const scalar_t* __restrict__ input, const in
       // The whole element in acc_t before one rounding; the target keeps p_y − 1 as one factor.
       acc_t d;
       if (is_soft) {
-        d = p * res.p_rest - target_weight(c);
+        d = (p * res.target_coef - target_weight(c)) + p * res.p_rest;
       } else {
         d = (c == y ? (p - acc_t(1)) * res.target_coef : p * res.target_coef) + p * res.p_rest -
             res.smooth_coef * class_weight(c);

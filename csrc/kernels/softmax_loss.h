@@ -226,10 +226,11 @@ struct RowStats {
 // The row's loss and the row constants of its gradient. With p_j = exp((s_j − max) − log_sum):
 //   hard targets:  dl/ds_j = p_j·(target_coef + p_rest) − smooth_coef·w_j,  j ≠ y
 //                  dl/ds_y = (p_y − 1)·target_coef + p_rest·p_y − smooth_coef·w_y
-//   soft, γ = 0:   dl/ds_j = p_j·p_rest − a_j
+//   soft, γ = 0:   dl/ds_j = (p_j·target_coef − a_j) + p_j·p_rest     (target_coef = A)
 //   per_class_focal: dl/ds_j = p_j·p_rest + a_j·cost'(lp_j)
-// The target class keeps p_y − 1 as one factor: for C = 1 (p = 1) its gradient is exactly 0, as
-// torch's, and in bfloat16 output it is rounded once, after the subtraction.
+// The target part is formed apart from the z-loss part (as autograd of the reference does), and the
+// target class keeps p_y − 1 as one factor: for C = 1 (p = 1) the gradient is exactly the z-loss
+// part, and in bfloat16 output the target class is rounded once, after the subtraction.
 template <typename acc_t>
 struct RowResult {
   acc_t loss = 0;
@@ -307,7 +308,8 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE RowResult<acc_t> finish_soft_row(const Ro
   const acc_t lse = res.logsumexp();
   // −Σ_c a_c lp_c = A·log_sum − Σ_c a_c (s_c − max)
   res.loss = stats.sum_a * res.log_sum - stats.sum_a_s + prm.z_loss * lse * lse;
-  res.p_rest = stats.sum_a + acc_t(2) * prm.z_loss * lse;
+  res.target_coef = stats.sum_a;
+  res.p_rest = acc_t(2) * prm.z_loss * lse;
   return res;
 }
 
@@ -479,7 +481,8 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
   if (res.per_class_focal) {
     // Focal with smoothing or soft targets: Σ a_c cost(lp_c) and G = Σ a_c cost'(lp_c), then the
     // gradient, per class (pow and expm1 per element: this combination is not on the fast path).
-    acc_t sum_cost = 0, sum_dcost = 0;
+    // float64 sums: a serial float32 sum over C classes would lose accuracy against torch's pairwise sums.
+    double sum_cost = 0, sum_dcost = 0;
     for (int64_t c = 0; c < C; ++c) {
       acc_t cost, dcost;
       focal_cost(res.log_prob(logit(c)), prm.focal_gamma, &cost, &dcost);
@@ -487,7 +490,7 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
       sum_cost += a_c * cost;
       sum_dcost += a_c * dcost;
     }
-    finish_per_class_focal(&res, prm, sum_cost, sum_dcost);
+    finish_per_class_focal(&res, prm, static_cast<acc_t>(sum_cost), static_cast<acc_t>(sum_dcost));
     if (grad != nullptr) {
       for (int64_t c = 0; c < C; ++c) {
         const acc_t s_c = logit(c);
@@ -507,6 +510,8 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
   // Sweep 2: dl/dx_j = scale·(p_j·p_coef − smooth_coef·w_j − a_j)·ds/dx: one row constant and one
   // per-class term; the target class is rewritten afterwards in acc_t from p_y − 1.
   const acc_t p_coef = (res.target_coef + res.p_rest) * grad_scale;
+  const acc_t target_coef = res.target_coef * grad_scale;
+  const acc_t p_rest = res.p_rest * grad_scale;
   const acc_t smooth_coef = res.smooth_coef * grad_scale;
   const acc_t row_max = res.max;
   const acc_t log_sum = res.log_sum;
@@ -516,7 +521,10 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
     scalar_t* out = grad + start;
     if (is_soft) {
       load_soft_weights(start, len);
-      for (int64_t i = 0; i < len; ++i) g[i] = fast_exp((s[i] - row_max) - log_sum) * p_coef - a[i] * grad_scale;
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t p = fast_exp((s[i] - row_max) - log_sum);
+        g[i] = (p * target_coef - a[i] * grad_scale) + p * p_rest;
+      }
     } else if (smooth_coef != acc_t(0) && weight != nullptr) {
       const acc_t* w = weight + start;
       for (int64_t i = 0; i < len; ++i) g[i] = fast_exp((s[i] - row_max) - log_sum) * p_coef - smooth_coef * w[i];

@@ -1,0 +1,142 @@
+// The cpp backend of softmax_loss (docs/BACKENDS.md): one fused pass per row computes the loss and
+// writes the gradient (csrc/kernels/softmax_loss.h), rows in parallel with at::parallel_for.
+// Extra memory: the gradient (N, C) in input's dtype (none with inplace_backward) and the (N,)
+// row losses in the compute dtype; no (N, C) float32 temporary.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <string>
+#include <tuple>
+
+#include "kernels/softmax_loss.h"
+
+namespace fusedloss {
+namespace {
+
+// Rows per parallel task: enough elements (about 32K) that scheduling costs nothing next to the row
+// work, yet small row counts of large C still split over the threads.
+int64_t rows_per_task(int64_t num_classes) {
+  constexpr int64_t kElementsPerTask = 32768;
+  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, num_classes));
+}
+
+template <typename scalar_t, typename target_t>
+void run_rows(const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
+              const softmax_loss::Params<at::opmath_type<scalar_t>>& prm, double grad_scale, at::Tensor& grad,
+              at::Tensor& row_loss) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = prm.num_classes;
+  const bool soft = target.is_floating_point();
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  const target_t* probs = soft ? target.const_data_ptr<target_t>() : nullptr;
+  const int64_t* indices = soft ? nullptr : target.const_data_ptr<int64_t>();
+  const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
+  acc_t* losses = row_loss.data_ptr<acc_t>();
+  const acc_t scale = static_cast<acc_t>(grad_scale);
+  at::parallel_for(0, input.size(0), rows_per_task(C), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t offset = row_offset(n, C);
+      losses[n] = softmax_loss::process_row<acc_t, scalar_t, target_t>(
+          x + offset, soft ? 0 : indices[n], soft ? probs + offset : nullptr, w, prm,
+          g == nullptr ? nullptr : g + offset, scale);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_loss_forward_cpu(const at::Tensor& input_arg, const at::Tensor& target_arg,
+                                                            const c10::optional<at::Tensor>& weight_arg,
+                                                            int64_t ignore_index, c10::string_view reduction,
+                                                            double label_smoothing, double focal_gamma, double z_loss,
+                                                            c10::optional<double> softcap, bool mean_by_count,
+                                                            bool compute_grad, bool inplace_backward) {
+  TORCH_CHECK(input_arg.dim() == 2, "softmax_loss_forward: input must be (N, C), got ", input_arg.sizes());
+  TORCH_CHECK(reduction == "none" || reduction == "mean" || reduction == "sum",
+              "softmax_loss_forward: reduction must be none, mean or sum, got ", reduction);
+  const at::Tensor input = input_arg.contiguous();
+  const int64_t N = input.size(0);
+  const int64_t C = input.size(1);
+  const bool soft = target_arg.is_floating_point();
+  const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
+  at::Tensor target = target_arg.contiguous();
+  if (soft) {
+    TORCH_CHECK(target.sizes() == input.sizes(), "softmax_loss_forward: soft target must have input's shape");
+    // The kernel reads probabilities in input's dtype or in the compute dtype; anything else is
+    // converted once, to the compute dtype (what the reference computes in).
+    if (target.scalar_type() != input.scalar_type() && target.scalar_type() != acc_type) target = target.to(acc_type);
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == N,
+                "softmax_loss_forward: target must be int64 (N,)");
+  }
+  at::Tensor weight;
+  if (weight_arg.has_value() && weight_arg->defined()) {
+    weight = weight_arg->to(acc_type).contiguous();
+    TORCH_CHECK(weight.dim() == 1 && weight.size(0) == C, "softmax_loss_forward: weight must be (C,)");
+  }
+
+  // The divisor of "mean", and a bounds check of the indices before any row reads x[target].
+  double divisor = static_cast<double>(N);
+  if (!soft) {
+    const int64_t* indices = target.const_data_ptr<int64_t>();
+    const at::Tensor weight64 = weight.defined() ? weight.to(at::kDouble) : at::Tensor();
+    const double* w = weight64.defined() ? weight64.const_data_ptr<double>() : nullptr;
+    divisor = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t y = indices[n];
+      if (y == ignore_index) continue;
+      TORCH_CHECK(y >= 0 && y < C, "softmax_loss_forward: target ", y, " at row ", n, " is outside [0, ", C, ")");
+      divisor += (w == nullptr || mean_by_count) ? 1.0 : w[y];
+    }
+  }
+  const double grad_scale = reduction == "mean" ? 1.0 / divisor : 1.0;
+
+  at::Tensor grad;
+  if (!compute_grad) {
+    grad = at::empty({0}, input.options());
+  } else if (inplace_backward) {
+    // A new tensor over input's storage (not an autograd view of it): the caller gave it up.
+    grad = at::empty({0}, input.options());
+    grad.set_(input.storage(), input.storage_offset(), input.sizes(), input.strides());
+  } else {
+    grad = at::empty_like(input);
+  }
+  at::Tensor row_loss = at::empty({N}, input.options().dtype(acc_type));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "softmax_loss_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    softmax_loss::Params<acc_t> prm;
+    prm.num_classes = C;
+    prm.ignore_index = ignore_index;
+    prm.label_smoothing = static_cast<acc_t>(label_smoothing);
+    prm.focal_gamma = static_cast<acc_t>(focal_gamma);
+    prm.z_loss = static_cast<acc_t>(z_loss);
+    prm.softcap = softcap.has_value() ? static_cast<acc_t>(*softcap) : acc_t(0);
+    prm.inv_softcap = softcap.has_value() ? static_cast<acc_t>(1.0 / *softcap) : acc_t(0);
+    if (soft && target.scalar_type() != input.scalar_type()) {
+      run_rows<scalar_t, acc_t>(input, target, weight, prm, grad_scale, grad, row_loss);
+    } else {
+      run_rows<scalar_t, scalar_t>(input, target, weight, prm, grad_scale, grad, row_loss);
+    }
+  });
+
+  if (reduction == "none") return {row_loss.to(input.scalar_type()), grad};
+  // A serial float64 sum: the same result for any number of threads.
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "softmax_loss_reduce_cpu", [&] {
+    const scalar_t* losses = row_loss.const_data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n) total += static_cast<double>(losses[n]);
+  });
+  if (reduction == "mean") total /= divisor;
+  return {at::scalar_tensor(total, input.options()), grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("softmax_loss_forward", &softmax_loss_forward_cpu);
+}
+
+}  // namespace fusedloss
