@@ -112,9 +112,16 @@ def test_per_call_reasons_decline_a_backend(monkeypatch):
 
 
 def test_auto_compiles_without_graph_breaks_past_a_declining_backend(monkeypatch):
-    """``auto`` walks past a backend that declines (cpp not built, or a per-call reason) inside
-    torch.compile(fullgraph=True): the search must not build its error text while tracing."""
-    monkeypatch.setitem(_dispatch._BACKEND_REASONS, "cpp", "pretend the extension is not built")
+    """``auto`` walks past a backend that declines a call with words made from the call's tensors
+    inside torch.compile(fullgraph=True): the search must not build its error text while tracing."""
+
+    def declines(input, *args):
+        return [f"pretends not to take {input.dtype} inputs of shape {tuple(input.shape)}"]
+
+    module = types.SimpleNamespace(softmax_loss=reference_softmax_loss, softmax_loss_reasons=declines)
+    monkeypatch.setattr(_dispatch, "_IMPLS", {})
+    monkeypatch.setitem(_dispatch._BACKEND_REASONS, "cpp", None)
+    monkeypatch.setitem(_dispatch._OP_TABLE["softmax_loss"], "cpp", lambda: module)
     torch._dynamo.reset()
 
     def loss(x, y):
