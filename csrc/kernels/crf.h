@@ -231,11 +231,24 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T forward_step(const Tables<T>& tab, cons
   const T m = max_over(prev, K);  // 0 unless a NaN came in
   for (int i = 0; i < K; ++i) p[i] = fast_exp(prev[i] - m);
   for (int j = 0; j < K; ++j) sums[j] = 0;
-  for (int i = 0; i < K; ++i) {
+  // Four rows of E per sweep over sums (a quarter of its loads and stores). Rows whose weights are all 0
+  // (tags far below the best one) are skipped; NaN is not 0, so it is kept.
+  T* __restrict__ acc = sums;
+  int i = 0;
+  for (; i + 4 <= K; i += 4) {
+    const T p0 = p[i], p1 = p[i + 1], p2 = p[i + 2], p3 = p[i + 3];
+    if (p0 == 0 && p1 == 0 && p2 == 0 && p3 == 0) continue;
+    const T* __restrict__ e0 = tab.e_col + static_cast<int64_t>(i) * K;
+    const T* __restrict__ e1 = e0 + K;
+    const T* __restrict__ e2 = e1 + K;
+    const T* __restrict__ e3 = e2 + K;
+    for (int j = 0; j < K; ++j) acc[j] += (p0 * e0[j] + p1 * e1[j]) + (p2 * e2[j] + p3 * e3[j]);
+  }
+  for (; i < K; ++i) {
     const T pi = p[i];
-    if (pi == 0) continue;  // tags far below the best one add nothing (and rows of E need not be read)
-    const T* e_col = tab.e_col + static_cast<int64_t>(i) * K;
-    for (int j = 0; j < K; ++j) sums[j] += pi * e_col[j];
+    if (pi == 0) continue;
+    const T* __restrict__ e_col = tab.e_col + static_cast<int64_t>(i) * K;
+    for (int j = 0; j < K; ++j) acc[j] += pi * e_col[j];
   }
   for (int j = 0; j < K; ++j) {
     const T s = sums[j] >= Guard<T>::min_sum ? sums[j] : Guard<T>::min_sum;
@@ -350,24 +363,37 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
       // ws.beta is free until beta_{t-1} is written: it holds g * F_i for the rows swept in the matrix form.
       T* g_scale = beta;
       for (int i = 0; i < K; ++i) g_scale[i] = scale[i] <= Guard<T>::max_scale ? g * scale[i] : T(0);
+      const T* __restrict__ gs = g_scale;
+      T* __restrict__ acc = sums;
       for (int j = 0; j < K; ++j) {
         const T wj = w[j];
         if (wj == 0) continue;
-        const T* e_row = tab.e_row_t + static_cast<int64_t>(j) * K;
-        T* grad = grad_transitions_t + static_cast<int64_t>(j) * K;
+        const T* __restrict__ e_row = tab.e_row_t + static_cast<int64_t>(j) * K;
+        T* __restrict__ grad = grad_transitions_t + static_cast<int64_t>(j) * K;
         for (int i = 0; i < K; ++i) {
           const T ew = e_row[i] * wj;
-          sums[i] += ew;
-          grad[i] -= g_scale[i] * ew;
+          acc[i] += ew;
+          grad[i] -= gs[i] * ew;
         }
       }
       grad_transitions_t[tags[t] * K + tags[t - 1]] += g;
     } else {
-      for (int j = 0; j < K; ++j) {
+      T* __restrict__ acc = sums;
+      int j = 0;
+      for (; j + 4 <= K; j += 4) {
+        const T w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
+        if (w0 == 0 && w1 == 0 && w2 == 0 && w3 == 0) continue;
+        const T* __restrict__ e0 = tab.e_row_t + static_cast<int64_t>(j) * K;
+        const T* __restrict__ e1 = e0 + K;
+        const T* __restrict__ e2 = e1 + K;
+        const T* __restrict__ e3 = e2 + K;
+        for (int i = 0; i < K; ++i) acc[i] += (e0[i] * w0 + e1[i] * w1) + (e2[i] * w2 + e3[i] * w3);
+      }
+      for (; j < K; ++j) {
         const T wj = w[j];
         if (wj == 0) continue;
-        const T* e_row = tab.e_row_t + static_cast<int64_t>(j) * K;
-        for (int i = 0; i < K; ++i) sums[i] += e_row[i] * wj;
+        const T* __restrict__ e_row = tab.e_row_t + static_cast<int64_t>(j) * K;
+        for (int i = 0; i < K; ++i) acc[i] += e_row[i] * wj;
       }
     }
     // beta_{t-1} (relative to beta_offset) and u_{t-1} = F * S' (overwrites F, kept per row where the exact
@@ -417,14 +443,34 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double viterbi(const Tables<T>& tab, cons
       nxt[j] = cur[0] + tab.transitions[j];
       best_prev[j] = 0;
     }
-    for (int i = 1; i < K; ++i) {
+    T* __restrict__ best = nxt;
+    int32_t* __restrict__ arg = best_prev;
+    int i = 1;
+    for (; i + 2 <= K; i += 2) {  // two predecessors per sweep, in increasing order (ties stay with the lower)
+      const T c0 = cur[i], c1 = cur[i + 1];
+      const T* __restrict__ row0 = tab.transitions + static_cast<int64_t>(i) * K;
+      const T* __restrict__ row1 = row0 + K;
+      for (int j = 0; j < K; ++j) {
+        T b = best[j];
+        int32_t a = arg[j];
+        const T cand0 = c0 + row0[j];
+        const bool take0 = cand0 > b || cand0 != cand0;
+        b = take0 ? cand0 : b;
+        a = take0 ? i : a;
+        const T cand1 = c1 + row1[j];
+        const bool take1 = cand1 > b || cand1 != cand1;
+        best[j] = take1 ? cand1 : b;
+        arg[j] = take1 ? i + 1 : a;
+      }
+    }
+    for (; i < K; ++i) {
       const T ci = cur[i];
-      const T* row = tab.transitions + static_cast<int64_t>(i) * K;
+      const T* __restrict__ row = tab.transitions + static_cast<int64_t>(i) * K;
       for (int j = 0; j < K; ++j) {
         const T cand = ci + row[j];
-        const bool take = cand > nxt[j] || cand != cand;
-        nxt[j] = take ? cand : nxt[j];
-        best_prev[j] = take ? i : best_prev[j];
+        const bool take = cand > best[j] || cand != cand;
+        best[j] = take ? cand : best[j];
+        arg[j] = take ? i : arg[j];
       }
     }
     load_row(emissions, t, K, emission);
