@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/common.h"
 
@@ -365,8 +366,19 @@ FUSEDLOSS_INLINE acc_t block_max(const acc_t* s, int64_t len) {
   return result;
 }
 
+// Σ exp(s_i − shift) over the block; with out, also stores each exp(s_i − shift) there.
 template <typename acc_t>
-FUSEDLOSS_INLINE acc_t block_sum_exp(const acc_t* s, int64_t len, acc_t shift) {
+FUSEDLOSS_INLINE acc_t block_sum_exp(const acc_t* s, int64_t len, acc_t shift, acc_t* out) {
+  if (out != nullptr) {
+    for (int64_t i = 0; i < len; ++i) out[i] = fast_exp(s[i] - shift);
+    acc_t lanes[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes)
+      for (int k = 0; k < kLanes; ++k) lanes[k] += out[i + k];
+    acc_t result = lane_sum(lanes);
+    for (; i < len; ++i) result += out[i];
+    return result;
+  }
   acc_t lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes)
@@ -442,6 +454,20 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
                    : (eps_c + (c == target ? acc_t(1) - eps : acc_t(0))) * w_c;
   };
 
+  // Read before sweep 1, which may overwrite x (inplace) with exp values.
+  const acc_t w_y = is_soft || weight == nullptr ? acc_t(1) : weight[target];
+  const acc_t s_y = is_soft ? acc_t(0) : logit(target);
+
+  // When the gradient has the compute dtype (float32, float64 input) and needs nothing but p_j per
+  // class, sweep 1 stores e_j = exp(s_j − block max) in the gradient buffer and sweep 2 turns it
+  // into p_j with one multiply per element instead of a second exp (the row is still in L2, so the
+  // extra write and read cost no memory traffic). block_maxima keeps each block's max for that.
+  constexpr int64_t kMaxStoredBlocks = 512;
+  const bool store_exp = std::is_same<scalar_t, acc_t>::value && grad != nullptr && !softcap &&
+                         !(prm.focal_gamma != acc_t(0) && (is_soft || eps != acc_t(0))) &&
+                         C <= kMaxStoredBlocks * kBlock;
+  acc_t block_maxima[kMaxStoredBlocks];
+
   // Sweep 1: online max / sum of exp, and the target sums the loss needs.
   RowStats<acc_t> stats;
   for (int64_t start = 0; start < C; start += kBlock) {
@@ -449,7 +475,12 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
     load_block(x + start, len, prm, s);
     RowStats<acc_t> block;
     block.max = block_max(s, len);
-    block.sum_exp = block_sum_exp(s, len, block.max);
+    acc_t* exp_out = nullptr;
+    if (store_exp) {
+      block_maxima[start / kBlock] = block.max;
+      exp_out = reinterpret_cast<acc_t*>(grad + start);
+    }
+    block.sum_exp = block_sum_exp(s, len, block.max, exp_out);
     if (hard_smoothing) {
       const acc_t* w = weight == nullptr ? nullptr : weight + start;
       block.sum_a_s = block_dot(w, s, block.max, len);
@@ -467,16 +498,7 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
     }
   }
 
-  RowResult<acc_t> res;
-  acc_t w_y = acc_t(1);
-  acc_t s_y = acc_t(0);
-  if (is_soft) {
-    res = finish_soft_row(stats, prm);
-  } else {
-    w_y = weight == nullptr ? acc_t(1) : weight[target];
-    s_y = logit(target);
-    res = finish_hard_row(stats, prm, s_y, w_y);
-  }
+  RowResult<acc_t> res = is_soft ? finish_soft_row(stats, prm) : finish_hard_row(stats, prm, s_y, w_y);
 
   if (res.per_class_focal) {
     // Focal with smoothing or soft targets: Σ a_c cost(lp_c) and G = Σ a_c cost'(lp_c), then the
@@ -515,7 +537,26 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
   const acc_t smooth_coef = res.smooth_coef * grad_scale;
   const acc_t row_max = res.max;
   const acc_t log_sum = res.log_sum;
-  for (int64_t start = 0; start < C; start += kBlock) {
+  for (int64_t start = 0; store_exp && start < C; start += kBlock) {
+    const int64_t len = min_of(kBlock, C - start);
+    acc_t* out = reinterpret_cast<acc_t*>(grad + start);  // holds e_j; p_j = e_j·exp(block max − max − log_sum)
+    const acc_t to_p = fast_exp((block_maxima[start / kBlock] - row_max) - log_sum);
+    if (is_soft) {
+      load_soft_weights(start, len);
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t p = out[i] * to_p;
+        out[i] = (p * target_coef - a[i] * grad_scale) + p * p_rest;
+      }
+    } else if (smooth_coef != acc_t(0) && weight != nullptr) {
+      const acc_t* w = weight + start;
+      const acc_t k = to_p * p_coef;
+      for (int64_t i = 0; i < len; ++i) out[i] = out[i] * k - smooth_coef * w[i];
+    } else {
+      const acc_t k = to_p * p_coef;
+      for (int64_t i = 0; i < len; ++i) out[i] = out[i] * k - smooth_coef;
+    }
+  }
+  for (int64_t start = 0; !store_exp && start < C; start += kBlock) {
     const int64_t len = min_of(kBlock, C - start);
     load_block(x + start, len, prm, s);
     scalar_t* out = grad + start;
