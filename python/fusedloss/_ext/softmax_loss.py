@@ -36,11 +36,15 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[4]
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    # The gradient output gets no incoming gradient; without this autograd would allocate an (N, C) zero one.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:  # no gradient reached the loss (materialize_grads is off)
+        return (None,) * 12
     scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
     if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
         # Traced (torch.compile, or fake tensors): functional, and no data-dependent branch.
