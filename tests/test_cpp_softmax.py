@@ -301,3 +301,17 @@ def test_torch_compile_fullgraph():
     expected, expected_grad = _value_and_grad(lambda t: loss_fn(t), x)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+def test_public_api_runs_on_cpp():
+    """fusedloss.cross_entropy(backend="cpp") on token-classification logits (B, T, C) equals torch's."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, 11, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 11, (2, 5), generator=gen)
+    target[0, 1] = -100
+    kwargs = dict(label_smoothing=0.1, reduction="mean")
+    loss, grad = _value_and_grad(lambda t: fusedloss.cross_entropy(t, target, backend="cpp", **kwargs), x)
+    expected, expected_grad = _value_and_grad(
+        lambda t: F.cross_entropy(t.reshape(-1, 11), target.reshape(-1), **kwargs), x)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
