@@ -37,6 +37,20 @@ void run_rows(const at::Tensor& input, const at::Tensor& target, const at::Tenso
   scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
   acc_t* losses = row_loss.data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(grad_scale);
+  if (!soft && softmax_loss::tile_rows_apply(prm)) {
+    constexpr int64_t R = softmax_loss::kTileRows;
+    const int64_t num_tiles = (input.size(0) + R - 1) / R;
+    at::parallel_for(0, num_tiles, std::max<int64_t>(1, rows_per_task(C) / R), [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t n = tile * R;
+        const int rows = static_cast<int>(std::min<int64_t>(R, input.size(0) - n));
+        const int64_t offset = row_offset(n, C);
+        softmax_loss::process_row_tile<acc_t, scalar_t>(x + offset, indices + n, rows, w, prm,
+                                                        g == nullptr ? nullptr : g + offset, scale, losses + n);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, input.size(0), rows_per_task(C), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t offset = row_offset(n, C);

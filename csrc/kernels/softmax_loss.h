@@ -336,10 +336,10 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void finish_per_class_focal(RowResult<acc
 constexpr int64_t kBlock = 512;
 constexpr int kLanes = 8;
 
-template <typename acc_t>
+template <typename acc_t, int L = kLanes>
 FUSEDLOSS_INLINE acc_t lane_sum(const acc_t* lanes) {
   acc_t total = 0;
-  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  for (int k = 0; k < L; ++k) total += lanes[k];
   return total;
 }
 
@@ -416,6 +416,193 @@ FUSEDLOSS_INLINE acc_t block_sum(const acc_t* v, int64_t len) {
   return result;
 }
 
+// Rows of at most kSmallMax classes with a hard target (every option except focal with smoothing,
+// which needs cost'(lp_c) per class): the row is loaded once into a buffer of W ≥ C elements (W a
+// compile-time size) padded with large_negative, so that max, exp and sum run over the
+// whole buffer in fixed-length loops the compiler unrolls into straight vector code with no tails;
+// the padding contributes exp(large_negative − max) = 0 to the sum (W is a multiple of kLanes, at
+// most 1.5·C past 32 classes). Sweep 2 reuses the stored
+// e_c = exp(s_c − max): p_c = e_c·exp(−log_sum). The lane order of every reduction is fixed by W
+// alone, so a row's result does not depend on the rows around it or on the thread count.
+constexpr int64_t kSmallMax = 256;
+
+template <int W, typename acc_t, typename scalar_t>
+acc_t process_small_row(const scalar_t* x, int64_t target, const acc_t* weight, const Params<acc_t>& prm,
+                        scalar_t* grad, acc_t grad_scale) {
+  constexpr int L = W < kLanes ? W : kLanes;
+  const int64_t C = prm.num_classes;
+  const bool softcap = prm.softcap != acc_t(0);
+  acc_t s[W];
+  for (int i = 0; i < W; ++i) s[i] = Limits<acc_t>::large_negative;
+  if (softcap) {
+    for (int64_t i = 0; i < C; ++i) s[i] = softcap_value(static_cast<acc_t>(x[i]), prm.softcap, prm.inv_softcap);
+  } else {
+    for (int64_t i = 0; i < C; ++i) s[i] = static_cast<acc_t>(x[i]);
+  }
+  const acc_t s_y = s[target];
+  const acc_t w_y = weight == nullptr ? acc_t(1) : weight[target];
+
+  acc_t lanes[L];
+  for (int k = 0; k < L; ++k) lanes[k] = s[k];
+  for (int i = L; i < W; i += L)
+    for (int k = 0; k < L; ++k) lanes[k] = s[i + k] > lanes[k] ? s[i + k] : lanes[k];
+  acc_t row_max = lanes[0];
+  for (int k = 1; k < L; ++k) row_max = max_of(row_max, lanes[k]);
+  // NaN compares false in the max above; it reaches the sum (and so the whole row) through exp.
+
+  acc_t e[W];
+  for (int i = 0; i < W; ++i) e[i] = fast_exp(s[i] - row_max);
+  for (int k = 0; k < L; ++k) lanes[k] = e[k];
+  for (int i = L; i < W; i += L)
+    for (int k = 0; k < L; ++k) lanes[k] += e[i + k];
+
+  RowStats<acc_t> stats;
+  stats.max = row_max;
+  stats.sum_exp = lane_sum<acc_t, L>(lanes);
+  if (prm.label_smoothing != acc_t(0)) {
+    // Σ_c w_c·(s_c − max) and Σ_c w_c over the C real classes (the padding has no weight).
+    for (int k = 0; k < L; ++k) lanes[k] = 0;
+    acc_t w_lanes[L] = {};
+    for (int64_t i = 0; i < C; ++i) {
+      const acc_t w_i = weight == nullptr ? acc_t(1) : weight[i];
+      lanes[i % L] += w_i * (s[i] - row_max);
+      w_lanes[i % L] += w_i;
+    }
+    stats.sum_a_s = lane_sum<acc_t, L>(lanes);
+    stats.sum_a = lane_sum<acc_t, L>(w_lanes);
+  }
+  const RowResult<acc_t> res = finish_hard_row(stats, prm, s_y, w_y);
+  if (grad == nullptr) return res.loss;
+
+  // dl/dx_j = scale·(p_j·(target_coef + p_rest) − smooth_coef·w_j)·ds/dx, then the target class
+  // from p_y − 1 in acc_t.
+  const acc_t k = fast_exp(-res.log_sum) * ((res.target_coef + res.p_rest) * grad_scale);
+  const acc_t smooth_coef = res.smooth_coef * grad_scale;
+  acc_t g[W];
+  if (smooth_coef != acc_t(0) && weight != nullptr) {
+    for (int64_t i = 0; i < C; ++i) g[i] = e[i] * k - smooth_coef * weight[i];
+  } else {
+    for (int i = 0; i < W; ++i) g[i] = e[i] * k - smooth_coef;
+  }
+  if (softcap)
+    for (int64_t i = 0; i < C; ++i) g[i] *= softcap_derivative(s[i], prm.inv_softcap);
+  const acc_t p_y = fast_exp(res.log_prob(s_y));
+  acc_t g_y = ((p_y - acc_t(1)) * res.target_coef + p_y * res.p_rest - res.smooth_coef * w_y) * grad_scale;
+  if (softcap) g_y *= softcap_derivative(s_y, prm.inv_softcap);
+  g[target] = g_y;
+  for (int64_t i = 0; i < C; ++i) grad[i] = static_cast<scalar_t>(g[i]);
+  return res.loss;
+}
+
+// Tiles of kTileRows rows of at most kTileMaxClasses classes with hard targets (the NER case: 5 to
+// 37 tags), except focal with smoothing: one row per vector lane. The tile is transposed into
+// t[c][r] on load, so that max, exp, sum and the gradient run across rows with one vector operation
+// per class and no padding of the classes, and nothing of a row is recomputed per class; the row
+// scalars (log, finish_hard_row) are computed per row. Lanes past `rows` (a partial tile) hold
+// zeros and are never stored. Every lane runs the same operations in the same order whatever its
+// neighbours, so a row's result does not depend on which tile (and so which thread) holds it.
+// Writes losses[r] and, when grad is not null, grad_scale·dl/dx of each row (grad may be x).
+constexpr int kTileRows = 8;
+constexpr int64_t kTileMaxClasses = 32;
+
+template <typename acc_t, typename scalar_t>
+void process_row_tile(const scalar_t* x, const int64_t* targets, int rows, const acc_t* weight,
+                      const Params<acc_t>& prm, scalar_t* grad, acc_t grad_scale, acc_t* losses) {
+  constexpr int R = kTileRows;
+  const int64_t C = prm.num_classes;
+  const bool softcap = prm.softcap != acc_t(0);
+  const bool smoothing = prm.label_smoothing != acc_t(0);
+  acc_t t[kTileMaxClasses][R];  // s_c of each row, then the gradient
+  acc_t e[kTileMaxClasses][R];  // exp(s_c − max)
+  int64_t y[R];
+  bool ignored[R];
+  for (int r = 0; r < R; ++r) {
+    ignored[r] = r >= rows || targets[r] == prm.ignore_index;
+    y[r] = ignored[r] ? 0 : targets[r];
+  }
+  for (int r = 0; r < R; ++r) {
+    const scalar_t* xr = x + row_offset(r, C);
+    if (r >= rows) {
+      for (int64_t c = 0; c < C; ++c) t[c][r] = acc_t(0);
+    } else if (softcap) {
+      for (int64_t c = 0; c < C; ++c) t[c][r] = softcap_value(static_cast<acc_t>(xr[c]), prm.softcap, prm.inv_softcap);
+    } else {
+      for (int64_t c = 0; c < C; ++c) t[c][r] = static_cast<acc_t>(xr[c]);
+    }
+  }
+  acc_t mx[R];
+  for (int r = 0; r < R; ++r) mx[r] = t[0][r];
+  for (int64_t c = 1; c < C; ++c)
+    for (int r = 0; r < R; ++r) mx[r] = t[c][r] > mx[r] ? t[c][r] : mx[r];
+  // NaN compares false in the max above; it reaches its row's sum (and so the whole row) through exp.
+  acc_t sum[R] = {};
+  for (int64_t c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) {
+      e[c][r] = fast_exp(t[c][r] - mx[r]);
+      sum[r] += e[c][r];
+    }
+  acc_t sum_w_s[R] = {};
+  acc_t sum_w = 0;
+  if (smoothing) {
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t w_c = weight == nullptr ? acc_t(1) : weight[c];
+      sum_w += w_c;
+      for (int r = 0; r < R; ++r) sum_w_s[r] += w_c * (t[c][r] - mx[r]);
+    }
+  }
+  // Row scalars per row (log, focal pow), then the exps of the gradient's row constants across rows.
+  acc_t s_y[R], w_y[R], neg_log_sum[R], lp_y[R], target_coef[R], p_rest[R], smooth[R];
+  for (int r = 0; r < R; ++r) {
+    RowStats<acc_t> stats;
+    stats.max = mx[r];
+    stats.sum_exp = sum[r];
+    stats.sum_a_s = sum_w_s[r];
+    stats.sum_a = sum_w;
+    s_y[r] = t[y[r]][r];
+    w_y[r] = weight == nullptr ? acc_t(1) : weight[y[r]];
+    const RowResult<acc_t> res = finish_hard_row(stats, prm, s_y[r], w_y[r]);
+    if (r < rows) losses[r] = ignored[r] ? acc_t(0) : res.loss;
+    neg_log_sum[r] = -res.log_sum;
+    lp_y[r] = res.log_prob(s_y[r]);
+    target_coef[r] = res.target_coef;
+    p_rest[r] = res.p_rest;
+    smooth[r] = res.smooth_coef;
+  }
+  if (grad == nullptr) return;
+  acc_t k[R], g_y[R];
+  for (int r = 0; r < R; ++r) {
+    k[r] = fast_exp(neg_log_sum[r]) * ((target_coef[r] + p_rest[r]) * grad_scale);
+    const acc_t p_y = fast_exp(lp_y[r]);
+    g_y[r] = ((p_y - acc_t(1)) * target_coef[r] + p_y * p_rest[r] - smooth[r] * w_y[r]) * grad_scale;
+    smooth[r] *= grad_scale;
+  }
+  if (softcap)
+    for (int r = 0; r < R; ++r) g_y[r] *= softcap_derivative(s_y[r], prm.inv_softcap);
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t w_c = weight == nullptr ? acc_t(1) : weight[c];
+    for (int r = 0; r < R; ++r) {
+      acc_t g = e[c][r] * k[r] - smooth[r] * w_c;
+      if (softcap) g *= softcap_derivative(t[c][r], prm.inv_softcap);
+      t[c][r] = g;
+    }
+  }
+  for (int r = 0; r < R; ++r) t[y[r]][r] = g_y[r];
+  for (int r = 0; r < rows; ++r) {
+    scalar_t* gr = grad + row_offset(r, C);
+    if (ignored[r]) {
+      for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(acc_t(0));
+    } else {
+      for (int64_t c = 0; c < C; ++c) gr[c] = static_cast<scalar_t>(t[c][r]);
+    }
+  }
+}
+
+// Whether process_row_tile serves rows of these options (hard targets).
+template <typename acc_t>
+FUSEDLOSS_INLINE bool tile_rows_apply(const Params<acc_t>& prm) {
+  return prm.num_classes <= kTileMaxClasses && !(prm.focal_gamma != acc_t(0) && prm.label_smoothing != acc_t(0));
+}
+
 // Process one row: returns its loss (0 for an ignored row) and, when grad is not null, writes
 // grad_scale·dl/dx into grad[0:C) (which may be x itself: every element is read before it is
 // written). Hard targets: soft == nullptr and target is the class index; soft targets: soft points
@@ -429,6 +616,17 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
     if (grad != nullptr)
       for (int64_t i = 0; i < C; ++i) grad[i] = static_cast<scalar_t>(acc_t(0));
     return acc_t(0);
+  }
+  if (!is_soft && C <= kSmallMax && !(prm.focal_gamma != acc_t(0) && prm.label_smoothing != acc_t(0))) {
+    if (C <= 8) return process_small_row<8>(x, target, weight, prm, grad, grad_scale);
+    if (C <= 16) return process_small_row<16>(x, target, weight, prm, grad, grad_scale);
+    if (C <= 32) return process_small_row<32>(x, target, weight, prm, grad, grad_scale);
+    if (C <= 48) return process_small_row<48>(x, target, weight, prm, grad, grad_scale);
+    if (C <= 64) return process_small_row<64>(x, target, weight, prm, grad, grad_scale);
+    if (C <= 96) return process_small_row<96>(x, target, weight, prm, grad, grad_scale);
+    if (C <= 128) return process_small_row<128>(x, target, weight, prm, grad, grad_scale);
+    if (C <= 192) return process_small_row<192>(x, target, weight, prm, grad, grad_scale);
+    return process_small_row<256>(x, target, weight, prm, grad, grad_scale);
   }
   const acc_t eps = prm.label_smoothing;
   const acc_t eps_c = eps / acc_t(C);

@@ -148,7 +148,7 @@ int main() {
   std::mt19937 rng(1234);
   test_fast_exp();
   test_nan_row();
-  for (int64_t C : {1, 2, 3, 9, 513, 1100}) {
+  for (int64_t C : {1, 2, 3, 8, 9, 16, 17, 64, 133, 256, 257, 513, 1100}) {
     for (double eps : {0.0, 0.1}) {
       for (double gamma : {0.0, 0.5, 2.0}) {
         for (double z : {0.0, 1e-2}) {
