@@ -336,10 +336,10 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void finish_per_class_focal(RowResult<acc
 constexpr int64_t kBlock = 512;
 constexpr int kLanes = 8;
 
-template <typename acc_t, int L = kLanes>
+template <typename acc_t>
 FUSEDLOSS_INLINE acc_t lane_sum(const acc_t* lanes) {
   acc_t total = 0;
-  for (int k = 0; k < L; ++k) total += lanes[k];
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
   return total;
 }
 
@@ -416,86 +416,8 @@ FUSEDLOSS_INLINE acc_t block_sum(const acc_t* v, int64_t len) {
   return result;
 }
 
-// Rows of at most kSmallMax classes with a hard target (every option except focal with smoothing,
-// which needs cost'(lp_c) per class): the row is loaded once into a buffer of W ≥ C elements (W a
-// compile-time size) padded with large_negative, so that max, exp and sum run over the
-// whole buffer in fixed-length loops the compiler unrolls into straight vector code with no tails;
-// the padding contributes exp(large_negative − max) = 0 to the sum (W is a multiple of kLanes, at
-// most 1.5·C past 32 classes). Sweep 2 reuses the stored
-// e_c = exp(s_c − max): p_c = e_c·exp(−log_sum). The lane order of every reduction is fixed by W
-// alone, so a row's result does not depend on the rows around it or on the thread count.
-constexpr int64_t kSmallMax = 256;
-
-template <int W, typename acc_t, typename scalar_t>
-acc_t process_small_row(const scalar_t* x, int64_t target, const acc_t* weight, const Params<acc_t>& prm,
-                        scalar_t* grad, acc_t grad_scale) {
-  constexpr int L = W < kLanes ? W : kLanes;
-  const int64_t C = prm.num_classes;
-  const bool softcap = prm.softcap != acc_t(0);
-  acc_t s[W];
-  for (int i = 0; i < W; ++i) s[i] = Limits<acc_t>::large_negative;
-  if (softcap) {
-    for (int64_t i = 0; i < C; ++i) s[i] = softcap_value(static_cast<acc_t>(x[i]), prm.softcap, prm.inv_softcap);
-  } else {
-    for (int64_t i = 0; i < C; ++i) s[i] = static_cast<acc_t>(x[i]);
-  }
-  const acc_t s_y = s[target];
-  const acc_t w_y = weight == nullptr ? acc_t(1) : weight[target];
-
-  acc_t lanes[L];
-  for (int k = 0; k < L; ++k) lanes[k] = s[k];
-  for (int i = L; i < W; i += L)
-    for (int k = 0; k < L; ++k) lanes[k] = s[i + k] > lanes[k] ? s[i + k] : lanes[k];
-  acc_t row_max = lanes[0];
-  for (int k = 1; k < L; ++k) row_max = max_of(row_max, lanes[k]);
-  // NaN compares false in the max above; it reaches the sum (and so the whole row) through exp.
-
-  acc_t e[W];
-  for (int i = 0; i < W; ++i) e[i] = fast_exp(s[i] - row_max);
-  for (int k = 0; k < L; ++k) lanes[k] = e[k];
-  for (int i = L; i < W; i += L)
-    for (int k = 0; k < L; ++k) lanes[k] += e[i + k];
-
-  RowStats<acc_t> stats;
-  stats.max = row_max;
-  stats.sum_exp = lane_sum<acc_t, L>(lanes);
-  if (prm.label_smoothing != acc_t(0)) {
-    // Σ_c w_c·(s_c − max) and Σ_c w_c over the C real classes (the padding has no weight).
-    for (int k = 0; k < L; ++k) lanes[k] = 0;
-    acc_t w_lanes[L] = {};
-    for (int64_t i = 0; i < C; ++i) {
-      const acc_t w_i = weight == nullptr ? acc_t(1) : weight[i];
-      lanes[i % L] += w_i * (s[i] - row_max);
-      w_lanes[i % L] += w_i;
-    }
-    stats.sum_a_s = lane_sum<acc_t, L>(lanes);
-    stats.sum_a = lane_sum<acc_t, L>(w_lanes);
-  }
-  const RowResult<acc_t> res = finish_hard_row(stats, prm, s_y, w_y);
-  if (grad == nullptr) return res.loss;
-
-  // dl/dx_j = scale·(p_j·(target_coef + p_rest) − smooth_coef·w_j)·ds/dx, then the target class
-  // from p_y − 1 in acc_t.
-  const acc_t k = fast_exp(-res.log_sum) * ((res.target_coef + res.p_rest) * grad_scale);
-  const acc_t smooth_coef = res.smooth_coef * grad_scale;
-  acc_t g[W];
-  if (smooth_coef != acc_t(0) && weight != nullptr) {
-    for (int64_t i = 0; i < C; ++i) g[i] = e[i] * k - smooth_coef * weight[i];
-  } else {
-    for (int i = 0; i < W; ++i) g[i] = e[i] * k - smooth_coef;
-  }
-  if (softcap)
-    for (int64_t i = 0; i < C; ++i) g[i] *= softcap_derivative(s[i], prm.inv_softcap);
-  const acc_t p_y = fast_exp(res.log_prob(s_y));
-  acc_t g_y = ((p_y - acc_t(1)) * res.target_coef + p_y * res.p_rest - res.smooth_coef * w_y) * grad_scale;
-  if (softcap) g_y *= softcap_derivative(s_y, prm.inv_softcap);
-  g[target] = g_y;
-  for (int64_t i = 0; i < C; ++i) grad[i] = static_cast<scalar_t>(g[i]);
-  return res.loss;
-}
-
-// Tiles of kTileRows rows of at most kTileMaxClasses classes with hard targets (the NER case: 5 to
-// 37 tags), except focal with smoothing: one row per vector lane. The tile is transposed into
+// Tiles of kTileRows rows of at most kTileMaxClasses classes with hard targets (NER tag sets: 5 to
+// 64 tags; measured slower than the per-row sweep from about 128 classes), except focal with smoothing: one row per vector lane. The tile is transposed into
 // t[c][r] on load, so that max, exp, sum and the gradient run across rows with one vector operation
 // per class and no padding of the classes, and nothing of a row is recomputed per class; the row
 // scalars (log, finish_hard_row) are computed per row. Lanes past `rows` (a partial tile) hold
@@ -503,7 +425,7 @@ acc_t process_small_row(const scalar_t* x, int64_t target, const acc_t* weight, 
 // neighbours, so a row's result does not depend on which tile (and so which thread) holds it.
 // Writes losses[r] and, when grad is not null, grad_scale·dl/dx of each row (grad may be x).
 constexpr int kTileRows = 8;
-constexpr int64_t kTileMaxClasses = 32;
+constexpr int64_t kTileMaxClasses = 64;
 
 template <typename acc_t, typename scalar_t>
 void process_row_tile(const scalar_t* x, const int64_t* targets, int rows, const acc_t* weight,
@@ -616,17 +538,6 @@ acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const
     if (grad != nullptr)
       for (int64_t i = 0; i < C; ++i) grad[i] = static_cast<scalar_t>(acc_t(0));
     return acc_t(0);
-  }
-  if (!is_soft && C <= kSmallMax && !(prm.focal_gamma != acc_t(0) && prm.label_smoothing != acc_t(0))) {
-    if (C <= 8) return process_small_row<8>(x, target, weight, prm, grad, grad_scale);
-    if (C <= 16) return process_small_row<16>(x, target, weight, prm, grad, grad_scale);
-    if (C <= 32) return process_small_row<32>(x, target, weight, prm, grad, grad_scale);
-    if (C <= 48) return process_small_row<48>(x, target, weight, prm, grad, grad_scale);
-    if (C <= 64) return process_small_row<64>(x, target, weight, prm, grad, grad_scale);
-    if (C <= 96) return process_small_row<96>(x, target, weight, prm, grad, grad_scale);
-    if (C <= 128) return process_small_row<128>(x, target, weight, prm, grad, grad_scale);
-    if (C <= 192) return process_small_row<192>(x, target, weight, prm, grad, grad_scale);
-    return process_small_row<256>(x, target, weight, prm, grad, grad_scale);
   }
   const acc_t eps = prm.label_smoothing;
   const acc_t eps_c = eps / acc_t(C);
