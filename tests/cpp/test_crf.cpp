@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "kernels/crf.h"
 
 namespace {
@@ -15,17 +16,7 @@ namespace {
 using fusedloss::crf::Tables;
 using fusedloss::crf::Workspace;
 
-int g_passed = 0;
-int g_failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
+using fusedloss_test::check;
 
 bool close(double got, double want, double atol, double rtol) {
   return std::abs(got - want) <= atol + rtol * std::abs(want);  // false for NaN
@@ -299,6 +290,5 @@ int main() {
   test_long_sequence();
   test_forbidden_gold_path();
   test_fast_math();
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return fusedloss_test::report();
 }

@@ -9,21 +9,12 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "kernels/softmax_loss.h"
 
 namespace {
 
-int g_passed = 0;
-int g_failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
+using fusedloss_test::check;
 
 struct Case {
   int64_t C;
@@ -243,6 +234,5 @@ int main() {
       }
     }
   }
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return fusedloss_test::report();
 }
