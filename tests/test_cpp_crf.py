@@ -303,18 +303,26 @@ def test_no_grad_saves_nothing():
 
 
 def test_tags_out_of_range_raise():
+    """The forward kernel checks the tags it reads: ValueError naming tags (SPEC 7)."""
     emissions, tags, mask, transitions, start, end = make_case(2, 5, 3)
     tags[1, 0] = 3
-    with pytest.raises(RuntimeError, match="outside"):
+    with pytest.raises(ValueError, match=r"tags must be in \[0, 3\) at unmasked positions"):
         cpp.crf_log_likelihood(emissions, tags, mask, transitions, start, end)
 
 
 def test_opcheck_registrations():
-    """Schema, fake kernel and autograd registration as torch.library checks them."""
+    """Schema, fake kernel and autograd registration as torch.library checks them: every test of opcheck on the
+    public op (its autograd is in C++), the schema and fake kernels of the device ops."""
     emissions, tags, mask, transitions, start, end = make_case(2, 4, 3)
-    args = (emissions.requires_grad_(), tags, mask, transitions.requires_grad_(), start, end, True)
-    torch.library.opcheck(torch.ops.fusedloss.crf_log_likelihood_forward.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    for m in (mask, None):
+        torch.library.opcheck(torch.ops.fusedloss.crf_log_likelihood.default,
+                              (emissions.clone().requires_grad_(), tags, m, transitions.clone().requires_grad_(),
+                               start, end))
+    torch.library.opcheck(torch.ops.fusedloss.crf_log_likelihood.default,
+                          (emissions, tags, mask, transitions, start, end))
+    torch.library.opcheck(torch.ops.fusedloss.crf_log_likelihood_forward.default,
+                          (emissions, tags, mask, transitions, start, end, True),
+                          test_utils=("test_schema", "test_faketensor"))
     for op in (torch.ops.fusedloss.crf_viterbi.default, torch.ops.fusedloss.crf_marginals.default):
         torch.library.opcheck(op, (emissions.detach(), mask, transitions.detach(), start, end),
                               test_utils=("test_schema", "test_faketensor"))

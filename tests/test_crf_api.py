@@ -10,6 +10,7 @@ import torch
 import torchcrf
 
 import fusedloss
+from fusedloss import _dispatch
 from fusedloss.crf import CONSTRAINT_SCORE, CRF, allowed_transitions, crf_log_likelihood, crf_marginals, crf_viterbi
 
 BACKEND = "reference"
@@ -408,9 +409,11 @@ def test_functional_reductions_and_layout():
 def test_backend_argument_reaches_the_dispatcher(monkeypatch):
     """``backend`` goes to fusedloss._dispatch: "auto" honours FUSEDLOSS_BACKEND, an unknown name is refused."""
     args = functional_args()
-    monkeypatch.setenv("FUSEDLOSS_BACKEND", "reference")
+    monkeypatch.setattr(_dispatch, "_RESOLVED", {})
+    monkeypatch.setattr(_dispatch, "_ENV_BACKEND", "reference")  # FUSEDLOSS_BACKEND as read at import
     torch.testing.assert_close(crf_log_likelihood(**args), crf_log_likelihood(**args, backend=BACKEND))
-    monkeypatch.setenv("FUSEDLOSS_BACKEND", "fortran")
+    monkeypatch.setattr(_dispatch, "_ENV_BACKEND", "fortran")
+    monkeypatch.setattr(_dispatch, "_RESOLVED", {})
     with pytest.raises(ValueError, match="backend"):
         crf_log_likelihood(**args)
     with pytest.raises(ValueError, match="backend"):

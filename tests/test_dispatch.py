@@ -1,6 +1,9 @@
 """Backend dispatch (SPEC 2): availability with reasons, explicit backends, the environment override, auto."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -69,7 +72,8 @@ def _expected_auto_cpu(op, args):
 
 
 def test_auto_on_cpu_picks_cpp_when_built_else_reference(monkeypatch):
-    monkeypatch.delenv("FUSEDLOSS_BACKEND", raising=False)
+    monkeypatch.setattr(_dispatch, "_ENV_BACKEND", "auto")
+    monkeypatch.setattr(_dispatch, "_RESOLVED", {})
     args = _softmax_args()
     name, impl = _dispatch.resolve("softmax_loss", "auto", CPU, *args)
     assert name == _expected_auto_cpu("softmax_loss", args)
@@ -79,20 +83,61 @@ def test_auto_on_cpu_picks_cpp_when_built_else_reference(monkeypatch):
     torch.testing.assert_close(impl(*args), reference_softmax_loss(*args), rtol=1e-5, atol=1e-6)
 
 
+def _set_env_backend(monkeypatch, value):
+    """FUSEDLOSS_BACKEND as read at import (it is read once), with the cached decisions forgotten."""
+    monkeypatch.setattr(_dispatch, "_ENV_BACKEND", value or "auto")
+    monkeypatch.setattr(_dispatch, "_RESOLVED", {})
+
+
 def test_environment_variable_overrides_auto(monkeypatch):
     args = _softmax_args()
-    monkeypatch.setenv("FUSEDLOSS_BACKEND", "reference")
+    _set_env_backend(monkeypatch, "reference")
     assert _dispatch.resolve("softmax_loss", "auto", CPU, *args)[0] == "reference"
     # an explicit backend argument is not overridden
     assert _dispatch.resolve("softmax_loss", "reference", CPU, *args)[0] == "reference"
-    monkeypatch.setenv("FUSEDLOSS_BACKEND", "cuda")
+    _set_env_backend(monkeypatch, "cuda")
     with pytest.raises(fusedloss.BackendUnavailable, match="cuda"):
         fusedloss.cross_entropy(args[0], args[1])
-    monkeypatch.setenv("FUSEDLOSS_BACKEND", "nonsense")
+    _set_env_backend(monkeypatch, "nonsense")
     with pytest.raises(ValueError, match="nonsense"):
         fusedloss.cross_entropy(args[0], args[1])
-    monkeypatch.setenv("FUSEDLOSS_BACKEND", "")  # empty means auto
+    _set_env_backend(monkeypatch, "")  # empty means auto
     assert _dispatch.resolve("softmax_loss", "auto", CPU, *args)[0] == _expected_auto_cpu("softmax_loss", args)
+
+
+def test_environment_variable_is_read_at_import():
+    """A process started with FUSEDLOSS_BACKEND=reference runs auto calls on the reference backend."""
+    code = (
+        "import torch, fusedloss\n"
+        "from fusedloss import _dispatch\n"
+        "args = (torch.randn(3, 4), torch.tensor([0, 1, 2]), None, -100, 'mean', 0.0, 0.0, 0.0, None, False, False)\n"
+        "print(_dispatch.resolve('softmax_loss', 'auto', torch.device('cpu'), *args)[0])\n"
+    )
+    env = {**os.environ, "FUSEDLOSS_BACKEND": "reference"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+
+
+def test_decisions_are_cached_per_call_signature(monkeypatch):
+    """The second call with the same kinds of arguments does not ask the backends again; another dtype does."""
+    monkeypatch.setattr(_dispatch, "_RESOLVED", {})
+    asked = []
+    original = _dispatch._reasons
+
+    def counting(op, name, *rest):
+        asked.append(name)
+        return original(op, name, *rest)
+
+    monkeypatch.setattr(_dispatch, "_reasons", counting)
+    args = _softmax_args()
+    first = _dispatch.resolve("softmax_loss", "auto", CPU, *args)
+    count = len(asked)
+    assert count >= 1
+    other_values = (torch.randn(7, 5), torch.tensor([2, 0, 1, 1, 0, 4, 3])) + args[2:]  # same kinds, other values
+    assert _dispatch.resolve("softmax_loss", "auto", CPU, *other_values) == first
+    assert len(asked) == count
+    _dispatch.resolve("softmax_loss", "auto", CPU, args[0].double(), *args[1:])
+    assert len(asked) > count
 
 
 def test_per_call_reasons_decline_a_backend(monkeypatch):
@@ -103,6 +148,7 @@ def test_per_call_reasons_decline_a_backend(monkeypatch):
 
     module = types.SimpleNamespace(softmax_loss=reference_softmax_loss, softmax_loss_reasons=refuse_float64)
     monkeypatch.setattr(_dispatch, "_IMPLS", {})  # forget loaded modules, restored after the test
+    monkeypatch.setattr(_dispatch, "_RESOLVED", {})
     monkeypatch.setitem(_dispatch._OP_TABLE["softmax_loss"], "reference", lambda: module)
     args64 = (torch.randn(2, 3, dtype=torch.float64),) + _softmax_args(2, 3)[1:]
     assert _dispatch.why_not("softmax_loss", "reference", CPU, *args64) == ["does not take float64 here"]
@@ -120,6 +166,7 @@ def test_auto_compiles_without_graph_breaks_past_a_declining_backend(monkeypatch
 
     module = types.SimpleNamespace(softmax_loss=reference_softmax_loss, softmax_loss_reasons=declines)
     monkeypatch.setattr(_dispatch, "_IMPLS", {})
+    monkeypatch.setattr(_dispatch, "_RESOLVED", {})
     monkeypatch.setitem(_dispatch._BACKEND_REASONS, "cpp", None)
     monkeypatch.setitem(_dispatch._OP_TABLE["softmax_loss"], "cpp", lambda: module)
     torch._dynamo.reset()

@@ -671,6 +671,12 @@ def _log_likelihood_backward_op(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``ll`` scaled by ``grad`` (B,): ``(∂emissions, ∂transitions, ∂start, ∂end)``, each in the
     dtype of its input."""
+    return _log_likelihood_backward(grad, emissions, tags, mask, transitions, start_transitions, end_transitions,
+                                    alpha, alpha_max, block_b, block_k)
+
+
+def _log_likelihood_backward(grad, emissions, tags, mask, transitions, start_transitions, end_transitions, alpha,
+                             alpha_max, block_b=None, block_k=None):
     grad_emissions, grad_trans, grad_start, grad_end = _backward(
         grad, emissions, tags, mask, transitions, end_transitions, alpha, alpha_max, block_b, block_k
     )
@@ -719,6 +725,10 @@ def _viterbi_op(
     block_b: Optional[int] = None,
     block_k: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _viterbi_result(emissions, mask, transitions, start_transitions, end_transitions, block_b, block_k)
+
+
+def _viterbi_result(emissions, mask, transitions, start_transitions, end_transitions, block_b=None, block_k=None):
     tags, best = _viterbi(emissions, mask, transitions, start_transitions, end_transitions, block_b, block_k)
     return tags, best.to(torch.promote_types(emissions.dtype, transitions.dtype))
 
@@ -740,6 +750,10 @@ def _marginals_op(
     block_b: Optional[int] = None,
     block_k: Optional[int] = None,
 ) -> torch.Tensor:
+    return _marginals_result(emissions, mask, transitions, start_transitions, end_transitions, block_b, block_k)
+
+
+def _marginals_result(emissions, mask, transitions, start_transitions, end_transitions, block_b=None, block_k=None):
     _, alpha, alpha_max = _forward(emissions, None, mask, transitions, start_transitions, end_transitions,
                                    block_b, block_k)
     marginals = _backward(None, emissions, None, mask, transitions, end_transitions, alpha, alpha_max, block_b,
@@ -755,10 +769,30 @@ def _(emissions, mask, transitions, start_transitions, end_transitions, block_b=
 # ------------------------------------------------------------------------------ backend entry points
 
 
+class _LogLikelihood(torch.autograd.Function):
+    """Eager path of the log-likelihood (no custom-op layer, which costs tens of microseconds a call)."""
+
+    @staticmethod
+    def forward(ctx, emissions, tags, mask, transitions, start_transitions, end_transitions):
+        ll, alpha, alpha_max = _forward(emissions, tags, mask, transitions, start_transitions, end_transitions,
+                                        None, None)
+        ctx.save_for_backward(emissions, tags, mask, transitions, start_transitions, end_transitions, alpha,
+                              alpha_max)
+        return ll.to(torch.promote_types(emissions.dtype, transitions.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_ll):
+        grad_emissions, grad_trans, grad_start, grad_end = _log_likelihood_backward(grad_ll, *ctx.saved_tensors)
+        return grad_emissions, None, None, grad_trans, grad_start, grad_end
+
+
 def crf_log_likelihood(emissions, tags, mask, transitions, start_transitions, end_transitions) -> torch.Tensor:
     """Per-sequence log-likelihood ``score(tags) - log Z`` (B,), differentiable w.r.t. the emissions and the
-    three transition tensors (docs/BACKENDS.md)."""
-    return _log_likelihood_op(emissions, tags, mask, transitions, start_transitions, end_transitions)[0]
+    three transition tensors (docs/BACKENDS.md). Eager calls launch through a plain ``autograd.Function``; the
+    custom op is what ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return _log_likelihood_op(emissions, tags, mask, transitions, start_transitions, end_transitions)[0]
+    return _LogLikelihood.apply(emissions, tags, mask, transitions, start_transitions, end_transitions)
 
 
 def crf_log_likelihood_reasons(emissions, tags, mask, transitions, start_transitions, end_transitions) -> List[str]:
@@ -767,7 +801,9 @@ def crf_log_likelihood_reasons(emissions, tags, mask, transitions, start_transit
 
 def crf_viterbi(emissions, mask, transitions, start_transitions, end_transitions) -> Tuple[torch.Tensor, torch.Tensor]:
     """Best path per sequence: ``(tags (B, T) int64 padded with -1, scores (B,))``; ties take the lowest tag."""
-    return _viterbi_op(emissions, mask, transitions, start_transitions, end_transitions)
+    if torch.compiler.is_compiling():
+        return _viterbi_op(emissions, mask, transitions, start_transitions, end_transitions)
+    return _viterbi_result(emissions, mask, transitions, start_transitions, end_transitions)
 
 
 def crf_viterbi_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> List[str]:
@@ -776,7 +812,9 @@ def crf_viterbi_reasons(emissions, mask, transitions, start_transitions, end_tra
 
 def crf_marginals(emissions, mask, transitions, start_transitions, end_transitions) -> torch.Tensor:
     """Tag posteriors ``P(y_t = k)`` (B, T, K), 0 at masked positions."""
-    return _marginals_op(emissions, mask, transitions, start_transitions, end_transitions)
+    if torch.compiler.is_compiling():
+        return _marginals_op(emissions, mask, transitions, start_transitions, end_transitions)
+    return _marginals_result(emissions, mask, transitions, start_transitions, end_transitions)
 
 
 def crf_marginals_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> List[str]:

@@ -38,10 +38,12 @@ Row offsets are ``int64(row) * stride`` so ``N * C`` above 2^31 works. Padding l
 
 Registration: ``fusedloss::triton_softmax_loss`` (functional, returns the loss and the gradient buffer) and
 ``fusedloss::triton_softmax_loss_scale_grad`` (scales the buffer in place) are ``torch.library.custom_op``\\ s
-with fake implementations and registered autograd, so ``torch.compile(fullgraph=True)`` runs through them;
-``triton_op`` + ``wrap_triton`` would let Inductor see the kernels but fails on CPU tensors under the
-interpreter (docs: TECHNIQUES.md). ``inplace_backward=True`` runs outside the op registry (an
-``autograd.Function``), because a custom op may neither return an alias of its input nor mutate a leaf.
+with fake implementations and registered autograd, used while ``torch.compile`` traces, so
+``torch.compile(fullgraph=True)`` runs through them; ``triton_op`` + ``wrap_triton`` would let Inductor see the
+kernels but fails on CPU tensors under the interpreter (docs: TECHNIQUES.md). Eager calls skip the op registry
+(its Python layers cost tens of microseconds a call): a plain ``autograd.Function`` launches the kernels, and
+without a gradient to compute only the loss is computed. ``inplace_backward=True`` is eager only, because a
+custom op may neither return an alias of its input nor mutate a leaf.
 """
 
 from __future__ import annotations
@@ -487,13 +489,14 @@ def _backward(ctx, grad_loss, _grad_of_grad):
 _softmax_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _InplaceSoftmaxLoss(torch.autograd.Function):
-    """Eager path of ``inplace_backward=True``: the forward kernel writes the gradient over ``input``'s storage."""
+class _SoftmaxLoss(torch.autograd.Function):
+    """Eager path (no custom-op layer, which costs tens of microseconds a call): the forward kernel writes the
+    gradient into a new buffer, or over ``input``'s storage with ``inplace``; backward scales it in place."""
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap,
-                mean_by_count):
-        grad = input.detach()
+                mean_by_count, inplace):
+        grad = input.detach() if inplace else torch.empty_like(input, memory_format=torch.contiguous_format)
         loss = softmax_loss_forward(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma,
                                     z_loss, softcap, mean_by_count, grad)
         ctx.save_for_backward(grad)
@@ -501,9 +504,11 @@ class _InplaceSoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # In place: no second (N, C) buffer. The saved tensor's version moves, so a second backward through the
+        # same graph (retain_graph=True) raises instead of scaling twice.
         (grad,) = ctx.saved_tensors
         scale_grad_(grad, grad_loss)
-        return (grad,) + (None,) * 9
+        return (grad,) + (None,) * 10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,10 +566,16 @@ def softmax_loss(
     ``torch.compile`` (the compiler owns the buffers there and a hidden write into an input is not allowed).
     """
     compute_grad = input.requires_grad and torch.is_grad_enabled()
-    if inplace_backward and compute_grad and input.stride(-1) == 1 and not torch.compiler.is_compiling():
-        return _InplaceSoftmaxLoss.apply(input, target, weight, ignore_index, reduction, label_smoothing,
-                                         focal_gamma, z_loss, softcap, mean_by_count)
-    loss, _ = torch.ops.fusedloss.triton_softmax_loss(input, target, weight, ignore_index, reduction,
-                                                      label_smoothing, focal_gamma, z_loss, softcap, mean_by_count,
-                                                      compute_grad)
-    return loss
+    if torch.compiler.is_compiling():
+        loss, _ = torch.ops.fusedloss.triton_softmax_loss(input, target, weight, ignore_index, reduction,
+                                                          label_smoothing, focal_gamma, z_loss, softcap,
+                                                          mean_by_count, compute_grad)
+        return loss
+    inplace = inplace_backward and input.stride(-1) == 1
+    if input.stride(-1) != 1:
+        input = input.contiguous()
+    if not compute_grad:
+        return softmax_loss_forward(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma,
+                                    z_loss, softcap, mean_by_count, None)
+    return _SoftmaxLoss.apply(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss,
+                              softcap, mean_by_count, inplace)

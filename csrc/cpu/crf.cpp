@@ -12,8 +12,8 @@
 // summed over fixed slots of sequences (a partition of the batch that depends on B and K, not on the
 // number of threads) and then over the slots in order, so any thread count gives identical bits.
 //
-// Vector ISA: the extension is built for the baseline x86-64 ISA; each kernel loop below is compiled a
-// second time for AVX2 + FMA and picked at run time when the CPU has them.
+// Vector ISA: each kernel loop below is compiled for the baseline x86-64 ISA and for AVX2 + FMA, picked at run
+// time (cpu/isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,58 +28,20 @@
 // be executed speculatively; no-trapping-math allows that (it changes no value, only FP exception flags).
 #pragma GCC optimize("no-trapping-math")
 
+#include "cpu/isa.h"
+#include "crf_checks.h"
 #include "kernels/crf.h"
 
 namespace fusedloss {
 namespace {
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define FUSEDLOSS_CRF_AVX2 1
-// fp-contract lets the AVX2 variant fuse the multiply-adds of the K^2 loops.
-#define FUSEDLOSS_TARGET_AVX2 __attribute__((target("avx2,fma"), optimize("fp-contract=fast")))
-#endif
-
-bool cpu_has_avx2_fma() {
-#ifdef FUSEDLOSS_CRF_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
-
-// A job's run() is always inlined into these two, so its loops are compiled for each ISA.
-template <typename Job>
-void run_baseline(const Job& job, int64_t begin, int64_t end) {
-  job.run(begin, end);
-}
-
-#ifdef FUSEDLOSS_CRF_AVX2
-template <typename Job>
-FUSEDLOSS_TARGET_AVX2 void run_avx2(const Job& job, int64_t begin, int64_t end) {
-  job.run(begin, end);
-}
-#endif
-
-template <typename Job>
-void run(const Job& job, int64_t begin, int64_t end) {
-#ifdef FUSEDLOSS_CRF_AVX2
-  if (cpu_has_avx2_fma()) {
-    run_avx2(job, begin, end);
-    return;
-  }
-#endif
-  run_baseline(job, begin, end);
-}
-
-template <typename Job>
-void run_parallel(const Job& job, int64_t n) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { run(job, begin, end); });
-}
+using cpu::run;
+using cpu::run_parallel;
 
 template <typename T>
 struct TablesJob {
   crf::Tables<T> tab;
+  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 variant (the K^2 loops)
   FUSEDLOSS_INLINE void run(int64_t, int64_t) const { crf::make_tables(tab); }
 };
 
@@ -182,6 +144,7 @@ struct ForwardJob {
   double* log_partition;
   uint8_t* bad_tags;
 
+  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 variant (the K^2 loops)
   FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
     const int K = tab->K;
     std::vector<T> scratch(crf::Workspace<T>::size(K) + (alpha == nullptr ? 2 * K : 0));
@@ -217,6 +180,7 @@ struct BackwardJob {
   E* grad_emissions;
   T* slot_grads;  // per slot: transitions (K, K) transposed, start (K), end (K)
 
+  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 variant (the K^2 loops)
   FUSEDLOSS_INLINE void run(int64_t slot_begin, int64_t slot_end) const {
     const int K = tab->K;
     const int64_t slot_size = static_cast<int64_t>(K) * K + 2 * K;
@@ -257,6 +221,7 @@ struct ViterbiJob {
   int64_t* paths;
   T* scores;
 
+  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 variant (the K^2 loops)
   FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
     const int K = tab->K;
     std::vector<T> scratch(3 * static_cast<size_t>(K));
@@ -280,6 +245,7 @@ struct MarginalsJob {
   int64_t T_len, max_length;
   T* marginals;
 
+  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 variant (the K^2 loops)
   FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
     const int K = tab->K;
     std::vector<T> scratch(crf::Workspace<T>::size(K) + max_length * K);
@@ -339,7 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_fo
     run_parallel(job, B);
   });
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(!bad_tags[b], "crf: tags of sequence ", b, " hold a value outside [0, ", K, ")");
+    TORCH_CHECK_VALUE(!bad_tags[b], "tags must be in [0, ", K, ") at unmasked positions, got a value outside in "
+                      "sequence ", b);
   }
   return {log_likelihood.to(result_dtype), log_partition, alpha, offsets};
 }
@@ -403,6 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
 std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions_arg, const at::Tensor& mask,
                                                    const at::Tensor& transitions_arg, const at::Tensor& start_arg,
                                                    const at::Tensor& end_arg) {
+  check_crf_args(emissions_arg, nullptr, &mask, transitions_arg, start_arg, end_arg);
   const at::ScalarType result_dtype = at::promote_types(emissions_arg.scalar_type(), transitions_arg.scalar_type());
   const at::ScalarType dtype = compute_dtype(emissions_arg, transitions_arg);
   const at::Tensor emissions = emissions_for(emissions_arg, dtype);
@@ -432,6 +400,7 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions_a
 at::Tensor crf_marginals_cpu(const at::Tensor& emissions_arg, const at::Tensor& mask,
                              const at::Tensor& transitions_arg, const at::Tensor& start_arg,
                              const at::Tensor& end_arg) {
+  check_crf_args(emissions_arg, nullptr, &mask, transitions_arg, start_arg, end_arg);
   const at::ScalarType result_dtype = at::promote_types(emissions_arg.scalar_type(), transitions_arg.scalar_type());
   const at::ScalarType dtype = compute_dtype(emissions_arg, transitions_arg);
   const at::Tensor emissions = emissions_for(emissions_arg, dtype);

@@ -1,5 +1,6 @@
 // The cpp backend of softmax_loss (docs/BACKENDS.md): one fused pass per row computes the loss and
-// writes the gradient (csrc/kernels/softmax_loss.h), rows in parallel with at::parallel_for.
+// writes the gradient (csrc/kernels/softmax_loss.h), rows in parallel with at::parallel_for, in the vector
+// ISA picked at run time (baseline x86-64, or AVX2 + FMA: cpu/isa.h).
 // Extra memory: the gradient (N, C) in input's dtype (none with inplace_backward) and the (N,)
 // row losses in the compute dtype; no (N, C) float32 temporary.
 #include <ATen/Dispatch.h>
@@ -11,6 +12,7 @@
 #include <string>
 #include <tuple>
 
+#include "cpu/isa.h"
 #include "kernels/softmax_loss.h"
 
 namespace fusedloss {
@@ -23,15 +25,63 @@ int64_t rows_per_task(int64_t num_classes) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, num_classes));
 }
 
+// Rows [begin, end) of one call; run() is compiled per vector ISA (cpu/isa.h).
+template <typename acc_t, typename scalar_t, typename target_t>
+struct RowsJob {
+  const scalar_t* x;
+  const int64_t* indices;  // hard targets, or null
+  const target_t* probs;   // soft targets, or null
+  const acc_t* weight;     // or null
+  const softmax_loss::Params<acc_t>* prm;
+  scalar_t* grad;  // or null
+  acc_t scale;
+  acc_t* losses;
+
+  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
+    const int64_t C = prm->num_classes;
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t offset = row_offset(n, C);
+      losses[n] = softmax_loss::process_row<acc_t, scalar_t, target_t>(
+          x + offset, indices == nullptr ? 0 : indices[n], probs == nullptr ? nullptr : probs + offset, weight, *prm,
+          grad == nullptr ? nullptr : grad + offset, scale);
+    }
+  }
+};
+
+// Tiles [begin, end) of kTileRows hard-target rows (the last one partial).
+template <typename acc_t, typename scalar_t>
+struct TilesJob {
+  const scalar_t* x;
+  const int64_t* indices;
+  int64_t num_rows;
+  const acc_t* weight;
+  const softmax_loss::Params<acc_t>* prm;
+  scalar_t* grad;
+  acc_t scale;
+  acc_t* losses;
+
+  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
+    constexpr int64_t R = softmax_loss::kTileRows;
+    const int64_t C = prm->num_classes;
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n = tile * R;
+      const int rows = static_cast<int>(std::min<int64_t>(R, num_rows - n));
+      const int64_t offset = row_offset(n, C);
+      softmax_loss::process_row_tile<acc_t, scalar_t>(x + offset, indices + n, rows, weight, *prm,
+                                                      grad == nullptr ? nullptr : grad + offset, scale, losses + n);
+    }
+  }
+};
+
 template <typename scalar_t, typename target_t>
 void run_rows(const at::Tensor& input, const at::Tensor& target, const at::Tensor& weight,
               const softmax_loss::Params<at::opmath_type<scalar_t>>& prm, double grad_scale, at::Tensor& grad,
               at::Tensor& row_loss) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = input.size(0);
   const int64_t C = prm.num_classes;
   const bool soft = target.is_floating_point();
   const scalar_t* x = input.const_data_ptr<scalar_t>();
-  const target_t* probs = soft ? target.const_data_ptr<target_t>() : nullptr;
   const int64_t* indices = soft ? nullptr : target.const_data_ptr<int64_t>();
   const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
   scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
@@ -39,26 +89,13 @@ void run_rows(const at::Tensor& input, const at::Tensor& target, const at::Tenso
   const acc_t scale = static_cast<acc_t>(grad_scale);
   if (!soft && softmax_loss::tile_rows_apply(prm)) {
     constexpr int64_t R = softmax_loss::kTileRows;
-    const int64_t num_tiles = (input.size(0) + R - 1) / R;
-    at::parallel_for(0, num_tiles, std::max<int64_t>(1, rows_per_task(C) / R), [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t n = tile * R;
-        const int rows = static_cast<int>(std::min<int64_t>(R, input.size(0) - n));
-        const int64_t offset = row_offset(n, C);
-        softmax_loss::process_row_tile<acc_t, scalar_t>(x + offset, indices + n, rows, w, prm,
-                                                        g == nullptr ? nullptr : g + offset, scale, losses + n);
-      }
-    });
+    const TilesJob<acc_t, scalar_t> job{x, indices, N, w, &prm, g, scale, losses};
+    cpu::run_parallel(job, (N + R - 1) / R, std::max<int64_t>(1, rows_per_task(C) / R));
     return;
   }
-  at::parallel_for(0, input.size(0), rows_per_task(C), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t offset = row_offset(n, C);
-      losses[n] = softmax_loss::process_row<acc_t, scalar_t, target_t>(
-          x + offset, soft ? 0 : indices[n], soft ? probs + offset : nullptr, w, prm,
-          g == nullptr ? nullptr : g + offset, scale);
-    }
-  });
+  const RowsJob<acc_t, scalar_t, target_t> job{x, indices, soft ? target.const_data_ptr<target_t>() : nullptr,
+                                               w, &prm, g, scale, losses};
+  cpu::run_parallel(job, N, rows_per_task(C));
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_loss_forward_cpu(const at::Tensor& input_arg, const at::Tensor& target_arg,
@@ -105,7 +142,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_loss_forward_cpu(const at::Tensor& in
     for (int64_t n = 0; n < N; ++n) {
       const int64_t y = indices[n];
       if (y == ignore_index) continue;
-      TORCH_CHECK(y >= 0 && y < C, "softmax_loss_forward: target ", y, " at row ", n, " is outside [0, ", C, ")");
+      TORCH_CHECK_VALUE(y >= 0 && y < C, "target values must be class indices in [0, ", C, ") or ignore_index=",
+                        ignore_index, ", got ", y, " at row ", n, " of the flattened target");
       if (by_count) {
         ++count;
       } else {

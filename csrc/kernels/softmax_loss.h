@@ -428,7 +428,7 @@ constexpr int kTileRows = 8;
 constexpr int64_t kTileMaxClasses = 64;
 
 template <typename acc_t, typename scalar_t>
-void process_row_tile(const scalar_t* x, const int64_t* targets, int rows, const acc_t* weight,
+FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets, int rows, const acc_t* weight,
                       const Params<acc_t>& prm, scalar_t* grad, acc_t grad_scale, acc_t* losses) {
   constexpr int R = kTileRows;
   const int64_t C = prm.num_classes;
@@ -528,9 +528,10 @@ FUSEDLOSS_INLINE bool tile_rows_apply(const Params<acc_t>& prm) {
 // Process one row: returns its loss (0 for an ignored row) and, when grad is not null, writes
 // grad_scale·dl/dx into grad[0:C) (which may be x itself: every element is read before it is
 // written). Hard targets: soft == nullptr and target is the class index; soft targets: soft points
-// to the row's probabilities. weight may be null (all ones).
+// to the row's probabilities. weight may be null (all ones). Always inlined (as process_row_tile), so that it is
+// compiled into each vector-ISA variant of its caller (csrc/cpu/isa.h).
 template <typename acc_t, typename scalar_t, typename target_t>
-acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const acc_t* weight,
+FUSEDLOSS_INLINE acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const acc_t* weight,
                   const Params<acc_t>& prm, scalar_t* grad, acc_t grad_scale) {
   const int64_t C = prm.num_classes;
   const bool is_soft = soft != nullptr;

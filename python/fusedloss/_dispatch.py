@@ -8,8 +8,16 @@ whole: whether it imports, whether it runs on the tensor's device.
 
 ``auto`` takes the first backend that can serve the call, in the order
 CUDA tensor: triton, cuda, reference; CPU tensor: cpp, reference.
-``FUSEDLOSS_BACKEND`` overrides ``auto``. Naming a backend that cannot serve the call raises
-:class:`BackendUnavailable` listing every reason.
+``FUSEDLOSS_BACKEND`` overrides ``auto``; it is read once, when fusedloss is imported. Naming a backend
+that cannot serve the call raises :class:`BackendUnavailable` listing every reason.
+
+Decisions are cached per call signature (:func:`resolve`): the op, the requested backend, the device type,
+whether grad mode is on, and per argument its kind (for a tensor: dtype, device type, requires_grad,
+number of dimensions and, for a floating tensor, the size of its last dimension; strings, bools and None
+by value; numbers by type). A backend's ``<op>_reasons`` may depend on nothing else.
+
+A backend module that sets ``CHECKS_ARGUMENTS = True`` (the ``fusedloss._C`` ops) checks every argument
+itself and takes them unflattened; the public functions then skip their Python checks.
 """
 
 from __future__ import annotations
@@ -155,14 +163,25 @@ def _device_reason(name: str, device: torch.device) -> Optional[str]:
 
 
 _IMPLS: Dict[Tuple[str, str], Tuple[Callable, Optional[Callable]]] = {}
+# ids of the implementations whose module checks every argument itself (CHECKS_ARGUMENTS = True); the
+# implementations stay referenced by _IMPLS.
+_SELF_CHECKING: set = set()
 
 
 def _load(op: str, name: str) -> Tuple[Callable, Optional[Callable]]:
     key = (op, name)
     if key not in _IMPLS:
         module = _OP_TABLE[op][name]()
-        _IMPLS[key] = (getattr(module, op), getattr(module, op + "_reasons", None))
+        impl = getattr(module, op)
+        if getattr(module, "CHECKS_ARGUMENTS", False):
+            _SELF_CHECKING.add(id(impl))  # by id: an op overload's __hash__ is Python code
+        _IMPLS[key] = (impl, getattr(module, op + "_reasons", None))
     return _IMPLS[key]
+
+
+def checks_arguments(impl: Callable) -> bool:
+    """Whether ``impl`` checks its arguments itself (and takes them unflattened)."""
+    return id(impl) in _SELF_CHECKING
 
 
 def _reasons(
@@ -184,12 +203,53 @@ def _reasons(
     return reasons, (None if reasons else impl)
 
 
+# FUSEDLOSS_BACKEND, read once (at import).
+_ENV_BACKEND = os.environ.get("FUSEDLOSS_BACKEND", "") or "auto"
+
+_RESOLVED: Dict[tuple, Tuple[str, Callable]] = {}
+_MAX_RESOLVED = 4096
+
+
+def _traits(value) -> object:
+    """What a backend's decision may depend on, for one argument (see the module docstring)."""
+    if isinstance(value, torch.Tensor):
+        last = value.shape[-1] if value.dim() and value.is_floating_point() else -1
+        return (value.dtype, value.device.type, value.requires_grad, value.dim(), last)
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    return type(value)
+
+
 def resolve(op: str, backend: str, device: torch.device, *args, **kwargs) -> Tuple[str, Callable]:
-    """Choose the backend for one call of ``op``; returns ``(name, implementation)``."""
+    """Choose the backend for one call of ``op``; returns ``(name, implementation)``.
+
+    Cached per call signature (module docstring), except while torch.compile traces."""
+    if torch.compiler.is_compiling() or not isinstance(backend, str):
+        return _resolve(op, backend, device, args, kwargs)
+    key = (op, backend, device.type, torch.is_grad_enabled(), *map(_traits, args))
+    if kwargs:
+        key += tuple((name, _traits(value)) for name, value in kwargs.items())
+    return resolve_keyed(key, op, backend, device, args)
+
+
+def resolve_keyed(key: tuple, op: str, backend: str, device: torch.device, args: tuple) -> Tuple[str, Callable]:
+    """:func:`resolve` with the cache key computed by the caller: a hot public function builds it from just what
+    its backends' ``<op>_reasons`` read (cheaper than the generic traits of every argument). The key must hold
+    ``op``, ``backend``, the device type and grad mode besides. Not for traced code (the caller checks)."""
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        hit = _resolve(op, backend, device, args, {})
+        if len(_RESOLVED) >= _MAX_RESOLVED:
+            _RESOLVED.clear()
+        _RESOLVED[key] = hit
+    return hit
+
+
+def _resolve(op: str, backend: str, device: torch.device, args: tuple, kwargs: dict) -> Tuple[str, Callable]:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
-        backend = os.environ.get("FUSEDLOSS_BACKEND", "auto") or "auto"
+        backend = _ENV_BACKEND
     if backend == "auto":
         order = _AUTO_ORDER.get(device.type, ("reference",))
     elif backend in BACKEND_NAMES:

@@ -31,6 +31,9 @@ from fusedloss import _dispatch
 
 CONSTRAINT_SCORE = -1e4
 
+# pytorch-crf's words; the fusedloss._C ops raise the same (csrc/crf_ops.cpp).
+_FIRST_STEP_OFF = "mask of the first timestep must all be on"
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("none", "sum", "mean", "token_mean")
 
@@ -214,7 +217,7 @@ def _validate(
         mask = mask.bool()
         if _inspect_values(emissions):
             if not bool(mask[:, 0].all()):
-                raise ValueError("mask must be on at the first step of every sequence (mask[:, 0] all true)")
+                raise ValueError(_FIRST_STEP_OFF)
             if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
                 raise ValueError("mask must be left-aligned: a prefix of ones per sequence, got a 0 followed by a 1")
 
@@ -225,6 +228,44 @@ def _validate(
             raise ValueError(f"tags must be in [0, {num_tags}) at unmasked positions, got {int(bad)}")
 
     return mask, start_transitions.to(transitions.dtype), end_transitions.to(transitions.dtype)
+
+
+def _run(op: str, backend: str, emissions, tags, mask, transitions, start_transitions, end_transitions):
+    """Resolves the backend of ``op`` and runs it; the arguments are checked once, by the op itself
+    (fusedloss._C) or here. ``tags`` is None for the ops that take none."""
+    with_tags = () if tags is None else (tags,)
+    if not (
+        isinstance(emissions, torch.Tensor)
+        and isinstance(transitions, torch.Tensor)
+        and isinstance(start_transitions, torch.Tensor)
+        and isinstance(end_transitions, torch.Tensor)
+        and (mask is None or isinstance(mask, torch.Tensor))
+        and (op != "crf_log_likelihood" or isinstance(tags, torch.Tensor))
+    ):
+        _validate(emissions, tags, mask, transitions, start_transitions, end_transitions)  # raises TypeError
+    args = (emissions, *with_tags, mask, transitions, start_transitions, end_transitions)
+    device = emissions.device
+    try:
+        if type(backend) is not str or torch.compiler.is_compiling():
+            _, impl = _dispatch.resolve(op, backend, device, *args)
+        else:
+            # What the backends' crf_*_reasons read (docs/BACKENDS.md): dtypes, K, requires_grad.
+            key = (op, backend, device.type, torch.is_grad_enabled(), emissions.dtype, transitions.dtype,
+                   emissions.shape[-1] if emissions.dim() else 0, emissions.requires_grad, transitions.requires_grad,
+                   start_transitions.requires_grad, end_transitions.requires_grad)
+            _, impl = _dispatch.resolve_keyed(key, op, backend, device, args)
+    except _dispatch.BackendUnavailable:
+        _validate(emissions, tags, mask, transitions, start_transitions, end_transitions)
+        raise
+    if _dispatch.checks_arguments(impl):
+        return impl(*args)
+    mask, start_transitions, end_transitions = _validate(
+        emissions, tags, mask, transitions, start_transitions, end_transitions
+    )
+    if tags is not None:
+        # Backends may index with every tag, so the (arbitrary) tags past each sequence's end become 0.
+        with_tags = (tags.masked_fill(~mask, 0),)
+    return impl(emissions, *with_tags, mask, transitions, start_transitions, end_transitions)
 
 
 def crf_log_likelihood(
@@ -244,26 +285,19 @@ def crf_log_likelihood(
     mask ``(B, T)`` bool/uint8 (None: every position on). Reductions as pytorch-crf: ``none`` -> ``(B,)``,
     ``sum``, ``mean`` (over sequences), ``token_mean`` (sum / number of unmasked positions). The dtype is
     ``promote_types(emissions.dtype, transitions.dtype)``; half types accumulate in float32. Differentiable
-    w.r.t. the emissions and the three transition tensors.
+    w.r.t. the emissions and the three transition tensors. Tags past each sequence's end are not read.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    mask, start_transitions, end_transitions = _validate(
-        emissions, tags, mask, transitions, start_transitions, end_transitions
-    )
-    # Backends may index with every tag, so the (arbitrary) tags past each sequence's end become 0.
-    tags = tags.masked_fill(~mask, 0)
-    llh = _dispatch.call(
-        "crf_log_likelihood", backend, emissions.device,
-        emissions, tags, mask, transitions, start_transitions, end_transitions,
-    )
+    llh = _run("crf_log_likelihood", backend, emissions, tags, mask, transitions, start_transitions, end_transitions)
     if reduction == "none":
         return llh
     if reduction == "sum":
         return llh.sum()
     if reduction == "mean":
         return llh.mean()
-    return llh.sum() / mask.float().sum()
+    num_tokens = emissions.shape[0] * emissions.shape[1] if mask is None else torch.count_nonzero(mask)
+    return llh.sum() / num_tokens
 
 
 def crf_viterbi(
@@ -280,12 +314,7 @@ def crf_viterbi(
     Tags are padded with -1 after each sequence's end; ``scores`` is the best path's ``score(y)`` (dtype
     ``promote_types(emissions.dtype, transitions.dtype)``). Ties go to the lowest tag index.
     """
-    mask, start_transitions, end_transitions = _validate(
-        emissions, None, mask, transitions, start_transitions, end_transitions
-    )
-    return _dispatch.call(
-        "crf_viterbi", backend, emissions.device, emissions, mask, transitions, start_transitions, end_transitions
-    )
+    return _run("crf_viterbi", backend, emissions, None, mask, transitions, start_transitions, end_transitions)
 
 
 def crf_marginals(
@@ -298,12 +327,7 @@ def crf_marginals(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Tag posteriors ``P(y_t = k | emissions)``, ``(B, T, K)``, batch first; 0 at masked positions."""
-    mask, start_transitions, end_transitions = _validate(
-        emissions, None, mask, transitions, start_transitions, end_transitions
-    )
-    return _dispatch.call(
-        "crf_marginals", backend, emissions.device, emissions, mask, transitions, start_transitions, end_transitions
-    )
+    return _run("crf_marginals", backend, emissions, None, mask, transitions, start_transitions, end_transitions)
 
 
 class CRF(nn.Module):
@@ -413,10 +437,6 @@ class CRF(nn.Module):
                     "the first two dimensions of emissions and mask must match, "
                     f"got {tuple(emissions.shape[:2])} and {tuple(mask.shape)}"
                 )
-            if _inspect_values(emissions):
-                first_step = mask[:, 0] if self.batch_first else mask[0]
-                if not bool(first_step.all()):
-                    raise ValueError("mask of the first timestep must all be on")
 
     def _batch_first(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if tensor is None or self.batch_first:

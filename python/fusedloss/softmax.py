@@ -1,188 +1,35 @@
 """Softmax losses, public API (SPEC 3): ``cross_entropy``, ``focal_loss`` and their modules.
 
-The functions validate every argument (SPEC 7), flatten the leading dimensions to rows ``(N, C)``
-with the class dimension last, and call the ``softmax_loss`` op of the chosen backend (SPEC 2,
-docs/BACKENDS.md). Checks that read tensor values (target range) run only on CPU tensors and
+A call resolves its backend (SPEC 2, cached per call signature) and hands its arguments to the backend's
+``softmax_loss`` op (docs/BACKENDS.md). The ``fusedloss._C`` op (cpp, cuda) checks every argument itself, in
+C++, and flattens ``(*, C)`` to rows there: the eager path runs no Python beyond these functions. For the
+reference and Triton backends the arguments are checked here (:mod:`fusedloss._validation`, same messages)
+and flattened to rows ``(N, C)``. Checks that read tensor values (target range) run only on CPU tensors and
 never while ``torch.compile`` traces, so ``torch.compile(fullgraph=True)`` sees no graph break.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
 from fusedloss import _dispatch
+from fusedloss._validation import (  # noqa: F401  (check_* are also imported from here by fusedloss.sigmoid)
+    check_bool,
+    check_class_input,
+    check_class_target,
+    check_class_weight,
+    check_floating_tensor,
+    check_int,
+    check_real,
+    check_reduction,
+    check_same_device,
+    check_softmax_options,
+    values_checkable,
+)
 
-_REDUCTIONS = ("none", "mean", "sum")
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation helpers, shared with fusedloss.sigmoid
-# ----------------------------------------------------------------------------------------------
-
-
-def check_reduction(reduction: object, allowed: tuple[str, ...] = _REDUCTIONS) -> None:
-    if not isinstance(reduction, str) or reduction not in allowed:
-        raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}")
-
-
-def check_real(
-    name: str,
-    value: object,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-) -> float:
-    """``value`` as a float, checked to be a finite real number in ``[low, high]`` (``(low, high]`` if ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real admits numpy scalars
-        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__}")
-    value = float(value)
-    below = low is not None and (value <= low if low_open else value < low)
-    above = high is not None and value > high
-    if not math.isfinite(value) or below or above:
-        lower = "-inf" if low is None else f"{low:g}"
-        upper = "inf" if high is None else f"{high:g}"
-        interval = ("(" if low_open or low is None else "[") + f"{lower}, {upper}" + ("]" if high is not None else ")")
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
-    return value
-
-
-def check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
-
-
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def check_floating_tensor(name: str, value: object, *, min_dim: int = 0) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(
-            f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {value.dtype}"
-        )
-    if value.dim() < min_dim:
-        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(value.shape)}")
-    return value
-
-
-def check_same_device(name: str, value: torch.Tensor, input: torch.Tensor) -> None:
-    if value.device != input.device:
-        raise ValueError(f"{name} must be on the same device as input ({input.device}), got {value.device}")
-
-
-def check_class_weight(name: str, weight: torch.Tensor | None, input: torch.Tensor) -> None:
-    """``weight`` is None or a floating ``(C,)`` tensor on input's device, C = ``input.shape[-1]``."""
-    if weight is None:
-        return
-    check_floating_tensor(name, weight)
-    num_classes = input.shape[-1]
-    if tuple(weight.shape) != (num_classes,):
-        raise ValueError(
-            f"{name} must have shape (C,) = ({num_classes},) with C = input.shape[-1], got {tuple(weight.shape)}"
-        )
-    check_same_device(name, weight, input)
-
-
-def values_checkable(tensor: torch.Tensor) -> bool:
-    """Whether reading ``tensor``'s values is allowed: CPU tensors outside ``torch.compile`` tracing.
-
-    Reading values of a CUDA tensor would synchronize the device; while tracing it would break the graph.
-    """
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-# ----------------------------------------------------------------------------------------------
-# Softmax-loss validation
-# ----------------------------------------------------------------------------------------------
-
-
-def check_class_target(input: torch.Tensor, target: object, ignore_index: int | None) -> None:
-    """Target is int64 class indices of shape ``input.shape[:-1]`` or probabilities of ``input.shape``.
-
-    Indices must lie in ``[0, C)`` or equal ``ignore_index`` (None: no index is ignored).
-    """
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    input_shape, target_shape = tuple(input.shape), tuple(target.shape)
-    if target.is_floating_point():
-        if target_shape != input_shape:
-            raise ValueError(
-                f"target holds class probabilities ({target.dtype}) and must have input's shape {input_shape}, "
-                f"got {target_shape}"
-            )
-        if ignore_index is not None and ignore_index != -100:  # as torch: probabilities have no index to ignore
-            raise ValueError(
-                f"ignore_index must stay at its default -100 with class-probability targets, got {ignore_index}"
-            )
-    elif target.dtype != torch.int64:
-        raise TypeError(
-            f"target must be int64 class indices or floating-point class probabilities, got {target.dtype} "
-            "(convert indices with target.long())"
-        )
-    elif target_shape != input_shape[:-1]:
-        message = (
-            f"target of class indices must have shape input.shape[:-1] = {input_shape[:-1]} "
-            f"(input {input_shape}, class dimension last), got target {target_shape}"
-        )
-        if input.dim() >= 3 and target_shape == input_shape[:1] + input_shape[2:]:
-            message += (
-                "; this looks like torch's layout with the class dimension at 1 (input (N, C, d1, ...)): "
-                "fusedloss wants the class dimension last, pass input.movedim(1, -1)"
-            )
-        raise ValueError(message)
-    check_same_device("target", target, input)
-    if not target.is_floating_point() and values_checkable(target) and target.numel() > 0:
-        num_classes = input.shape[-1]
-        out_of_range = (target < 0) | (target >= num_classes)
-        if ignore_index is not None:
-            out_of_range &= target != ignore_index
-        if bool(out_of_range.any()):
-            bad = target[out_of_range]
-            allowed = f"[0, {num_classes})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
-            raise ValueError(
-                f"target values must be class indices in {allowed}, got {bad.numel()} value(s) outside, "
-                f"e.g. {int(bad[0])}"
-            )
-
-
-def check_class_input(input: object) -> torch.Tensor:
-    input = check_floating_tensor("input", input, min_dim=1)
-    if input.shape[-1] == 0:
-        raise ValueError(f"input must have at least one class (input.shape[-1] >= 1), got shape {tuple(input.shape)}")
-    return input
-
-
-def _check_softmax_options(
-    ignore_index: object,
-    reduction: object,
-    label_smoothing: object,
-    focal_gamma: object,
-    z_loss: object,
-    softcap: object,
-    backend: object,
-    focal_gamma_name: str = "focal_gamma",
-) -> tuple[int, float, float, float, float | None]:
-    """Validates the scalar options; returns ``(ignore_index, label_smoothing, focal_gamma, z_loss, softcap)``
-    as Python int and floats (what the ops' schemas take)."""
-    ignore_index = check_int("ignore_index", ignore_index)
-    check_reduction(reduction)
-    label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    focal_gamma = check_real(focal_gamma_name, focal_gamma, low=0.0)
-    z_loss = check_real("z_loss", z_loss, low=0.0)
-    if softcap is not None:
-        softcap = check_real("softcap", softcap, low=0.0, low_open=True)
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    return ignore_index, label_smoothing, focal_gamma, z_loss, softcap
+# Python types the ops' schemas take as they are (anything else goes through the Python checks, which convert
+# numpy scalars and name the argument of a wrong type).
+_REAL = (int, float)
 
 
 def _softmax_loss(
@@ -199,29 +46,65 @@ def _softmax_loss(
     inplace_backward: bool,
     backend: str,
 ) -> torch.Tensor:
-    """Flattens validated arguments to rows, runs the ``softmax_loss`` op, restores the ``none`` shape."""
+    """Resolves the backend and runs its ``softmax_loss`` op; arguments are checked once, by the op itself
+    (fusedloss._C) or here."""
+    if not (
+        type(ignore_index) is int
+        and type(reduction) is str
+        and type(label_smoothing) in _REAL
+        and type(focal_gamma) in _REAL
+        and type(z_loss) in _REAL
+        and (softcap is None or type(softcap) in _REAL)
+        and type(inplace_backward) is bool
+        and isinstance(input, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and (weight is None or isinstance(weight, torch.Tensor))
+    ):
+        # Numpy scalars become Python numbers; a wrong type raises TypeError naming the argument.
+        ignore_index, label_smoothing, focal_gamma, z_loss, softcap = check_softmax_options(
+            ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, backend,
+            focal_gamma_name="gamma" if mean_by_count else "focal_gamma",
+        )
+        check_bool("inplace_backward", inplace_backward)
+        check_class_input(input)
+        check_class_target(input, target, ignore_index)
+        check_class_weight("alpha" if mean_by_count else "weight", weight, input)
+    args = (input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap,
+            mean_by_count, inplace_backward)
+    device = input.device
+    try:
+        if type(backend) is not str or torch.compiler.is_compiling():
+            _, impl = _dispatch.resolve("softmax_loss", backend, device, *args)
+        else:
+            # What the backends' softmax_loss_reasons read (docs/BACKENDS.md): dtypes and requires_grad.
+            key = ("softmax_loss", backend, device.type, torch.is_grad_enabled(), input.dtype, target.dtype,
+                   target.requires_grad, weight is not None and weight.requires_grad)
+            _, impl = _dispatch.resolve_keyed(key, "softmax_loss", backend, device, args)
+    except _dispatch.BackendUnavailable:
+        _check(*args)  # a bad argument is the better answer than "no backend can run this"
+        raise
+    if _dispatch.checks_arguments(impl):
+        return impl(*args)
+    _check(*args)
     num_classes = input.shape[-1]
     rows = input.reshape(-1, num_classes)
     row_target = target.reshape(-1, num_classes) if target.is_floating_point() else target.reshape(-1)
-    loss = _dispatch.call(
-        "softmax_loss",
-        backend,
-        input.device,
-        rows,
-        row_target,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        focal_gamma,
-        z_loss,
-        softcap,
-        mean_by_count,
-        inplace_backward,
-    )
+    loss = impl(rows, row_target, *args[2:])
     if reduction == "none":
         loss = loss.reshape(input.shape[:-1])
     return loss
+
+
+def _check(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap,
+           mean_by_count, inplace_backward) -> None:
+    """The Python checks of every argument, for backends that do not check them."""
+    focal_gamma_name = "gamma" if mean_by_count else "focal_gamma"
+    check_softmax_options(ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, "auto",
+                          focal_gamma_name=focal_gamma_name)
+    check_bool("inplace_backward", inplace_backward)
+    input = check_class_input(input)
+    check_class_target(input, target, ignore_index)
+    check_class_weight("alpha" if mean_by_count else "weight", weight, input)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,35 +156,15 @@ def cross_entropy(
         The loss in ``input``'s dtype (computed in float32 for half types): a scalar, or ``target``'s index
         shape for ``reduction="none"``.
     """
-    input = check_class_input(input)
-    ignore_index, label_smoothing, focal_gamma, z_loss, softcap = _check_softmax_options(
-        ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, backend
-    )
-    check_bool("inplace_backward", inplace_backward)
-    check_class_target(input, target, ignore_index)
-    check_class_weight("weight", weight, input)
-    return _softmax_loss(
-        input,
-        target,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        focal_gamma,
-        z_loss,
-        softcap,
-        False,
-        inplace_backward,
-        backend,
-    )
+    return _softmax_loss(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss,
+                         softcap, False, inplace_backward, backend)
 
 
 def _alpha_weight(alpha: None | float | torch.Tensor, input: torch.Tensor) -> torch.Tensor | None:
     """``alpha`` (None, a float for every class, or a ``(C,)`` tensor) as the per-class weight of ``softmax_loss``."""
     if alpha is None:
         return None
-    if isinstance(alpha, torch.Tensor):
-        check_class_weight("alpha", alpha, input)
+    if isinstance(alpha, torch.Tensor):  # checked with the other arguments
         return alpha
     alpha = check_real("alpha", alpha, low=0.0)
     return torch.full((input.shape[-1],), alpha, dtype=input.dtype, device=input.device)
@@ -336,15 +199,11 @@ def focal_loss(
 
     ``focal_loss(alpha=None, gamma=0)`` equals :func:`cross_entropy`.
     """
-    input = check_class_input(input)
-    ignore_index, label_smoothing, gamma, _, _ = _check_softmax_options(
-        ignore_index, reduction, label_smoothing, gamma, 0.0, None, backend, focal_gamma_name="gamma"
-    )
-    check_class_target(input, target, ignore_index)
+    if not isinstance(input, torch.Tensor) or input.dim() == 0:
+        check_class_input(input)  # raises
     weight = _alpha_weight(alpha, input)
-    return _softmax_loss(
-        input, target, weight, ignore_index, reduction, label_smoothing, gamma, 0.0, None, True, False, backend
-    )
+    return _softmax_loss(input, target, weight, ignore_index, reduction, label_smoothing, gamma, 0.0, None, True,
+                         False, backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,7 +239,7 @@ class CrossEntropyLoss(torch.nn.Module):
             check_floating_tensor("weight", weight)
             if weight.dim() != 1:
                 raise ValueError(f"weight must have shape (C,), got {tuple(weight.shape)}")
-        ignore_index, label_smoothing, focal_gamma, z_loss, softcap = _check_softmax_options(
+        ignore_index, label_smoothing, focal_gamma, z_loss, softcap = check_softmax_options(
             ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, backend
         )
         self.register_buffer("weight", weight)
@@ -429,7 +288,7 @@ class FocalLoss(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        ignore_index, label_smoothing, gamma, _, _ = _check_softmax_options(
+        ignore_index, label_smoothing, gamma, _, _ = check_softmax_options(
             ignore_index, reduction, label_smoothing, gamma, 0.0, None, backend, focal_gamma_name="gamma"
         )
         if isinstance(alpha, torch.Tensor):

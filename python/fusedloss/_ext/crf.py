@@ -17,8 +17,10 @@ is float64). The math is in ``csrc/kernels/crf.h``:
 - ``crf_viterbi``: best path per sequence, tags ``(B, T)`` int64 padded with -1, and its score ``(B,)``.
 - ``crf_marginals``: ``P(y_t = k)``, ``(B, T, K)``, 0 at masked positions (not differentiable).
 
-Registered with ``torch.library`` (fake kernels and an autograd formula), so ``torch.compile(fullgraph=True)``
-traces through them.
+The ops check their arguments themselves (csrc/crf_ops.cpp, with the messages of the public layer's checks),
+and the autograd of ``crf_log_likelihood`` is registered in C++: an eager call runs no Python beyond this module's
+one-line functions. Only the fake (meta) kernels are registered here, so ``torch.compile(fullgraph=True)`` traces
+through the ops.
 """
 
 from __future__ import annotations
@@ -29,9 +31,14 @@ import torch
 
 import fusedloss._C  # noqa: F401  (loads the extension, which registers the fusedloss:: ops)
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The ops check every argument themselves (mask None means every position on).
+CHECKS_ARGUMENTS = True
+
 _MAX_VITERBI_TAGS = 32767  # backpointers are int16 above 256 tags
 _FORWARD = "fusedloss::crf_log_likelihood_forward"
+_log_likelihood_op = torch.ops.fusedloss.crf_log_likelihood.default
+_viterbi_op = torch.ops.fusedloss.crf_viterbi.default
+_marginals_op = torch.ops.fusedloss.crf_marginals.default
 
 
 def _dtypes(emissions: torch.Tensor, transitions: torch.Tensor) -> Tuple[torch.dtype, torch.dtype]:
@@ -71,73 +78,52 @@ def _marginals_fake(emissions, mask, transitions, start_transitions, end_transit
     return emissions.new_empty(emissions.shape, dtype=result)
 
 
-def _setup_context(ctx, inputs, output):
-    emissions, tags, mask, transitions, start_transitions, end_transitions, _ = inputs
-    _, log_partition, alpha, alpha_offsets = output
-    ctx.mark_non_differentiable(log_partition, alpha, alpha_offsets)
-    ctx.save_for_backward(emissions, tags, mask, transitions, start_transitions, end_transitions, log_partition,
-                          alpha, alpha_offsets)
+@torch.library.register_fake("fusedloss::crf_log_likelihood")
+def _log_likelihood_fake(emissions, tags, mask, transitions, start_transitions, end_transitions):
+    result, _ = _dtypes(emissions, transitions)
+    return emissions.new_empty((emissions.shape[0],), dtype=result)
 
 
-def _backward(ctx, grad_log_likelihood, _grad_log_partition, _grad_alpha, _grad_alpha_offsets):
-    grads = torch.ops.fusedloss.crf_log_likelihood_backward(grad_log_likelihood, *ctx.saved_tensors)
-    grad_emissions, grad_transitions, grad_start, grad_end = grads
-    return grad_emissions, None, None, grad_transitions, grad_start, grad_end, None
+# Per-sequence log-likelihood score(tags) − log Z, (B,), differentiable w.r.t. the emissions and the three
+# transition tensors (hand-written backward, autograd in C++); mask None: every position on. The op of
+# docs/BACKENDS.md is the C++ op itself: no Python frame between the public function and it.
+crf_log_likelihood = _log_likelihood_op
 
 
-torch.library.register_autograd(_FORWARD, _backward, setup_context=_setup_context)
-
-
-def crf_log_likelihood(emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor, transitions: torch.Tensor,
-                       start_transitions: torch.Tensor, end_transitions: torch.Tensor) -> torch.Tensor:
-    """Per-sequence log-likelihood ``score(tags) − log Z``, ``(B,)``, differentiable w.r.t. the emissions and
-    the three transition tensors (hand-written backward)."""
-    save = torch.is_grad_enabled() and any(
-        x.requires_grad for x in (emissions, transitions, start_transitions, end_transitions))
-    log_likelihood, _, _, _ = torch.ops.fusedloss.crf_log_likelihood_forward(
-        emissions, tags, mask, transitions, start_transitions, end_transitions, save)
-    return log_likelihood
+def _ones_if_none(mask, emissions: torch.Tensor) -> torch.Tensor:
+    return torch.ones(emissions.shape[:2], dtype=torch.bool, device=emissions.device) if mask is None else mask
 
 
 def crf_viterbi(emissions: torch.Tensor, mask: torch.Tensor, transitions: torch.Tensor,
                 start_transitions: torch.Tensor, end_transitions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Best tag path per sequence and its score: ``(tags (B, T) int64 padded with −1, scores (B,))``; ties go
     to the lowest tag index."""
-    return torch.ops.fusedloss.crf_viterbi(emissions, mask, transitions, start_transitions, end_transitions)
+    return _viterbi_op(emissions, _ones_if_none(mask, emissions), transitions, start_transitions, end_transitions)
 
 
 def crf_marginals(emissions: torch.Tensor, mask: torch.Tensor, transitions: torch.Tensor,
                   start_transitions: torch.Tensor, end_transitions: torch.Tensor) -> torch.Tensor:
     """Tag posteriors ``P(y_t = k | emissions)``, ``(B, T, K)``, 0 at masked positions."""
-    return torch.ops.fusedloss.crf_marginals(emissions, mask, transitions, start_transitions, end_transitions)
-
-
-def _common_reasons(emissions: torch.Tensor, transitions: torch.Tensor) -> List[str]:
-    reasons = []
-    if emissions.dtype not in _SUPPORTED_DTYPES:
-        reasons.append(f"emissions dtype {emissions.dtype} is not float16, bfloat16, float32 or float64")
-    if transitions.dtype not in _SUPPORTED_DTYPES:
-        reasons.append(f"transitions dtype {transitions.dtype} is not float16, bfloat16, float32 or float64")
-    return reasons
+    return _marginals_op(emissions, _ones_if_none(mask, emissions), transitions, start_transitions, end_transitions)
 
 
 def crf_log_likelihood_reasons(emissions, tags, mask, transitions, start_transitions, end_transitions) -> List[str]:
-    """Why the extension's kernels cannot serve this call (empty when they can)."""
-    return _common_reasons(emissions, transitions)
+    """Why the extension's kernels cannot serve this call (empty when they can; bad arguments are not reasons:
+    the op raises for them)."""
+    return []
 
 
 def crf_viterbi_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> List[str]:
     """Why the extension's kernels cannot serve this call (empty when they can)."""
-    reasons = _common_reasons(emissions, transitions)
-    if emissions.dim() == 3 and emissions.shape[2] > _MAX_VITERBI_TAGS:
-        reasons.append(f"Viterbi backpointers are int16: at most {_MAX_VITERBI_TAGS} tags, got {emissions.shape[2]}")
-    return reasons
+    if isinstance(emissions, torch.Tensor) and emissions.dim() == 3 and emissions.shape[2] > _MAX_VITERBI_TAGS:
+        return [f"Viterbi backpointers are int16: at most {_MAX_VITERBI_TAGS} tags, got {emissions.shape[2]}"]
+    return []
 
 
 def crf_marginals_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> List[str]:
     """Why the extension's kernels cannot serve this call (empty when they can)."""
-    reasons = _common_reasons(emissions, transitions)
     if torch.is_grad_enabled() and any(
-            x.requires_grad for x in (emissions, transitions, start_transitions, end_transitions)):
-        reasons.append("marginals are not differentiable here (an input requires grad)")
-    return reasons
+            isinstance(x, torch.Tensor) and x.requires_grad
+            for x in (emissions, transitions, start_transitions, end_transitions)):
+        return ["marginals are not differentiable here (an input requires grad)"]
+    return []

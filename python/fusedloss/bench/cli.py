@@ -14,7 +14,9 @@ from fusedloss.bench import cases, harness, report
 
 # Shape grids. Cross entropy: (N, C); CRF: (B, T, K).
 _GRIDS = {
-    ("cpu", True): {"ce": [(512, c) for c in (512, 4096, 32000)],
+    # Quick: a vocabulary curve at N=512, the token-classification shapes (4096 rows of 9 and 133 tags) and the
+    # fixed cost of a call (one row of 9 tags).
+    ("cpu", True): {"ce": [(512, c) for c in (512, 4096, 32000)] + [(4096, 9), (4096, 133), (1, 9)],
                     "crf": [(8, 64, 9), (8, 256, 9), (8, 64, 37), (8, 64, 73)]},
     ("cuda", True): {"ce": [(4096, c) for c in (4096, 32000, 128256)],
                      "crf": [(32, t, k) for t in (128, 512) for k in (9, 73)]},

@@ -100,13 +100,23 @@ def _most_common(rows: Sequence[Dict], key: str):
     return Counter(row[key] for row in rows).most_common(1)[0][0]
 
 
-def _plot_lines(ax, rows: Sequence[Dict], x_key: str, title: str) -> None:
-    by_backend: Dict[str, List[tuple]] = defaultdict(list)
+def _most_varied(rows: Sequence[Dict], key: str, along: str):
+    """The value of ``key`` measured at the most distinct values of ``along`` (ties: the smallest)."""
+    seen: Dict[float, set] = defaultdict(set)
     for row in rows:
-        by_backend[row["backend"]].append((float(row[x_key]), float(row["median_ms"])))
-    for backend, points in sorted(by_backend.items()):
+        seen[row[key]].add(row[along])
+    return min(seen, key=lambda value: (-len(seen[value]), value))
+
+
+def _plot_lines(ax, rows: Sequence[Dict], x_key: str, title: str, series_key: str = "") -> None:
+    """One line per backend (and per value of ``series_key``, when given) of median time against ``x_key``."""
+    by_series: Dict[str, List[tuple]] = defaultdict(list)
+    for row in rows:
+        label = row["backend"] + (f", {series_key}={int(row[series_key])}" if series_key else "")
+        by_series[label].append((float(row[x_key]), float(row["median_ms"])))
+    for label, points in sorted(by_series.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=backend)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(x_key)
@@ -120,8 +130,10 @@ def plot(rows: Sequence[Dict], path_prefix: str) -> List[str]:
     """PNG plots from the rows (or from :func:`read_csv`); returns the files written.
 
     ``<prefix>_cross_entropy.png``: forward+backward time against C, one panel per cross-entropy op,
-    at the most frequent N and dtype. ``<prefix>_crf.png``: log-likelihood forward+backward and
-    decode time against T (at the smallest K) and against K (at the largest T), at the largest B.
+    one line per backend and N, at the most frequent dtype. ``<prefix>_crf.png``: log-likelihood
+    forward+backward and decode time against T (at the K measured at the most T) and against K (at the
+    T measured with the most K), at the largest B: every panel of a grid with two sizes along its axis
+    shows a curve.
     """
     import matplotlib
 
@@ -134,12 +146,12 @@ def plot(rows: Sequence[Dict], path_prefix: str) -> List[str]:
     device_name = rows[0]["device_name"]
     ce_rows = [r for r in rows if r["op"] in CROSS_ENTROPY_OPS and r["mode"] == "full"]
     if ce_rows:
-        n, dtype = _most_common(ce_rows, "N"), _most_common(ce_rows, "dtype")
+        dtype = _most_common(ce_rows, "dtype")
         ops = [op for op in CROSS_ENTROPY_OPS if any(r["op"] == op for r in ce_rows)]
         fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)
         for ax, op in zip(axes[0], ops):
-            selected = [r for r in ce_rows if r["op"] == op and r["N"] == n and r["dtype"] == dtype]
-            _plot_lines(ax, selected, "C", f"{op} forward+backward, N={int(n)}, {dtype}")
+            selected = [r for r in ce_rows if r["op"] == op and r["dtype"] == dtype]
+            _plot_lines(ax, selected, "C", f"{op} forward+backward, {dtype}", series_key="N")
         fig.suptitle(device_name, fontsize=10)
         fig.tight_layout()
         written.append(path_prefix + "_cross_entropy.png")
@@ -152,7 +164,8 @@ def plot(rows: Sequence[Dict], path_prefix: str) -> List[str]:
         crf_rows = [r for r in crf_rows if r["dtype"] == dtype]
         b = max(r["B"] for r in crf_rows)
         crf_rows = [r for r in crf_rows if r["B"] == b]
-        k_fixed, t_fixed = min(r["K"] for r in crf_rows), max(r["T"] for r in crf_rows)
+        k_fixed = _most_varied(crf_rows, "K", "T")
+        t_fixed = _most_varied(crf_rows, "T", "K")
         ops = [op for op in CRF_OPS if any(r["op"] == op for r in crf_rows)]
         fig, axes = plt.subplots(len(ops), 2, figsize=(10, 4 * len(ops)), squeeze=False)
         for axes_row, op in zip(axes, ops):

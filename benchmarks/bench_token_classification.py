@@ -1,0 +1,160 @@
+"""Token-classification shapes and per-call cost: fusedloss (auto backend) against eager PyTorch.
+
+Times, in the same run and interleaved call by call (so that drifts of a shared machine hit both sides
+alike), forward+backward of cross_entropy (plain, label smoothing 0.1, focal γ=2) against
+F.cross_entropy and the eager focal formula at N=4096 rows of C = 9, 37, 133, 1024, 32000 classes; the
+forward alone under torch.no_grad; the fixed cost of a call at N=1 and N=64 rows of 9 tags; and the CRF
+(log-likelihood forward+backward, decode) against pytorch-crf at B=1 T=32 K=9 and B=32 T=128 K=9.
+Prints a Markdown table of medians and speed-ups (eager time / fusedloss time; above 1 is faster).
+
+    python benchmarks/bench_token_classification.py [--repeats 30] [--threads 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import fusedloss
+
+FOCAL_GAMMA = 2.0
+
+
+def eager_focal(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    log_p = F.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return (-(1 - log_p.exp()) ** FOCAL_GAMMA * log_p).mean()
+
+
+def interleaved_ms(calls: Dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> Dict[str, float]:
+    """Median milliseconds per call of each entry, the entries timed in turn within every repeat."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _fwd_bwd(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        logits.grad = None
+        loss_fn(logits, target).backward()
+
+    return step
+
+
+def _fwd_no_grad(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            loss_fn(logits, target)
+
+    return step
+
+
+def softmax_rows(shapes: List[Tuple[int, int]], repeats: int) -> List[Tuple[str, str, float, float]]:
+    variants = {
+        "cross_entropy": (F.cross_entropy, fusedloss.cross_entropy),
+        "label smoothing 0.1": (
+            lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1),
+            lambda x, y: fusedloss.cross_entropy(x, y, label_smoothing=0.1),
+        ),
+        "focal γ=2": (eager_focal, lambda x, y: fusedloss.focal_loss(x, y, gamma=FOCAL_GAMMA)),
+    }
+    rows = []
+    for n, c in shapes:
+        gen = torch.Generator().manual_seed(0)
+        logits = torch.randn(n, c, generator=gen).requires_grad_()
+        target = torch.randint(0, c, (n,), generator=gen)
+        reps = repeats if n * c <= 4096 * 1024 else max(5, repeats // 3)
+        for variant, (eager, fused) in variants.items():
+            if n < 4096 and variant != "cross_entropy":
+                continue
+            ms = interleaved_ms({"eager": _fwd_bwd(eager, logits, target), "fused": _fwd_bwd(fused, logits, target)},
+                                reps)
+            rows.append((f"{variant}, fwd+bwd", f"N={n} C={c}", ms["eager"], ms["fused"]))
+        if n == 4096:
+            ms = interleaved_ms({"eager": _fwd_no_grad(F.cross_entropy, logits, target),
+                                 "fused": _fwd_no_grad(fusedloss.cross_entropy, logits, target)}, reps)
+            rows.append(("cross_entropy, forward under no_grad", f"N={n} C={c}", ms["eager"], ms["fused"]))
+    return rows
+
+
+def _crf_nll(crf, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        emissions.grad = None
+        crf.zero_grad(set_to_none=True)
+        (-crf(emissions, tags, mask)).backward()
+
+    return step
+
+
+def _crf_decode(crf, emissions: torch.Tensor, mask: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            crf.decode(emissions, mask)
+
+    return step
+
+
+def crf_rows(shapes: List[Tuple[int, int, int]], repeats: int) -> List[Tuple[str, str, float, float]]:
+    try:
+        import torchcrf
+    except ImportError:
+        print("pytorch-crf is not installed: CRF rows skipped")
+        return []
+    rows = []
+    for b, t, k in shapes:
+        gen = torch.Generator().manual_seed(0)
+        emissions = torch.randn(b, t, k, generator=gen).requires_grad_()
+        tags = torch.randint(0, k, (b, t), generator=gen)
+        mask = torch.ones(b, t, dtype=torch.bool)
+        ours = fusedloss.CRF(k, batch_first=True)
+        theirs = torchcrf.CRF(k, batch_first=True)
+        theirs.load_state_dict(ours.state_dict())
+
+        reps = repeats if b * t <= 1024 else max(5, repeats // 3)
+        shape = f"B={b} T={t} K={k}"
+        ms = interleaved_ms({"eager": _crf_nll(theirs, emissions, tags, mask),
+                             "fused": _crf_nll(ours, emissions, tags, mask)}, reps)
+        rows.append(("CRF log-likelihood, fwd+bwd (vs pytorch-crf)", shape, ms["eager"], ms["fused"]))
+        ms = interleaved_ms({"eager": _crf_decode(theirs, emissions, mask),
+                             "fused": _crf_decode(ours, emissions, mask)}, reps)
+        rows.append(("CRF decode (vs pytorch-crf)", shape, ms["eager"], ms["fused"]))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        softmax_shapes = [(1, 9), (64, 9), (4096, 9), (4096, 133)]
+        crf_shapes = [(1, 32, 9)]
+        args.repeats = min(args.repeats, 10)
+    else:
+        softmax_shapes = [(1, 9), (64, 9), (4096, 9), (4096, 37), (4096, 133), (4096, 1024), (4096, 32000)]
+        crf_shapes = [(1, 32, 9), (32, 128, 9)]
+    rows = softmax_rows(softmax_shapes, args.repeats) + crf_rows(crf_shapes, args.repeats)
+    print(f"device: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, float32, median of {args.repeats} interleaved calls")
+    print("| what | shape | eager ms | fusedloss ms | speed-up |")
+    print("|---|---|---|---|---|")
+    for what, shape, eager_ms, fused_ms in rows:
+        print(f"| {what} | {shape} | {eager_ms:.4g} | {fused_ms:.4g} | {eager_ms / fused_ms:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+// Run-time choice of the vector ISA for the CPU kernels. The extension is built for the baseline x86-64 ISA (the
+// wheel must run on any x86-64); a job's loops are compiled a second time for AVX2 + FMA and that variant runs
+// when the CPU has them. A job is a struct with `void run(int64_t begin, int64_t end) const` marked
+// FUSEDLOSS_INLINE, so that its loops (and the always-inline kernel functions they call) are compiled into each
+// variant below; `static constexpr bool kContract = true` lets the AVX2 variant fuse multiply-adds (results then
+// differ from the baseline variant's in the last bits).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace fusedloss {
+namespace cpu {
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FUSEDLOSS_CPU_AVX2 1
+#endif
+
+inline bool has_avx2_fma() {
+#ifdef FUSEDLOSS_CPU_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+template <typename Job>
+void run_baseline(const Job& job, int64_t begin, int64_t end) {
+  job.run(begin, end);
+}
+
+#ifdef FUSEDLOSS_CPU_AVX2
+// Without contraction (GCC contracts by default in C++ once FMA is there): every result is the same, bit for
+// bit, as the baseline variant's.
+template <typename Job>
+__attribute__((target("avx2,fma"), optimize("fp-contract=off"))) void run_avx2(const Job& job, int64_t begin,
+                                                                                 int64_t end) {
+  job.run(begin, end);
+}
+
+// With a * b + c fused into one rounding (jobs whose Job::kContract is true: their tests allow it).
+template <typename Job>
+__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void run_avx2_contract(const Job& job,
+                                                                                           int64_t begin,
+                                                                                           int64_t end) {
+  job.run(begin, end);
+}
+
+template <typename Job, typename = void>
+struct Contracts {
+  static constexpr bool value = false;
+};
+template <typename Job>
+struct Contracts<Job, std::void_t<decltype(Job::kContract)>> {
+  static constexpr bool value = Job::kContract;
+};
+#endif
+
+// job.run(begin, end) in the best variant this CPU runs.
+template <typename Job>
+void run(const Job& job, int64_t begin, int64_t end) {
+#ifdef FUSEDLOSS_CPU_AVX2
+  if (has_avx2_fma()) {
+    if constexpr (Contracts<Job>::value) {
+      run_avx2_contract(job, begin, end);
+    } else {
+      run_avx2(job, begin, end);
+    }
+    return;
+  }
+#endif
+  run_baseline(job, begin, end);
+}
+
+// [0, n) split over the threads in ranges of at least grain_size.
+template <typename Job>
+void run_parallel(const Job& job, int64_t n, int64_t grain_size = 1) {
+  at::parallel_for(0, n, grain_size, [&](int64_t begin, int64_t end) { run(job, begin, end); });
+}
+
+}  // namespace cpu
+}  // namespace fusedloss

@@ -1,0 +1,15 @@
+// Argument checks of the CRF ops (defined in csrc/crf_ops.cpp), shared by the op that checks before
+// dispatching (crf_log_likelihood) and the device kernels of the ops that are called directly
+// (crf_viterbi, crf_marginals). ValueError / TypeError naming the argument (SPEC 7). tags and mask may be
+// null (not an argument of that op / all on); the mask's values are read on CPU tensors only.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace fusedloss {
+
+void check_crf_args(const at::Tensor& emissions, const at::Tensor* tags, const at::Tensor* mask,
+                    const at::Tensor& transitions, const at::Tensor& start_transitions,
+                    const at::Tensor& end_transitions);
+
+}  // namespace fusedloss
