@@ -216,6 +216,23 @@ def test_ghmc_equals_authors_loop(bins, masked):
     torch.testing.assert_close(x_leaf.grad.double(), 1.5 * torch.from_numpy(expected_grad), rtol=2e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("bins", [10, 30])
+def test_ghmc_bins_entries_on_and_next_to_the_edges(bins):
+    """g exactly on each float32 edge i/bins and one ulp either side (x = -100: σ(x) = 0 in float32, so g = y):
+    binning must follow the authors' comparisons with the float32 edges, not floor(g · bins). The authors' loop runs
+    in float32 here, as their code does on float32 tensors."""
+    edges = reference.ghmc_bin_edges(bins)[1:-1]
+    y = torch.cat([edges, torch.nextafter(edges, torch.zeros(())), torch.nextafter(edges, torch.ones(())),
+                   torch.tensor([0.0, 1.0, 0.5])])
+    x = torch.full_like(y, -100.0, requires_grad=True)
+    loss = fusedloss.ghmc_loss(x, y, bins=bins, backend=TRITON)
+    loss.backward()
+    expected, expected_grad = _ghmc_authors(x.detach().numpy(), y.numpy(), np.ones(len(y), np.float32), bins, 0.0,
+                                            None)
+    torch.testing.assert_close(x.grad, torch.from_numpy(expected_grad), rtol=1e-6, atol=1e-30)  # σ(-100) underflows
+    torch.testing.assert_close(loss, torch.tensor(expected), rtol=1e-6, atol=0)
+
+
 def test_ghmc_module_momentum_state_follows_authors():
     module = fusedloss.nn.GHMCLoss(bins=10, momentum=0.75, backend=TRITON)
     acc_sum = np.zeros(10, dtype=np.float32)
