@@ -28,7 +28,7 @@ Math (x the logit, y the target, e = exp(-|x|) in (0, 1] so that nothing overflo
   the scale ``Z^(1-t2)`` (t2 > 1), ``num_iters`` bisection steps (t2 < 1) or logsumexp (t2 = 1), as the authors'
   ``compute_normalization``; ``p = exp_t(x - λ, t2)``; the loss of the reference and the authors' closed-form
   gradient ``(p - q) p^(t2-t1) - e Σ_c (p_c - q_c) p_c^(t2-t1)``, ``e = p^t2 / Σ p^t2``; t1 = t2 = 1 is
-  ``-Σ q log softmax(x)`` with gradient ``p Σq - q``. A row that fits one block (C <= 8192) stays in registers for all
+  ``-Σ q log softmax(x)`` with gradient ``p Σq - q``. A row that fits one block (C <= 4096) stays in registers for all
   iterations; longer rows are swept once per iteration.
 
 Rows use the softmax kernels' layout (``softmax_loss._layout``: a tile of rows for small C, one row and blocks of
@@ -57,6 +57,12 @@ _NEG = tl.constexpr(-1.0e30)
 _TINY = tl.constexpr(1.1754943508222875e-38)
 # Elementwise kernels (BCE, focal, GHM-C): elements per program.
 _BLOCK = 1024
+# Bi-tempered rows hold logits, labels and probabilities at once. From the sm_90 ptxas report (kernels compiled
+# offline, no GPU here to time them): a single block of the softmax layout's 8192 columns spills 32 bytes per thread
+# (soft targets, 16 warps), 4096 columns do not; rows longer than that sweep blocks of 4096 with 8 warps (16 warps
+# spill 8 to 16 bytes there, 8 use 123 registers and none).
+_BI_TEMPERED_MAX_BLOCK_C = 4096
+_BI_TEMPERED_SWEEP_WARPS = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,10 +634,16 @@ def _binary_loss(
     return total.to(input.dtype), grad
 
 
-def _row_launch(n_rows: int, n_cols: int) -> Tuple[Tuple[int], int, int, int]:
-    """``(grid, ROWS, BLOCK_C, num_warps)`` of the softmax kernels' row layout."""
-    rows, block, num_warps = _layout(n_rows, n_cols, None, None)
+def _row_launch(n_rows: int, n_cols: int, max_block_c: Optional[int] = None) -> Tuple[Tuple[int], int, int, int]:
+    """``(grid, ROWS, BLOCK_C, num_warps)`` of the softmax kernels' row layout, blocks capped at ``max_block_c``."""
+    block_c = None if max_block_c is None else min(max(triton.next_power_of_2(n_cols), 2), max_block_c)
+    rows, block, num_warps = _layout(n_rows, n_cols, block_c, None)
     return (triton.cdiv(n_rows, rows),), rows, block, num_warps
+
+
+def _bi_tempered_launch(n_rows: int, n_cols: int) -> Tuple[Tuple[int], int, int, int]:
+    grid, rows, block, num_warps = _row_launch(n_rows, n_cols, _BI_TEMPERED_MAX_BLOCK_C)
+    return grid, rows, block, (num_warps if n_cols <= block else min(num_warps, _BI_TEMPERED_SWEEP_WARPS))
 
 
 def _multilabel_soft_margin_loss(
@@ -738,7 +750,7 @@ def _bi_tempered_logistic_loss(
     grad = _grad_buffer(x, compute_grad)
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows > 0:
-        grid, rows, block, num_warps = _row_launch(n_rows, n_cols)
+        grid, rows, block, num_warps = _bi_tempered_launch(n_rows, n_cols)
         _bi_tempered_fwd_kernel[grid](
             x, x.stride(0), t, t.stride(0), row_loss, grad if compute_grad else x,
             grad.stride(0) if compute_grad else 0, n_rows, n_cols, t1, t2, target_mass, spread, num_iters,
