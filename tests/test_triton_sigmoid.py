@@ -460,6 +460,36 @@ def test_expanded_grad_output_and_second_backward():
             loss.sum().backward()
 
 
+def test_row_offsets_beyond_int32():
+    """Row n starts at n * stride > 2^31 elements: the row kernels must index with int64 (virtual memory only)."""
+    num_classes, stride = 9, 2 ** 30 + 11
+    try:
+        storage = torch.empty(2 * stride + num_classes, dtype=torch.float16)
+    except RuntimeError as exc:  # no address space for 4 GiB of untouched pages
+        pytest.skip(f"cannot reserve the address space: {exc}")
+    x = storage.as_strided((3, num_classes), (stride, 1))
+    x.copy_(_logits((3, num_classes), seed=18).half())
+    y = _binary((3, num_classes))
+    labels = torch.tensor([1, 8, 0])
+    x64 = x.double()
+    for ours, oracle in [
+        (lambda v: fusedloss.multilabel_soft_margin_loss(v, y.half(), reduction="sum", backend=TRITON),
+         lambda v: F.multilabel_soft_margin_loss(v, y, reduction="sum")),
+        (lambda v: fusedloss.multilabel_categorical_crossentropy(v, y, "sum", backend=TRITON),
+         lambda v: reference.multilabel_categorical_crossentropy(v, y, "sum")),
+        (lambda v: fusedloss.bi_tempered_logistic_loss(v, labels, 0.8, 1.2, reduction="sum", backend=TRITON),
+         lambda v: reference.bi_tempered_logistic_loss(v, labels, 0.8, 1.2, 0.0, 5, "sum")),
+    ]:
+        x_leaf = x.detach().requires_grad_()
+        loss = ours(x_leaf)
+        (grad,) = torch.autograd.grad(loss, x_leaf)
+        x_ref = x64.clone().requires_grad_()
+        expected = oracle(x_ref)
+        (expected_grad,) = torch.autograd.grad(expected, x_ref)
+        torch.testing.assert_close(loss.double(), expected.detach(), rtol=2e-3, atol=0)
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=2e-3)
+
+
 _SM90_BUILD = r"""
 import os, re, subprocess
 import triton

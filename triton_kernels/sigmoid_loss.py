@@ -815,15 +815,16 @@ def _(grad, grad_output):
     return None
 
 
-def _custom_op(name: str, launcher, loss_shape):
-    """``launcher`` as the custom op ``fusedloss::<name>`` with a fake (``loss_shape(input, *args)``) and autograd."""
+def _custom_op(name: str, launcher, loss_shape, returns_acc_sum: bool = False):
+    """``launcher`` as the custom op ``fusedloss::<name>`` with a fake (``loss_shape(input, *args)``; GHM-C also
+    returns the new ``acc_sum``, shaped as its second-to-last argument) and registered autograd."""
     op = torch.library.custom_op(f"fusedloss::{name}", launcher, mutates_args=())
 
     def fake(input, *args):
         loss = input.new_empty(loss_shape(input, *args))
         grad = _grad_buffer(input, args[-1])
-        if name == "triton_ghmc_loss":
-            return loss, grad, args[-2].new_empty(args[-2].shape)
+        if returns_acc_sum:
+            return loss, grad, torch.empty_like(args[-2])
         return loss, grad
 
     def setup_context(ctx, inputs, output):
@@ -852,7 +853,7 @@ _binary_op = _custom_op(
 _soft_margin_op = _custom_op("triton_multilabel_soft_margin_loss", _multilabel_soft_margin_loss, _row_loss_shape)
 _zlpr_op = _custom_op("triton_multilabel_categorical_crossentropy", _multilabel_categorical_crossentropy,
                       _row_loss_shape)
-_ghmc_op = _custom_op("triton_ghmc_loss", _ghmc_loss, lambda input, *args: ())
+_ghmc_op = _custom_op("triton_ghmc_loss", _ghmc_loss, lambda input, *args: (), returns_acc_sum=True)
 _bi_tempered_op = _custom_op("triton_bi_tempered_logistic_loss", _bi_tempered_logistic_loss, _row_loss_shape)
 
 
