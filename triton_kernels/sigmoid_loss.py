@@ -32,10 +32,11 @@ Math (x the logit, y the target, e = exp(-|x|) in (0, 1] so that nothing overflo
   iterations; longer rows are swept once per iteration.
 
 Rows use the softmax kernels' layout (``softmax_loss._layout``: a tile of rows for small C, one row and blocks of
-8192 columns for long rows). Offsets are int64. Padding lanes hold ``-1e30``, never ``-inf``, and every row sum masks
-them out, so NaN or Inf in a row (or an element) reaches only that row (element).
+8192 columns, 4096 for the bi-tempered loss, for long rows). Offsets are int64. Padding lanes hold ``-1e30``, never
+``-inf``, and every row sum masks them out, so NaN or Inf in a row (or an element) reaches only that row (element).
 
-Registration: in eager mode each op runs through a plain ``torch.autograd.Function`` (the cheapest per call); while
+Registration: in eager mode each op runs through a plain ``torch.autograd.Function`` (no trip through the
+torch.library dispatcher and its Python autograd wrapper per call); while
 ``torch.compile`` traces, through ``torch.library.custom_op``\\ s (``fusedloss::triton_binary_loss`` and the others
 below) with fake implementations and registered autograd, so ``torch.compile(fullgraph=True)`` has no graph break.
 """
