@@ -80,10 +80,10 @@ def _check(fn_ours, fn_oracle, x64, dtype=torch.float32, what=""):
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_bce_with_logits_equals_torch(reduction):
-    x64 = _logits((2, 3, 5))
-    soft = torch.rand(2, 3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x64 = _logits((3, 3, 5))  # tiles of 2 rows x 8 columns: masked rows and columns
+    soft = torch.rand(3, 3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     generator = torch.Generator().manual_seed(3)
-    for weight_shape, with_pos_weight in [(None, False), ((5,), True), ((2, 1, 5), True), ((2, 3, 5), False)]:
+    for weight_shape, with_pos_weight in [(None, False), ((5,), True), ((3, 1, 5), True), ((3, 3, 5), False)]:
         weight = None if weight_shape is None else torch.rand(weight_shape, generator=generator, dtype=torch.float64)
         pos_weight = 3 * torch.rand(5, generator=generator, dtype=torch.float64) if with_pos_weight else None
 
@@ -94,6 +94,18 @@ def test_bce_with_logits_equals_torch(reduction):
 
         _check(lambda v: run(fusedloss.binary_cross_entropy_with_logits, v, backend=TRITON),
                lambda v: run(F.binary_cross_entropy_with_logits, v), x64, what=f"weight {weight_shape}")
+
+
+def test_bce_shapes_without_a_class_dimension():
+    """0-d, 1-d (one row of column blocks) and empty inputs, as torch (the mean of nothing is NaN)."""
+    for x64 in (torch.tensor(1.5, dtype=torch.float64), _logits((40,), seed=4), torch.zeros(0, 3, dtype=torch.float64)):
+        y = torch.rand(x64.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        for reduction in ("none", "mean"):
+            ours = fusedloss.binary_cross_entropy_with_logits(x64.float(), y.float(), reduction=reduction,
+                                                              backend=TRITON)
+            expected = F.binary_cross_entropy_with_logits(x64, y, reduction=reduction)
+            assert ours.shape == expected.shape
+            torch.testing.assert_close(ours.double(), expected, rtol=1e-6, atol=1e-7, equal_nan=True)
 
 
 @pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 2.0), (0.5, 0.0), (0.75, 0.5)])
@@ -502,11 +514,12 @@ types = dict(X="*bf16", T="*u8", W="*fp32", PW="*fp32", LOSS="*fp32", GRAD="*bf1
              COUNT="*i64", WEIGHT="*fp32", PARTIAL="*fp32", ACC_SUM="*fp32", NEW_ACC_SUM="*fp32", GRAD_OUT="*fp32",
              n_rows="i32", n_cols="i32", bins="i32", num_iters="i32")
 element = dict(BLOCK=m._BLOCK)
+rows, block_c = m._element_tile(8192, 80)
 builds = [
     (m._binary_fwd_kernel, dict(HAS_WEIGHT=True, HAS_POS_WEIGHT=True, FOCAL=False, HAS_ALPHA=False, HAS_GAMMA=False,
-                                REDUCE=True, WRITE_GRAD=True, **element), 4),
+                                REDUCE=True, WRITE_GRAD=True, ROWS=rows, BLOCK_C=block_c), 4),
     (m._binary_fwd_kernel, dict(HAS_WEIGHT=False, HAS_POS_WEIGHT=False, FOCAL=True, HAS_ALPHA=True, HAS_GAMMA=True,
-                                REDUCE=False, WRITE_GRAD=True, **element), 4),
+                                REDUCE=False, WRITE_GRAD=True, ROWS=1, BLOCK_C=m._BLOCK), 4),
     (m._ghmc_histogram_kernel, dict(HAS_VALID=True, BINS_PAD=32, **element), 4),
     (m._ghmc_weights_kernel, dict(HAS_MOMENTUM=True, BINS_PAD=32), 4),
     (m._ghmc_loss_kernel, dict(HAS_VALID=True, WRITE_GRAD=True, **element), 4),

@@ -56,7 +56,7 @@ from fusedloss.triton_kernels.softmax_loss import _layout
 _NEG = tl.constexpr(-1.0e30)
 # float32's smallest normal number: the focal factor q^γ is 0 at or below it (reference.softmax.focal_power).
 _TINY = tl.constexpr(1.1754943508222875e-38)
-# Elementwise kernels (BCE, focal, GHM-C): elements per program.
+# Elementwise kernels (BCE, focal, GHM-C): elements per program (BCE / focal: a tile of rows x columns).
 _BLOCK = 1024
 # Bi-tempered rows hold logits, labels and probabilities at once. From the sm_90 ptxas report (kernels compiled
 # offline, no GPU here to time them): a single block of the softmax layout's 8192 columns spills 32 bytes per thread
@@ -147,22 +147,29 @@ def _ghmc_bins(x, y, valid, EDGES, bins):
 @triton.jit
 def _binary_fwd_kernel(
     X, T, W, stride_w_row, stride_w_col, PW, stride_pw_row, stride_pw_col, LOSS, GRAD,
-    n_elements, n_cols, alpha, gamma, grad_scale,
+    n_rows, n_cols, alpha, gamma, grad_scale,
     HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, FOCAL: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    HAS_GAMMA: tl.constexpr, REDUCE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, REDUCE: tl.constexpr, WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """BCE with logits (``FOCAL`` false) or sigmoid focal loss over a flat contiguous ``X``.
+    """BCE with logits (``FOCAL`` false) or sigmoid focal loss over a contiguous ``X`` seen as ``(n_rows, n_cols)``.
 
-    ``W`` / ``PW``: weight and pos_weight broadcast to ``X`` viewed as ``(rows, n_cols)`` (strides may be 0).
+    A program owns one ``[ROWS, BLOCK_C]`` tile (row-major over the tiles: one division per program, none per
+    element), so the broadcast ``W`` / ``PW`` (weight and pos_weight, strides may be 0) are indexed directly.
     ``REDUCE``: ``LOSS`` gets one float32 partial sum per program, else the per-element loss (``X``'s dtype).
     """
     pid = tl.program_id(0)
-    offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_range = offsets < n_elements
+    column_blocks = tl.cdiv(n_cols, BLOCK_C)
+    pid_row = pid // column_blocks
+    pid_col = pid % column_blocks
+    rows = pid_row.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = pid_col * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_range = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    offsets = rows[:, None] * n_cols + cols[None, :]
     x = tl.load(X + offsets, mask=in_range, other=0.0).to(tl.float32)
     y = tl.load(T + offsets, mask=in_range, other=0.0).to(tl.float32)
     if HAS_POS_WEIGHT:
-        pos_weight_at = PW + (offsets // n_cols) * stride_pw_row + (offsets % n_cols) * stride_pw_col
+        pos_weight_at = PW + rows[:, None] * stride_pw_row + cols[None, :] * stride_pw_col
         pos_weight = tl.load(pos_weight_at, mask=in_range, other=0.0).to(tl.float32)
     else:
         pos_weight = 1.0
@@ -181,12 +188,13 @@ def _binary_fwd_kernel(
             loss = alpha_t * loss
             dloss = alpha_t * dloss
     if HAS_WEIGHT:
-        weight_at = W + (offsets // n_cols) * stride_w_row + (offsets % n_cols) * stride_w_col
+        weight_at = W + rows[:, None] * stride_w_row + cols[None, :] * stride_w_col
         weight = tl.load(weight_at, mask=in_range, other=0.0).to(tl.float32)
         loss = weight * loss
         dloss = weight * dloss
     if REDUCE:
-        tl.store(LOSS + pid, tl.sum(tl.where(in_range, loss, 0.0), axis=0))
+        tile_sum = tl.sum(tl.sum(tl.where(in_range, loss, 0.0), axis=1), axis=0)
+        tl.store(LOSS + pid, tile_sum)
     else:
         tl.store(LOSS + offsets, loss.to(LOSS.dtype.element_ty), mask=in_range)
     if WRITE_GRAD:
@@ -597,6 +605,12 @@ def _broadcast_rows(weight: Optional[torch.Tensor], shape: torch.Size, n_rows: i
     return rows, rows.stride(0), rows.stride(1)
 
 
+def _element_tile(n_rows: int, n_cols: int) -> Tuple[int, int]:
+    """``(ROWS, BLOCK_C)`` of the elementwise BCE / focal kernel: tiles of about ``_BLOCK`` elements."""
+    block_c = min(max(triton.next_power_of_2(n_cols), 2), _BLOCK)
+    return max(1, min(_BLOCK // block_c, triton.next_power_of_2(max(n_rows, 1)))), block_c
+
+
 def _binary_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -616,16 +630,18 @@ def _binary_loss(
     weight_rows, stride_w_row, stride_w_col = _broadcast_rows(weight, x.shape, n_rows, n_cols)
     pos_weight_rows, stride_pw_row, stride_pw_col = _broadcast_rows(pos_weight, x.shape, n_rows, n_cols)
     grad = _grad_buffer(x, compute_grad)
-    programs = triton.cdiv(n_elements, _BLOCK)
+    rows, block_c = _element_tile(n_rows, n_cols)
+    grid = (triton.cdiv(n_rows, rows) * triton.cdiv(n_cols, block_c),)
     reduce = reduction != "none"
-    loss = torch.empty(programs, dtype=torch.float32, device=x.device) if reduce else torch.empty_like(x)
+    loss = torch.empty(grid[0], dtype=torch.float32, device=x.device) if reduce else torch.empty_like(x)
     if n_elements > 0:
-        _binary_fwd_kernel[(programs,)](
+        _binary_fwd_kernel[grid](
             x, _flat(target), weight_rows if weight is not None else x, stride_w_row, stride_w_col,
             pos_weight_rows if pos_weight is not None else x, stride_pw_row, stride_pw_col, loss,
-            grad if compute_grad else x, n_elements, n_cols, alpha, gamma, _mean_scale(reduction, n_elements),
+            grad if compute_grad else x, n_rows, n_cols, alpha, gamma, _mean_scale(reduction, n_elements),
             HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None, FOCAL=focal,
-            HAS_ALPHA=alpha >= 0, HAS_GAMMA=gamma != 0, REDUCE=reduce, WRITE_GRAD=compute_grad, BLOCK=_BLOCK,
+            HAS_ALPHA=alpha >= 0, HAS_GAMMA=gamma != 0, REDUCE=reduce, WRITE_GRAD=compute_grad,
+            ROWS=rows, BLOCK_C=block_c,
         )
     if not reduce:
         return loss, grad
