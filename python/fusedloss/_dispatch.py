@@ -63,6 +63,12 @@ def _triton_crf():
     return crf
 
 
+def _triton_sigmoid():
+    from fusedloss.triton_kernels import sigmoid_loss
+
+    return sigmoid_loss
+
+
 def _ext_softmax():
     from fusedloss._ext import softmax_loss
 
@@ -92,13 +98,12 @@ _OP_TABLE: Dict[str, Dict[str, Callable]] = {
     "crf_log_likelihood": _family(_reference_crf, _triton_crf, _ext_crf),
     "crf_viterbi": _family(_reference_crf, _triton_crf, _ext_crf),
     "crf_marginals": _family(_reference_crf, _triton_crf, _ext_crf),
-    # The sigmoid and multi-label family has only the reference so far (SPEC 4).
-    "binary_cross_entropy_with_logits": _family(_reference_sigmoid),
-    "sigmoid_focal_loss": _family(_reference_sigmoid),
-    "multilabel_soft_margin_loss": _family(_reference_sigmoid),
-    "multilabel_categorical_crossentropy": _family(_reference_sigmoid),
-    "ghmc_loss": _family(_reference_sigmoid),
-    "bi_tempered_logistic_loss": _family(_reference_sigmoid),
+    "binary_cross_entropy_with_logits": _family(_reference_sigmoid, triton=_triton_sigmoid),
+    "sigmoid_focal_loss": _family(_reference_sigmoid, triton=_triton_sigmoid),
+    "multilabel_soft_margin_loss": _family(_reference_sigmoid, triton=_triton_sigmoid),
+    "multilabel_categorical_crossentropy": _family(_reference_sigmoid, triton=_triton_sigmoid),
+    "ghmc_loss": _family(_reference_sigmoid, triton=_triton_sigmoid),
+    "bi_tempered_logistic_loss": _family(_reference_sigmoid, triton=_triton_sigmoid),
 }
 
 
