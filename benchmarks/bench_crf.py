@@ -1,4 +1,4 @@
-"""CRF benchmark of issues 5 and 7: log-likelihood forward and forward+backward, and Viterbi decode
+"""CRF benchmark: log-likelihood forward and forward+backward, and Viterbi decode
 to lists, of every fusedloss backend against pytorch-crf 0.7.2 (torchcrf.CRF; and torch-struct's
 LinearChainCRF for the log-likelihood when it is importable), at B in {8, 32}, T in {128, 512},
 K in {9, 37, 73, 133}, float32, full masks, on the current device. Writes

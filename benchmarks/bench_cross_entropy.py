@@ -1,9 +1,9 @@
-"""Cross-entropy benchmark of issues 4 and 7: forward and forward+backward time and peak memory
+"""Cross-entropy benchmark: forward and forward+backward time and peak memory
 of every fusedloss backend against eager PyTorch (and torch.compile with --compile, Liger-Kernel on
 CUDA when installed), for plain cross entropy, label smoothing and focal loss.
 
-Grids: on CUDA, issue 4's N=8192 rows and vocabularies C up to 262144 in bfloat16 (the goal shape is
-C=128256); on the CPU, issue 7's N=4096, C=32000 float32 plus the NER tag-set sizes C=9, 37, 133 at
+Grids: on CUDA, N=8192 rows and vocabularies C up to 262144 in bfloat16 (the goal shape is
+C=128256); on the CPU, N=4096, C=32000 float32 plus the NER tag-set sizes C=9, 37, 133 at
 the same N (B=32 sentences of T=128 tokens). Writes
 benchmarks/results/cross_entropy_<device>.{csv,json} and a plot of time against C.
 Extra arguments go to fusedloss-bench (e.g. --repeats 20, --compile, --device cpu).

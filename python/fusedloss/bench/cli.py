@@ -20,7 +20,7 @@ _GRIDS = {
                     "crf": [(8, 64, 9), (8, 256, 9), (8, 64, 37), (8, 64, 73)]},
     ("cuda", True): {"ce": [(4096, c) for c in (4096, 32000, 128256)],
                      "crf": [(32, t, k) for t in (128, 512) for k in (9, 73)]},
-    # Token classification (C = 9..133 tags) and vocabularies up to issue 7's N=4096, C=32000.
+    # Token classification (C = 9..133 tags) and vocabularies up to N=4096, C=32000.
     ("cpu", False): {"ce": [(4096, c) for c in (9, 37, 133, 1024, 8192, 32000)],
                      "crf": [(b, t, k) for b in (8, 32) for t in (128, 512) for k in (9, 37, 73, 133)]},
     ("cuda", False): {"ce": [(8192, c) for c in (4096, 32000, 128256, 262144)],
