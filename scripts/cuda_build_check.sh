@@ -18,7 +18,14 @@ if [ -z "$NVCC" ]; then
   echo "cuda-build-check: nvcc is not on PATH" >&2
   exit 2
 fi
-export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}
+if [ -z "${CUDA_HOME:-}" ]; then
+  # The toolkit root as nvcc itself reports it (nvcc on PATH may be a wrapper script outside the toolkit).
+  echo > "${TMPDIR:-/tmp}/fusedloss_probe.cu"
+  CUDA_HOME=$(readlink -f "$("$NVCC" --dryrun -c "${TMPDIR:-/tmp}/fusedloss_probe.cu" 2>&1 | sed -n 's/^#\$ TOP=//p')")
+  rm -f "${TMPDIR:-/tmp}/fusedloss_probe.cu"
+  export CUDA_HOME
+fi
+echo "cuda-build-check: CUDA_HOME=$CUDA_HOME"
 
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
