@@ -36,6 +36,11 @@ cuda-build-check:
 triton-build-check: venv
 	FUSEDLOSS_GPU_COMPILE_CHECK=1 $(PY) -m pytest -q -s tests/test_triton_build.py
 
+# On a machine with one CUDA GPU (no network needed; its own Python with torch, PYTHON=...): builds the
+# extension, runs tests/test_gpu.py and the GPU benchmarks, writes everything to $OUT (README: GPU check).
+gpu-check:
+	scripts/gpu_check.sh
+
 lint: venv
 	$(VENV)/bin/ruff check python triton_kernels tests benchmarks examples
 
