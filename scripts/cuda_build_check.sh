@@ -7,7 +7,8 @@
 #   CUDA_VENV    the venv to use or create (default .venv-cuda)
 #   TORCH_SPEC   the torch to install there (default torch==2.13.0; PyPI's default Linux wheel is the CUDA one)
 #
-# The build goes to build/cuda-check (not the source tree), so the CPU build of .venv stays as it is.
+# The build goes to build/cuda-check (not the source tree), so the CPU build of .venv stays as it is; it is kept
+# between runs, so a second run compiles only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${CUDA_VENV:-.venv-cuda}
@@ -45,8 +46,7 @@ PY
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
 export FUSEDLOSS_STRICT_BUILD=1
 export MAX_JOBS=${MAX_JOBS:-2}
-BUILD=build/cuda-check
-rm -rf "$BUILD"
+BUILD=build/cuda-check  # kept between runs: ninja rebuilds what changed
 start=$(date +%s)
 "$VENV/bin/python" setup.py -q build_ext --build-temp "$BUILD/temp" --build-lib "$BUILD/lib"
 echo "cuda-build-check: built in $(( $(date +%s) - start )) s"
