@@ -64,7 +64,12 @@ ops = ["softmax_loss_forward", "crf_log_likelihood_forward", "crf_log_likelihood
        "crf_marginals"]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedloss::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
-listing = subprocess.run(["cuobjdump", "--list-elf", spec.origin], capture_output=True, text=True).stdout
+# cuobjdump of the toolkit, or the one the triton wheel bundles (a minimal toolkit may lack it).
+cuobjdump = os.path.join(os.environ["CUDA_HOME"], "bin", "cuobjdump")
+if not os.path.exists(cuobjdump):
+    import triton
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+listing = subprocess.run([cuobjdump, "--list-elf", spec.origin], capture_output=True, text=True, check=True).stdout
 archs = sorted(set(re.findall(r"sm_\d+", listing)))
 assert {"sm_80", "sm_90"} <= set(archs), f"expected sm_80 and sm_90 cubins, found {archs}"
 print("cuda-build-check: cubins for", ", ".join(archs))
