@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv bench test ctest lint clean
+.PHONY: venv bench test ctest lint clean cuda-build-check triton-build-check gpu-check
 
 $(VENV)/.installed: setup.py requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,21 @@ ctest:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
 	cmake --build build/cmake -j2
 	cd build/cmake && ctest --output-on-failure
+
+# Opt-in checks of the GPU code on a machine without a GPU (not part of `make test`):
+# cuda-build-check builds fusedloss._C as a CUDAExtension for sm_80/sm_90 in .venv-cuda (installs the
+# CUDA build of torch there on first use: several GB); triton-build-check compiles every Triton kernel
+# for sm_90 at every launch configuration and reports register spills.
+cuda-build-check:
+	scripts/cuda_build_check.sh
+
+triton-build-check: venv
+	FUSEDLOSS_GPU_COMPILE_CHECK=1 $(PY) -m pytest -q -s tests/test_triton_build.py
+
+# On a machine with one CUDA GPU (no network needed; its own Python with torch, PYTHON=...): builds the
+# extension, runs tests/test_gpu.py and the GPU benchmarks, writes everything to $OUT (README: GPU check).
+gpu-check:
+	scripts/gpu_check.sh
 
 lint: venv
 	$(VENV)/bin/ruff check python triton_kernels tests benchmarks examples

@@ -56,12 +56,18 @@ def _extensions_and_cmdclass():
     )
     if with_cuda:
         define_macros.append(("FUSEDLOSS_WITH_CUDA", "1"))
+        # torch's CUDA flags define __CUDA_NO_HALF_CONVERSIONS__ and friends, which remove the conversions between
+        # __half / __nv_bfloat16 and float that the shared kernels (csrc/kernels, written for any 16-bit type
+        # convertible to float) rely on; undefine them, as the standalone compile of csrc/cuda (CMake) does.
+        nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-U__CUDA_NO_HALF_OPERATORS__",
+                      "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                      "-U__CUDA_NO_HALF2_OPERATORS__"]
         ext = cpp_extension.CUDAExtension(
             "fusedloss._C",
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusedloss.bench import cli, harness, report
+from fusedloss.bench import cases, cli, harness, report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OPS = ("cross_entropy", "focal", "crf_nll", "crf_decode")
@@ -70,6 +70,32 @@ def test_csv_values(bench_out):
         # Every backend computed the baseline's value from the same inputs (decode: the same paths).
         limit = 0.0 if r["op"] == "crf_decode" else 1e-5
         assert float(r["rel_diff_vs_baseline"]) <= limit, r
+
+
+def test_bandwidth_columns(bench_out):
+    """Cross-entropy rows carry the bytes a fused call must move (float32 logits read, and for forward + backward
+    the gradient written, plus int64 targets), the GB/s they imply at the median time, and one copy bandwidth per
+    problem measured in the same run; CRF rows leave them empty."""
+    _, rows = _rows(bench_out)
+    copy_by_shape = {}
+    for r in rows:
+        if r["op"] not in ("cross_entropy", "focal"):
+            assert r["bytes"] == r["gbps"] == r["copy_gbps"] == r["bw_fraction"] == "", r
+            continue
+        n, c = int(r["N"]), int(r["C"])
+        assert int(r["bytes"]) == (2 if r["mode"] == "full" else 1) * 4 * n * c + 8 * n
+        assert float(r["gbps"]) == pytest.approx(int(r["bytes"]) / (float(r["median_ms"]) * 1e6), rel=1e-4)
+        assert float(r["copy_gbps"]) > 0
+        assert float(r["bw_fraction"]) == pytest.approx(float(r["gbps"]) / float(r["copy_gbps"]), rel=1e-4)
+        assert copy_by_shape.setdefault(r["shape"], r["copy_gbps"]) == r["copy_gbps"]  # one copy per problem
+    assert len(copy_by_shape) == len(CE_SHAPES)
+
+
+def test_bandwidth_arithmetic():
+    assert cases.cross_entropy_bytes("full", (1000, 500), torch.bfloat16) == 2 * 2 * 1000 * 500 + 8 * 1000
+    assert cases.cross_entropy_bytes("forward", (1000, 500), torch.float32) == 4 * 1000 * 500 + 8 * 1000
+    row = report.bandwidth(3_000_000, 2.0, 3.0)  # 3 MB in 2 ms = 1.5 GB/s, half of a 3 GB/s copy
+    assert row == {"bytes": 3_000_000, "gbps": pytest.approx(1.5), "copy_gbps": 3.0, "bw_fraction": pytest.approx(0.5)}
 
 
 def test_png_plots(bench_out):

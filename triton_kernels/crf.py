@@ -506,6 +506,27 @@ def _num_warps(block_b: int, block_k: int) -> int:
     return max(1, min(8, block_b * block_k * block_k // 256))
 
 
+def _viterbi_tiling(num_tags: int, block_b: Optional[int], block_k: Optional[int]) -> Tuple[int, int]:
+    """``(BLOCK_B, BLOCK_K)`` of the Viterbi kernel: K in blocks of up to 64 tags; the max-plus step has no
+    matrix-product form, so the batch tile keeps the (BLOCK_B, BLOCK_K, BLOCK_K) tile near 4096 values."""
+    if block_k is None:
+        block_k = min(triton.next_power_of_2(num_tags), 64)
+    if block_b is None:
+        block_b = max(1, min(16, 4096 // (block_k * block_k)))
+    return block_b, block_k
+
+
+def _pointer_dtype(num_tags: int) -> torch.dtype:
+    """Backpointers in the narrowest integer type that holds a tag index: B·T·K bytes for K <= 256."""
+    if num_tags <= 127:
+        return torch.int8
+    if num_tags <= 256:
+        return torch.uint8
+    if num_tags <= 32767:
+        return torch.int16
+    return torch.int32
+
+
 def _compute_dtypes_reason(emissions: torch.Tensor, transitions: torch.Tensor) -> List[str]:
     reasons = []
     for name, tensor in (("emissions", emissions), ("transitions", transitions)):
@@ -592,26 +613,13 @@ def _backward(grad, emissions, tags, mask, transitions, end_transitions, alpha, 
 def _viterbi(emissions, mask, transitions, start_transitions, end_transitions, block_b=None, block_k=None):
     """Launch the Viterbi kernel: ``(tags (B, T) int64 padded with -1, best scores (B,) float32)``."""
     batch, seq_len, num_tags = emissions.shape
-    if block_k is None:
-        block_k = min(triton.next_power_of_2(num_tags), 64)
-    # The max-plus step has no matrix-product form: keep the (BLOCK_B, BLOCK_K, BLOCK_K) tile near 4096 values.
-    if block_b is None:
-        block_b = max(1, min(16, 4096 // (block_k * block_k)))
+    block_b, block_k = _viterbi_tiling(num_tags, block_b, block_k)
     device = emissions.device
     tags = torch.empty((batch, seq_len), dtype=torch.int64, device=device)
     best = torch.empty((batch,), dtype=torch.float32, device=device)
     if batch == 0:
         return tags, best
-    # Backpointers in the narrowest integer type that holds a tag index: B·T·K bytes for K <= 256.
-    if num_tags <= 127:
-        pointer_dtype = torch.int8
-    elif num_tags <= 256:
-        pointer_dtype = torch.uint8
-    elif num_tags <= 32767:
-        pointer_dtype = torch.int16
-    else:
-        pointer_dtype = torch.int32
-    backpointers = torch.empty((batch, seq_len, num_tags), dtype=pointer_dtype, device=device)
+    backpointers = torch.empty((batch, seq_len, num_tags), dtype=_pointer_dtype(num_tags), device=device)
     score = torch.empty((batch, 2, num_tags), dtype=torch.float32, device=device)
     _crf_viterbi_kernel[(triton.cdiv(batch, block_b),)](
         emissions.contiguous(), mask.sum(1, dtype=torch.int32), transitions.to(torch.float32).contiguous(),
@@ -621,6 +629,60 @@ def _viterbi(emissions, mask, transitions, start_transitions, end_transitions, b
         num_warps=_num_warps(block_b, block_k),
     )
     return tags, best
+
+
+def launch_configurations() -> List[dict]:
+    """Every kernel build the launchers above can ask for, for offline compile checks (tests/test_triton_build.py).
+
+    Each entry: ``name``, ``kernel``, ``signature`` (types of the non-constexpr arguments), ``constexprs`` and
+    ``num_warps``. The tilings come from :func:`_tiling` and :func:`_viterbi_tiling` over tag counts that reach
+    every block size (one tile and several) and every backpointer type, and batches below and above the
+    ``tl.dot`` threshold; each with and without tags (marginals), emissions in bfloat16, and float16/float32 at
+    the largest tiles.
+    """
+    tag_counts = (1, 2, 3, 5, 9, 16, 17, 33, 64, 73, 200, 300, 40000)
+    tilings, viterbi_tilings = set(), set()
+    for num_tags in tag_counts:
+        for batch in (1, 4096):
+            block_b, block_k, use_dot = _tiling(batch, num_tags, None, None)
+            if num_tags <= 73:  # NUM_K_TILES is a loop bound: one tile and several (2, 3) stand for all
+                tilings.add((block_b, block_k, use_dot, triton.cdiv(num_tags, block_k)))
+        block_b, block_k = _viterbi_tiling(num_tags, None, None)
+        viterbi_tilings.add((block_b, block_k, triton.cdiv(num_tags, block_k), _pointer_dtype(num_tags)))
+    pointer_types = {torch.int8: "*i8", torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32"}
+    f32 = "*fp32"
+    builds = []
+    for block_b, block_k, use_dot, tiles in sorted(tilings):
+        largest = block_b * block_k == max(b * k for b, k, _, _ in tilings)
+        for dtype in ("bf16", "fp16", "fp32") if largest else ("bf16",):
+            layout = dict(NUM_K_TILES=tiles, BLOCK_K=block_k, BLOCK_B=block_b, USE_DOT=use_dot)
+            label = f"{dtype} BLOCK_B={block_b} BLOCK_K={block_k} tiles={tiles}{' dot' if use_dot else ''}"
+            for has_tags in (True, False):
+                signature = {"emissions_ptr": f"*{dtype}", "tags_ptr": "*i64" if has_tags else "*i32",
+                             "lengths_ptr": "*i32", "trans_ptr": f32, "exptrans_ptr": f32, "colmax_ptr": f32,
+                             "start_ptr": f32, "end_ptr": f32, "alpha_ptr": f32, "alpha_max_ptr": f32, "ll_ptr": f32,
+                             "B": "i32", "T": "i32", "K": "i32"}
+                builds.append(dict(name=f"forward {label} tags={has_tags}", kernel=_crf_forward_kernel,
+                                   signature=signature, constexprs=dict(HAS_TAGS=has_tags, **layout),
+                                   num_warps=_num_warps(block_b, block_k)))
+            for marginals in (False, True):
+                signature = {"emissions_ptr": f"*{dtype}", "tags_ptr": "*i32" if marginals else "*i64",
+                             "lengths_ptr": "*i32", "trans_ptr": f32, "exptrans_ptr": f32, "colmax_ptr": f32,
+                             "trans_t_ptr": f32, "exptrans_t_ptr": f32, "rowmax_ptr": f32, "end_ptr": f32,
+                             "alpha_ptr": f32, "alpha_max_ptr": f32, "grad_ptr": f32, "v_ptr": f32, "out_ptr": f32,
+                             "pair_ptr": f32, "B": "i32", "T": "i32", "K": "i32", "NUM_PAIR_GROUPS": "i32"}
+                builds.append(dict(name=f"backward {label} marginals={marginals}", kernel=_crf_backward_kernel,
+                                   signature=signature, constexprs=dict(MARGINALS=marginals, **layout),
+                                   num_warps=_num_warps(block_b, block_k)))
+    for block_b, block_k, tiles, pointer_dtype in sorted(viterbi_tilings, key=str):
+        signature = {"emissions_ptr": "*bf16", "lengths_ptr": "*i32", "trans_ptr": f32, "start_ptr": f32,
+                     "end_ptr": f32, "score_ptr": f32, "backpointers_ptr": pointer_types[pointer_dtype],
+                     "tags_out_ptr": "*i64", "best_ptr": f32, "B": "i32", "T": "i32", "K": "i32"}
+        builds.append(dict(name=f"viterbi bf16 BLOCK_B={block_b} BLOCK_K={block_k} tiles={tiles} "
+                                f"{pointer_types[pointer_dtype][1:]}", kernel=_crf_viterbi_kernel,
+                           signature=signature, constexprs=dict(NUM_K_TILES=tiles, BLOCK_K=block_k, BLOCK_B=block_b),
+                           num_warps=_num_warps(block_b, block_k)))
+    return builds
 
 
 # ------------------------------------------------------------------------------------- torch.library ops

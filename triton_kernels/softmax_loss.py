@@ -426,6 +426,47 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, *, block_c: Optio
     )
 
 
+def launch_configurations() -> List[dict]:
+    """Every kernel build the launchers above can ask for, for offline compile checks (tests/test_triton_build.py).
+
+    Each entry: ``name``, ``kernel``, ``signature`` (types of the non-constexpr arguments), ``constexprs`` and
+    ``num_warps``. The layouts come from :func:`_layout` over every power-of-two row count and class count it
+    distinguishes (and a class count above ``_MAX_BLOCK_C``: the multi-block sweep); each layout is built with
+    every option on (the most registers) for hard and for soft targets, in bfloat16 (and float32 at the widest
+    layout).
+    """
+    layouts = set()
+    for n_cols in [1 << e for e in range(1, 14)] + [_MAX_BLOCK_C + 1]:
+        for n_rows in [1 << e for e in range(0, 7)]:
+            rows, block, num_warps = _layout(n_rows, n_cols, None, None)
+            layouts.add((rows, block, n_cols <= block, num_warps))
+    builds = []
+    for rows, block, single, num_warps in sorted(layouts):
+        dtypes = ("bf16", "fp32") if (block, single) == (_MAX_BLOCK_C, False) else ("bf16",)
+        for dtype in dtypes:
+            layout = dict(ROWS=rows, BLOCK_C=block)
+            for hard in (True, False):
+                signature = {"X": f"*{dtype}", "stride_x": "i64", "T": "*i64" if hard else f"*{dtype}",
+                             "stride_t": "i64", "W": "*fp32", "LOSS": "*fp32", "GRAD": f"*{dtype}", "stride_g": "i64",
+                             "DIVISOR": "*fp32", "n_rows": "i32", "n_cols": "i32", "ignore_index": "i32",
+                             "target_mass": "fp32", "smoothing_per_class": "fp32", "focal_gamma": "fp32",
+                             "z_loss": "fp32", "softcap": "fp32"}
+                constexprs = dict(HARD_TARGET=hard, HAS_WEIGHT=True, SPREAD=True, HAS_FOCAL=True, HAS_Z_LOSS=True,
+                                  HAS_SOFTCAP=True, SCALE_BY_DIVISOR=True, WRITE_GRAD=True, SINGLE_BLOCK=single,
+                                  **layout)
+                builds.append(dict(name=f"forward {dtype} {'hard' if hard else 'soft'} rows={rows} block={block}"
+                                        f"{'' if single else ' multi-block'}",
+                                   kernel=_softmax_loss_fwd_kernel, signature=signature, constexprs=constexprs,
+                                   num_warps=num_warps))
+            for per_row in (True, False):
+                signature = {"GRAD": f"*{dtype}", "stride_g": "i64", "GRAD_OUT": "*fp32", "stride_go": "i64",
+                             "n_rows": "i32", "n_cols": "i32"}
+                builds.append(dict(name=f"scale_grad {dtype} per_row={per_row} rows={rows} block={block}",
+                                   kernel=_scale_grad_kernel, signature=signature,
+                                   constexprs=dict(PER_ROW=per_row, **layout), num_warps=num_warps))
+    return builds
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library registration and autograd
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-// CUDA kernels of the linear-chain CRF ops, torch-free: the per-sequence math of csrc/kernels/crf.h, one
-// thread per sequence, workspace in global memory provided by the caller (csrc/cuda/crf_binding.cpp).
+// CUDA kernels of the linear-chain CRF ops, torch-free: one thread block per sequence, its threads split the
+// K tags (csrc/kernels/crf_team.h: the matrix form of csrc/kernels/crf.h with the same underflow guard and
+// normalized alpha/beta, the math the C++ tests check on the host). Workspace in global memory comes from the
+// caller (csrc/cuda/crf_binding.cpp).
 //
-// This is the straightforward mapping of the CPU backend (same recursions, same guard, same results up to
-// rounding); it serves correctness on CUDA tensors. The fast GPU path is the Triton backend, which `auto`
-// prefers for CUDA tensors (SPEC 2).
+// Per step a block reads its tables (exp(A - colmax) for the forward, exp(A - rowmax)^T for the backward, A for
+// Viterbi) and its K-vectors from shared memory when they fit the device's per-block shared memory, with
+// the backward's per-sequence transition-gradient accumulator and Viterbi's backpointers too when they fit;
+// otherwise from global memory (same code, other pointers). The time loop is serial, so a block does
+// O(K^2 / threads) work per step and the batch fills the GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -11,6 +15,7 @@
 #include <cstdint>
 
 #include "kernels/crf.h"
+#include "kernels/crf_team.h"
 
 namespace fusedloss {
 namespace crf {
@@ -18,151 +23,323 @@ namespace cuda {
 
 namespace {
 
-constexpr int kThreads = 64;
+constexpr int kMaxThreads = 256;
+constexpr int kDefaultShared = 48 * 1024;
 
-int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
+// Threads per sequence: the tags rounded up to whole warps, at most kMaxThreads (lanes then own several tags).
+int threads_for(int K) { return K >= kMaxThreads ? kMaxThreads : ((K + 31) / 32) * 32; }
 
+// A thread block as the team of crf_team.h. blockDim.x is a multiple of 32.
+struct BlockTeam {
+  double* scratch;  // 32 entries of shared memory for the reductions across warps
+
+  __device__ int rank() const { return threadIdx.x; }
+  __device__ int size() const { return blockDim.x; }
+  __device__ void sync() const { __syncthreads(); }
+
+  struct MaxOp {
+    template <typename V>
+    __device__ V operator()(V a, V b) const {
+      return nan_max(a, b);
+    }
+  };
+  struct SumOp {
+    template <typename V>
+    __device__ V operator()(V a, V b) const {
+      return a + b;
+    }
+  };
+
+  template <typename V, typename Op>
+  __device__ V reduce(V x, Op op) const {
+    for (int offset = 16; offset > 0; offset >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, offset));
+    if (blockDim.x <= 32) return x;
+    __syncthreads();  // the previous reduction's reads of scratch are done
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = static_cast<double>(x);
+    __syncthreads();
+    V y = static_cast<V>(scratch[0]);
+    for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) y = op(y, static_cast<V>(scratch[w]));
+    return y;
+  }
+  template <typename V>
+  __device__ V max(V x) const {
+    return reduce(x, MaxOp{});
+  }
+  template <typename V>
+  __device__ V sum(V x) const {
+    return reduce(x, SumOp{});
+  }
+};
+
+// Copies n values into shared memory (the whole block takes part).
 template <typename T>
-__global__ void tables_kernel(Tables<T> tab) {
-  if (blockIdx.x == 0 && threadIdx.x == 0) make_tables(tab);
+__device__ T* stage(T* dst, const T* src, int64_t n) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+  return dst;
 }
 
 template <typename T>
-FUSEDLOSS_HOST_DEVICE Tables<T> carve_tables(const T* transitions, const T* start, const T* end, T* buffer, int K) {
+__global__ void tables_kernel(Tables<T> tab) {
+  __shared__ double scratch[32];
+  team_make_tables(BlockTeam{scratch}, tab);
+}
+
+template <typename T>
+Tables<T> carve_tables(const T* transitions, const T* start, const T* end, T* buffer, int K) {
   return Tables<T>{K, transitions, start, end, buffer, buffer + K, buffer + 2 * K,
                    buffer + 2 * K + static_cast<int64_t>(K) * K};
 }
 
-// Per sequence b: workspace (6K) + scratch alpha (T_len * K) in T, offsets (T_len) in double.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE int64_t square(int K) { return static_cast<int64_t>(K) * K; }
+
+// Shared-memory layouts (in elements of T, then bytes). Forward: alpha (2K), p (K), e_col (K^2), col_max,
+// start, end (K each). Backward: beta, v, w, u (K each), e_row_t (K^2), row_max, end (K each), the transition
+// gradient accumulator (K^2 + 2K). Marginals: both tables, the backward's vectors (the forward's alias them).
+int64_t forward_shared(int K) { return 6 * static_cast<int64_t>(K) + square(K); }
+int64_t backward_shared(int K) { return 8 * static_cast<int64_t>(K) + 2 * square(K); }
+int64_t marginals_shared(int K) { return 8 * static_cast<int64_t>(K) + 2 * square(K); }
+
+// Whether `bytes` of dynamic shared memory fit a block of this device (raising the kernel's limit above the
+// default 48 KiB when needed).
+template <typename Kernel>
+bool fits_shared(Kernel kernel, int64_t bytes) {
+  int device = 0;
+  int limit = kDefaultShared;
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
+  if (bytes > limit - 1024) return false;  // static shared memory (the reduction scratch) needs room too
+  if (bytes > kDefaultShared) {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) ==
+           cudaSuccess;
+  }
+  return true;
+}
+
+// Forward + gold score. Global workspace per sequence (used when !in_shared): alpha (2K), p (K).
 template <typename E, typename T>
 __global__ void forward_kernel(Tables<T> tab, const E* emissions, const int64_t* tags, const int64_t* lengths,
-                               int64_t B, int64_t T_len, T* workspace, T* alpha, double* offsets, T* log_likelihood,
-                               double* log_partition, uint8_t* bad_tags) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
+                               int64_t T_len, bool in_shared, T* workspace, int64_t workspace_stride, T* alpha,
+                               double* offsets, T* log_likelihood, double* log_partition, uint8_t* bad_tags) {
+  extern __shared__ double shared[];
+  __shared__ double scratch[32];
+  const BlockTeam team{scratch};
+  const int64_t b = blockIdx.x;
   const int K = tab.K;
-  const int64_t L = lengths[b];
-  T* ws_buffer = workspace + b * (Workspace<T>::size(K) + 2 * K);
-  const Workspace<T> ws = Workspace<T>::carve(ws_buffer, K);
-  const bool store = alpha != nullptr;
-  T* alpha_b = store ? alpha + b * T_len * K : ws_buffer + Workspace<T>::size(K);
-  const E* em = emissions + b * T_len * K;
-  const double log_z = forward(tab, em, L, alpha_b, store ? offsets + b * T_len : nullptr, store, ws);
-  log_partition[b] = log_z;
-  const int64_t* y = tags + b * T_len;
-  if (!tags_in_range(y, L, K)) {
-    bad_tags[b] = 1;
-    return;
+  T* vec = in_shared ? reinterpret_cast<T*>(shared) : workspace + b * workspace_stride;
+  if (in_shared) {
+    T* table = vec + 3 * K;
+    tab.e_col = stage(table, tab.e_col, square(K));
+    tab.col_max = stage(table + square(K), tab.col_max, K);
+    tab.start = stage(table + square(K) + K, tab.start, K);
+    tab.end = stage(table + square(K) + 2 * K, tab.end, K);
+    team.sync();
   }
-  log_likelihood[b] = static_cast<T>(gold_score(tab, em, y, L) - log_z);
+  const int64_t L = lengths[b];
+  const E* em = emissions + b * T_len * K;
+  const bool store = alpha != nullptr;
+  const double log_z = team_forward(team, tab, em, L, vec, vec + 2 * K, store ? alpha + b * T_len * K : nullptr,
+                                    store ? offsets + b * T_len : nullptr);
+  bool bad = false;
+  const double gold = team_gold_score(team, tab, em, tags + b * T_len, L, &bad);
+  if (threadIdx.x == 0) {
+    log_partition[b] = log_z;
+    if (bad) {
+      bad_tags[b] = 1;
+    } else {
+      log_likelihood[b] = static_cast<T>(gold - log_z);
+    }
+  }
 }
 
-// Per sequence b: its own transition-gradient accumulator (K^2 + 2K, zeroed by the caller) in slot_grads.
+// Backward: emission gradients (rows past the sequence's end are zeroed) and the sequence's transition
+// gradient (K^2 transposed, then start, end) written to its slot of slot_grads (zeroed by the caller).
+// Global workspace per sequence (when !in_shared): beta, v, w, u.
 template <typename E, typename T>
 __global__ void backward_kernel(Tables<T> tab, const E* emissions, const int64_t* tags, const int64_t* lengths,
-                                int64_t B, int64_t T_len, T* workspace, const T* alpha, const double* offsets,
-                                const double* log_partition, const T* grad, E* grad_emissions, T* slot_grads) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
+                                int64_t T_len, bool in_shared, T* workspace, int64_t workspace_stride, const T* alpha,
+                                const double* offsets, const double* log_partition, const T* grad, E* grad_emissions,
+                                T* slot_grads) {
+  extern __shared__ double shared[];
+  __shared__ double scratch[32];
+  const BlockTeam team{scratch};
+  const int64_t b = blockIdx.x;
   const int K = tab.K;
+  const int64_t slot_size = square(K) + 2 * K;
+  T* vec = in_shared ? reinterpret_cast<T*>(shared) : workspace + b * workspace_stride;
+  T* acc = slot_grads + b * slot_size;
+  if (in_shared) {
+    T* table = vec + 4 * K;
+    tab.e_row_t = stage(table, tab.e_row_t, square(K));
+    tab.row_max = stage(table + square(K), tab.row_max, K);
+    tab.end = stage(table + square(K) + K, tab.end, K);
+    acc = table + square(K) + 2 * K;
+    for (int64_t i = threadIdx.x; i < slot_size; i += blockDim.x) acc[i] = T(0);
+    team.sync();
+  }
   const int64_t L = lengths[b];
-  const Workspace<T> ws = Workspace<T>::carve(workspace + b * Workspace<T>::size(K), K);
-  T* acc = slot_grads + b * (static_cast<int64_t>(K) * K + 2 * K);
   E* out = grad_emissions + b * T_len * K;
-  backward<true>(tab, emissions + b * T_len * K, tags + b * T_len, L, alpha + b * T_len * K, offsets + b * T_len,
-                 log_partition[b], grad[b], out, acc, acc + static_cast<int64_t>(K) * K,
-                 acc + static_cast<int64_t>(K) * K + K, ws);
-  for (int64_t i = L * K; i < T_len * K; ++i) out[i] = static_cast<E>(0.0f);
+  const TeamBackwardVectors<T> vectors{vec, vec + K, vec + 2 * K, vec + 3 * K};
+  team_backward<true>(team, tab, emissions + b * T_len * K, tags + b * T_len, L, alpha + b * T_len * K,
+                      offsets + b * T_len, log_partition[b], grad[b], out, acc, acc + square(K),
+                      acc + square(K) + K, vectors);
+  for (int64_t i = L * K + threadIdx.x; i < T_len * K; i += blockDim.x) out[i] = static_cast<E>(0.0f);
+  if (in_shared) {
+    team.sync();
+    T* slot = slot_grads + b * slot_size;
+    for (int64_t i = threadIdx.x; i < slot_size; i += blockDim.x) slot[i] = acc[i];
+  }
 }
 
+// Tag marginals: the forward (alpha stored in global memory) then the backward without gradients. Global
+// workspace per sequence (when !in_shared): 4K (the backward's vectors; the forward's alpha and p alias them).
 template <typename E, typename T>
-__global__ void marginals_kernel(Tables<T> tab, const E* emissions, const int64_t* lengths, int64_t B,
-                                 int64_t T_len, T* workspace, T* alpha, double* offsets, T* marginals) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
+__global__ void marginals_kernel(Tables<T> tab, const E* emissions, const int64_t* lengths, int64_t T_len,
+                                 bool in_shared, T* workspace, int64_t workspace_stride, T* alpha, double* offsets,
+                                 T* marginals) {
+  extern __shared__ double shared[];
+  __shared__ double scratch[32];
+  const BlockTeam team{scratch};
+  const int64_t b = blockIdx.x;
   const int K = tab.K;
+  T* vec = in_shared ? reinterpret_cast<T*>(shared) : workspace + b * workspace_stride;
+  if (in_shared) {
+    T* table = vec + 4 * K;
+    tab.e_col = stage(table, tab.e_col, square(K));
+    tab.e_row_t = stage(table + square(K), tab.e_row_t, square(K));
+    tab.col_max = stage(table + 2 * square(K), tab.col_max, K);
+    tab.row_max = stage(table + 2 * square(K) + K, tab.row_max, K);
+    tab.start = stage(table + 2 * square(K) + 2 * K, tab.start, K);
+    tab.end = stage(table + 2 * square(K) + 3 * K, tab.end, K);
+    team.sync();
+  }
   const int64_t L = lengths[b];
-  const Workspace<T> ws = Workspace<T>::carve(workspace + b * Workspace<T>::size(K), K);
   const E* em = emissions + b * T_len * K;
   T* alpha_b = alpha + b * T_len * K;
   double* offsets_b = offsets + b * T_len;
-  const double log_z = forward(tab, em, L, alpha_b, offsets_b, true, ws);
+  const double log_z = team_forward(team, tab, em, L, vec, vec + 2 * K, alpha_b, offsets_b);
+  team.sync();  // the forward's vectors are free, its stored alpha complete
   T* out = marginals + b * T_len * K;
-  backward<false>(tab, em, static_cast<const int64_t*>(nullptr), L, alpha_b, offsets_b, log_z, T(1), out,
-                  static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr), ws);
-  for (int64_t i = L * K; i < T_len * K; ++i) out[i] = T(0);
+  const TeamBackwardVectors<T> vectors{vec, vec + K, vec + 2 * K, vec + 3 * K};
+  team_backward<false>(team, tab, em, static_cast<const int64_t*>(nullptr), L, alpha_b, offsets_b, log_z, T(1), out,
+                       static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr), vectors);
+  for (int64_t i = L * K + threadIdx.x; i < T_len * K; i += blockDim.x) out[i] = T(0);
 }
 
-// Per sequence b: scores (2K), emission row (K) in T, best_prev (K) int32, backpointers (T_len * K) int16.
-template <typename E, typename T>
-__global__ void viterbi_kernel(Tables<T> tab, const E* emissions, const int64_t* lengths, int64_t B, int64_t T_len,
-                               T* workspace, int32_t* best_prev, int16_t* backpointers, int64_t* paths, T* scores) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
+// Viterbi. Shared memory: scores (2K), transitions (K^2), start, end; then the backpointers (T_len * K of BP)
+// when bp_in_shared. Global workspace per sequence (when !in_shared): scores (2K).
+template <typename E, typename T, typename BP>
+__global__ void viterbi_kernel(Tables<T> tab, const E* emissions, const int64_t* lengths, int64_t T_len,
+                               bool in_shared, bool bp_in_shared, T* workspace, int64_t workspace_stride,
+                               BP* backpointers, int64_t* paths, T* scores) {
+  extern __shared__ double shared[];
+  __shared__ double scratch[32];
+  const BlockTeam team{scratch};
+  const int64_t b = blockIdx.x;
   const int K = tab.K;
+  T* vec = in_shared ? reinterpret_cast<T*>(shared) : workspace + b * workspace_stride;
+  BP* bp = backpointers + b * T_len * K;
+  if (in_shared) {
+    T* table = vec + 2 * K;
+    tab.transitions = stage(table, tab.transitions, square(K));
+    tab.start = stage(table + square(K), tab.start, K);
+    tab.end = stage(table + square(K) + K, tab.end, K);
+    if (bp_in_shared) bp = reinterpret_cast<BP*>(table + square(K) + 2 * K);
+    team.sync();
+  }
   const int64_t L = lengths[b];
-  T* ws = workspace + b * 3 * static_cast<int64_t>(K);
   int64_t* path = paths + b * T_len;
-  scores[b] = static_cast<T>(viterbi(tab, emissions + b * T_len * K, L, ws, ws + 2 * K, best_prev + b * K,
-                                     backpointers + b * T_len * K, path));
-  for (int64_t t = L; t < T_len; ++t) path[t] = -1;
+  const double score = team_viterbi(team, tab, emissions + b * T_len * K, L, vec, bp, path);
+  if (threadIdx.x == 0) scores[b] = static_cast<T>(score);
+  for (int64_t t = L + threadIdx.x; t < T_len; t += blockDim.x) path[t] = -1;
 }
 
 template <typename E, typename T>
 void forward_typed(const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B, int64_t T_len,
                    int K, const void* transitions, const void* start, const void* end, void* tables, void* workspace,
-                   void* alpha, double* offsets, void* log_likelihood, double* log_partition, uint8_t* bad_tags,
-                   cudaStream_t stream) {
+                   int64_t workspace_stride, void* alpha, double* offsets, void* log_likelihood,
+                   double* log_partition, uint8_t* bad_tags, cudaStream_t stream) {
+  if (B == 0) return;
   const Tables<T> tab = carve_tables(static_cast<const T*>(transitions), static_cast<const T*>(start),
                                      static_cast<const T*>(end), static_cast<T*>(tables), K);
-  tables_kernel<T><<<1, 1, 0, stream>>>(tab);
-  forward_kernel<E, T><<<blocks_for(B), kThreads, 0, stream>>>(
-      tab, static_cast<const E*>(emissions), tags, lengths, B, T_len, static_cast<T*>(workspace),
-      static_cast<T*>(alpha), offsets, static_cast<T*>(log_likelihood), log_partition, bad_tags);
+  tables_kernel<T><<<1, kMaxThreads, 0, stream>>>(tab);
+  const int64_t bytes = forward_shared(K) * static_cast<int64_t>(sizeof(T));
+  const bool in_shared = fits_shared(forward_kernel<E, T>, bytes);
+  forward_kernel<E, T><<<static_cast<unsigned>(B), threads_for(K), in_shared ? bytes : 0, stream>>>(
+      tab, static_cast<const E*>(emissions), tags, lengths, T_len, in_shared, static_cast<T*>(workspace),
+      workspace_stride, static_cast<T*>(alpha), offsets, static_cast<T*>(log_likelihood), log_partition, bad_tags);
 }
 
 template <typename E, typename T>
 void backward_typed(const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B, int64_t T_len,
                     int K, const void* transitions, const void* start, const void* end, void* tables, void* workspace,
-                    const void* alpha, const double* offsets, const double* log_partition, const void* grad,
-                    void* grad_emissions, void* slot_grads, cudaStream_t stream) {
+                    int64_t workspace_stride, const void* alpha, const double* offsets, const double* log_partition,
+                    const void* grad, void* grad_emissions, void* slot_grads, cudaStream_t stream) {
+  if (B == 0) return;
   const Tables<T> tab = carve_tables(static_cast<const T*>(transitions), static_cast<const T*>(start),
                                      static_cast<const T*>(end), static_cast<T*>(tables), K);
-  tables_kernel<T><<<1, 1, 0, stream>>>(tab);
-  backward_kernel<E, T><<<blocks_for(B), kThreads, 0, stream>>>(
-      tab, static_cast<const E*>(emissions), tags, lengths, B, T_len, static_cast<T*>(workspace),
-      static_cast<const T*>(alpha), offsets, log_partition, static_cast<const T*>(grad),
+  tables_kernel<T><<<1, kMaxThreads, 0, stream>>>(tab);
+  const int64_t bytes = backward_shared(K) * static_cast<int64_t>(sizeof(T));
+  const bool in_shared = fits_shared(backward_kernel<E, T>, bytes);
+  backward_kernel<E, T><<<static_cast<unsigned>(B), threads_for(K), in_shared ? bytes : 0, stream>>>(
+      tab, static_cast<const E*>(emissions), tags, lengths, T_len, in_shared, static_cast<T*>(workspace),
+      workspace_stride, static_cast<const T*>(alpha), offsets, log_partition, static_cast<const T*>(grad),
       static_cast<E*>(grad_emissions), static_cast<T*>(slot_grads));
 }
 
 template <typename E, typename T>
 void marginals_typed(const void* emissions, const int64_t* lengths, int64_t B, int64_t T_len, int K,
                      const void* transitions, const void* start, const void* end, void* tables, void* workspace,
-                     void* alpha, double* offsets, void* marginals, cudaStream_t stream) {
+                     int64_t workspace_stride, void* alpha, double* offsets, void* marginals, cudaStream_t stream) {
+  if (B == 0) return;
   const Tables<T> tab = carve_tables(static_cast<const T*>(transitions), static_cast<const T*>(start),
                                      static_cast<const T*>(end), static_cast<T*>(tables), K);
-  tables_kernel<T><<<1, 1, 0, stream>>>(tab);
-  marginals_kernel<E, T><<<blocks_for(B), kThreads, 0, stream>>>(
-      tab, static_cast<const E*>(emissions), lengths, B, T_len, static_cast<T*>(workspace), static_cast<T*>(alpha),
-      offsets, static_cast<T*>(marginals));
+  tables_kernel<T><<<1, kMaxThreads, 0, stream>>>(tab);
+  const int64_t bytes = marginals_shared(K) * static_cast<int64_t>(sizeof(T));
+  const bool in_shared = fits_shared(marginals_kernel<E, T>, bytes);
+  marginals_kernel<E, T><<<static_cast<unsigned>(B), threads_for(K), in_shared ? bytes : 0, stream>>>(
+      tab, static_cast<const E*>(emissions), lengths, T_len, in_shared, static_cast<T*>(workspace), workspace_stride,
+      static_cast<T*>(alpha), offsets, static_cast<T*>(marginals));
+}
+
+template <typename E, typename T, typename BP>
+void viterbi_bp(const Tables<T>& tab, const void* emissions, const int64_t* lengths, int64_t B, int64_t T_len,
+                void* workspace, int64_t workspace_stride, void* backpointers, int64_t* paths, void* scores,
+                cudaStream_t stream) {
+  const int K = tab.K;
+  const int64_t tables = (2 * static_cast<int64_t>(K) + square(K) + 2 * K) * static_cast<int64_t>(sizeof(T));
+  const int64_t with_bp = tables + T_len * K * static_cast<int64_t>(sizeof(BP));
+  const bool bp_in_shared = fits_shared(viterbi_kernel<E, T, BP>, with_bp);
+  const bool in_shared = bp_in_shared || fits_shared(viterbi_kernel<E, T, BP>, tables);
+  const int64_t bytes = bp_in_shared ? with_bp : (in_shared ? tables : 0);
+  viterbi_kernel<E, T, BP><<<static_cast<unsigned>(B), threads_for(K), bytes, stream>>>(
+      tab, static_cast<const E*>(emissions), lengths, T_len, in_shared, bp_in_shared, static_cast<T*>(workspace),
+      workspace_stride, static_cast<BP*>(backpointers), paths, static_cast<T*>(scores));
 }
 
 template <typename E, typename T>
 void viterbi_typed(const void* emissions, const int64_t* lengths, int64_t B, int64_t T_len, int K,
-                   const void* transitions, const void* start, const void* end, void* workspace, int32_t* best_prev,
-                   int16_t* backpointers, int64_t* paths, void* scores, cudaStream_t stream) {
+                   const void* transitions, const void* start, const void* end, void* workspace,
+                   int64_t workspace_stride, void* backpointers, int64_t* paths, void* scores, cudaStream_t stream) {
+  if (B == 0) return;
   const Tables<T> tab{K, static_cast<const T*>(transitions), static_cast<const T*>(start),
                       static_cast<const T*>(end), nullptr, nullptr, nullptr, nullptr};
-  viterbi_kernel<E, T><<<blocks_for(B), kThreads, 0, stream>>>(tab, static_cast<const E*>(emissions), lengths, B,
-                                                               T_len, static_cast<T*>(workspace), best_prev,
-                                                               backpointers, paths, static_cast<T*>(scores));
+  if (K <= 256) {
+    viterbi_bp<E, T, uint8_t>(tab, emissions, lengths, B, T_len, workspace, workspace_stride, backpointers, paths,
+                              scores, stream);
+  } else {
+    viterbi_bp<E, T, int16_t>(tab, emissions, lengths, B, T_len, workspace, workspace_stride, backpointers, paths,
+                              scores, stream);
+  }
 }
 
 }  // namespace
 
 // Emission dtype codes shared with the binding: 0 float16, 1 bfloat16, 2 float32, 3 float64. The compute
 // dtype is float64 for code 3 and float32 otherwise (the binding widens emissions when transitions are
-// float64). Workspace sizes per sequence are given above each kernel.
+// float64). workspace: B rows of workspace_stride elements of the compute dtype (forward 3K, backward and
+// marginals 4K, Viterbi 2K), used where shared memory is too small; backpointers: (B, T_len, K) of uint8 for
+// K <= 256, int16 above.
 #define FUSEDLOSS_CRF_DISPATCH(code, fn, ...)      \
   switch (code) {                                  \
     case 0:                                        \
@@ -180,32 +357,35 @@ void viterbi_typed(const void* emissions, const int64_t* lengths, int64_t B, int
 
 void launch_forward(int dtype_code, const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B,
                     int64_t T_len, int K, const void* transitions, const void* start, const void* end, void* tables,
-                    void* workspace, void* alpha, double* offsets, void* log_likelihood, double* log_partition,
-                    uint8_t* bad_tags, cudaStream_t stream) {
+                    void* workspace, int64_t workspace_stride, void* alpha, double* offsets, void* log_likelihood,
+                    double* log_partition, uint8_t* bad_tags, cudaStream_t stream) {
   FUSEDLOSS_CRF_DISPATCH(dtype_code, forward_typed, emissions, tags, lengths, B, T_len, K, transitions, start, end,
-                         tables, workspace, alpha, offsets, log_likelihood, log_partition, bad_tags, stream)
+                         tables, workspace, workspace_stride, alpha, offsets, log_likelihood, log_partition, bad_tags,
+                         stream)
 }
 
 void launch_backward(int dtype_code, const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B,
                      int64_t T_len, int K, const void* transitions, const void* start, const void* end, void* tables,
-                     void* workspace, const void* alpha, const double* offsets, const double* log_partition,
-                     const void* grad, void* grad_emissions, void* slot_grads, cudaStream_t stream) {
+                     void* workspace, int64_t workspace_stride, const void* alpha, const double* offsets,
+                     const double* log_partition, const void* grad, void* grad_emissions, void* slot_grads,
+                     cudaStream_t stream) {
   FUSEDLOSS_CRF_DISPATCH(dtype_code, backward_typed, emissions, tags, lengths, B, T_len, K, transitions, start, end,
-                         tables, workspace, alpha, offsets, log_partition, grad, grad_emissions, slot_grads, stream)
+                         tables, workspace, workspace_stride, alpha, offsets, log_partition, grad, grad_emissions,
+                         slot_grads, stream)
 }
 
 void launch_marginals(int dtype_code, const void* emissions, const int64_t* lengths, int64_t B, int64_t T_len, int K,
                       const void* transitions, const void* start, const void* end, void* tables, void* workspace,
-                      void* alpha, double* offsets, void* marginals, cudaStream_t stream) {
+                      int64_t workspace_stride, void* alpha, double* offsets, void* marginals, cudaStream_t stream) {
   FUSEDLOSS_CRF_DISPATCH(dtype_code, marginals_typed, emissions, lengths, B, T_len, K, transitions, start, end,
-                         tables, workspace, alpha, offsets, marginals, stream)
+                         tables, workspace, workspace_stride, alpha, offsets, marginals, stream)
 }
 
 void launch_viterbi(int dtype_code, const void* emissions, const int64_t* lengths, int64_t B, int64_t T_len, int K,
-                    const void* transitions, const void* start, const void* end, void* workspace, int32_t* best_prev,
-                    int16_t* backpointers, int64_t* paths, void* scores, cudaStream_t stream) {
+                    const void* transitions, const void* start, const void* end, void* workspace,
+                    int64_t workspace_stride, void* backpointers, int64_t* paths, void* scores, cudaStream_t stream) {
   FUSEDLOSS_CRF_DISPATCH(dtype_code, viterbi_typed, emissions, lengths, B, T_len, K, transitions, start, end,
-                         workspace, best_prev, backpointers, paths, scores, stream)
+                         workspace, workspace_stride, backpointers, paths, scores, stream)
 }
 
 #undef FUSEDLOSS_CRF_DISPATCH

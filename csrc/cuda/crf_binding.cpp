@@ -21,18 +21,19 @@ namespace cuda {
 // for 3, float32 otherwise).
 void launch_forward(int dtype_code, const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B,
                     int64_t T_len, int K, const void* transitions, const void* start, const void* end, void* tables,
-                    void* workspace, void* alpha, double* offsets, void* log_likelihood, double* log_partition,
-                    uint8_t* bad_tags, cudaStream_t stream);
+                    void* workspace, int64_t workspace_stride, void* alpha, double* offsets, void* log_likelihood,
+                    double* log_partition, uint8_t* bad_tags, cudaStream_t stream);
 void launch_backward(int dtype_code, const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B,
                      int64_t T_len, int K, const void* transitions, const void* start, const void* end, void* tables,
-                     void* workspace, const void* alpha, const double* offsets, const double* log_partition,
-                     const void* grad, void* grad_emissions, void* slot_grads, cudaStream_t stream);
+                     void* workspace, int64_t workspace_stride, const void* alpha, const double* offsets,
+                     const double* log_partition, const void* grad, void* grad_emissions, void* slot_grads,
+                     cudaStream_t stream);
 void launch_marginals(int dtype_code, const void* emissions, const int64_t* lengths, int64_t B, int64_t T_len, int K,
                       const void* transitions, const void* start, const void* end, void* tables, void* workspace,
-                      void* alpha, double* offsets, void* marginals, cudaStream_t stream);
+                      int64_t workspace_stride, void* alpha, double* offsets, void* marginals, cudaStream_t stream);
 void launch_viterbi(int dtype_code, const void* emissions, const int64_t* lengths, int64_t B, int64_t T_len, int K,
-                    const void* transitions, const void* start, const void* end, void* workspace, int32_t* best_prev,
-                    int16_t* backpointers, int64_t* paths, void* scores, cudaStream_t stream);
+                    const void* transitions, const void* start, const void* end, void* workspace,
+                    int64_t workspace_stride, void* backpointers, int64_t* paths, void* scores, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace crf
 
@@ -101,11 +102,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_fo
   at::Tensor offsets = save_for_backward ? at::empty({in.B, in.T_len}, opts64) : at::empty({0}, opts64);
   at::Tensor bad_tags = at::zeros({in.B}, in.emissions.options().dtype(at::kByte));
   at::Tensor tables = make_tables(in);
-  at::Tensor workspace = at::empty({in.B, 8 * static_cast<int64_t>(in.K)}, opts);
+  at::Tensor workspace = at::empty({in.B, 3 * static_cast<int64_t>(in.K)}, opts);
   crf::cuda::launch_forward(in.dtype_code, in.emissions.const_data_ptr(), tags.const_data_ptr<int64_t>(),
                             in.lengths.const_data_ptr<int64_t>(), in.B, in.T_len, in.K, in.transitions.const_data_ptr(),
                             in.start.const_data_ptr(), in.end.const_data_ptr(), tables.data_ptr(), workspace.data_ptr(),
-                            save_for_backward ? alpha.data_ptr() : nullptr,
+                            workspace.size(1), save_for_backward ? alpha.data_ptr() : nullptr,
                             save_for_backward ? offsets.data_ptr<double>() : nullptr, log_likelihood.data_ptr(),
                             log_partition.data_ptr<double>(), bad_tags.data_ptr<uint8_t>(),
                             c10::cuda::getCurrentCUDAStream());
@@ -138,11 +139,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
   at::Tensor slot_grads = at::zeros({in.B, slot_size}, opts);
   at::Tensor grad_emissions = at::empty_like(in.emissions);
   at::Tensor tables = make_tables(in);
-  at::Tensor workspace = at::empty({in.B, 6 * static_cast<int64_t>(in.K)}, opts);
+  at::Tensor workspace = at::empty({in.B, 4 * static_cast<int64_t>(in.K)}, opts);
   crf::cuda::launch_backward(in.dtype_code, in.emissions.const_data_ptr(), tags.const_data_ptr<int64_t>(),
                              in.lengths.const_data_ptr<int64_t>(), in.B, in.T_len, in.K,
                              in.transitions.const_data_ptr(), in.start.const_data_ptr(), in.end.const_data_ptr(),
-                             tables.data_ptr(), workspace.data_ptr(), alpha.const_data_ptr(),
+                             tables.data_ptr(), workspace.data_ptr(), workspace.size(1), alpha.const_data_ptr(),
                              offsets.const_data_ptr<double>(), log_partition.const_data_ptr<double>(),
                              grad.const_data_ptr(), grad_emissions.data_ptr(), slot_grads.data_ptr(),
                              c10::cuda::getCurrentCUDAStream());
@@ -164,13 +165,14 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_cuda(const at::Tensor& emissions_
   const auto opts = in.emissions.options().dtype(in.dtype);
   at::Tensor paths = at::empty({in.B, in.T_len}, in.emissions.options().dtype(at::kLong));
   at::Tensor scores = at::empty({in.B}, opts);
-  at::Tensor workspace = at::empty({in.B, 3 * static_cast<int64_t>(in.K)}, opts);
-  at::Tensor best_prev = at::empty({in.B, in.K}, in.emissions.options().dtype(at::kInt));
-  at::Tensor backpointers = at::empty({in.B, in.T_len, in.K}, in.emissions.options().dtype(at::kShort));
+  at::Tensor workspace = at::empty({in.B, 2 * static_cast<int64_t>(in.K)}, opts);
+  // Backpointers in the narrowest type that holds a tag index (B * T * K bytes for K <= 256).
+  at::Tensor backpointers =
+      at::empty({in.B, in.T_len, in.K}, in.emissions.options().dtype(in.K <= 256 ? at::kByte : at::kShort));
   crf::cuda::launch_viterbi(in.dtype_code, in.emissions.const_data_ptr(), in.lengths.const_data_ptr<int64_t>(), in.B,
                             in.T_len, in.K, in.transitions.const_data_ptr(), in.start.const_data_ptr(),
-                            in.end.const_data_ptr(), workspace.data_ptr(), best_prev.data_ptr<int32_t>(),
-                            backpointers.data_ptr<int16_t>(), paths.data_ptr<int64_t>(), scores.data_ptr(),
+                            in.end.const_data_ptr(), workspace.data_ptr(), workspace.size(1),
+                            backpointers.data_ptr(), paths.data_ptr<int64_t>(), scores.data_ptr(),
                             c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {paths, scores.to(in.result_dtype)};
@@ -186,10 +188,10 @@ at::Tensor crf_marginals_cuda(const at::Tensor& emissions_arg, const at::Tensor&
   at::Tensor alpha = at::empty({in.B, in.T_len, in.K}, opts);
   at::Tensor offsets = at::empty({in.B, in.T_len}, in.emissions.options().dtype(at::kDouble));
   at::Tensor tables = make_tables(in);
-  at::Tensor workspace = at::empty({in.B, 6 * static_cast<int64_t>(in.K)}, opts);
+  at::Tensor workspace = at::empty({in.B, 4 * static_cast<int64_t>(in.K)}, opts);
   crf::cuda::launch_marginals(in.dtype_code, in.emissions.const_data_ptr(), in.lengths.const_data_ptr<int64_t>(),
                               in.B, in.T_len, in.K, in.transitions.const_data_ptr(), in.start.const_data_ptr(),
-                              in.end.const_data_ptr(), tables.data_ptr(), workspace.data_ptr(), alpha.data_ptr(),
+                              in.end.const_data_ptr(), tables.data_ptr(), workspace.data_ptr(), workspace.size(1), alpha.data_ptr(),
                               offsets.data_ptr<double>(), marginals.data_ptr(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return marginals.to(in.result_dtype);

@@ -3,7 +3,7 @@
 // Same contract as the CPU kernel in csrc/cpu/softmax_loss.cpp; the divisor and 1/divisor stay on the
 // device (no host sync).
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -96,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_loss_forward_cuda(const at::Tensor& i
   args.focal_gamma = focal_gamma;
   args.z_loss = z_loss;
   args.softcap = softcap.has_value() ? *softcap : 0.0;
-  const cudaError_t status = softmax_loss::cuda::launch_softmax_loss(args, at::cuda::getCurrentCUDAStream());
+  const cudaError_t status = softmax_loss::cuda::launch_softmax_loss(args, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "softmax_loss_forward: CUDA launch failed: ", cudaGetErrorString(status));
 
   if (reduction == "none") return {row_loss.to(input.scalar_type()), grad};

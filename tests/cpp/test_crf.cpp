@@ -1,7 +1,9 @@
 // C++ tests of csrc/kernels/crf.h (no libtorch): log Z, the gold score, the gradients (gold indicators minus
 // marginals), the tag marginals and Viterbi against brute-force enumeration of every tag path in float64,
 // for tiny K and L; with forbidden transitions (-1e4), emissions in the hundreds (the underflow guard), and
-// float32 against float64 at long sequences; plus the accuracy of fast_exp and fast_log.
+// float32 against float64 at long sequences; plus the accuracy of fast_exp and fast_log. The team form of the
+// same math (csrc/kernels/crf_team.h, which the CUDA kernels run with a thread block as the team) runs here
+// with one lane through every check.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -10,6 +12,7 @@
 
 #include "check.h"
 #include "kernels/crf.h"
+#include "kernels/crf_team.h"
 
 namespace {
 
@@ -156,11 +159,10 @@ Run<T> run_kernels(const Problem& p, T g) {
   return r;
 }
 
+// A run of the kernels on p against brute-force enumeration; g is the gradient scale the run used.
 template <typename T>
-void check_against_brute_force(const Problem& p, const std::string& name, double atol, double rtol) {
+void check_run(const Problem& p, const Run<T>& got, double g, const std::string& name, double atol, double rtol) {
   const BruteForce want = brute_force(p);
-  const double g = 0.75;
-  const Run<T> got = run_kernels<T>(p, static_cast<T>(g));
   const int K = p.K;
   const int64_t L = p.L;
   const double gold = path_score(p, p.tags);
@@ -191,6 +193,68 @@ void check_against_brute_force(const Problem& p, const std::string& name, double
   check(close(got.viterbi_score, want.best_score, atol, rtol), name + ": Viterbi score");
 }
 
+// The same problem through the team functions of crf_team.h with a one-lane team.
+template <typename T>
+Run<T> run_team_kernels(const Problem& p, T g) {
+  using fusedloss::crf::SerialTeam;
+  using fusedloss::crf::TeamBackwardVectors;
+  const SerialTeam team;
+  const int K = p.K;
+  const int64_t L = p.L;
+  std::vector<T> emissions(p.emissions.begin(), p.emissions.end());
+  std::vector<T> transitions(p.transitions.begin(), p.transitions.end());
+  std::vector<T> start(p.start.begin(), p.start.end()), end(p.end.begin(), p.end.end());
+  std::vector<T> tables(2 * K + 2 * K * K), serial_tables(tables.size());
+  auto carve = [&](std::vector<T>& buffer) {
+    return Tables<T>{K, transitions.data(), start.data(), end.data(), buffer.data(), buffer.data() + K,
+                     buffer.data() + 2 * K, buffer.data() + 2 * K + K * K};
+  };
+  const Tables<T> tab = carve(tables);
+  fusedloss::crf::team_make_tables(team, tab);
+  fusedloss::crf::make_tables(carve(serial_tables));
+  check(tables == serial_tables, "team_make_tables equals make_tables");
+  std::vector<T> vectors(4 * K), alpha(L * K);
+  std::vector<double> offsets(L);
+  const TeamBackwardVectors<T> vec{vectors.data(), vectors.data() + K, vectors.data() + 2 * K, vectors.data() + 3 * K};
+
+  Run<T> r;
+  r.log_z = fusedloss::crf::team_forward(team, tab, emissions.data(), L, vectors.data(), vectors.data() + 2 * K,
+                                         alpha.data(), offsets.data());
+  const double log_z_unstored = fusedloss::crf::team_forward(team, tab, emissions.data(), L, vectors.data(),
+                                                             vectors.data() + 2 * K, static_cast<T*>(nullptr),
+                                                             static_cast<double*>(nullptr));
+  check(log_z_unstored == r.log_z, "team forward without stored alpha gives the same log Z");
+  bool bad_tags = true;
+  r.gold = fusedloss::crf::team_gold_score(team, tab, emissions.data(), p.tags.data(), L, &bad_tags);
+  check(!bad_tags, "team gold score: tags in range");
+  r.grad_emissions.assign(L * K, 0);
+  std::vector<T> grad_t(K * K, 0);
+  r.grad_start.assign(K, 0);
+  r.grad_end.assign(K, 0);
+  fusedloss::crf::team_backward<true>(team, tab, emissions.data(), p.tags.data(), L, alpha.data(), offsets.data(),
+                                      r.log_z, g, r.grad_emissions.data(), grad_t.data(), r.grad_start.data(),
+                                      r.grad_end.data(), vec);
+  r.grad_transitions.assign(K * K, 0);
+  for (int i = 0; i < K; ++i)
+    for (int j = 0; j < K; ++j) r.grad_transitions[i * K + j] = grad_t[j * K + i];
+  r.marginals.assign(L * K, 0);
+  fusedloss::crf::team_backward<false>(team, tab, emissions.data(), static_cast<const int64_t*>(nullptr), L,
+                                       alpha.data(), offsets.data(), r.log_z, T(1), r.marginals.data(),
+                                       static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr),
+                                       vec);
+  std::vector<T> viterbi_scores(2 * K);
+  std::vector<uint8_t> backpointers(L * K);
+  r.viterbi_path.assign(L, -1);
+  r.viterbi_score = fusedloss::crf::team_viterbi(team, tab, emissions.data(), L, viterbi_scores.data(),
+                                                 backpointers.data(), r.viterbi_path.data());
+  return r;
+}
+
+template <typename T>
+void check_against_brute_force(const Problem& p, const std::string& name, double atol, double rtol) {
+  check_run(p, run_kernels<T>(p, static_cast<T>(0.75)), 0.75, name, atol, rtol);
+  check_run(p, run_team_kernels<T>(p, static_cast<T>(0.75)), 0.75, name + " team", atol, rtol);
+}
 void test_brute_force() {
   std::mt19937 rng(1234);
   for (int K : {1, 2, 3, 4}) {
@@ -233,6 +297,10 @@ void test_long_sequence() {
     // Viterbi scores are normalized per step too: float32 rounds each step's increment only.
     check(close(got.viterbi_score, want.viterbi_score, 0, 1.2e-7),
           "T=2000 scale=" + std::to_string(scale) + ": float32 Viterbi score");
+    const Run<float> team = run_team_kernels<float>(p, 1.0f);
+    check(close(team.log_z, want.log_z, tolerance, 0), "T=2000 scale=" + std::to_string(scale) + ": team float32 log Z");
+    check(team.viterbi_path == got.viterbi_path && team.viterbi_score == got.viterbi_score,
+          "T=2000 scale=" + std::to_string(scale) + ": team Viterbi equals the serial one");
     double row_error = 0;
     for (int64_t t = 0; t < p.L; ++t) {
       double sum = 0;
@@ -263,6 +331,24 @@ void test_forbidden_gold_path() {
   check(got.grad_transitions[0 * 3 + 1] == 1.0f, "forbidden transition: marginal exactly 0");
 }
 
+// A tag outside [0, K) is reported (and never used as an index) by the team gold score.
+void test_team_bad_tags() {
+  std::mt19937 rng(11);
+  const Problem p = random_problem(rng, 3, 4, 1.0, false);
+  std::vector<float> emissions(p.emissions.begin(), p.emissions.end());
+  std::vector<float> transitions(p.transitions.begin(), p.transitions.end());
+  std::vector<float> start(p.start.begin(), p.start.end()), end(p.end.begin(), p.end.end());
+  const Tables<float> tab{3, transitions.data(), start.data(), end.data(), nullptr, nullptr, nullptr, nullptr};
+  for (int64_t bad : {-1, 3}) {
+    std::vector<int64_t> tags = p.tags;
+    tags[2] = bad;
+    bool bad_tags = false;
+    const double gold = fusedloss::crf::team_gold_score(fusedloss::crf::SerialTeam{}, tab, emissions.data(),
+                                                        tags.data(), p.L, &bad_tags);
+    check(bad_tags && std::isnan(gold), "team gold score flags tag " + std::to_string(bad));
+  }
+}
+
 void test_fast_math() {
   double exp_error = 0, log_error = 0;
   for (double x = -87.0; x <= 87.0; x += 0.01) {
@@ -289,6 +375,7 @@ int main() {
   test_large_emissions();
   test_long_sequence();
   test_forbidden_gold_path();
+  test_team_bad_tags();
   test_fast_math();
   return fusedloss_test::report();
 }

@@ -212,6 +212,14 @@ def make_workload(op: str, backend: str, inputs: tuple, dtype: torch.dtype, devi
     return _crf_workload(op, _crf_module(backend, num_tags, dtype, device), emissions, tags, mask)
 
 
+def cross_entropy_bytes(mode: str, shape: Tuple[int, ...], dtype: torch.dtype) -> int:
+    """The bytes a cross-entropy call must move at least: the logits read once and the int64 targets, and for
+    forward + backward the gradient written once (a fused kernel's traffic; unfused code moves more)."""
+    n, c = shape
+    logits = n * c * torch.empty((), dtype=dtype).element_size()
+    return (2 * logits if mode == "full" else logits) + 8 * n
+
+
 def difference(op: str, value, baseline_value) -> float:
     """How far a backend's forward result is from the baseline's: relative difference of the loss,
     or for decode the fraction of sequences whose best path differs."""

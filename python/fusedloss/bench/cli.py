@@ -105,12 +105,15 @@ def run(args, device: torch.device, environment: Dict) -> Tuple[List[Dict], List
             for op, shape, dtype in _problems(args, device)]
     total = sum(len(backends) * (1 if op == "crf_decode" else 2) for op, _, _, backends in plan)
     rows, skipped = [], []
+    copy_gbps: Dict[tuple, float] = {}  # per (shape, dtype): the device's copy bandwidth over the logits' bytes
     with tqdm(total=total, disable=args.no_progress, file=sys.stderr, unit="run") as progress:
         for op, shape, dtype, backends in plan:
             inputs = cases.make_inputs(op, shape, dtype, device)
             shape_text = "x".join(map(str, shape))
             dtype_name = str(dtype).replace("torch.", "")
             baseline_value = None
+            if op in cases.CROSS_ENTROPY_OPS and (shape, dtype) not in copy_gbps:
+                copy_gbps[(shape, dtype)] = harness.copy_bandwidth(shape[0] * shape[1], dtype, device, warmup, repeats)
             for backend in backends:
                 n_modes = 1 if op == "crf_decode" else 2
                 progress.set_description(f"{op} {shape_text} {backend}")
@@ -135,6 +138,9 @@ def run(args, device: torch.device, environment: Dict) -> Tuple[List[Dict], List
                            **cases.shape_dims(op, shape), "dtype": dtype_name, "repeats": repeats,
                            "warmup": warmup, "baseline": cases.BASELINE[op], "peak_mem_mib": memory,
                            "rel_diff_vs_baseline": diff, **timing, **environment}
+                    if op in cases.CROSS_ENTROPY_OPS:
+                        row.update(report.bandwidth(cases.cross_entropy_bytes(mode, shape, dtype),
+                                                    timing["median_ms"], copy_gbps[(shape, dtype)]))
                     rows.append(row)
                     progress.update(1)
     report.add_speedups(rows)

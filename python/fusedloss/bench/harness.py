@@ -67,6 +67,16 @@ def time_call(fn: Callable[[], object], reset: Callable[[], None], device: torch
     }
 
 
+def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> float:
+    """GB/s of ``dst.copy_(src)`` over ``numel`` elements of ``dtype`` (read once, written once: 2 x numel x size
+    bytes in the median time): what the memory system of ``device`` sustains for a plain stream of those bytes,
+    measured in the same run as the kernels it is compared with."""
+    src = torch.empty(numel, dtype=dtype, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    timing = time_call(lambda: dst.copy_(src), lambda: None, device, warmup, repeats)
+    return 2 * numel * src.element_size() / (timing["median_ms"] * 1e6)
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Silence the C++ profiler's start/stop lines, which it writes straight to file descriptor 2."""

@@ -12,7 +12,8 @@ from fusedloss.bench.cases import CRF_OPS, CROSS_ENTROPY_OPS
 COLUMNS = (
     "op", "mode", "backend", "shape", "N", "C", "B", "T", "K", "dtype", "device", "device_name",
     "median_ms", "q20_ms", "q80_ms", "min_ms", "repeats", "warmup", "baseline", "speedup",
-    "peak_mem_mib", "rel_diff_vs_baseline", "torch_version", "triton_version", "fusedloss_version",
+    "peak_mem_mib", "rel_diff_vs_baseline", "bytes", "gbps", "copy_gbps", "bw_fraction", "torch_version",
+    "triton_version", "fusedloss_version",
     "num_threads",
 )
 
@@ -30,21 +31,39 @@ def add_speedups(rows: List[Dict]) -> None:
         row["speedup"] = reference / row["median_ms"] if reference else ""
 
 
+def bandwidth(nbytes: int, median_ms: float, copy_gbps: float) -> Dict:
+    """The bandwidth columns of a cross-entropy row: ``bytes`` it must move (cases.cross_entropy_bytes),
+    achieved ``gbps`` = bytes / median time, the ``copy_gbps`` of a copy of the logits' bytes measured in the same
+    run, and ``bw_fraction`` = gbps / copy_gbps (the distance to what the memory system sustains)."""
+    gbps = nbytes / (median_ms * 1e6)
+    return {"bytes": nbytes, "gbps": gbps, "copy_gbps": copy_gbps, "bw_fraction": gbps / copy_gbps}
+
+
+def _bandwidth_cell(row: Dict) -> str:
+    if row.get("gbps", "") == "":
+        return "-"
+    return f"{row['gbps']:.1f} ({100 * row['bw_fraction']:.0f}%)"
+
+
 def format_table(rows: Sequence[Dict]) -> str:
-    """One block per (op, mode, shape, dtype): backend, median [q20, q80] ms, speed-up, peak MiB."""
+    """One block per (op, mode, shape, dtype): backend, median [q20, q80] ms, speed-up, peak MiB, and for cross
+    entropy the achieved GB/s with its fraction of the copy bandwidth measured in the same run."""
     lines = []
-    header = f"{'backend':<22} {'median ms':>10} {'[q20, q80]':>21} {'speed-up':>9} {'peak MiB':>9}"
+    header = (f"{'backend':<22} {'median ms':>10} {'[q20, q80]':>21} {'speed-up':>9} {'peak MiB':>9} "
+              f"{'GB/s (% copy)':>15}")
     groups: Dict[tuple, List[Dict]] = defaultdict(list)
     for row in rows:
         groups[_problem(row)].append(row)
     for (op, mode, shape, dtype, device), group in groups.items():
-        lines.append(f"\n{op} {mode}  shape={shape} dtype={dtype} device={device} ({group[0]['device_name']})")
+        copy = f", copy {group[0]['copy_gbps']:.1f} GB/s" if group[0].get("copy_gbps", "") != "" else ""
+        lines.append(f"\n{op} {mode}  shape={shape} dtype={dtype} device={device} ({group[0]['device_name']}{copy})")
         lines.append(header)
         for row in group:
             speedup = f"{row['speedup']:.2f}x" if row["speedup"] != "" else "-"
             spread = f"[{row['q20_ms']:.3f}, {row['q80_ms']:.3f}]"
             memory = f"{row['peak_mem_mib']:.1f}" if row["peak_mem_mib"] != "" else "-"
-            lines.append(f"{row['backend']:<22} {row['median_ms']:>10.3f} {spread:>21} {speedup:>9} {memory:>9}")
+            lines.append(f"{row['backend']:<22} {row['median_ms']:>10.3f} {spread:>21} {speedup:>9} {memory:>9} "
+                         f"{_bandwidth_cell(row):>15}")
     return "\n".join(lines)
 
 
@@ -61,11 +80,15 @@ def format_markdown(rows: Sequence[Dict]) -> str:
         for r in group:
             speedup = f"{r['speedup']:.2f}x" if r["speedup"] != "" else "-"
             memory = f", {r['peak_mem_mib']:.1f} MiB" if r["peak_mem_mib"] != "" else ""
-            cells[(r["shape"], r["dtype"])][r["backend"]] = f"{r['median_ms']:.3f} ms ({speedup}{memory})"
+            bandwidth = (f", {r['gbps']:.1f} GB/s = {100 * r['bw_fraction']:.0f}% of copy"
+                         if r.get("gbps", "") != "" else "")
+            cells[(r["shape"], r["dtype"])][r["backend"]] = f"{r['median_ms']:.3f} ms ({speedup}{memory}{bandwidth})"
         dims = "N x C" if op in CROSS_ENTROPY_OPS else "B x T x K"
+        bandwidth = (", achieved bandwidth (% of a copy of the same bytes in the same run)"
+                     if op in CROSS_ENTROPY_OPS and group[0].get("gbps", "") != "" else "")
         out.append(f"\n**{op}, {'forward + backward' if mode == 'full' else mode}** on {group[0]['device_name']}, "
                    f"torch {group[0]['torch_version']}: median time (speed-up over {group[0]['baseline']}, "
-                   "peak extra memory)\n")
+                   f"peak extra memory{bandwidth})\n")
         out.append(f"| {dims} | dtype | " + " | ".join(backends) + " |")
         out.append("|---|---|" + "---|" * len(backends))
         for (shape, dtype), by_backend in cells.items():
@@ -84,7 +107,7 @@ def write_csv(rows: Sequence[Dict], path: str) -> None:
 def read_csv(path: str) -> List[Dict]:
     """Rows of a CSV written by :func:`write_csv`, with the numbers converted back."""
     numeric = {"N", "C", "B", "T", "K", "median_ms", "q20_ms", "q80_ms", "min_ms", "repeats", "warmup",
-               "speedup", "peak_mem_mib", "rel_diff_vs_baseline"}
+               "speedup", "peak_mem_mib", "rel_diff_vs_baseline", "bytes", "gbps", "copy_gbps", "bw_fraction"}
     with open(path, newline="") as src:
         rows = list(csv.DictReader(src))
     return [{k: (float(v) if k in numeric and v != "" else v) for k, v in row.items()} for row in rows]

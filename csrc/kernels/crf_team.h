@@ -1,0 +1,336 @@
+// Linear-chain CRF math for one sequence run by a team of lanes that split the K tags: the parallel form of
+// csrc/kernels/crf.h (same recursions, same matrix form with its underflow guard, same normalized alpha and
+// beta with float64 offsets; see the header comment there). The CUDA kernels of csrc/cuda/crf.cu run one
+// sequence per thread block with the block as the team; the C++ tests run the same code with SerialTeam (one
+// lane), against brute-force enumeration.
+//
+// Lane r of n owns the tags k = r, r + n, r + 2n, ... of every K-vector: it alone writes them. Vectors that
+// other lanes read (the weights of a step, the previous scores) go through the team's shared vectors with a
+// team.sync() between the writes and the reads. A Team provides
+//     int rank() const, int size() const, void sync() const,
+//     V max(V) const, V sum(V) const   (over the team; every lane gets the result; NaN propagates through max)
+// and every lane of the team must call every function below (they contain team-wide reductions).
+//
+// Work per step: a lane computes its columns (forward, Viterbi) or rows (backward) of the K x K step from the
+// tables (e_col, e_row_t, transitions), which the caller may place in fast memory (CUDA shared memory);
+// each step costs one or two team.sync() plus one max reduction.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/crf.h"
+
+namespace fusedloss {
+namespace crf {
+
+// The team of one lane: the host runs the team functions as plain loops (C++ tests).
+struct SerialTeam {
+  FUSEDLOSS_HOST_DEVICE int rank() const { return 0; }
+  FUSEDLOSS_HOST_DEVICE int size() const { return 1; }
+  FUSEDLOSS_HOST_DEVICE void sync() const {}
+  template <typename V>
+  FUSEDLOSS_HOST_DEVICE V max(V x) const {
+    return x;
+  }
+  template <typename V>
+  FUSEDLOSS_HOST_DEVICE V sum(V x) const {
+    return x;
+  }
+};
+
+// max that keeps a NaN of either argument (so a NaN score reaches the offsets and log Z).
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T nan_max(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// The emission of the lane's first tag at step t, read one step ahead: a lane issues the load of step t + 1 (or
+// t - 1 going backward) at the top of step t, so the memory latency hides behind the step's synchronizations
+// and its K-term sums instead of stalling the next step. Tags past the first of a lane are read when used.
+template <typename E, typename T>
+struct EmissionPrefetch {
+  const E* emissions;
+  int64_t L;
+  int K, lane;
+  T value;
+  // Holds e[t, lane] (0 outside the sequence or for lanes without a tag).
+  FUSEDLOSS_HOST_DEVICE void load(int64_t t) {
+    value = (t >= 0 && t < L && lane < K) ? static_cast<T>(emissions[t * K + lane]) : T(0);
+  }
+  // e[t, j] for a tag j of this lane, when `value` holds step t.
+  FUSEDLOSS_HOST_DEVICE T get(int64_t t, int j, T current) const {
+    return j == lane ? current : static_cast<T>(emissions[t * K + j]);
+  }
+};
+
+// make_tables, with the K^2 exps split over the team: lane r computes the column maxima of its columns, the
+// row maxima of its rows, then the table entries r, r + n, ... of the row-major (K, K) index.
+template <typename T, typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void team_make_tables(const Team& team, const Tables<T>& tab) {
+  const int K = tab.K;
+  for (int k = team.rank(); k < K; k += team.size()) {
+    T c = tab.transitions[k];
+    T r = tab.transitions[static_cast<int64_t>(k) * K];
+    for (int i = 1; i < K; ++i) {
+      c = max_of(c, tab.transitions[static_cast<int64_t>(i) * K + k]);
+      r = max_of(r, tab.transitions[static_cast<int64_t>(k) * K + i]);
+    }
+    tab.col_max[k] = c;
+    tab.row_max[k] = r;
+  }
+  team.sync();
+  const int64_t KK = static_cast<int64_t>(K) * K;
+  for (int64_t idx = team.rank(); idx < KK; idx += team.size()) {
+    const int64_t i = idx / K;
+    const int64_t j = idx - i * K;
+    const T a = tab.transitions[idx];
+    tab.e_col[idx] = fast_exp(a - tab.col_max[j]);
+    tab.e_row_t[j * K + i] = fast_exp(a - tab.row_max[i]);
+  }
+  team.sync();
+}
+
+// Subtracts the team-wide maximum of the lane's entries of x (K,) and returns it (as normalize in crf.h).
+template <typename T, typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T team_normalize(const Team& team, T* x, int K) {
+  T local = Limits<T>::large_negative;
+  for (int k = team.rank(); k < K; k += team.size()) local = nan_max(x[k], local);
+  const T m = team.max(local);
+  for (int k = team.rank(); k < K; k += team.size()) x[k] -= m;
+  return m;
+}
+
+// Forward algorithm over one sequence; returns log Z (every lane). Uses tab.e_col, col_max, transitions (the
+// exact columns of the guard), start, end. alpha: (2, K) shared scratch (ping-pong of the normalized
+// alpha_t); p: (K,) shared. With store (non-null), store (L, K) and offsets (L,) receive alpha_t =
+// store[t] + offsets[t] for the backward sweep (each lane writes its own tags; lane 0 the offsets).
+template <typename E, typename T, typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_forward(const Team& team, const Tables<T>& tab, const E* emissions,
+                                                           int64_t L, T* alpha, T* p, T* store, double* offsets) {
+  const int K = tab.K;
+  const int r = team.rank();
+  const int n = team.size();
+  for (int k = r; k < K; k += n) alpha[k] = tab.start[k] + static_cast<T>(emissions[k]);
+  double offset = static_cast<double>(team_normalize(team, alpha, K));
+  if (store != nullptr) {
+    for (int k = r; k < K; k += n) store[k] = alpha[k];
+    if (r == 0) offsets[0] = offset;
+  }
+  EmissionPrefetch<E, T> ahead{emissions, L, K, r, T(0)};
+  ahead.load(1);
+  for (int64_t t = 1; t < L; ++t) {
+    const T* prev = alpha + ((t - 1) & 1) * K;
+    T* next = alpha + (t & 1) * K;
+    const T e_lane = ahead.value;
+    ahead.load(t + 1);
+    team.sync();  // prev complete
+    for (int i = r; i < K; i += n) p[i] = fast_exp(prev[i]);  // prev is normalized: its maximum is 0
+    team.sync();  // p complete
+    for (int j = r; j < K; j += n) {
+      const T e = ahead.get(t, j, e_lane);
+      T s = 0;
+      for (int i = 0; i < K; ++i) s += p[i] * tab.e_col[static_cast<int64_t>(i) * K + j];
+      T x;
+      if (s >= Guard<T>::min_sum) {
+        x = fast_log(s) + tab.col_max[j] + e;
+      } else {
+        // Exact column: every term of the matrix form underflowed (or a NaN came in).
+        T best = prev[0] + tab.transitions[j];
+        for (int i = 1; i < K; ++i) best = max_of(best, prev[i] + tab.transitions[static_cast<int64_t>(i) * K + j]);
+        T sum = 0;
+        for (int i = 0; i < K; ++i) sum += exp(prev[i] + tab.transitions[static_cast<int64_t>(i) * K + j] - best);
+        x = best + log(sum) + e;
+      }
+      next[j] = x;
+    }
+    offset += static_cast<double>(team_normalize(team, next, K));
+    if (store != nullptr) {
+      for (int k = r; k < K; k += n) store[t * K + k] = next[k];
+      if (r == 0) offsets[t] = offset;
+    }
+  }
+  const T* last = alpha + ((L - 1) & 1) * K;
+  T local = Limits<T>::large_negative;
+  for (int k = r; k < K; k += n) local = nan_max(last[k] + tab.end[k], local);
+  const T m = team.max(local);
+  T s = 0;
+  for (int k = r; k < K; k += n) s += exp(last[k] + tab.end[k] - m);
+  return offset + static_cast<double>(m) + static_cast<double>(log(team.sum(s)));
+}
+
+// score(tags) of one sequence, or NaN when a tag lies outside [0, K) (*bad_tags is then true). Lanes split the
+// time steps; the float64 partial sums meet in one reduction.
+template <typename E, typename T, typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_gold_score(const Team& team, const Tables<T>& tab,
+                                                              const E* emissions, const int64_t* tags, int64_t L,
+                                                              bool* bad_tags) {
+  const int K = tab.K;
+  int bad = 0;
+  for (int64_t t = team.rank(); t < L; t += team.size()) bad += (tags[t] < 0 || tags[t] >= K) ? 1 : 0;
+  *bad_tags = team.sum(bad) > 0;
+  if (*bad_tags) return static_cast<double>(NAN);
+  double score = 0;
+  for (int64_t t = team.rank(); t < L; t += team.size()) {
+    score += static_cast<double>(static_cast<T>(emissions[t * K + tags[t]]));
+    if (t > 0) score += static_cast<double>(tab.transitions[tags[t - 1] * K + tags[t]]);
+  }
+  return team.sum(score) + static_cast<double>(tab.start[tags[0]]) + static_cast<double>(tab.end[tags[L - 1]]);
+}
+
+// Shared vectors of team_backward, K each.
+template <typename T>
+struct TeamBackwardVectors {
+  T* beta;  // normalized beta_t, own entries only
+  T* v;     // e_t + beta_t (read by every lane on exact rows)
+  T* w;     // exp(v - max v)
+  T* u;     // u_t, the tag marginals of the row just written (own entries)
+};
+
+// Backward sweep over one sequence from the stored alpha (L, K) with its offsets (L,) and log Z: crf.h's
+// backward<kGradient> with the K rows of each step split over the team. Lane r computes S'_i, beta_{t-1}[i],
+// u_{t-1}[i] and (kGradient) the pairwise terms P_t(i, j) of its rows i, so it alone writes the column i of
+// grad_transitions_t (layout [j * K + i]): no atomics. Uses tab.e_row_t, row_max, transitions, end.
+// kGradient: out[t, k] = g (1[y_t = k] - u_t[k]), grad_transitions_t, grad_start, grad_end accumulate (+=).
+// Otherwise out[t, k] = u_t[k] and the gradient pointers are unused. Rows t >= L of out are not written.
+template <bool kGradient, typename E, typename T, typename Out, typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void team_backward(const Team& team, const Tables<T>& tab, const E* emissions,
+                                                          const int64_t* tags, int64_t L, const T* alpha,
+                                                          const double* offsets, double log_z, T g, Out* out,
+                                                          T* grad_transitions_t, T* grad_start, T* grad_end,
+                                                          const TeamBackwardVectors<T>& vec) {
+  const int K = tab.K;
+  const int r = team.rank();
+  const int n = team.size();
+  for (int k = r; k < K; k += n) vec.beta[k] = tab.end[k];
+  double beta_offset = static_cast<double>(team_normalize(team, vec.beta, K));
+  auto write_row = [&](int64_t t, int k, T u) {
+    if (kGradient) {
+      const T gold = tags[t] == k ? g : T(0);
+      out[t * K + k] = static_cast<Out>(gold - g * u);
+    } else {
+      out[t * K + k] = static_cast<Out>(u);
+    }
+  };
+  {
+    const T shift = static_cast<T>(offsets[L - 1] + beta_offset - log_z);
+    const T* alpha_last = alpha + (L - 1) * K;
+    for (int k = r; k < K; k += n) {
+      const T u = exp(alpha_last[k] + vec.beta[k] + shift);
+      vec.u[k] = u;
+      write_row(L - 1, k, u);
+      if (kGradient) grad_end[k] += (tags[L - 1] == k ? g : T(0)) - g * u;
+    }
+  }
+  EmissionPrefetch<E, T> ahead{emissions, L, K, r, T(0)};
+  ahead.load(L - 1);
+  for (int64_t t = L - 1; t >= 1; --t) {
+    const T* alpha_prev = alpha + (t - 1) * K;
+    const T e_lane = ahead.value;
+    ahead.load(t - 1);
+    team.sync();  // the previous step's reads of v and w are done
+    T local = Limits<T>::large_negative;
+    for (int j = r; j < K; j += n) {
+      const T x = ahead.get(t, j, e_lane) + vec.beta[j];
+      vec.v[j] = x;
+      local = nan_max(x, local);
+    }
+    const T mv = team.max(local);
+    for (int j = r; j < K; j += n) vec.w[j] = fast_exp(vec.v[j] - mv);
+    team.sync();  // v and w complete
+    // alpha_{t-1} + v - log Z = alpha_prev + v + shift: the offsets enter as one rounded number.
+    const T shift = static_cast<T>(offsets[t - 1] + beta_offset - log_z);
+    local = Limits<T>::large_negative;
+    for (int i = r; i < K; i += n) {
+      const T scale = fast_exp(alpha_prev[i] + tab.row_max[i] + mv + shift);  // F_i
+      const bool exact_pairs = kGradient && !(scale <= Guard<T>::max_scale);
+      const T g_scale = exact_pairs ? T(0) : g * scale;
+      T s = 0;
+      for (int j = 0; j < K; ++j) {
+        const T ew = tab.e_row_t[static_cast<int64_t>(j) * K + i] * vec.w[j];
+        s += ew;
+        if (kGradient) grad_transitions_t[static_cast<int64_t>(j) * K + i] -= g_scale * ew;
+      }
+      const T* a_row = tab.transitions + static_cast<int64_t>(i) * K;
+      if (exact_pairs) {
+        for (int j = 0; j < K; ++j) {
+          grad_transitions_t[static_cast<int64_t>(j) * K + i] -= g * exp(alpha_prev[i] + a_row[j] + vec.v[j] + shift);
+        }
+      }
+      if (kGradient && tags[t - 1] == i) grad_transitions_t[tags[t] * K + i] += g;
+      const bool exact_row = !(s >= Guard<T>::min_sum);
+      const T beta = exact_row ? logsumexp_sum(a_row, vec.v, K) : fast_log(s) + mv + tab.row_max[i];
+      const T u = exact_row ? exp(alpha_prev[i] + beta + shift) : scale * s;
+      vec.beta[i] = beta;
+      vec.u[i] = u;
+      local = nan_max(beta, local);
+      write_row(t - 1, i, u);
+    }
+    const T m = team.max(local);
+    for (int i = r; i < K; i += n) vec.beta[i] -= m;
+    beta_offset += static_cast<double>(m);
+  }
+  if (kGradient) {
+    for (int k = r; k < K; k += n) grad_start[k] += (tags[0] == k ? g : T(0)) - g * vec.u[k];
+  }
+}
+
+// Viterbi over one sequence: writes the best path to path[0..L) and returns its score (lane 0 does the
+// backtrace; the returned score is meaningful on lane 0). Lane r takes the best predecessor of its columns
+// (lowest index on ties; a NaN candidate wins, as in crf.h), scores normalized per step with a float64 offset.
+// score: (2, K) shared; backpointers: (L, K) of uint8_t or int16_t, written by every lane and read by lane 0
+// (shared or global memory). Uses tab.transitions, start, end.
+template <typename E, typename T, typename BP, typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_viterbi(const Team& team, const Tables<T>& tab, const E* emissions,
+                                                           int64_t L, T* score, BP* backpointers, int64_t* path) {
+  const int K = tab.K;
+  const int r = team.rank();
+  const int n = team.size();
+  for (int k = r; k < K; k += n) score[k] = tab.start[k] + static_cast<T>(emissions[k]);
+  double offset = static_cast<double>(team_normalize(team, score, K));
+  EmissionPrefetch<E, T> ahead{emissions, L, K, r, T(0)};
+  ahead.load(1);
+  for (int64_t t = 1; t < L; ++t) {
+    const T* cur = score + ((t - 1) & 1) * K;
+    T* nxt = score + (t & 1) * K;
+    const T e_lane = ahead.value;
+    ahead.load(t + 1);
+    team.sync();  // cur complete
+    for (int j = r; j < K; j += n) {
+      const T e = ahead.get(t, j, e_lane);
+      T best = cur[0] + tab.transitions[j];
+      int arg = 0;
+      for (int i = 1; i < K; ++i) {
+        const T cand = cur[i] + tab.transitions[static_cast<int64_t>(i) * K + j];
+        const bool take = cand > best || cand != cand;
+        best = take ? cand : best;
+        arg = take ? i : arg;
+      }
+      nxt[j] = best + e;
+      backpointers[t * K + j] = static_cast<BP>(arg);
+    }
+    offset += static_cast<double>(team_normalize(team, nxt, K));
+  }
+  team.sync();  // the last scores and every backpointer complete
+  if (r != 0) return 0.0;
+  const T* cur = score + ((L - 1) & 1) * K;
+  int best = 0;
+  T best_score = cur[0] + tab.end[0];
+  for (int k = 1; k < K; ++k) {
+    const T s = cur[k] + tab.end[k];
+    if (s > best_score || s != s) {
+      best_score = s;
+      best = k;
+    }
+    if (s != s) break;
+  }
+  path[L - 1] = best;
+  for (int64_t t = L - 1; t >= 1; --t) {
+    best = static_cast<int>(backpointers[t * K + best]);
+    path[t - 1] = best;
+  }
+  return offset + static_cast<double>(best_score);
+}
+
+}  // namespace crf
+}  // namespace fusedloss
