@@ -14,6 +14,8 @@
 
 #include <tuple>
 
+#include "crf_checks.h"
+
 namespace fusedloss {
 namespace crf {
 namespace cuda {
@@ -111,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_fo
                             log_partition.data_ptr<double>(), bad_tags.data_ptr<uint8_t>(),
                             c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  TORCH_CHECK(!bad_tags.any().item<bool>(), "crf: tags hold a value outside [0, ", in.K, ")");
+  TORCH_CHECK_VALUE(!bad_tags.any().item<bool>(), "tags must be in [0, ", in.K, ") at unmasked positions");
   return {log_likelihood.to(in.result_dtype), log_partition, alpha, offsets};
 }
 
@@ -159,6 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
 std::tuple<at::Tensor, at::Tensor> crf_viterbi_cuda(const at::Tensor& emissions_arg, const at::Tensor& mask,
                                                     const at::Tensor& transitions_arg, const at::Tensor& start_arg,
                                                     const at::Tensor& end_arg) {
+  check_crf_args(emissions_arg, nullptr, &mask, transitions_arg, start_arg, end_arg);  // called directly
   const c10::cuda::CUDAGuard device_guard(emissions_arg.device());
   const Inputs in = prepare(emissions_arg, mask, transitions_arg, start_arg, end_arg);
   TORCH_CHECK(in.K <= 32767, "crf_viterbi: backpointers are int16, so K must be at most 32767, got ", in.K);
@@ -181,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_cuda(const at::Tensor& emissions_
 at::Tensor crf_marginals_cuda(const at::Tensor& emissions_arg, const at::Tensor& mask,
                               const at::Tensor& transitions_arg, const at::Tensor& start_arg,
                               const at::Tensor& end_arg) {
+  check_crf_args(emissions_arg, nullptr, &mask, transitions_arg, start_arg, end_arg);  // called directly
   const c10::cuda::CUDAGuard device_guard(emissions_arg.device());
   const Inputs in = prepare(emissions_arg, mask, transitions_arg, start_arg, end_arg);
   const auto opts = in.emissions.options().dtype(in.dtype);
