@@ -367,9 +367,11 @@ BAD_CROSS_ENTROPY = [
 ]
 
 
+# auto runs the cpp op where it is built (its checks are C++); reference runs the Python checks.
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("case,override,error,named", BAD_CROSS_ENTROPY, ids=[c[0] for c in BAD_CROSS_ENTROPY])
-def test_cross_entropy_rejects(case, override, error, named):
-    kwargs = dict(input=X, target=Y)
+def test_cross_entropy_rejects(case, override, error, named, backend):
+    kwargs = dict(input=X, target=Y, backend=backend)
     kwargs.update(override)
     with pytest.raises(error, match=named.replace("(", r"\(").replace(")", r"\)")):
         fusedloss.cross_entropy(**kwargs)
@@ -392,9 +394,10 @@ BAD_FOCAL = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("case,override,error,named", BAD_FOCAL, ids=[c[0] for c in BAD_FOCAL])
-def test_focal_loss_rejects(case, override, error, named):
-    kwargs = dict(input=X, target=Y)
+def test_focal_loss_rejects(case, override, error, named, backend):
+    kwargs = dict(input=X, target=Y, backend=backend)
     kwargs.update(override)
     with pytest.raises(error, match=named):
         fusedloss.focal_loss(**kwargs)
