@@ -119,6 +119,18 @@ def test_crf_keeps_nothing_for_backward_without_a_gradient():
     assert _bytes_allocated(lambda: crf(emissions.requires_grad_(), tags)) >= alpha_bytes
     with torch.no_grad():
         assert _bytes_allocated(lambda: crf(emissions, tags)) < alpha_bytes / 8
+    with torch.inference_mode():  # below autograd: the op's CPU kernel
+        assert _bytes_allocated(lambda: crf(emissions, tags)) < alpha_bytes / 8
+        torch.testing.assert_close(crf(emissions, tags), crf(emissions.detach(), tags))
+
+
+def test_crf_token_mean_dtype_is_pytorch_crfs():
+    """pytorch-crf divides by mask.float().sum(): half emissions give a float32 token_mean, with or without mask."""
+    crf = fusedloss.CRF(3, batch_first=True).half()
+    emissions = torch.randn(2, 4, 3).half()
+    tags = torch.randint(0, 3, (2, 4))
+    for mask in (None, torch.ones(2, 4, dtype=torch.bool)):
+        assert crf(emissions, tags, mask, reduction="token_mean").dtype == torch.float32
 
 
 def test_bad_input_is_checked_by_the_op_with_the_python_messages():

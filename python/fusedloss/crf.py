@@ -296,8 +296,9 @@ def crf_log_likelihood(
         return llh.sum()
     if reduction == "mean":
         return llh.mean()
-    num_tokens = emissions.shape[0] * emissions.shape[1] if mask is None else torch.count_nonzero(mask)
-    return llh.sum() / num_tokens
+    if mask is not None:
+        return llh.sum() / mask.float().sum()  # pytorch-crf's: float32 (or float64) for half emissions
+    return llh.sum().to(torch.promote_types(llh.dtype, torch.float32)) / (emissions.shape[0] * emissions.shape[1])
 
 
 def crf_viterbi(
