@@ -1,0 +1,560 @@
+// The cpp backend of the sigmoid and multi-label losses (docs/BACKENDS.md): one pass over the
+// elements (GHM-C: a histogram pass, then one weighted pass) writes the loss and the gradient of
+// the loss with respect to input (csrc/kernels/sigmoid.h), rows in parallel with at::parallel_for.
+// Sums are taken per fixed chunk of rows and the chunk sums added in order, so results do not
+// depend on the number of threads. Extra memory: the gradient in input's dtype, one float64 per
+// chunk, and for the bi-tempered loss 2·C compute-dtype values per task.
+// Target values are checked in the same pass (ValueError naming target, as the reference layer).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "kernels/sigmoid.h"
+
+namespace fusedloss {
+namespace {
+
+using sigmoid_loss::LossGrad;
+
+// Rows per chunk of the parallel loops and of the ordered sums: about 32K elements.
+int64_t rows_per_chunk(int64_t num_classes) {
+  constexpr int64_t kElementsPerChunk = 32768;
+  return std::max<int64_t>(1, kElementsPerChunk / std::max<int64_t>(1, num_classes));
+}
+
+// Runs chunk_fn(first_row, end_row) -> double over fixed chunks of rows in parallel and returns the
+// sum of the chunk results, added in chunk order.
+template <typename ChunkFn>
+double sum_over_row_chunks(int64_t num_rows, int64_t num_classes, const ChunkFn& chunk_fn) {
+  const int64_t chunk_rows = rows_per_chunk(num_classes);
+  const int64_t num_chunks = (num_rows + chunk_rows - 1) / chunk_rows;
+  std::vector<double> partial(num_chunks, 0.0);
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * chunk_rows;
+      partial[chunk] = chunk_fn(first, std::min(num_rows, first + chunk_rows));
+    }
+  });
+  double total = 0;
+  for (double value : partial) total += value;
+  return total;
+}
+
+// The (rows, C) view of an elementwise loss's input: C = last dimension (1 for a 0-dim tensor).
+int64_t last_dim(const at::Tensor& input) { return input.dim() == 0 ? 1 : input.size(-1); }
+
+[[noreturn]] void fail_target_value(double value, const char* expected) {
+  TORCH_CHECK_VALUE(false, "target values must be ", expected, ", got ", value);
+}
+
+// Targets are read in input's dtype or in the compute dtype; any other dtype (bool, integers,
+// another float type) is converted once to the compute dtype.
+at::Tensor target_for(const at::Tensor& target, const at::Tensor& input) {
+  const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
+  if (target.scalar_type() == input.scalar_type() || target.scalar_type() == acc_type) return target.contiguous();
+  return target.to(acc_type).contiguous();
+}
+
+// A weight that broadcasts to input's shape, as the kernel reads it: a per-class vector (C,) when
+// it varies at most along the last dimension, otherwise materialized at input's shape.
+struct BroadcastWeight {
+  at::Tensor values;  // compute dtype, contiguous
+  bool per_class = false;
+};
+
+BroadcastWeight broadcast_weight(const c10::optional<at::Tensor>& weight, const at::Tensor& input) {
+  BroadcastWeight out;
+  if (!weight.has_value() || !weight->defined()) return out;
+  const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
+  const int64_t C = last_dim(input);
+  bool leading_ones = true;
+  for (int64_t d = 0; d + 1 < weight->dim(); ++d) leading_ones = leading_ones && weight->size(d) == 1;
+  if (input.dim() > 0 && leading_ones) {
+    out.per_class = true;
+    out.values = weight->reshape({-1}).expand({C}).to(acc_type).contiguous();
+  } else {
+    out.values = weight->expand(input.sizes()).to(acc_type).contiguous();
+  }
+  return out;
+}
+
+template <typename acc_t>
+const acc_t* row_weight(const BroadcastWeight& weight, int64_t offset) {
+  if (!weight.values.defined()) return nullptr;
+  const acc_t* base = weight.values.const_data_ptr<acc_t>();
+  return weight.per_class ? base : base + offset;
+}
+
+std::tuple<at::Tensor, at::Tensor> finish(const at::Tensor& input, c10::string_view reduction, double total,
+                                          double count, at::Tensor loss_none, at::Tensor grad) {
+  if (reduction == "none") return {loss_none, grad};
+  if (reduction == "mean") total /= count;
+  return {at::scalar_tensor(total, input.options()), grad};
+}
+
+at::Tensor new_grad(const at::Tensor& input, bool compute_grad) {
+  return compute_grad ? at::empty_like(input, at::MemoryFormat::Contiguous) : at::empty({0}, input.options());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise losses: binary_cross_entropy_with_logits, sigmoid_focal_loss
+// ---------------------------------------------------------------------------------------------
+
+// One pass over (rows, C): element(x, y, w, pos_weight) -> LossGrad, with the two broadcast weights
+// (1 where absent); writes the loss (reduction none) and the gradient times grad_scale where asked,
+// checks 0 <= y <= 1, returns the loss sum.
+template <typename scalar_t, typename target_t, typename Element>
+double elementwise_pass(const at::Tensor& input, const at::Tensor& target, const BroadcastWeight& weight,
+                        const BroadcastWeight& pos_weight, const Element& element, double grad_scale,
+                        at::Tensor& loss_none, at::Tensor& grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = last_dim(input);
+  const int64_t rows = C == 0 ? 0 : input.numel() / C;
+  const scalar_t* x = input.const_data_ptr<scalar_t>();
+  const target_t* y = target.const_data_ptr<target_t>();
+  scalar_t* loss_out = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
+  scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
+  const acc_t scale = static_cast<acc_t>(grad_scale);
+  return sum_over_row_chunks(rows, C, [&](int64_t first, int64_t end) {
+    double chunk_sum = 0;
+    for (int64_t n = first; n < end; ++n) {
+      const int64_t offset = row_offset(n, C);
+      const acc_t* w = row_weight<acc_t>(weight, offset);
+      const acc_t* pw = row_weight<acc_t>(pos_weight, offset);
+      double row_sum = 0;  // float64: the sum of a long row keeps float32 precision
+      int out_of_range = 0;
+      FUSEDLOSS_SIMD_SUM(row_sum, out_of_range)
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t yv = static_cast<acc_t>(y[offset + c]);
+        out_of_range += (yv < acc_t(0)) | (yv > acc_t(1));
+        const LossGrad<acc_t> r = element(static_cast<acc_t>(x[offset + c]), yv, w == nullptr ? acc_t(1) : w[c],
+                                          pw == nullptr ? acc_t(1) : pw[c]);
+        row_sum += r.loss;
+        if (loss_out != nullptr) loss_out[offset + c] = static_cast<scalar_t>(r.loss);
+        if (g != nullptr) g[offset + c] = static_cast<scalar_t>(r.grad * scale);
+      }
+      if (out_of_range != 0) {
+        for (int64_t c = 0; c < C; ++c) {
+          const double yv = static_cast<double>(y[offset + c]);
+          if (yv < 0 || yv > 1) fail_target_value(yv, "in [0, 1]");
+        }
+      }
+      chunk_sum += row_sum;
+    }
+    return chunk_sum;
+  });
+}
+
+// Dispatches input's dtype and target's (input's or the compute dtype) and runs fn<scalar_t, target_t>().
+template <typename Fn>
+void dispatch_input_and_target(const at::Tensor& input, const at::Tensor& target, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sigmoid_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (target.scalar_type() == input.scalar_type()) {
+      fn(scalar_t(), scalar_t());
+    } else {
+      fn(scalar_t(), acc_t());
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_forward_cpu(const at::Tensor& input_arg, const at::Tensor& target_arg,
+                                                               const c10::optional<at::Tensor>& weight_arg,
+                                                               const c10::optional<at::Tensor>& pos_weight_arg,
+                                                               c10::string_view reduction, bool compute_grad) {
+  const at::Tensor input = input_arg.contiguous();
+  const at::Tensor target = target_for(target_arg, input);
+  const BroadcastWeight weight = broadcast_weight(weight_arg, input);
+  const BroadcastWeight pos_weight = broadcast_weight(pos_weight_arg, input);
+  const double count = static_cast<double>(input.numel());
+  at::Tensor grad = new_grad(input, compute_grad);
+  at::Tensor loss_none = reduction == "none" ? at::empty_like(input, at::MemoryFormat::Contiguous) : at::Tensor();
+  double total = 0;
+  dispatch_input_and_target(input, target, [&](auto scalar, auto target_value) {
+    using scalar_t = decltype(scalar);
+    using target_t = decltype(target_value);
+    using acc_t = at::opmath_type<scalar_t>;
+    auto element = [](acc_t x, acc_t y, acc_t w, acc_t pw) {
+      const LossGrad<acc_t> r = sigmoid_loss::bce(x, y, pw);
+      return LossGrad<acc_t>{w * r.loss, w * r.grad};
+    };
+    total = elementwise_pass<scalar_t, target_t>(input, target, weight, pos_weight, element, reduction == "mean" ? 1.0 / count : 1.0,
+                                                 loss_none, grad);
+  });
+  return finish(input, reduction, total, count, loss_none, grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_forward_cpu(const at::Tensor& input_arg,
+                                                                  const at::Tensor& target_arg, double alpha,
+                                                                  double gamma, c10::string_view reduction,
+                                                                  bool compute_grad) {
+  const at::Tensor input = input_arg.contiguous();
+  const at::Tensor target = target_for(target_arg, input);
+  const double count = static_cast<double>(input.numel());
+  at::Tensor grad = new_grad(input, compute_grad);
+  at::Tensor loss_none = reduction == "none" ? at::empty_like(input, at::MemoryFormat::Contiguous) : at::Tensor();
+  double total = 0;
+  dispatch_input_and_target(input, target, [&](auto scalar, auto target_value) {
+    using scalar_t = decltype(scalar);
+    using target_t = decltype(target_value);
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t a = static_cast<acc_t>(alpha);
+    const acc_t g = static_cast<acc_t>(gamma);
+    auto element = [&](acc_t x, acc_t y, acc_t, acc_t) { return sigmoid_loss::sigmoid_focal(x, y, a, g); };
+    total = elementwise_pass<scalar_t, target_t>(input, target, BroadcastWeight(), BroadcastWeight(), element, reduction == "mean" ? 1.0 / count : 1.0,
+                                                 loss_none, grad);
+  });
+  return finish(input, reduction, total, count, loss_none, grad);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row losses: multilabel_soft_margin_loss, multilabel_categorical_crossentropy (ZLPR)
+// ---------------------------------------------------------------------------------------------
+
+// Runs row_fn(n, offset) -> row loss (acc_t) over the rows of (N, C); writes the (N,) losses for
+// reduction none and returns the sum.
+template <typename scalar_t, typename RowFn>
+double row_pass(int64_t N, int64_t C, const RowFn& row_fn, at::Tensor& loss_none) {
+  scalar_t* loss_out = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
+  return sum_over_row_chunks(N, C, [&](int64_t first, int64_t end) {
+    double chunk_sum = 0;
+    for (int64_t n = first; n < end; ++n) {
+      const auto loss = row_fn(n, row_offset(n, C));
+      if (loss_out != nullptr) loss_out[n] = static_cast<scalar_t>(loss);
+      chunk_sum += static_cast<double>(loss);
+    }
+    return chunk_sum;
+  });
+}
+
+at::Tensor new_row_losses(const at::Tensor& input, c10::string_view reduction) {
+  return reduction == "none" ? at::empty(input.sizes().slice(0, input.dim() - 1), input.options()) : at::Tensor();
+}
+
+// Per row: l = (1/C) Σ_c w_c BCE(x_c, y_c),  dl/dx_c = w_c (σ(x_c) − y_c) / C.
+std::tuple<at::Tensor, at::Tensor> multilabel_soft_margin_loss_forward_cpu(const at::Tensor& input_arg,
+                                                                           const at::Tensor& target_arg,
+                                                                           const c10::optional<at::Tensor>& weight_arg,
+                                                                           c10::string_view reduction,
+                                                                           bool compute_grad) {
+  const at::Tensor input = input_arg.contiguous();
+  const at::Tensor target = target_for(target_arg, input);
+  const int64_t C = input.size(-1);
+  const int64_t N = C == 0 ? 0 : input.numel() / C;
+  const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
+  at::Tensor weight;
+  if (weight_arg.has_value() && weight_arg->defined()) weight = weight_arg->to(acc_type).contiguous();
+  at::Tensor grad = new_grad(input, compute_grad);
+  at::Tensor loss_none = new_row_losses(input, reduction);
+  double total = 0;
+  dispatch_input_and_target(input, target, [&](auto scalar, auto tv) {
+    using scalar_t = decltype(scalar);
+    using target_t = decltype(tv);
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const target_t* y = target.const_data_ptr<target_t>();
+    const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
+    const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+    const acc_t scale = static_cast<acc_t>(reduction == "mean" ? 1.0 / static_cast<double>(N) : 1.0) * inv_c;
+    auto row = [&](int64_t, int64_t offset) {
+      double row_sum = 0;  // float64: the sum of a long row keeps float32 precision
+      int out_of_range = 0;
+      FUSEDLOSS_SIMD_SUM(row_sum, out_of_range)
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t yv = static_cast<acc_t>(y[offset + c]);
+        out_of_range += (yv < acc_t(0)) | (yv > acc_t(1));
+        LossGrad<acc_t> r = sigmoid_loss::bce(static_cast<acc_t>(x[offset + c]), yv, acc_t(1));
+        const acc_t wc = w == nullptr ? acc_t(1) : w[c];
+        row_sum += wc * r.loss;
+        if (g != nullptr) g[offset + c] = static_cast<scalar_t>(wc * r.grad * scale);
+      }
+      if (out_of_range != 0) {
+        for (int64_t c = 0; c < C; ++c) {
+          const double yv = static_cast<double>(y[offset + c]);
+          if (yv < 0 || yv > 1) fail_target_value(yv, "in [0, 1]");
+        }
+      }
+      return row_sum * inv_c;
+    };
+    total = row_pass<scalar_t>(N, C, row, loss_none);
+  });
+  return finish(input, reduction, total, static_cast<double>(N), loss_none, grad);
+}
+
+// Values per block of the ZLPR sweep: the block's two maxima rescale the running sums once.
+constexpr int64_t kZlprBlock = 256;
+
+// Per row, two running log-sum-exps (negatives: s, positives: −s), each seeded with the implicit 0:
+//   l = lse_neg + lse_pos,   dl/ds_c = exp(v_c − lse_group(c)) · (−1 for positives)
+std::tuple<at::Tensor, at::Tensor> multilabel_categorical_crossentropy_forward_cpu(const at::Tensor& input_arg,
+                                                                                   const at::Tensor& target_arg,
+                                                                                   c10::string_view reduction,
+                                                                                   bool compute_grad) {
+  const at::Tensor input = input_arg.contiguous();
+  const at::Tensor target = target_for(target_arg, input);
+  const int64_t C = input.size(-1);
+  const int64_t N = C == 0 ? 0 : input.numel() / C;
+  at::Tensor grad = new_grad(input, compute_grad);
+  at::Tensor loss_none = new_row_losses(input, reduction);
+  double total = 0;
+  dispatch_input_and_target(input, target, [&](auto scalar, auto tv) {
+    using scalar_t = decltype(scalar);
+    using target_t = decltype(tv);
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const target_t* y = target.const_data_ptr<target_t>();
+    scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
+    const acc_t scale = static_cast<acc_t>(reduction == "mean" ? 1.0 / static_cast<double>(N) : 1.0);
+    auto row = [&](int64_t, int64_t offset) {
+      sigmoid_loss::RunningLogSumExp<acc_t> negatives, positives;
+      acc_t v[kZlprBlock];
+      int not_binary = 0;
+      for (int64_t start = 0; start < C; start += kZlprBlock) {
+        const int64_t len = std::min(kZlprBlock, C - start);
+        acc_t neg_max = Limits<acc_t>::large_negative;
+        acc_t pos_max = Limits<acc_t>::large_negative;
+        for (int64_t i = 0; i < len; ++i) {
+          const acc_t yv = static_cast<acc_t>(y[offset + start + i]);
+          const bool positive = yv == acc_t(1);
+          not_binary += !(positive || yv == acc_t(0));
+          v[i] = sigmoid_loss::zlpr_value(static_cast<acc_t>(x[offset + start + i]), positive);
+          neg_max = positive ? neg_max : max_of(neg_max, v[i]);
+          pos_max = positive ? max_of(pos_max, v[i]) : pos_max;
+        }
+        negatives.rescale_to(neg_max);
+        positives.rescale_to(pos_max);
+        const acc_t neg_shift = negatives.max;
+        const acc_t pos_shift = positives.max;
+        acc_t neg_sum = 0;
+        acc_t pos_sum = 0;
+        FUSEDLOSS_SIMD_SUM(neg_sum, pos_sum)
+        for (int64_t i = 0; i < len; ++i) {
+          const bool positive = static_cast<acc_t>(y[offset + start + i]) == acc_t(1);
+          const acc_t e = sigmoid_loss::fast_exp(v[i] - (positive ? pos_shift : neg_shift));
+          neg_sum += positive ? acc_t(0) : e;
+          pos_sum += positive ? e : acc_t(0);
+        }
+        negatives.sum += neg_sum;
+        positives.sum += pos_sum;
+      }
+      if (not_binary != 0) {
+        for (int64_t c = 0; c < C; ++c) {
+          const double yv = static_cast<double>(y[offset + c]);
+          if (yv != 0 && yv != 1) fail_target_value(yv, "0 or 1 (multi-hot)");
+        }
+      }
+      // exp((v − max) − log sum): the group's max subtracted first, so the exponent keeps its precision.
+      const acc_t log_sum_neg = std::log(negatives.sum);
+      const acc_t log_sum_pos = std::log(positives.sum);
+      if (g != nullptr) {
+        for (int64_t c = 0; c < C; ++c) {
+          const bool positive = static_cast<acc_t>(y[offset + c]) == acc_t(1);
+          const acc_t v = sigmoid_loss::zlpr_value(static_cast<acc_t>(x[offset + c]), positive);
+          const acc_t e = sigmoid_loss::fast_exp(positive ? (v - positives.max) - log_sum_pos
+                                                          : (v - negatives.max) - log_sum_neg);
+          g[offset + c] = static_cast<scalar_t>((positive ? -e : e) * scale);
+        }
+      }
+      const acc_t lse_neg = negatives.max + log_sum_neg;
+      const acc_t lse_pos = positives.max + log_sum_pos;
+      return lse_neg + lse_pos;
+    };
+    total = row_pass<scalar_t>(N, C, row, loss_none);
+  });
+  return finish(input, reduction, total, static_cast<double>(N), loss_none, grad);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GHM-C
+// ---------------------------------------------------------------------------------------------
+
+// Pass 1: histogram of g = |σ(x) − y| over the valid entries (per chunk, merged in order). Then the
+// authors' density weights tot / acc_i / n. Pass 2: loss Σ w·BCE / tot and its gradient w·dBCE/tot.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_loss_forward_cpu(const at::Tensor& input_arg,
+                                                                     const at::Tensor& target_arg,
+                                                                     const c10::optional<at::Tensor>& valid_arg,
+                                                                     int64_t bins, double momentum,
+                                                                     const at::Tensor& acc_sum, bool compute_grad) {
+  const at::Tensor input = input_arg.contiguous();
+  const at::Tensor target = target_for(target_arg, input);
+  at::Tensor valid;
+  if (valid_arg.has_value() && valid_arg->defined()) valid = valid_arg->to(at::kBool).contiguous();
+  const int64_t C = last_dim(input);
+  const int64_t rows = C == 0 ? 0 : input.numel() / C;
+  const int64_t chunk_rows = rows_per_chunk(C);
+  const int64_t num_chunks = (rows + chunk_rows - 1) / chunk_rows;
+  at::Tensor grad = new_grad(input, compute_grad);
+  at::Tensor new_acc_sum = acc_sum.to(at::kFloat).contiguous().clone();
+  double loss = 0;
+  dispatch_input_and_target(input, target, [&](auto scalar, auto tv) {
+    using scalar_t = decltype(scalar);
+    using target_t = decltype(tv);
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const target_t* y = target.const_data_ptr<target_t>();
+    const bool* is_valid = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
+    std::vector<acc_t> edges(bins + 1);
+    for (int64_t i = 0; i <= bins; ++i) edges[i] = static_cast<acc_t>(static_cast<float>(i) / static_cast<float>(bins));
+    edges[bins] = static_cast<acc_t>(static_cast<float>(edges[bins]) + 1e-6f);
+    const int num_bins = static_cast<int>(bins);
+    auto gradient_norm = [&](int64_t i) {
+      const acc_t yv = static_cast<acc_t>(y[i]);
+      return std::fabs(sigmoid_loss::logistic(static_cast<acc_t>(x[i])).sigmoid - yv);
+    };
+    // Pass 1: per-chunk counts (bins of them, then the number of valid entries).
+    std::vector<int64_t> counts(num_chunks * (bins + 1), 0);
+    at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        int64_t* count = counts.data() + chunk * (bins + 1);
+        const int64_t first = row_offset(chunk * chunk_rows, C);
+        const int64_t last = row_offset(std::min(rows, (chunk + 1) * chunk_rows), C);
+        for (int64_t i = first; i < last; ++i) {
+          const double yv = static_cast<double>(y[i]);
+          if (yv < 0 || yv > 1) fail_target_value(yv, "in [0, 1]");
+          if (is_valid != nullptr && !is_valid[i]) continue;
+          ++count[bins];
+          const int bin = sigmoid_loss::ghmc_bin(gradient_norm(i), edges.data(), num_bins);
+          if (bin >= 0) ++count[bin];
+        }
+      }
+    });
+    std::vector<int64_t> bin_count(bins + 1, 0);
+    for (int64_t chunk = 0; chunk < num_chunks; ++chunk)
+      for (int64_t b = 0; b <= bins; ++b) bin_count[b] += counts[chunk * (bins + 1) + b];
+    const acc_t tot = std::max<acc_t>(static_cast<acc_t>(bin_count[bins]), acc_t(1));
+    int64_t non_empty = 0;
+    for (int64_t b = 0; b < bins; ++b) non_empty += bin_count[b] > 0;
+    float* acc = new_acc_sum.data_ptr<float>();
+    const float keep = static_cast<float>(momentum);
+    const float take = static_cast<float>(1.0 - momentum);
+    std::vector<acc_t> bin_weight(bins, acc_t(0));
+    for (int64_t b = 0; b < bins; ++b) {
+      if (bin_count[b] == 0) continue;
+      acc_t density = static_cast<acc_t>(bin_count[b]);
+      if (momentum > 0) {
+        acc[b] = keep * acc[b] + take * static_cast<float>(bin_count[b]);
+        density = max_of(static_cast<acc_t>(acc[b]), Limits<acc_t>::tiny);
+      }
+      bin_weight[b] = tot / density / static_cast<acc_t>(std::max<int64_t>(non_empty, 1));
+    }
+    // Pass 2: weighted BCE and its gradient.
+    scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
+    const acc_t inv_tot = acc_t(1) / tot;
+    loss = sum_over_row_chunks(rows, C, [&](int64_t first_row, int64_t end_row) {
+      double chunk_sum = 0;
+      const int64_t first = row_offset(first_row, C);
+      const int64_t last = row_offset(end_row, C);
+      for (int64_t i = first; i < last; ++i) {
+        const acc_t yv = static_cast<acc_t>(y[i]);
+        const acc_t xv = static_cast<acc_t>(x[i]);
+        const bool counted = is_valid == nullptr || is_valid[i];
+        const int bin = counted ? sigmoid_loss::ghmc_bin(gradient_norm(i), edges.data(), num_bins) : -1;
+        const acc_t w = bin >= 0 ? bin_weight[bin] : acc_t(0);
+        const LossGrad<acc_t> r = sigmoid_loss::bce(xv, yv, acc_t(1));
+        chunk_sum += w * r.loss;
+        if (g != nullptr) g[i] = static_cast<scalar_t>(w * r.grad * inv_tot);
+      }
+      return chunk_sum;
+    }) / static_cast<double>(tot);
+  });
+  return {at::scalar_tensor(loss, input.options()), new_acc_sum, grad};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bi-tempered logistic loss
+// ---------------------------------------------------------------------------------------------
+
+// Index targets: q is (1 − ε) on the true class and ε/(C − 1) elsewhere, the same for every row.
+struct IndexLabels {
+  int64_t label;
+  double hot, cold, hot_term, cold_term;
+  double q(int64_t c) const { return c == label ? hot : cold; }
+  double term(int64_t c) const { return c == label ? hot_term : cold_term; }
+};
+
+// Probability targets, smoothed as q ← a·t + b (a = 1 − C/(C−1)·ε, b = ε/(C−1)).
+template <typename target_t>
+struct ProbabilityLabels {
+  const target_t* probs;
+  double a, b, t1;
+  double q(int64_t c) const { return a * static_cast<double>(probs[c]) + b; }
+  double term(int64_t c) const { return sigmoid_loss::bi_tempered_target_term(q(c), t1); }
+};
+
+std::tuple<at::Tensor, at::Tensor> bi_tempered_logistic_loss_forward_cpu(const at::Tensor& input_arg,
+                                                                         const at::Tensor& target_arg, double t1,
+                                                                         double t2, double label_smoothing,
+                                                                         int64_t num_iters, c10::string_view reduction,
+                                                                         bool compute_grad) {
+  const at::Tensor input = input_arg.contiguous();
+  const bool soft = target_arg.is_floating_point();
+  const at::Tensor target = soft ? target_for(target_arg, input) : target_arg.contiguous();
+  const int64_t C = input.size(-1);
+  const int64_t N = C == 0 ? 0 : input.numel() / C;
+  at::Tensor grad = new_grad(input, compute_grad);
+  at::Tensor loss_none = new_row_losses(input, reduction);
+  // The authors' smoothing, formed in float64 as the reference's Python scalars.
+  const double smooth_scale = label_smoothing > 0 ? 1.0 - static_cast<double>(C) / (C - 1) * label_smoothing : 1.0;
+  const double smooth_shift = label_smoothing > 0 ? label_smoothing / (C - 1) : 0.0;
+  double total = 0;
+  dispatch_input_and_target(input, target, [&](auto scalar, auto tv) {
+    using scalar_t = decltype(scalar);
+    using target_t = decltype(tv);
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
+    const double scale = reduction == "mean" ? 1.0 / static_cast<double>(N) : 1.0;
+    const sigmoid_loss::BiTemperedParams<acc_t> prm{static_cast<acc_t>(t1), static_cast<acc_t>(t2),
+                                                    static_cast<int>(num_iters), C};
+    const double hot = smooth_scale + smooth_shift;
+    const double hot_term = sigmoid_loss::bi_tempered_target_term(hot, t1);
+    const double cold_term = sigmoid_loss::bi_tempered_target_term(smooth_shift, t1);
+    total = sum_over_row_chunks(N, C, [&](int64_t first, int64_t end) {
+      std::vector<acc_t> shifted(C);
+      std::vector<double> sweep(2 * C);
+      scalar_t* loss_out = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
+      double chunk_sum = 0;
+      for (int64_t n = first; n < end; ++n) {
+        const int64_t offset = row_offset(n, C);
+        scalar_t* g_row = g == nullptr ? nullptr : g + offset;
+        double row_loss;
+        if (soft) {
+          const ProbabilityLabels<target_t> labels{target.const_data_ptr<target_t>() + offset, smooth_scale,
+                                                   smooth_shift, t1};
+          row_loss = sigmoid_loss::bi_tempered_row(x + offset, labels, prm, shifted.data(), sweep.data(), g_row, scale);
+        } else {
+          const int64_t label = target.const_data_ptr<int64_t>()[n];
+          TORCH_CHECK_VALUE(label >= 0 && label < C, "target values must be class indices in [0, ", C, "), got ",
+                            label, " at row ", n);
+          const IndexLabels labels{label, hot, smooth_shift, hot_term, cold_term};
+          row_loss = sigmoid_loss::bi_tempered_row(x + offset, labels, prm, shifted.data(), sweep.data(), g_row, scale);
+        }
+        if (loss_out != nullptr) loss_out[n] = static_cast<scalar_t>(row_loss);
+        chunk_sum += row_loss;
+      }
+      return chunk_sum;
+    });
+  });
+  return finish(input, reduction, total, static_cast<double>(N), loss_none, grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("binary_cross_entropy_with_logits_forward", &bce_with_logits_forward_cpu);
+  m.impl("sigmoid_focal_loss_forward", &sigmoid_focal_loss_forward_cpu);
+  m.impl("multilabel_soft_margin_loss_forward", &multilabel_soft_margin_loss_forward_cpu);
+  m.impl("multilabel_categorical_crossentropy_forward", &multilabel_categorical_crossentropy_forward_cpu);
+  m.impl("ghmc_loss_forward", &ghmc_loss_forward_cpu);
+  m.impl("bi_tempered_logistic_loss_forward", &bi_tempered_logistic_loss_forward_cpu);
+}
+
+}  // namespace fusedloss
