@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/sigmoid.h"
@@ -107,38 +108,66 @@ at::Tensor new_grad(const at::Tensor& input, bool compute_grad) {
 // Elementwise losses: binary_cross_entropy_with_logits, sigmoid_focal_loss
 // ---------------------------------------------------------------------------------------------
 
+// Elements per block of a row: the block's losses stay in a local buffer (L1) and are summed in
+// kLanes independent partial sums, so that the loop over the block is straight vector code.
+constexpr int64_t kBlock = 256;
+constexpr int kLanes = 8;
+
+template <typename acc_t>
+double lane_sum(const acc_t* values, int64_t len) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += values[i + k];
+  double total = 0;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  for (; i < len; ++i) total += values[i];
+  return total;
+}
+
 // One pass over (rows, C): element(x, y, w, pos_weight) -> LossGrad, with the two broadcast weights
-// (1 where absent); writes the loss (reduction none) and the gradient times grad_scale where asked,
-// checks 0 <= y <= 1, returns the loss sum.
-template <typename scalar_t, typename target_t, typename Element>
+// (1 where absent); writes the loss (reduction none) and, with kGrad, the gradient times
+// grad_scale; checks 0 <= y <= 1; calls on_row(n, row sum) and returns the sum of every loss.
+template <bool kGrad, typename scalar_t, typename target_t, typename Element, typename OnRow>
 double elementwise_pass(const at::Tensor& input, const at::Tensor& target, const BroadcastWeight& weight,
                         const BroadcastWeight& pos_weight, const Element& element, double grad_scale,
-                        at::Tensor& loss_none, at::Tensor& grad) {
+                        at::Tensor& loss_none, at::Tensor& grad, const OnRow& on_row) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = last_dim(input);
   const int64_t rows = C == 0 ? 0 : input.numel() / C;
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   const target_t* y = target.const_data_ptr<target_t>();
   scalar_t* loss_out = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
-  scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
+  scalar_t* g = kGrad ? grad.data_ptr<scalar_t>() : nullptr;
   const acc_t scale = static_cast<acc_t>(grad_scale);
+  // An absent weight reads a row of ones: the block loop has no branch.
+  const std::vector<acc_t> ones(weight.values.defined() && pos_weight.values.defined() ? 0 : C, acc_t(1));
   return sum_over_row_chunks(rows, C, [&](int64_t first, int64_t end) {
+    acc_t loss_block[kBlock];
     double chunk_sum = 0;
     for (int64_t n = first; n < end; ++n) {
       const int64_t offset = row_offset(n, C);
-      const acc_t* w = row_weight<acc_t>(weight, offset);
-      const acc_t* pw = row_weight<acc_t>(pos_weight, offset);
+      const acc_t* w = weight.values.defined() ? row_weight<acc_t>(weight, offset) : ones.data();
+      const acc_t* pw = pos_weight.values.defined() ? row_weight<acc_t>(pos_weight, offset) : ones.data();
       double row_sum = 0;  // float64: the sum of a long row keeps float32 precision
       int out_of_range = 0;
-      FUSEDLOSS_SIMD_SUM(row_sum, out_of_range)
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t yv = static_cast<acc_t>(y[offset + c]);
-        out_of_range += (yv < acc_t(0)) | (yv > acc_t(1));
-        const LossGrad<acc_t> r = element(static_cast<acc_t>(x[offset + c]), yv, w == nullptr ? acc_t(1) : w[c],
-                                          pw == nullptr ? acc_t(1) : pw[c]);
-        row_sum += r.loss;
-        if (loss_out != nullptr) loss_out[offset + c] = static_cast<scalar_t>(r.loss);
-        if (g != nullptr) g[offset + c] = static_cast<scalar_t>(r.grad * scale);
+      for (int64_t start = 0; start < C; start += kBlock) {
+        const int64_t len = std::min(kBlock, C - start);
+        const scalar_t* xb = x + offset + start;
+        const target_t* yb = y + offset + start;
+        const acc_t* wb = w + start;
+        const acc_t* pwb = pw + start;
+        scalar_t* gb = kGrad ? g + offset + start : nullptr;
+        for (int64_t i = 0; i < len; ++i) {
+          const acc_t yv = static_cast<acc_t>(yb[i]);
+          out_of_range += (yv < acc_t(0)) | (yv > acc_t(1));
+          const LossGrad<acc_t> r = element(static_cast<acc_t>(xb[i]), yv, wb[i], pwb[i]);
+          loss_block[i] = r.loss;
+          if constexpr (kGrad) gb[i] = static_cast<scalar_t>(r.grad * scale);
+        }
+        if (loss_out != nullptr)
+          for (int64_t i = 0; i < len; ++i) loss_out[offset + start + i] = static_cast<scalar_t>(loss_block[i]);
+        row_sum += lane_sum(loss_block, len);
       }
       if (out_of_range != 0) {
         for (int64_t c = 0; c < C; ++c) {
@@ -146,11 +175,26 @@ double elementwise_pass(const at::Tensor& input, const at::Tensor& target, const
           if (yv < 0 || yv > 1) fail_target_value(yv, "in [0, 1]");
         }
       }
+      on_row(n, row_sum);
       chunk_sum += row_sum;
     }
     return chunk_sum;
   });
 }
+
+// elementwise_pass with and without the gradient (none is computed when it is not wanted).
+template <typename scalar_t, typename target_t, typename Element, typename OnRow>
+double elementwise(const at::Tensor& input, const at::Tensor& target, const BroadcastWeight& weight,
+                   const BroadcastWeight& pos_weight, const Element& element, double grad_scale,
+                   at::Tensor& loss_none, at::Tensor& grad, const OnRow& on_row) {
+  if (grad.numel() > 0)
+    return elementwise_pass<true, scalar_t, target_t>(input, target, weight, pos_weight, element, grad_scale,
+                                                      loss_none, grad, on_row);
+  return elementwise_pass<false, scalar_t, target_t>(input, target, weight, pos_weight, element, grad_scale,
+                                                     loss_none, grad, on_row);
+}
+
+constexpr auto kNoRowCallback = [](int64_t, double) {};
 
 // Dispatches input's dtype and target's (input's or the compute dtype) and runs fn<scalar_t, target_t>().
 template <typename Fn>
@@ -185,8 +229,8 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_forward_cpu(const at::Tensor&
       const LossGrad<acc_t> r = sigmoid_loss::bce(x, y, pw);
       return LossGrad<acc_t>{w * r.loss, w * r.grad};
     };
-    total = elementwise_pass<scalar_t, target_t>(input, target, weight, pos_weight, element, reduction == "mean" ? 1.0 / count : 1.0,
-                                                 loss_none, grad);
+    total = elementwise<scalar_t, target_t>(input, target, weight, pos_weight, element,
+                                            reduction == "mean" ? 1.0 / count : 1.0, loss_none, grad, kNoRowCallback);
   });
   return finish(input, reduction, total, count, loss_none, grad);
 }
@@ -207,9 +251,22 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_forward_cpu(const at::Tens
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t a = static_cast<acc_t>(alpha);
     const acc_t g = static_cast<acc_t>(gamma);
-    auto element = [&](acc_t x, acc_t y, acc_t, acc_t) { return sigmoid_loss::sigmoid_focal(x, y, a, g); };
-    total = elementwise_pass<scalar_t, target_t>(input, target, BroadcastWeight(), BroadcastWeight(), element, reduction == "mean" ? 1.0 / count : 1.0,
-                                                 loss_none, grad);
+    const double grad_scale = reduction == "mean" ? 1.0 / count : 1.0;
+    auto run = [&](auto power) {
+      auto element = [&](acc_t x, acc_t y, acc_t, acc_t) {
+        return sigmoid_loss::sigmoid_focal<decltype(power)::value>(x, y, a, g);
+      };
+      total = elementwise<scalar_t, target_t>(input, target, BroadcastWeight(), BroadcastWeight(), element,
+                                              grad_scale, loss_none, grad, kNoRowCallback);
+    };
+    using sigmoid_loss::FocalPower;
+    if (gamma == 0) {
+      run(std::integral_constant<FocalPower, FocalPower::kNone>());
+    } else if (gamma == 2) {
+      run(std::integral_constant<FocalPower, FocalPower::kSquare>());
+    } else {
+      run(std::integral_constant<FocalPower, FocalPower::kGeneral>());
+    }
   });
   return finish(input, reduction, total, count, loss_none, grad);
 }
@@ -238,7 +295,8 @@ at::Tensor new_row_losses(const at::Tensor& input, c10::string_view reduction) {
   return reduction == "none" ? at::empty(input.sizes().slice(0, input.dim() - 1), input.options()) : at::Tensor();
 }
 
-// Per row: l = (1/C) Σ_c w_c BCE(x_c, y_c),  dl/dx_c = w_c (σ(x_c) − y_c) / C.
+// Per row: l = (1/C) Σ_c w_c BCE(x_c, y_c),  dl/dx_c = w_c (σ(x_c) − y_c) / C: the elementwise pass
+// with a per-class weight, each row's sum divided by C.
 std::tuple<at::Tensor, at::Tensor> multilabel_soft_margin_loss_forward_cpu(const at::Tensor& input_arg,
                                                                            const at::Tensor& target_arg,
                                                                            const c10::optional<at::Tensor>& weight_arg,
@@ -248,49 +306,30 @@ std::tuple<at::Tensor, at::Tensor> multilabel_soft_margin_loss_forward_cpu(const
   const at::Tensor target = target_for(target_arg, input);
   const int64_t C = input.size(-1);
   const int64_t N = C == 0 ? 0 : input.numel() / C;
-  const at::ScalarType acc_type = at::toOpMathType(input.scalar_type());
-  at::Tensor weight;
-  if (weight_arg.has_value() && weight_arg->defined()) weight = weight_arg->to(acc_type).contiguous();
+  const BroadcastWeight weight = broadcast_weight(weight_arg, input);
   at::Tensor grad = new_grad(input, compute_grad);
   at::Tensor loss_none = new_row_losses(input, reduction);
+  at::Tensor elementwise_none;  // not written: rows are reduced
   double total = 0;
   dispatch_input_and_target(input, target, [&](auto scalar, auto tv) {
     using scalar_t = decltype(scalar);
     using target_t = decltype(tv);
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const target_t* y = target.const_data_ptr<target_t>();
-    const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-    scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
-    const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
-    const acc_t scale = static_cast<acc_t>(reduction == "mean" ? 1.0 / static_cast<double>(N) : 1.0) * inv_c;
-    auto row = [&](int64_t, int64_t offset) {
-      double row_sum = 0;  // float64: the sum of a long row keeps float32 precision
-      int out_of_range = 0;
-      FUSEDLOSS_SIMD_SUM(row_sum, out_of_range)
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t yv = static_cast<acc_t>(y[offset + c]);
-        out_of_range += (yv < acc_t(0)) | (yv > acc_t(1));
-        LossGrad<acc_t> r = sigmoid_loss::bce(static_cast<acc_t>(x[offset + c]), yv, acc_t(1));
-        const acc_t wc = w == nullptr ? acc_t(1) : w[c];
-        row_sum += wc * r.loss;
-        if (g != nullptr) g[offset + c] = static_cast<scalar_t>(wc * r.grad * scale);
-      }
-      if (out_of_range != 0) {
-        for (int64_t c = 0; c < C; ++c) {
-          const double yv = static_cast<double>(y[offset + c]);
-          if (yv < 0 || yv > 1) fail_target_value(yv, "in [0, 1]");
-        }
-      }
-      return row_sum * inv_c;
+    scalar_t* row_losses = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
+    const double inv_c = 1.0 / static_cast<double>(C);
+    auto element = [](acc_t x, acc_t y, acc_t w, acc_t) {
+      const LossGrad<acc_t> r = sigmoid_loss::bce(x, y, acc_t(1));
+      return LossGrad<acc_t>{w * r.loss, w * r.grad};
     };
-    total = row_pass<scalar_t>(N, C, row, loss_none);
+    auto on_row = [&](int64_t n, double row_sum) {
+      if (row_losses != nullptr) row_losses[n] = static_cast<scalar_t>(row_sum * inv_c);
+    };
+    const double grad_scale = (reduction == "mean" ? 1.0 / static_cast<double>(N) : 1.0) * inv_c;
+    total = elementwise<scalar_t, target_t>(input, target, weight, BroadcastWeight(), element, grad_scale,
+                                            elementwise_none, grad, on_row) * inv_c;
   });
   return finish(input, reduction, total, static_cast<double>(N), loss_none, grad);
 }
-
-// Values per block of the ZLPR sweep: the block's two maxima rescale the running sums once.
-constexpr int64_t kZlprBlock = 256;
 
 // Per row, two running log-sum-exps (negatives: s, positives: −s), each seeded with the implicit 0:
 //   l = lse_neg + lse_pos,   dl/ds_c = exp(v_c − lse_group(c)) · (−1 for positives)
@@ -314,36 +353,67 @@ std::tuple<at::Tensor, at::Tensor> multilabel_categorical_crossentropy_forward_c
     scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
     const acc_t scale = static_cast<acc_t>(reduction == "mean" ? 1.0 / static_cast<double>(N) : 1.0);
     auto row = [&](int64_t, int64_t offset) {
+      // Per block: the values v and a 0/1 mask of the positives, the block's two maxima (which
+      // rescale the running sums once), then the exps in straight vector code.
       sigmoid_loss::RunningLogSumExp<acc_t> negatives, positives;
-      acc_t v[kZlprBlock];
+      acc_t v[kBlock];
+      acc_t positive_mask[kBlock];
       int not_binary = 0;
-      for (int64_t start = 0; start < C; start += kZlprBlock) {
-        const int64_t len = std::min(kZlprBlock, C - start);
-        acc_t neg_max = Limits<acc_t>::large_negative;
-        acc_t pos_max = Limits<acc_t>::large_negative;
+      for (int64_t start = 0; start < C; start += kBlock) {
+        const int64_t len = std::min(kBlock, C - start);
+        acc_t neg_lanes[kLanes], pos_lanes[kLanes];
+        for (int k = 0; k < kLanes; ++k) neg_lanes[k] = pos_lanes[k] = Limits<acc_t>::large_negative;
         for (int64_t i = 0; i < len; ++i) {
           const acc_t yv = static_cast<acc_t>(y[offset + start + i]);
           const bool positive = yv == acc_t(1);
           not_binary += !(positive || yv == acc_t(0));
+          positive_mask[i] = positive ? acc_t(1) : acc_t(0);
           v[i] = sigmoid_loss::zlpr_value(static_cast<acc_t>(x[offset + start + i]), positive);
-          neg_max = positive ? neg_max : max_of(neg_max, v[i]);
-          pos_max = positive ? max_of(pos_max, v[i]) : pos_max;
+        }
+        int64_t i = 0;
+        for (; i + kLanes <= len; i += kLanes) {
+          for (int k = 0; k < kLanes; ++k) {
+            const bool positive = positive_mask[i + k] != acc_t(0);
+            neg_lanes[k] = !positive && v[i + k] > neg_lanes[k] ? v[i + k] : neg_lanes[k];
+            pos_lanes[k] = positive && v[i + k] > pos_lanes[k] ? v[i + k] : pos_lanes[k];
+          }
+        }
+        acc_t neg_max = Limits<acc_t>::large_negative;
+        acc_t pos_max = Limits<acc_t>::large_negative;
+        for (int k = 0; k < kLanes; ++k) {
+          neg_max = max_of(neg_max, neg_lanes[k]);
+          pos_max = max_of(pos_max, pos_lanes[k]);
+        }
+        for (; i < len; ++i) {
+          if (positive_mask[i] != acc_t(0)) {
+            pos_max = max_of(pos_max, v[i]);
+          } else {
+            neg_max = max_of(neg_max, v[i]);
+          }
         }
         negatives.rescale_to(neg_max);
         positives.rescale_to(pos_max);
         const acc_t neg_shift = negatives.max;
         const acc_t pos_shift = positives.max;
-        acc_t neg_sum = 0;
-        acc_t pos_sum = 0;
-        FUSEDLOSS_SIMD_SUM(neg_sum, pos_sum)
-        for (int64_t i = 0; i < len; ++i) {
-          const bool positive = static_cast<acc_t>(y[offset + start + i]) == acc_t(1);
-          const acc_t e = sigmoid_loss::fast_exp(v[i] - (positive ? pos_shift : neg_shift));
-          neg_sum += positive ? acc_t(0) : e;
-          pos_sum += positive ? e : acc_t(0);
+        for (int64_t j = 0; j < len; ++j) {
+          v[j] = sigmoid_loss::fast_exp(v[j] - (positive_mask[j] != acc_t(0) ? pos_shift : neg_shift));
         }
-        negatives.sum += neg_sum;
-        positives.sum += pos_sum;
+        for (int k = 0; k < kLanes; ++k) neg_lanes[k] = pos_lanes[k] = acc_t(0);
+        int64_t j = 0;
+        for (; j + kLanes <= len; j += kLanes) {
+          for (int k = 0; k < kLanes; ++k) {
+            pos_lanes[k] += v[j + k] * positive_mask[j + k];
+            neg_lanes[k] += v[j + k] - v[j + k] * positive_mask[j + k];
+          }
+        }
+        for (; j < len; ++j) {
+          pos_lanes[0] += v[j] * positive_mask[j];
+          neg_lanes[0] += v[j] - v[j] * positive_mask[j];
+        }
+        for (int k = 0; k < kLanes; ++k) {
+          negatives.sum += neg_lanes[k];
+          positives.sum += pos_lanes[k];
+        }
       }
       if (not_binary != 0) {
         for (int64_t c = 0; c < C; ++c) {
@@ -405,24 +475,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_loss_forward_cpu(const at::T
     for (int64_t i = 0; i <= bins; ++i) edges[i] = static_cast<acc_t>(static_cast<float>(i) / static_cast<float>(bins));
     edges[bins] = static_cast<acc_t>(static_cast<float>(edges[bins]) + 1e-6f);
     const int num_bins = static_cast<int>(bins);
-    auto gradient_norm = [&](int64_t i) {
-      const acc_t yv = static_cast<acc_t>(y[i]);
-      return std::fabs(sigmoid_loss::logistic(static_cast<acc_t>(x[i])).sigmoid - yv);
+    // |σ(x) − y| of a block into norm (straight vector code), and the block's target range check.
+    auto gradient_norms = [&](int64_t start, int64_t len, acc_t* norm) {
+      int out_of_range = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t yv = static_cast<acc_t>(y[start + i]);
+        out_of_range += (yv < acc_t(0)) | (yv > acc_t(1));
+        norm[i] = std::fabs(sigmoid_loss::logistic(static_cast<acc_t>(x[start + i])).sigmoid - yv);
+      }
+      if (out_of_range != 0) {
+        for (int64_t i = 0; i < len; ++i) {
+          const double yv = static_cast<double>(y[start + i]);
+          if (yv < 0 || yv > 1) fail_target_value(yv, "in [0, 1]");
+        }
+      }
     };
     // Pass 1: per-chunk counts (bins of them, then the number of valid entries).
     std::vector<int64_t> counts(num_chunks * (bins + 1), 0);
     at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      acc_t norm[kBlock];
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         int64_t* count = counts.data() + chunk * (bins + 1);
         const int64_t first = row_offset(chunk * chunk_rows, C);
         const int64_t last = row_offset(std::min(rows, (chunk + 1) * chunk_rows), C);
-        for (int64_t i = first; i < last; ++i) {
-          const double yv = static_cast<double>(y[i]);
-          if (yv < 0 || yv > 1) fail_target_value(yv, "in [0, 1]");
-          if (is_valid != nullptr && !is_valid[i]) continue;
-          ++count[bins];
-          const int bin = sigmoid_loss::ghmc_bin(gradient_norm(i), edges.data(), num_bins);
-          if (bin >= 0) ++count[bin];
+        for (int64_t start = first; start < last; start += kBlock) {
+          const int64_t len = std::min(kBlock, last - start);
+          gradient_norms(start, len, norm);
+          for (int64_t i = 0; i < len; ++i) {
+            if (is_valid != nullptr && !is_valid[start + i]) continue;
+            ++count[bins];
+            const int bin = sigmoid_loss::ghmc_bin(norm[i], edges.data(), num_bins);
+            if (bin >= 0) ++count[bin];
+          }
         }
       }
     });
@@ -445,22 +529,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_loss_forward_cpu(const at::T
       }
       bin_weight[b] = tot / density / static_cast<acc_t>(std::max<int64_t>(non_empty, 1));
     }
-    // Pass 2: weighted BCE and its gradient.
+    // Pass 2: weighted BCE and its gradient; the bins looked up per element, the rest vector code.
     scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
     const acc_t inv_tot = acc_t(1) / tot;
     loss = sum_over_row_chunks(rows, C, [&](int64_t first_row, int64_t end_row) {
+      acc_t norm[kBlock], weighted_loss[kBlock], weight[kBlock];
       double chunk_sum = 0;
       const int64_t first = row_offset(first_row, C);
       const int64_t last = row_offset(end_row, C);
-      for (int64_t i = first; i < last; ++i) {
-        const acc_t yv = static_cast<acc_t>(y[i]);
-        const acc_t xv = static_cast<acc_t>(x[i]);
-        const bool counted = is_valid == nullptr || is_valid[i];
-        const int bin = counted ? sigmoid_loss::ghmc_bin(gradient_norm(i), edges.data(), num_bins) : -1;
-        const acc_t w = bin >= 0 ? bin_weight[bin] : acc_t(0);
-        const LossGrad<acc_t> r = sigmoid_loss::bce(xv, yv, acc_t(1));
-        chunk_sum += w * r.loss;
-        if (g != nullptr) g[i] = static_cast<scalar_t>(w * r.grad * inv_tot);
+      for (int64_t start = first; start < last; start += kBlock) {
+        const int64_t len = std::min(kBlock, last - start);
+        gradient_norms(start, len, norm);
+        for (int64_t i = 0; i < len; ++i) {
+          const bool counted = is_valid == nullptr || is_valid[start + i];
+          const int bin = counted ? sigmoid_loss::ghmc_bin(norm[i], edges.data(), num_bins) : -1;
+          weight[i] = bin >= 0 ? bin_weight[bin] : acc_t(0);
+        }
+        for (int64_t i = 0; i < len; ++i) {
+          const LossGrad<acc_t> r = sigmoid_loss::bce(static_cast<acc_t>(x[start + i]),
+                                                      static_cast<acc_t>(y[start + i]), acc_t(1));
+          weighted_loss[i] = weight[i] * r.loss;
+          if (g != nullptr) g[start + i] = static_cast<scalar_t>(weight[i] * r.grad * inv_tot);
+        }
+        chunk_sum += lane_sum(weighted_loss, len);
       }
       return chunk_sum;
     }) / static_cast<double>(tot);
@@ -512,8 +603,7 @@ std::tuple<at::Tensor, at::Tensor> bi_tempered_logistic_loss_forward_cpu(const a
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
     const double scale = reduction == "mean" ? 1.0 / static_cast<double>(N) : 1.0;
-    const sigmoid_loss::BiTemperedParams<acc_t> prm{static_cast<acc_t>(t1), static_cast<acc_t>(t2),
-                                                    static_cast<int>(num_iters), C};
+    const sigmoid_loss::BiTemperedParams<acc_t> prm(t1, t2, static_cast<int>(num_iters), C);
     const double hot = smooth_scale + smooth_shift;
     const double hot_term = sigmoid_loss::bi_tempered_target_term(hot, t1);
     const double cold_term = sigmoid_loss::bi_tempered_target_term(smooth_shift, t1);

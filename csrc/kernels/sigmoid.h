@@ -167,36 +167,45 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE LossGrad<acc_t> bce(acc_t x, acc_t y, acc
   return {positive * t.softplus_neg + negative * t.softplus, negative * t.sigmoid - positive * t.sigmoid_neg};
 }
 
+// The focal factor's exponent γ, fixed per call: none (γ = 0), square (γ = 2, the default: two
+// multiplies) or any other (exp(γ·log b)).
+enum class FocalPower { kNone, kSquare, kGeneral };
+
 // torchvision's sigmoid focal loss of one element: with ce = BCE(x, y), p = σ(x),
 //   b = 1 − p_t = p·(1 − y) + σ(−x)·y,   db/dx = p·σ(−x)·(1 − 2y)
 //   l = α_t·b^γ·ce,   dl/dx = α_t·(b^γ·dce/dx + γ·b^(γ−1)·db/dx·ce)
-// α_t = α·y + (1 − α)(1 − y), or 1 when α < 0; γ = 0 skips the factor. Where b is below the smallest
-// normal number the factor is 0 with derivative 0 (as the reference's focal_power): b^(γ−1) is
-// infinite at b = 0 for γ < 1, while the product's derivative is 0 there.
-template <typename acc_t>
+// α_t = α·y + (1 − α)(1 − y), or 1 when α < 0. Where b is below the smallest normal number the
+// factor is 0 with derivative 0 (as the reference's focal_power): b^(γ−1) is infinite at b = 0 for
+// γ < 1, while the product's derivative is 0 there.
+template <FocalPower kPower, typename acc_t>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE LossGrad<acc_t> sigmoid_focal(acc_t x, acc_t y, acc_t alpha, acc_t gamma) {
   const Logistic<acc_t> t = logistic(x);
   const acc_t negative = acc_t(1) - y;
   const acc_t ce = y * t.softplus_neg + negative * t.softplus;
   const acc_t dce = negative * t.sigmoid - y * t.sigmoid_neg;
   LossGrad<acc_t> out{ce, dce};
-  if (gamma != acc_t(0)) {
+  if constexpr (kPower != FocalPower::kNone) {
     const acc_t base = t.sigmoid * negative + t.sigmoid_neg * y;
     const acc_t dbase = t.sigmoid * t.sigmoid_neg * (negative - y);
     // Selected, not branched, so that a NaN ce still reaches loss and gradient (0·NaN).
     const bool representable = base > Limits<acc_t>::tiny;
     const acc_t safe_base = representable ? base : acc_t(1);
-    const acc_t power_of_base = gamma == acc_t(2) ? safe_base * safe_base : power(safe_base, gamma);
-    const acc_t factor = representable ? power_of_base : acc_t(0);
-    const acc_t dfactor = representable ? gamma * (power_of_base / safe_base) * dbase : acc_t(0);
+    acc_t factor, dfactor;
+    if constexpr (kPower == FocalPower::kSquare) {
+      factor = safe_base * safe_base;
+      dfactor = acc_t(2) * safe_base * dbase;
+    } else {
+      factor = power(safe_base, gamma);
+      dfactor = gamma * (factor / safe_base) * dbase;
+    }
+    factor = representable ? factor : acc_t(0);
+    dfactor = representable ? dfactor : acc_t(0);
     out.loss = factor * ce;
     out.grad = factor * dce + dfactor * ce;
   }
-  if (alpha >= acc_t(0)) {
-    const acc_t alpha_t = alpha * y + (acc_t(1) - alpha) * negative;
-    out.loss *= alpha_t;
-    out.grad *= alpha_t;
-  }
+  const acc_t alpha_t = alpha >= acc_t(0) ? alpha * y + (acc_t(1) - alpha) * negative : acc_t(1);
+  out.loss *= alpha_t;
+  out.grad *= alpha_t;
   return out;
 }
 
@@ -266,11 +275,74 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t log_exp_t(acc_t u, acc_t one_minus_
 
 template <typename acc_t>
 struct BiTemperedParams {
-  acc_t t1;
-  acc_t t2;
+  double t1;
+  double t2;
   int num_iters;
   int64_t num_classes;
+  // 1 − t2 and 1/(1 − t2), formed in float64 (as the reference's Python scalars) and then rounded;
+  // integer_exponent is 1/(1 − t2) when that is an integer of magnitude <= 15 (t2 = 1.2, 1.5, 2,
+  // 0.5, 0.8, ...), else 0: exp_t is then a few multiplies instead of exp(k·log b).
+  acc_t one_minus_t2;
+  acc_t inv_one_minus_t2;
+  int integer_exponent;
+  // The last sweep needs p, p^(1−t1), p^(t2−t1), p^t2 = b^(e_i), b = 1 + (1 − t2)(a − λ), e_i = α_i/(1 − t2).
+  // When every e_i is n_i/D with integers |n_i| <= 15 and D <= 12 (t1, t2 = 0.8, 1.2: D = 1; 0.5, 4.0:
+  // D = 6), they are integer powers of r = b^(1/D): one log and one exp per class (none for D = 1)
+  // instead of a log and four exps. power_denominator is D, or 0 when there is none (or t1 or t2 is 1).
+  int power_denominator;
+  int power_numerators[4];
+
+  BiTemperedParams(double t1_, double t2_, int num_iters_, int64_t num_classes_)
+      : t1(t1_),
+        t2(t2_),
+        num_iters(num_iters_),
+        num_classes(num_classes_),
+        one_minus_t2(static_cast<acc_t>(1.0 - t2_)),
+        inv_one_minus_t2(t2_ == 1.0 ? acc_t(0) : static_cast<acc_t>(1.0 / (1.0 - t2_))),
+        integer_exponent(0),
+        power_denominator(0),
+        power_numerators{0, 0, 0, 0} {
+    if (t2_ == 1.0) return;
+    const double k = 1.0 / (1.0 - t2_);
+    int numerator = 0;
+    if (as_small_integer(k, &numerator)) integer_exponent = numerator;
+    if (t1_ == 1.0) return;
+    const double exponents[4] = {k, (1.0 - t1_) * k, (t2_ - t1_) * k, t2_ * k};
+    for (int denominator = 1; denominator <= 12 && power_denominator == 0; ++denominator) {
+      bool all = true;
+      for (int i = 0; i < 4 && all; ++i) all = as_small_integer(exponents[i] * denominator, &power_numerators[i]);
+      if (all) power_denominator = denominator;
+    }
+  }
+
+  // Whether v is an integer n with |n| <= 15, to 1e-9 relative.
+  static bool as_small_integer(double v, int* n) {
+    const double rounded = std::round(v);
+    if (std::fabs(rounded) > 15 || std::fabs(v - rounded) > 1e-9 * std::fmax(std::fabs(v), 1.0)) return false;
+    *n = static_cast<int>(rounded);
+    return true;
+  }
 };
+
+// base^|k| for an integer |k| <= 15, by squaring with a fixed trip count (branch-free, vectorizes).
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t integer_power_magnitude(acc_t base, int exponent) {
+  const int magnitude = exponent < 0 ? -exponent : exponent;
+  acc_t result = 1;
+  acc_t square = base;
+  for (int bit = 0; bit < 4; ++bit) {
+    result *= ((magnitude >> bit) & 1) != 0 ? square : acc_t(1);
+    square *= square;
+  }
+  return result;
+}
+
+// base^k for an integer |k| <= 15.
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t integer_power(acc_t base, int exponent) {
+  const acc_t result = integer_power_magnitude(base, exponent);
+  return exponent < 0 ? acc_t(1) / result : result;
+}
 
 // The normalization λ − μ of a row of shifted activations a = x − max x (a <= 0), the authors'
 // compute_normalization with exactly num_iters steps:
@@ -281,21 +353,32 @@ struct BiTemperedParams {
 template <typename acc_t>
 FUSEDLOSS_HOST_DEVICE acc_t tempered_normalization(const acc_t* a, const BiTemperedParams<acc_t>& prm) {
   const int64_t C = prm.num_classes;
-  const acc_t one_minus_t = acc_t(1) - prm.t2;
+  const acc_t one_minus_t = prm.one_minus_t2;
   if (one_minus_t == acc_t(0)) {
     acc_t sum = 0;
     FUSEDLOSS_SIMD_SUM(sum)
     for (int64_t c = 0; c < C; ++c) sum += fast_exp(a[c]);
     return log(sum);
   }
-  const acc_t inv_one_minus_t = acc_t(1) / one_minus_t;
+  const acc_t inv_one_minus_t = prm.inv_one_minus_t2;
+  const int k = prm.integer_exponent;
+  // Σ_c exp_t(a_c·scale − shift)
   auto partition = [&](acc_t scale, acc_t shift) {
     acc_t sum = 0;
-    FUSEDLOSS_SIMD_SUM(sum)
-    for (int64_t c = 0; c < C; ++c) sum += fast_exp(log_exp_t(a[c] * scale - shift, one_minus_t, inv_one_minus_t));
+    if (k != 0) {
+      FUSEDLOSS_SIMD_SUM(sum)
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t base = acc_t(1) + one_minus_t * (a[c] * scale - shift);
+        sum += integer_power(base > acc_t(0) ? base : acc_t(0), k);
+      }
+    } else {
+      FUSEDLOSS_SIMD_SUM(sum)
+      for (int64_t c = 0; c < C; ++c)
+        sum += fast_exp(log_exp_t(a[c] * scale - shift, one_minus_t, inv_one_minus_t));
+    }
     return sum;
   };
-  if (prm.t2 > acc_t(1)) {
+  if (prm.t2 > 1.0) {
     acc_t scale = 1;
     for (int it = 0; it < prm.num_iters; ++it) scale = power(partition(scale, acc_t(0)), one_minus_t);
     const acc_t z = partition(scale, acc_t(0));
@@ -332,8 +415,8 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double bi_tempered_target_term(double q, 
 //   l  = Σ_c [A(q_c) − q_c·log_t(p_c, t1) + p_c^(2−t1)/(2 − t1)]
 //   f  = (p − q)·p^(t2−t1),  e = p^t2 / Σ p^t2,  dl/dx = f − e·Σ_c f_c
 // t1 = t2 = 1 is softmax cross entropy: l = Σ_c q_c (lse − x_c), dl/dx = p·Σq − q.
-// The normalization runs in acc_t; the last sweep in float64: every power of p is exp(k·L), whose
-// relative error is k·|L| times that of L, and float32 L would leave p^t2 several times less
+// The normalization runs in acc_t; the last sweep in float64: every power of p is exp(k·L), and a
+// float32 k·L of magnitude ~15 (p ~ 1/C) would leave p^t2 about 16 ulps off, several times less
 // accurate than torch's float32 pow.
 template <typename acc_t, typename scalar_t, typename Labels>
 FUSEDLOSS_HOST_DEVICE double bi_tempered_row(const scalar_t* x, const Labels& labels, const BiTemperedParams<acc_t>& prm,
@@ -368,22 +451,50 @@ FUSEDLOSS_HOST_DEVICE double bi_tempered_row(const scalar_t* x, const Labels& la
     return loss;
   }
   const double inv_one_minus_t2 = one_minus_t2 == 0.0 ? 0.0 : 1.0 / one_minus_t2;
-  const double two_minus_t1 = 2.0 - t1;
+  const double inv_one_minus_t1 = one_minus_t1 == 0.0 ? 0.0 : 1.0 / one_minus_t1;
+  const double inv_two_minus_t1 = 1.0 / (2.0 - t1);
   double* forgotten = sweep;
   double* escort = sweep + C;
   double escort_sum = 0;
   double forgotten_sum = 0;
-  FUSEDLOSS_SIMD_SUM(loss, escort_sum, forgotten_sum)
-  for (int64_t c = 0; c < C; ++c) {
-    const double u = static_cast<double>(a[c]) - lambda;
-    const double log_p = one_minus_t2 == 0.0 ? u : log_exp_t(u, one_minus_t2, inv_one_minus_t2);
-    const double p = fast_exp(log_p);
+  // Adds class c given p, p^(1−t1), p^(t2−t1), p^t2.
+  auto add_class = [&](int64_t c, double p, double p_one_minus_t1, double p_t2_minus_t1, double p_t2) {
     const double q = labels.q(c);
-    const double p_one_minus_t1 = fast_exp(one_minus_t1 * log_p);
-    const double log_t_p = one_minus_t1 == 0.0 ? log_p : (p_one_minus_t1 - 1.0) / one_minus_t1;
-    loss += labels.term(c) - q * log_t_p + p * p_one_minus_t1 / two_minus_t1;
-    forgotten[c] = (p - q) * fast_exp((t2 - t1) * log_p);
-    escort[c] = fast_exp(t2 * log_p);
+    const double log_t_p = (p_one_minus_t1 - 1.0) * inv_one_minus_t1;
+    forgotten[c] = (p - q) * p_t2_minus_t1;
+    escort[c] = p_t2;
+    return labels.term(c) - q * log_t_p + p * p_one_minus_t1 * inv_two_minus_t1;
+  };
+  if (prm.power_denominator != 0) {
+    const double inv_denominator = 1.0 / prm.power_denominator;
+    const int* n = prm.power_numerators;
+    FUSEDLOSS_SIMD_SUM(loss)
+    for (int64_t c = 0; c < C; ++c) {
+      const double b = 1.0 + one_minus_t2 * (static_cast<double>(a[c]) - lambda);
+      const double base = b > 0.0 ? b : 0.0;
+      const double r = prm.power_denominator == 1 ? base : fast_exp(fast_log(base) * inv_denominator);
+      const double r_inv = 1.0 / r;
+      auto r_power = [&](int e) { return integer_power_magnitude(e < 0 ? r_inv : r, e); };
+      loss += add_class(c, r_power(n[0]), r_power(n[1]), r_power(n[2]), r_power(n[3]));
+    }
+  } else {
+    FUSEDLOSS_SIMD_SUM(loss)
+    for (int64_t c = 0; c < C; ++c) {
+      const double u = static_cast<double>(a[c]) - lambda;
+      const double log_p = one_minus_t2 == 0.0 ? u : log_exp_t(u, one_minus_t2, inv_one_minus_t2);
+      const double p = fast_exp(log_p);
+      const double p_one_minus_t1 = fast_exp(one_minus_t1 * log_p);
+      if (one_minus_t1 == 0.0) {  // t1 = 1: log_t is log
+        const double q = labels.q(c);
+        forgotten[c] = (p - q) * fast_exp((t2 - t1) * log_p);
+        escort[c] = fast_exp(t2 * log_p);
+        loss += labels.term(c) - q * log_p + p * p_one_minus_t1 * inv_two_minus_t1;
+      } else {
+        loss += add_class(c, p, p_one_minus_t1, fast_exp((t2 - t1) * log_p), fast_exp(t2 * log_p));
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
     forgotten_sum += forgotten[c];
     escort_sum += escort[c];
   }

@@ -62,7 +62,7 @@ def format_markdown(rows: Sequence[Dict]) -> str:
             speedup = f"{r['speedup']:.2f}x" if r["speedup"] != "" else "-"
             memory = f", {r['peak_mem_mib']:.1f} MiB" if r["peak_mem_mib"] != "" else ""
             cells[(r["shape"], r["dtype"])][r["backend"]] = f"{r['median_ms']:.3f} ms ({speedup}{memory})"
-        dims = "N x C" if op in CROSS_ENTROPY_OPS else "B x T x K"
+        dims = "B x T x K" if op in CRF_OPS else "N x C"
         out.append(f"\n**{op}, {'forward + backward' if mode == 'full' else mode}** on {group[0]['device_name']}, "
                    f"torch {group[0]['torch_version']}: median time (speed-up over {group[0]['baseline']}, "
                    "peak extra memory)\n")
