@@ -196,3 +196,19 @@ def test_module_and_console_entry_points(monkeypatch, capsys):
     assert done.value.code == 0 and "--quick" in capsys.readouterr().out
     (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "fusedloss-bench"]
     assert script.load() is cli.main
+
+
+def test_sigmoid_ops_run_on_every_backend_and_agree(tmp_path):
+    import fusedloss
+    from fusedloss.bench import cases
+
+    cli.main(["--ops", ",".join(cases.SIGMOID_OPS), "--shapes", "16x7", "--repeats", "1", "--warmup", "0",
+              "--threads", "1", "--out", str(tmp_path), "--no-progress", "--no-memory"])
+    rows = report.read_csv(str(tmp_path / "bench.csv"))
+    expected = {"eager", "fusedloss-reference"} | ({"fusedloss-cpp"} if fusedloss.available_backends()["cpp"] is None
+                                                    else set())
+    for op in cases.SIGMOID_OPS:
+        backends = {r["backend"] for r in rows if r["op"] == op and r["mode"] == "full"}
+        assert expected | {cases.BASELINE[op]} <= backends, op
+    assert all(r["rel_diff_vs_baseline"] <= 1e-5 for r in rows)
+    assert "| N x C | dtype | torch | eager |" in (tmp_path / "bench.md").read_text()

@@ -81,6 +81,12 @@ def _ext_crf():
     return crf
 
 
+def _ext_sigmoid():
+    from fusedloss._ext import sigmoid
+
+    return sigmoid
+
+
 def _family(reference, triton=None, ext=None) -> Dict[str, Callable]:
     table = {"reference": reference}
     if triton is not None:
@@ -98,12 +104,12 @@ _OP_TABLE: Dict[str, Dict[str, Callable]] = {
     "crf_log_likelihood": _family(_reference_crf, _triton_crf, _ext_crf),
     "crf_viterbi": _family(_reference_crf, _triton_crf, _ext_crf),
     "crf_marginals": _family(_reference_crf, _triton_crf, _ext_crf),
-    "binary_cross_entropy_with_logits": _family(_reference_sigmoid, triton=_triton_sigmoid),
-    "sigmoid_focal_loss": _family(_reference_sigmoid, triton=_triton_sigmoid),
-    "multilabel_soft_margin_loss": _family(_reference_sigmoid, triton=_triton_sigmoid),
-    "multilabel_categorical_crossentropy": _family(_reference_sigmoid, triton=_triton_sigmoid),
-    "ghmc_loss": _family(_reference_sigmoid, triton=_triton_sigmoid),
-    "bi_tempered_logistic_loss": _family(_reference_sigmoid, triton=_triton_sigmoid),
+    "binary_cross_entropy_with_logits": _family(_reference_sigmoid, triton=_triton_sigmoid, ext=_ext_sigmoid),
+    "sigmoid_focal_loss": _family(_reference_sigmoid, triton=_triton_sigmoid, ext=_ext_sigmoid),
+    "multilabel_soft_margin_loss": _family(_reference_sigmoid, triton=_triton_sigmoid, ext=_ext_sigmoid),
+    "multilabel_categorical_crossentropy": _family(_reference_sigmoid, triton=_triton_sigmoid, ext=_ext_sigmoid),
+    "ghmc_loss": _family(_reference_sigmoid, triton=_triton_sigmoid, ext=_ext_sigmoid),
+    "bi_tempered_logistic_loss": _family(_reference_sigmoid, triton=_triton_sigmoid, ext=_ext_sigmoid),
 }
 
 

@@ -33,16 +33,8 @@ def _check_backend(backend: object) -> None:
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
 
 
-def _check_same_shape_target(
-    input: torch.Tensor,
-    target: object,
-    *,
-    floating_only: bool,
-    low: float = 0.0,
-    high: float = 1.0,
-    binary: bool = False,
-) -> None:
-    """``target`` has ``input``'s shape and device, values in [low, high] ({0, 1} if ``binary``)."""
+def _check_same_shape_target(input: torch.Tensor, target: object, *, floating_only: bool) -> None:
+    """``target`` is a real tensor of ``input``'s shape and device (its values: :func:`_check_target_values`)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if floating_only and not target.is_floating_point():
@@ -54,15 +46,32 @@ def _check_same_shape_target(
     if tuple(target.shape) != tuple(input.shape):
         raise ValueError(f"target must have input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
     check_same_device("target", target, input)
+
+
+def _check_target_values(target: torch.Tensor, *, binary: bool = False) -> None:
+    """Values in [0, 1] ({0, 1} if ``binary``), on CPU tensors outside tracing."""
     if values_checkable(target) and target.numel() > 0 and target.dtype != torch.bool:
         if binary:
             bad = (target != 0) & (target != 1)
             expected = "0 or 1 (multi-hot)"
         else:
-            bad = (target < low) | (target > high)
-            expected = f"in [{low:g}, {high:g}]"
+            bad = (target < 0) | (target > 1)
+            expected = "in [0, 1]"
         if bool(bad.any()):
             raise ValueError(f"target values must be {expected}, got {float(target[bad][0])!r}")
+
+
+# Backends whose kernels check the target values in their own pass over the data.
+_KERNEL_CHECKS_TARGET = frozenset({"cpp"})
+
+
+def _call(op: str, backend: str, input: torch.Tensor, target: torch.Tensor, *args: object, binary: bool = False):
+    """Runs ``op(input, target, *args)`` on the backend that dispatch picks, checking the target values first
+    unless that backend's kernel checks them itself."""
+    name, impl = _dispatch.resolve(op, backend, input.device, input, target, *args)
+    if name not in _KERNEL_CHECKS_TARGET:
+        _check_target_values(target, binary=binary)
+    return impl(input, target, *args)
 
 
 def _check_broadcast_weight(name: str, weight: object, input: torch.Tensor) -> None:
@@ -129,9 +138,7 @@ def binary_cross_entropy_with_logits(
     _check_broadcast_weight("pos_weight", pos_weight, input)
     check_reduction(reduction)
     _check_backend(backend)
-    return _dispatch.call(
-        "binary_cross_entropy_with_logits", backend, input.device, input, target, weight, pos_weight, reduction
-    )
+    return _call("binary_cross_entropy_with_logits", backend, input, target, weight, pos_weight, reduction)
 
 
 def sigmoid_focal_loss(
@@ -160,7 +167,7 @@ def sigmoid_focal_loss(
     gamma = check_real("gamma", gamma, low=0.0)
     check_reduction(reduction)
     _check_backend(backend)
-    return _dispatch.call("sigmoid_focal_loss", backend, input.device, input, target, alpha, gamma, reduction)
+    return _call("sigmoid_focal_loss", backend, input, target, alpha, gamma, reduction)
 
 
 def multilabel_soft_margin_loss(
@@ -186,9 +193,7 @@ def multilabel_soft_margin_loss(
     _check_class_weight(weight, input)
     check_reduction(reduction)
     _check_backend(backend)
-    loss = _dispatch.call(
-        "multilabel_soft_margin_loss", backend, input.device, _rows(input), _rows(target), weight, reduction
-    )
+    loss = _call("multilabel_soft_margin_loss", backend, _rows(input), _rows(target), weight, reduction)
     return _restore(loss, input, reduction)
 
 
@@ -216,12 +221,10 @@ def multilabel_categorical_crossentropy(
         backend: see ``fusedloss.cross_entropy``.
     """
     input = check_class_input(input)
-    _check_same_shape_target(input, target, floating_only=False, binary=True)
+    _check_same_shape_target(input, target, floating_only=False)
     check_reduction(reduction)
     _check_backend(backend)
-    loss = _dispatch.call(
-        "multilabel_categorical_crossentropy", backend, input.device, _rows(input), _rows(target), reduction
-    )
+    loss = _call("multilabel_categorical_crossentropy", backend, _rows(input), _rows(target), reduction, binary=True)
     return _restore(loss, input, reduction)
 
 
@@ -259,7 +262,7 @@ def _ghmc_call(
     _check_backend(backend)
     if acc_sum is None:
         acc_sum = torch.zeros(bins, dtype=torch.float32, device=input.device)
-    return _dispatch.call("ghmc_loss", backend, input.device, input, target, valid, bins, momentum, acc_sum)
+    return _call("ghmc_loss", backend, input, target, valid, bins, momentum, acc_sum)
 
 
 def ghmc_loss(

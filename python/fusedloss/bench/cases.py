@@ -20,11 +20,17 @@ import fusedloss
 
 CROSS_ENTROPY_OPS = ("cross_entropy", "cross_entropy_smooth", "focal")
 CRF_OPS = ("crf_nll", "crf_decode")
-ALL_OPS = CROSS_ENTROPY_OPS + CRF_OPS
+# Sigmoid and multi-label losses (SPEC 4): see the block "Sigmoid and multi-label losses" below.
+SIGMOID_OPS = ("bce_pos_weight", "sigmoid_focal", "multilabel_soft_margin", "zlpr", "bi_tempered_0.8_1.2",
+               "bi_tempered_0.5_4.0", "ghmc_10", "ghmc_30")
+ALL_OPS = CROSS_ENTROPY_OPS + CRF_OPS + SIGMOID_OPS
 LABEL_SMOOTHING = 0.1
 FOCAL_GAMMA = 2.0
 BASELINE = {op: "eager" for op in CROSS_ENTROPY_OPS}
 BASELINE.update({op: "pytorch-crf" for op in CRF_OPS})
+# torch's own function where it has one, else the loss written in eager PyTorch ops.
+BASELINE.update({op: "torch" if op in ("bce_pos_weight", "multilabel_soft_margin") else "eager"
+                 for op in SIGMOID_OPS})
 
 
 @dataclass
@@ -38,8 +44,8 @@ class Workload:
 
 
 def shape_dims(op: str, shape: Tuple[int, ...]) -> Dict[str, int]:
-    """``{"N": .., "C": ..}`` for the cross-entropy ops, ``{"B": .., "T": .., "K": ..}`` for the CRF."""
-    names = ("N", "C") if op in CROSS_ENTROPY_OPS else ("B", "T", "K")
+    """``{"B": .., "T": .., "K": ..}`` for the CRF, ``{"N": .., "C": ..}`` for the other ops."""
+    names = ("B", "T", "K") if op in CRF_OPS else ("N", "C")
     return dict(zip(names, shape))
 
 
@@ -82,6 +88,8 @@ def make_inputs(op: str, shape: Tuple[int, ...], dtype: torch.dtype, device: tor
     """Random inputs, the same for every backend of one (op, shape, dtype): logits ~ N(0, 1) and
     uniform targets; for the CRF, emissions ~ N(0, 1), uniform gold tags and a full mask."""
     torch.manual_seed(seed)
+    if op in SIGMOID_OPS:
+        return sigmoid_inputs(shape, dtype, device)
     if op in CROSS_ENTROPY_OPS:
         n, c = shape
         return torch.randn(n, c, device=device, dtype=dtype), torch.randint(0, c, (n,), device=device)
@@ -153,6 +161,8 @@ def _torch_struct_nll(emissions, tags, mask, transitions, start, end) -> torch.T
 
 def peer_backends(op: str, device: torch.device, compile_eager: bool) -> List[str]:
     """The non-fusedloss backends of ``op`` on ``device``, baseline first."""
+    if op in SIGMOID_OPS:
+        return ["torch", "eager"] if BASELINE[op] == "torch" else ["eager"]
     if op in CROSS_ENTROPY_OPS:
         peers = ["eager"]
         if compile_eager:
@@ -183,6 +193,8 @@ def fusedloss_backends(device: torch.device) -> List[str]:
 
 def make_workload(op: str, backend: str, inputs: tuple, dtype: torch.dtype, device: torch.device) -> Workload:
     """Bind ``inputs`` (from :func:`make_inputs`) to one backend of ``op``."""
+    if op in SIGMOID_OPS:
+        return _loss_workload(sigmoid_loss_fn(op, backend, inputs), inputs[0], inputs)
     if op in CROSS_ENTROPY_OPS:
         logits, target = inputs
         if backend == "eager":
@@ -227,3 +239,109 @@ def difference(op: str, value, baseline_value) -> float:
         return sum(a != b for a, b in zip(value, baseline_value)) / max(len(baseline_value), 1)
     value, baseline_value = float(value.detach()), float(baseline_value.detach())
     return abs(value - baseline_value) / max(abs(baseline_value), 1e-30)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sigmoid and multi-label losses
+# ----------------------------------------------------------------------------------------------
+# Inputs: logits ~ N(0, 2²) of (N, C), a multi-hot target (10 % positives), pos_weight (C,) and class
+# indices (N,) for the bi-tempered loss. Peers: "torch" (torch's own function, where it has one) and
+# "eager" (the loss as users write it in eager PyTorch: the published formula or the authors' code).
+
+
+def sigmoid_inputs(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    n, c = shape
+    logits = 2 * torch.randn(n, c, device=device, dtype=dtype)
+    target = (torch.rand(n, c, device=device) < 0.1).to(dtype)
+    pos_weight = torch.linspace(0.5, 2.0, c, device=device, dtype=dtype)
+    labels = torch.randint(0, c, (n,), device=device)
+    return logits, target, pos_weight, labels
+
+
+def eager_bce_with_logits(x, y, pos_weight):
+    """``-(P y log σ(x) + (1 - y) log σ(-x))``, mean over elements."""
+    return -(pos_weight * y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x)).mean()
+
+
+def eager_sigmoid_focal(x, y, alpha=0.25, gamma=2.0):
+    """torchvision.ops.sigmoid_focal_loss's code, mean reduction."""
+    p = torch.sigmoid(x)
+    ce_loss = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    return ((alpha * y + (1 - alpha) * (1 - y)) * loss).mean()
+
+
+def eager_multilabel_soft_margin(x, y):
+    return -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x)).mean(-1).mean()
+
+
+def eager_zlpr(x, y):
+    """bert4keras's multilabel_categorical_crossentropy as commonly ported to PyTorch (mean over rows)."""
+    x = (1 - 2 * y) * x
+    x_neg = x - y * 1e12
+    x_pos = x - (1 - y) * 1e12
+    zeros = torch.zeros_like(x[..., :1])
+    x_neg = torch.cat([x_neg, zeros], dim=-1)
+    x_pos = torch.cat([x_pos, zeros], dim=-1)
+    return (torch.logsumexp(x_neg, dim=-1) + torch.logsumexp(x_pos, dim=-1)).mean()
+
+
+def eager_ghmc(x, y, bins):
+    """mmdetection's GHMC.forward (the authors' code, a Python loop over bins), momentum 0, every entry valid."""
+    edges = torch.arange(bins + 1, dtype=torch.float32, device=x.device) / bins
+    edges[-1] += 1e-6
+    weights = torch.zeros_like(x)
+    g = torch.abs(x.sigmoid().detach() - y)
+    tot = max(float(x.numel()), 1.0)
+    n = 0
+    for i in range(bins):
+        inds = (g >= edges[i]) & (g < edges[i + 1])
+        num_in_bin = inds.sum().item()
+        if num_in_bin > 0:
+            weights[inds] = tot / num_in_bin
+            n += 1
+    if n > 0:
+        weights = weights / n
+    return F.binary_cross_entropy_with_logits(x, y, weights, reduction="sum") / tot
+
+
+def _bi_tempered_temperatures(op: str) -> Tuple[float, float]:
+    t1, t2 = op.removeprefix("bi_tempered_").split("_")
+    return float(t1), float(t2)
+
+
+def sigmoid_loss_fn(op: str, backend: str, inputs) -> Callable:
+    """``loss(logits_leaf, inputs) -> scalar`` of one sigmoid-family op on one backend."""
+    fused = backend.removeprefix("fusedloss-")
+    if op == "bce_pos_weight":
+        if backend == "torch":
+            return lambda x, i: F.binary_cross_entropy_with_logits(x, i[1], pos_weight=i[2])
+        if backend == "eager":
+            return lambda x, i: eager_bce_with_logits(x, i[1], i[2])
+        return lambda x, i: fusedloss.binary_cross_entropy_with_logits(x, i[1], pos_weight=i[2], backend=fused)
+    if op == "sigmoid_focal":
+        if backend == "eager":
+            return lambda x, i: eager_sigmoid_focal(x, i[1])
+        return lambda x, i: fusedloss.sigmoid_focal_loss(x, i[1], reduction="mean", backend=fused)
+    if op == "multilabel_soft_margin":
+        if backend == "torch":
+            return lambda x, i: F.multilabel_soft_margin_loss(x, i[1])
+        if backend == "eager":
+            return lambda x, i: eager_multilabel_soft_margin(x, i[1])
+        return lambda x, i: fusedloss.multilabel_soft_margin_loss(x, i[1], backend=fused)
+    if op == "zlpr":
+        if backend == "eager":
+            return lambda x, i: eager_zlpr(x, i[1])
+        return lambda x, i: fusedloss.multilabel_categorical_crossentropy(x, i[1], backend=fused)
+    if op.startswith("bi_tempered"):
+        t1, t2 = _bi_tempered_temperatures(op)
+        if backend == "eager":
+            from fusedloss.reference import sigmoid as reference
+
+            return lambda x, i: reference.bi_tempered_logistic_loss(x, i[3], t1, t2, 0.0, 5, "mean")
+        return lambda x, i: fusedloss.bi_tempered_logistic_loss(x, i[3], t1, t2, num_iters=5, backend=fused)
+    bins = int(op.removeprefix("ghmc_"))
+    if backend == "eager":
+        return lambda x, i: eager_ghmc(x, i[1], bins)
+    return lambda x, i: fusedloss.ghmc_loss(x, i[1], bins=bins, backend=fused)

@@ -12,7 +12,13 @@ import torch
 import fusedloss
 from fusedloss.bench import cases, harness, report
 
-# Shape grids. Cross entropy: (N, C); CRF: (B, T, K).
+# Shape grids. Cross entropy and the sigmoid losses: (N, C); CRF: (B, T, K).
+_SIGMOID_GRIDS = {
+    ("cpu", True): [(512, 80), (512, 1000)],
+    ("cuda", True): [(4096, 80), (4096, 1000)],
+    ("cpu", False): [(4096, 80), (4096, 1000)],
+    ("cuda", False): [(4096, c) for c in (80, 1000, 10000)],
+}
 _GRIDS = {
     # Quick: a vocabulary curve at N=512, the token-classification shapes (4096 rows of 9 and 133 tags) and the
     # fixed cost of a call (one row of 9 tags).
@@ -86,8 +92,13 @@ def _problems(args, device: torch.device) -> List[Tuple[str, Tuple[int, ...], to
     grid = _GRIDS[(device.type, bool(args.quick))]
     problems = []
     for op in args.ops:
-        wanted_dims = 2 if op in cases.CROSS_ENTROPY_OPS else 3
-        shapes = args.shapes if args.shapes is not None else grid["ce" if wanted_dims == 2 else "crf"]
+        wanted_dims = 3 if op in cases.CRF_OPS else 2
+        if args.shapes is not None:
+            shapes = args.shapes
+        elif op in cases.SIGMOID_OPS:
+            shapes = _SIGMOID_GRIDS[(device.type, bool(args.quick))]
+        else:
+            shapes = grid["ce" if wanted_dims == 2 else "crf"]
         for shape in shapes:
             if len(shape) == wanted_dims:
                 problems.extend((op, shape, _DTYPES[d]) for d in args.dtype)

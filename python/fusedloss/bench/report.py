@@ -83,7 +83,7 @@ def format_markdown(rows: Sequence[Dict]) -> str:
             bandwidth = (f", {r['gbps']:.1f} GB/s = {100 * r['bw_fraction']:.0f}% of copy"
                          if r.get("gbps", "") != "" else "")
             cells[(r["shape"], r["dtype"])][r["backend"]] = f"{r['median_ms']:.3f} ms ({speedup}{memory}{bandwidth})"
-        dims = "N x C" if op in CROSS_ENTROPY_OPS else "B x T x K"
+        dims = "B x T x K" if op in CRF_OPS else "N x C"
         bandwidth = (", achieved bandwidth (% of a copy of the same bytes in the same run)"
                      if op in CROSS_ENTROPY_OPS and group[0].get("gbps", "") != "" else "")
         out.append(f"\n**{op}, {'forward + backward' if mode == 'full' else mode}** on {group[0]['device_name']}, "

@@ -1,0 +1,510 @@
+// Torch-free math of the sigmoid and multi-label losses (docs/BACKENDS.md, "Sigmoid and multi-label
+// ops"), per element or per row, shared by the CPU kernels (csrc/cpu/sigmoid.cpp) and the CUDA
+// kernels. acc_t is float for float16/bfloat16/float32 input and double for float64; every
+// function returns the loss and, in the same pass, its derivative with respect to the logit, so
+// that backward only multiplies by grad_output.
+//
+// The logistic terms come from e = exp(−|x|) ∈ (0, 1] only (no overflow for any x):
+//   softplus(x)  = log(1 + e^x)  = max(x, 0) + log1p(e)      = −log σ(−x)
+//   softplus(−x) = log(1 + e^−x) = max(−x, 0) + log1p(e)     = −log σ(x)
+//   σ(|x|) = 1 / (1 + e),  σ(−|x|) = e / (1 + e)             (both formed directly: 1 − σ never rounds away)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/common.h"
+#include "kernels/softmax_loss.h"  // fast_exp and the float bit casts
+
+// Row sums in the loops below may be reassociated into vector lanes (OpenMP simd reductions; a plain
+// float sum is a dependent chain the compiler may not reorder). Without OpenMP (nvcc, the standalone
+// tests) the loops run in order.
+#define FUSEDLOSS_PRAGMA(text) _Pragma(#text)
+#if defined(_OPENMP) && !defined(__CUDA_ARCH__)
+#define FUSEDLOSS_SIMD_SUM(...) FUSEDLOSS_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
+#else
+#define FUSEDLOSS_SIMD_SUM(...)
+#endif
+
+namespace fusedloss {
+namespace sigmoid_loss {
+
+using softmax_loss::fast_exp;
+using std::fabs;
+using std::log;
+using std::log1p;
+using std::pow;
+
+// ---------------------------------------------------------------------------------------------
+// Element math
+// ---------------------------------------------------------------------------------------------
+
+// log(x) in float32 with about 1 ulp of error, branch-free so that loops over it vectorize (Cephes'
+// logf: x = m·2^k with m in [√½, √2), a degree-8 polynomial in m − 1). x = 0 gives −inf, x < 0 and
+// NaN give NaN, +inf gives +inf; subnormal x is scaled by 2^23 first.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_log(float x) {
+#ifdef __CUDA_ARCH__
+  return ::logf(x);
+#else
+  const bool subnormal = x < 1.17549435e-38f;
+  const float scaled = subnormal ? x * 8388608.0f : x;
+  const int32_t bits = softmax_loss::float_bits(scaled);
+  float exponent = static_cast<float>(((bits >> 23) & 0xff) - 126) - (subnormal ? 23.0f : 0.0f);
+  float m = softmax_loss::bits_float((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
+  const bool low = m < 0.707106781186547524f;
+  exponent = low ? exponent - 1.0f : exponent;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float poly = 7.0376836292e-2f;
+  poly = poly * m - 1.1514610310e-1f;
+  poly = poly * m + 1.1676998740e-1f;
+  poly = poly * m - 1.2420140846e-1f;
+  poly = poly * m + 1.4249322787e-1f;
+  poly = poly * m - 1.6668057665e-1f;
+  poly = poly * m + 2.0000714765e-1f;
+  poly = poly * m - 2.4999993993e-1f;
+  poly = poly * m + 3.3333331174e-1f;
+  float y = poly * m * z;
+  y += -2.12194440e-4f * exponent;
+  y += -0.5f * z;
+  float result = m + y + 0.693359375f * exponent;
+  result = x == 0.0f ? -INFINITY : result;
+  result = x == INFINITY ? INFINITY : result;
+  result = x < 0.0f ? NAN : result;
+  return x != x ? x : result;
+#endif
+}
+
+// log(x) in float64 with about 1 ulp of error, branch-free (Cephes' log: x = m·2^k with m in
+// [√½, √2), log(1 + f) = f − f²/2 + f³·P(f)/Q(f)); the same special values as the float version.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double fast_log(double x) {
+#ifdef __CUDA_ARCH__
+  return ::log(x);
+#else
+  const bool subnormal = x < 2.2250738585072014e-308;
+  const double scaled = subnormal ? x * 4503599627370496.0 : x;  // 2^52
+  const int64_t bits = softmax_loss::double_bits(scaled);
+  double exponent = static_cast<double>(((bits >> 52) & 0x7ff) - 1022) - (subnormal ? 52.0 : 0.0);
+  double m = softmax_loss::bits_double((bits & 0x000fffffffffffffLL) | 0x3fe0000000000000LL);  // in [0.5, 1)
+  const bool low = m < 0.70710678118654752440;
+  exponent = low ? exponent - 1.0 : exponent;
+  m = low ? m + m - 1.0 : m - 1.0;
+  const double z = m * m;
+  double p = 1.01875663804580931796e-4;
+  p = p * m + 4.97494994976747001425e-1;
+  p = p * m + 4.70579119878881725854e0;
+  p = p * m + 1.44989225341610930846e1;
+  p = p * m + 1.79368678507819816313e1;
+  p = p * m + 7.70838733755885391666e0;
+  double q = m + 1.12873587189167450590e1;
+  q = q * m + 4.52279145837532221105e1;
+  q = q * m + 8.29875266912776603211e1;
+  q = q * m + 7.11544750618563894466e1;
+  q = q * m + 2.31251620126765340583e1;
+  double y = m * (z * p / q);
+  y -= exponent * 2.121944400546905827679e-4;
+  y -= 0.5 * z;
+  double result = m + y + exponent * 0.693359375;
+  result = x == 0.0 ? -INFINITY : result;
+  result = x == INFINITY ? INFINITY : result;
+  result = x < 0.0 ? NAN : result;
+  return x != x ? x : result;
+#endif
+}
+
+// log(1 + e) for e in [0, 1], accurate for tiny e: log(u)·e/(u − 1) with u = 1 + e corrects the
+// rounding of u (Goldberg's trick), and u = 1 means log1p(e) = e.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float log1p_unit(float e) {
+  const float u = 1.0f + e;
+  const float ratio = fast_log(u) * (e / (u - 1.0f));
+  return u == 1.0f ? e : ratio;
+}
+
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double log1p_unit(double e) { return log1p(e); }
+
+// b^k for b >= 0 (exp(k·log b)); 0^k is 0 for k > 0 and +inf for k < 0, NaN propagates.
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t power(acc_t base, acc_t exponent) {
+  return fast_exp(exponent * fast_log(base));
+}
+
+template <typename acc_t>
+struct Logistic {
+  acc_t softplus;      // log(1 + e^x)  = −log σ(−x)
+  acc_t softplus_neg;  // log(1 + e^−x) = −log σ(x)
+  acc_t sigmoid;       // σ(x)
+  acc_t sigmoid_neg;   // σ(−x)
+};
+
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE Logistic<acc_t> logistic(acc_t x) {
+  const acc_t e = fast_exp(-fabs(x));
+  const acc_t log1p_e = log1p_unit(e);
+  const acc_t positive_part = x > acc_t(0) ? x : acc_t(0);
+  const acc_t big = acc_t(1) / (acc_t(1) + e);
+  const acc_t small = e * big;
+  Logistic<acc_t> t;
+  t.softplus = positive_part + log1p_e;
+  t.softplus_neg = (positive_part - x) + log1p_e;
+  t.sigmoid = x >= acc_t(0) ? big : small;
+  t.sigmoid_neg = x >= acc_t(0) ? small : big;
+  return t;
+}
+
+template <typename acc_t>
+struct LossGrad {
+  acc_t loss;
+  acc_t grad;  // d loss / d x
+};
+
+// Binary cross entropy of logit x against y in [0, 1] (weight w and pos_weight P folded in later):
+//   l = P·y·softplus(−x) + (1 − y)·softplus(x),   dl/dx = (1 − y)·σ(x) − P·y·σ(−x)
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE LossGrad<acc_t> bce(acc_t x, acc_t y, acc_t pos_weight) {
+  const Logistic<acc_t> t = logistic(x);
+  const acc_t positive = pos_weight * y;
+  const acc_t negative = acc_t(1) - y;
+  return {positive * t.softplus_neg + negative * t.softplus, negative * t.sigmoid - positive * t.sigmoid_neg};
+}
+
+// The focal factor's exponent γ, fixed per call: none (γ = 0), square (γ = 2, the default: two
+// multiplies) or any other (exp(γ·log b)).
+enum class FocalPower { kNone, kSquare, kGeneral };
+
+// torchvision's sigmoid focal loss of one element: with ce = BCE(x, y), p = σ(x),
+//   b = 1 − p_t = p·(1 − y) + σ(−x)·y,   db/dx = p·σ(−x)·(1 − 2y)
+//   l = α_t·b^γ·ce,   dl/dx = α_t·(b^γ·dce/dx + γ·b^(γ−1)·db/dx·ce)
+// α_t = α·y + (1 − α)(1 − y), or 1 when α < 0. Where b is below the smallest normal number the
+// factor is 0 with derivative 0 (as the reference's focal_power): b^(γ−1) is infinite at b = 0 for
+// γ < 1, while the product's derivative is 0 there.
+template <FocalPower kPower, typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE LossGrad<acc_t> sigmoid_focal(acc_t x, acc_t y, acc_t alpha, acc_t gamma) {
+  const Logistic<acc_t> t = logistic(x);
+  const acc_t negative = acc_t(1) - y;
+  const acc_t ce = y * t.softplus_neg + negative * t.softplus;
+  const acc_t dce = negative * t.sigmoid - y * t.sigmoid_neg;
+  LossGrad<acc_t> out{ce, dce};
+  if constexpr (kPower != FocalPower::kNone) {
+    const acc_t base = t.sigmoid * negative + t.sigmoid_neg * y;
+    const acc_t dbase = t.sigmoid * t.sigmoid_neg * (negative - y);
+    // Selected, not branched, so that a NaN ce still reaches loss and gradient (0·NaN).
+    const bool representable = base > Limits<acc_t>::tiny;
+    const acc_t safe_base = representable ? base : acc_t(1);
+    acc_t factor, dfactor;
+    if constexpr (kPower == FocalPower::kSquare) {
+      factor = safe_base * safe_base;
+      dfactor = acc_t(2) * safe_base * dbase;
+    } else {
+      factor = power(safe_base, gamma);
+      dfactor = gamma * (factor / safe_base) * dbase;
+    }
+    factor = representable ? factor : acc_t(0);
+    dfactor = representable ? dfactor : acc_t(0);
+    out.loss = factor * ce;
+    out.grad = factor * dce + dfactor * ce;
+  }
+  const acc_t alpha_t = alpha >= acc_t(0) ? alpha * y + (acc_t(1) - alpha) * negative : acc_t(1);
+  out.loss *= alpha_t;
+  out.grad *= alpha_t;
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// ZLPR (multilabel categorical cross entropy), one row
+// ---------------------------------------------------------------------------------------------
+
+// A running log-sum-exp relative to its max, seeded with the implicit 0 term: (max, sum) =
+// (0, exp(0 − 0) = 1).
+template <typename acc_t>
+struct RunningLogSumExp {
+  acc_t max = 0;
+  acc_t sum = 1;
+
+  // Folds in a block whose largest value is block_max and whose Σ exp(v − new max) is added after.
+  FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void rescale_to(acc_t block_max) {
+    if (block_max > max) {
+      sum *= fast_exp(max - block_max);
+      max = block_max;
+    }
+  }
+};
+
+// The ZLPR value v_c of class c: s_c for negatives, −s_c for positives, so both groups are a
+// log-sum-exp of v over the group plus the implicit 0:
+//   l = log(1 + Σ_{y=0} e^{s}) + log(1 + Σ_{y=1} e^{−s})
+//   dl/ds_c = e^{v_c − lse_neg} (negatives),  −e^{v_c − lse_pos} (positives)
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t zlpr_value(acc_t s, bool positive) {
+  return positive ? -s : s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GHM-C
+// ---------------------------------------------------------------------------------------------
+
+// The bin of gradient norm g among the authors' float32 edges (edges[i] = i/bins, the last + 1e-6):
+// the i with edges[i] <= g < edges[i+1], or −1 when there is none (NaN g). The guess floor(g·bins)
+// is off by at most one from the float32 edges, and the two comparisons settle it.
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE int ghmc_bin(acc_t g, const acc_t* edges, int bins) {
+  if (!(g >= edges[0] && g < edges[bins])) return -1;
+  int bin = static_cast<int>(g * static_cast<acc_t>(bins));
+  bin = bin < bins - 1 ? bin : bins - 1;
+  if (g < edges[bin]) --bin;
+  if (g >= edges[bin + 1]) ++bin;
+  return bin;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bi-tempered logistic loss, one row
+// ---------------------------------------------------------------------------------------------
+
+// Tempered logarithm (u^(1−t) − 1)/(1 − t) from log u (t ≠ 1).
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t log_t_from_log(acc_t log_u, acc_t one_minus_t) {
+  return (fast_exp(one_minus_t * log_u) - acc_t(1)) / one_minus_t;
+}
+
+// log of the tempered exponential exp_t(u) = relu(1 + (1 − t)·u)^(1/(1−t)) (t ≠ 1): −inf outside
+// the support (t < 1).
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t log_exp_t(acc_t u, acc_t one_minus_t, acc_t inv_one_minus_t) {
+  const acc_t base = acc_t(1) + one_minus_t * u;
+  return fast_log(base > acc_t(0) ? base : acc_t(0)) * inv_one_minus_t;
+}
+
+template <typename acc_t>
+struct BiTemperedParams {
+  double t1;
+  double t2;
+  int num_iters;
+  int64_t num_classes;
+  // 1 − t2 and 1/(1 − t2), formed in float64 (as the reference's Python scalars) and then rounded;
+  // integer_exponent is 1/(1 − t2) when that is an integer of magnitude <= 15 (t2 = 1.2, 1.5, 2,
+  // 0.5, 0.8, ...), else 0: exp_t is then a few multiplies instead of exp(k·log b).
+  acc_t one_minus_t2;
+  acc_t inv_one_minus_t2;
+  int integer_exponent;
+  // The last sweep needs p, p^(1−t1), p^(t2−t1), p^t2 = b^(e_i), b = 1 + (1 − t2)(a − λ), e_i = α_i/(1 − t2).
+  // When every e_i is n_i/D with integers |n_i| <= 15 and D <= 12 (t1, t2 = 0.8, 1.2: D = 1; 0.5, 4.0:
+  // D = 6), they are integer powers of r = b^(1/D): one log and one exp per class (none for D = 1)
+  // instead of a log and four exps. power_denominator is D, or 0 when there is none (or t1 or t2 is 1).
+  int power_denominator;
+  int power_numerators[4];
+
+  BiTemperedParams(double t1_, double t2_, int num_iters_, int64_t num_classes_)
+      : t1(t1_),
+        t2(t2_),
+        num_iters(num_iters_),
+        num_classes(num_classes_),
+        one_minus_t2(static_cast<acc_t>(1.0 - t2_)),
+        inv_one_minus_t2(t2_ == 1.0 ? acc_t(0) : static_cast<acc_t>(1.0 / (1.0 - t2_))),
+        integer_exponent(0),
+        power_denominator(0),
+        power_numerators{0, 0, 0, 0} {
+    if (t2_ == 1.0) return;
+    const double k = 1.0 / (1.0 - t2_);
+    int numerator = 0;
+    if (as_small_integer(k, &numerator)) integer_exponent = numerator;
+    if (t1_ == 1.0) return;
+    const double exponents[4] = {k, (1.0 - t1_) * k, (t2_ - t1_) * k, t2_ * k};
+    for (int denominator = 1; denominator <= 12 && power_denominator == 0; ++denominator) {
+      bool all = true;
+      for (int i = 0; i < 4 && all; ++i) all = as_small_integer(exponents[i] * denominator, &power_numerators[i]);
+      if (all) power_denominator = denominator;
+    }
+  }
+
+  // Whether v is an integer n with |n| <= 15, to 1e-9 relative.
+  static bool as_small_integer(double v, int* n) {
+    const double rounded = std::round(v);
+    if (std::fabs(rounded) > 15 || std::fabs(v - rounded) > 1e-9 * std::fmax(std::fabs(v), 1.0)) return false;
+    *n = static_cast<int>(rounded);
+    return true;
+  }
+};
+
+// base^|k| for an integer |k| <= 15, by squaring with a fixed trip count (branch-free, vectorizes).
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t integer_power_magnitude(acc_t base, int exponent) {
+  const int magnitude = exponent < 0 ? -exponent : exponent;
+  acc_t result = 1;
+  acc_t square = base;
+  for (int bit = 0; bit < 4; ++bit) {
+    result *= ((magnitude >> bit) & 1) != 0 ? square : acc_t(1);
+    square *= square;
+  }
+  return result;
+}
+
+// base^k for an integer |k| <= 15.
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t integer_power(acc_t base, int exponent) {
+  const acc_t result = integer_power_magnitude(base, exponent);
+  return exponent < 0 ? acc_t(1) / result : result;
+}
+
+// The normalization λ − μ of a row of shifted activations a = x − max x (a <= 0), the authors'
+// compute_normalization with exactly num_iters steps:
+//   t2 > 1: fixed point â ← a·Z(â)^(1−t2), Z = Σ exp_t(â), from â = a; then λ − μ = −log_t(1/Z)
+//   t2 < 1: bisection on [0, −log_t(1/d)] with d = #{a > −1/(1−t2)}, keeping Σ exp_t(a − mid) >= 1 left
+//   t2 = 1: log Σ exp(a)
+// Every step is one sweep over the row (in cache), with no writes.
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE acc_t tempered_normalization(const acc_t* a, const BiTemperedParams<acc_t>& prm) {
+  const int64_t C = prm.num_classes;
+  const acc_t one_minus_t = prm.one_minus_t2;
+  if (one_minus_t == acc_t(0)) {
+    acc_t sum = 0;
+    FUSEDLOSS_SIMD_SUM(sum)
+    for (int64_t c = 0; c < C; ++c) sum += fast_exp(a[c]);
+    return log(sum);
+  }
+  const acc_t inv_one_minus_t = prm.inv_one_minus_t2;
+  const int k = prm.integer_exponent;
+  // Σ_c exp_t(a_c·scale − shift)
+  auto partition = [&](acc_t scale, acc_t shift) {
+    acc_t sum = 0;
+    if (k != 0) {
+      FUSEDLOSS_SIMD_SUM(sum)
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t base = acc_t(1) + one_minus_t * (a[c] * scale - shift);
+        sum += integer_power(base > acc_t(0) ? base : acc_t(0), k);
+      }
+    } else {
+      FUSEDLOSS_SIMD_SUM(sum)
+      for (int64_t c = 0; c < C; ++c)
+        sum += fast_exp(log_exp_t(a[c] * scale - shift, one_minus_t, inv_one_minus_t));
+    }
+    return sum;
+  };
+  if (prm.t2 > 1.0) {
+    acc_t scale = 1;
+    for (int it = 0; it < prm.num_iters; ++it) scale = power(partition(scale, acc_t(0)), one_minus_t);
+    const acc_t z = partition(scale, acc_t(0));
+    // −log_t(1/Z) = −(Z^(t−1) − 1)/(1 − t)
+    return -(power(z, -one_minus_t) - acc_t(1)) * inv_one_minus_t;
+  }
+  const acc_t support = -inv_one_minus_t;
+  acc_t effective_dim = 0;
+  FUSEDLOSS_SIMD_SUM(effective_dim)
+  for (int64_t c = 0; c < C; ++c) effective_dim += a[c] > support ? acc_t(1) : acc_t(0);
+  acc_t lower = 0;
+  acc_t upper = -(power(effective_dim, -one_minus_t) - acc_t(1)) * inv_one_minus_t;
+  for (int it = 0; it < prm.num_iters; ++it) {
+    const acc_t middle = (upper + lower) / acc_t(2);
+    const bool below_one = partition(acc_t(1), middle) < acc_t(1);
+    lower = below_one ? lower : middle;
+    upper = below_one ? middle : upper;
+  }
+  return (upper + lower) / acc_t(2);
+}
+
+// The target side of one bi-tempered row: the q-only part of the loss,
+// A(q) = q·log_t(q + 1e-10, t1) − q^(2−t1)/(2 − t1).
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double bi_tempered_target_term(double q, double t1) {
+  const double one_minus_t1 = 1.0 - t1;
+  const double log_q = fast_log(q + 1e-10);
+  const double log_t_q = one_minus_t1 == 0.0 ? log_q : log_t_from_log(log_q, one_minus_t1);
+  return q * log_t_q - power(q, 2.0 - t1) / (2.0 - t1);
+}
+
+// One row of the bi-tempered loss and, with grad, the authors' closed-form gradient times
+// grad_scale. labels.q(c) gives q_c, labels.term(c) gives A(q_c), both in float64. shifted holds C
+// values, sweep 2·C. With p = exp_t(a − λ, t2) formed as exp(L), L = log p:
+//   l  = Σ_c [A(q_c) − q_c·log_t(p_c, t1) + p_c^(2−t1)/(2 − t1)]
+//   f  = (p − q)·p^(t2−t1),  e = p^t2 / Σ p^t2,  dl/dx = f − e·Σ_c f_c
+// t1 = t2 = 1 is softmax cross entropy: l = Σ_c q_c (lse − x_c), dl/dx = p·Σq − q.
+// The normalization runs in acc_t; the last sweep in float64: every power of p is exp(k·L), and a
+// float32 k·L of magnitude ~15 (p ~ 1/C) would leave p^t2 about 16 ulps off, several times less
+// accurate than torch's float32 pow.
+template <typename acc_t, typename scalar_t, typename Labels>
+FUSEDLOSS_HOST_DEVICE double bi_tempered_row(const scalar_t* x, const Labels& labels, const BiTemperedParams<acc_t>& prm,
+                                             acc_t* shifted, double* sweep, scalar_t* grad, double grad_scale) {
+  const int64_t C = prm.num_classes;
+  acc_t* a = shifted;
+  acc_t row_max = Limits<acc_t>::large_negative;
+  for (int64_t c = 0; c < C; ++c) {
+    a[c] = static_cast<acc_t>(x[c]);
+    row_max = max_of(row_max, a[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) a[c] -= row_max;
+  const double t1 = prm.t1;
+  const double t2 = prm.t2;
+  const double one_minus_t1 = 1.0 - t1;
+  const double one_minus_t2 = 1.0 - t2;
+  const double lambda = tempered_normalization(a, prm);
+  double loss = 0;
+  if (one_minus_t1 == 0.0 && one_minus_t2 == 0.0) {
+    double label_sum = 0;
+    FUSEDLOSS_SIMD_SUM(loss, label_sum)
+    for (int64_t c = 0; c < C; ++c) {
+      const double q = labels.q(c);
+      loss += q * (lambda - static_cast<double>(a[c]));
+      label_sum += q;
+    }
+    if (grad != nullptr) {
+      for (int64_t c = 0; c < C; ++c)
+        grad[c] = static_cast<scalar_t>((fast_exp(static_cast<double>(a[c]) - lambda) * label_sum - labels.q(c)) *
+                                        grad_scale);
+    }
+    return loss;
+  }
+  const double inv_one_minus_t2 = one_minus_t2 == 0.0 ? 0.0 : 1.0 / one_minus_t2;
+  const double inv_one_minus_t1 = one_minus_t1 == 0.0 ? 0.0 : 1.0 / one_minus_t1;
+  const double inv_two_minus_t1 = 1.0 / (2.0 - t1);
+  double* forgotten = sweep;
+  double* escort = sweep + C;
+  double escort_sum = 0;
+  double forgotten_sum = 0;
+  // Adds class c given p, p^(1−t1), p^(t2−t1), p^t2.
+  auto add_class = [&](int64_t c, double p, double p_one_minus_t1, double p_t2_minus_t1, double p_t2) {
+    const double q = labels.q(c);
+    const double log_t_p = (p_one_minus_t1 - 1.0) * inv_one_minus_t1;
+    forgotten[c] = (p - q) * p_t2_minus_t1;
+    escort[c] = p_t2;
+    return labels.term(c) - q * log_t_p + p * p_one_minus_t1 * inv_two_minus_t1;
+  };
+  if (prm.power_denominator != 0) {
+    const double inv_denominator = 1.0 / prm.power_denominator;
+    const int* n = prm.power_numerators;
+    FUSEDLOSS_SIMD_SUM(loss)
+    for (int64_t c = 0; c < C; ++c) {
+      const double b = 1.0 + one_minus_t2 * (static_cast<double>(a[c]) - lambda);
+      const double base = b > 0.0 ? b : 0.0;
+      const double r = prm.power_denominator == 1 ? base : fast_exp(fast_log(base) * inv_denominator);
+      const double r_inv = 1.0 / r;
+      auto r_power = [&](int e) { return integer_power_magnitude(e < 0 ? r_inv : r, e); };
+      loss += add_class(c, r_power(n[0]), r_power(n[1]), r_power(n[2]), r_power(n[3]));
+    }
+  } else {
+    FUSEDLOSS_SIMD_SUM(loss)
+    for (int64_t c = 0; c < C; ++c) {
+      const double u = static_cast<double>(a[c]) - lambda;
+      const double log_p = one_minus_t2 == 0.0 ? u : log_exp_t(u, one_minus_t2, inv_one_minus_t2);
+      const double p = fast_exp(log_p);
+      const double p_one_minus_t1 = fast_exp(one_minus_t1 * log_p);
+      if (one_minus_t1 == 0.0) {  // t1 = 1: log_t is log
+        const double q = labels.q(c);
+        forgotten[c] = (p - q) * fast_exp((t2 - t1) * log_p);
+        escort[c] = fast_exp(t2 * log_p);
+        loss += labels.term(c) - q * log_p + p * p_one_minus_t1 * inv_two_minus_t1;
+      } else {
+        loss += add_class(c, p, p_one_minus_t1, fast_exp((t2 - t1) * log_p), fast_exp(t2 * log_p));
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    forgotten_sum += forgotten[c];
+    escort_sum += escort[c];
+  }
+  if (grad != nullptr) {
+    const double shift = forgotten_sum / escort_sum;
+    for (int64_t c = 0; c < C; ++c)
+      grad[c] = static_cast<scalar_t>((forgotten[c] - escort[c] * shift) * grad_scale);
+  }
+  return loss;
+}
+
+}  // namespace sigmoid_loss
+}  // namespace fusedloss
