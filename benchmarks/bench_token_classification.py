@@ -13,7 +13,6 @@ Prints a Markdown table of medians and speed-ups (eager time / fusedloss time; a
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Tuple
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
+from fusedloss.bench.harness import device_name
 
 FOCAL_GAMMA = 2.0
 
@@ -138,6 +138,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
+    parser.add_argument("--out", default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -148,12 +149,19 @@ def main(argv=None) -> None:
         softmax_shapes = [(1, 9), (64, 9), (4096, 9), (4096, 37), (4096, 133), (4096, 1024), (4096, 32000)]
         crf_shapes = [(1, 32, 9), (32, 128, 9)]
     rows = softmax_rows(softmax_shapes, args.repeats) + crf_rows(crf_shapes, args.repeats)
-    print(f"device: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, float32, median of {args.repeats} interleaved calls")
-    print("| what | shape | eager ms | fusedloss ms | speed-up |")
-    print("|---|---|---|---|---|")
+    lines = [
+        f"device: {device_name(torch.device('cpu'))}, torch {torch.__version__}, float32, "
+        f"median of {args.repeats} interleaved calls (fewer for the largest shapes)",
+        "",
+        "| what | shape | eager ms | fusedloss ms | speed-up |",
+        "|---|---|---|---|---|",
+    ]
     for what, shape, eager_ms, fused_ms in rows:
-        print(f"| {what} | {shape} | {eager_ms:.4g} | {fused_ms:.4g} | {eager_ms / fused_ms:.2f}x |")
+        lines.append(f"| {what} | {shape} | {eager_ms:.4g} | {fused_ms:.4g} | {eager_ms / fused_ms:.2f}x |")
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
