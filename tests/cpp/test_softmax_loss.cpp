@@ -138,6 +138,18 @@ void test_nan_row() {
 // process_row_tile (8 rows per tile, one per vector lane) against process_row row by row, for
 // full and partial tiles with ignored rows and a NaN row; a row's result must not depend on the
 // tile it sits in (bit-identical when the same rows are processed starting one row later).
+// Tiles of rows [first, rows) through one compiled call site, as the extension runs them (TilesJob): the kernel
+// is always inlined, so two call sites could be compiled differently (constant options propagated into one of
+// them), which is not what the lane-position check below is about.
+template <typename acc_t>
+__attribute__((noinline)) void run_tiles(int first, int rows, int64_t C, const acc_t* x, const int64_t* y,
+                                         const acc_t* w, const fusedloss::softmax_loss::Params<acc_t>& prm,
+                                         acc_t* grad, acc_t scale, acc_t* loss) {
+  constexpr int R = fusedloss::softmax_loss::kTileRows;
+  for (int n = first; n < rows; n += R)
+    fusedloss::softmax_loss::process_row_tile<acc_t, acc_t>(x + n * C, y + n, std::min(R, rows - n), w, prm, grad + n * C, scale, loss + n);
+}
+
 template <typename acc_t>
 void test_tile(int64_t C, double eps, double gamma, double z, double softcap, bool weighted, std::mt19937& rng,
                double tol) {
@@ -164,13 +176,9 @@ void test_tile(int64_t C, double eps, double gamma, double z, double softcap, bo
   const acc_t* wp = weighted ? w.data() : nullptr;
   const acc_t scale = acc_t(0.25);
   std::vector<acc_t> loss(rows), loss_shift(rows);
-  for (int n = 0; n < rows; n += R)
-    process_row_tile<acc_t, acc_t>(x.data() + n * C, y.data() + n, std::min(R, rows - n), wp, prm,
-                                   grad.data() + n * C, scale, loss.data() + n);
+  run_tiles<acc_t>(0, rows, C, x.data(), y.data(), wp, prm, grad.data(), scale, loss.data());
   // The same rows from row 1 on: every row sits in another lane of another tile.
-  for (int n = 1; n < rows; n += R)
-    process_row_tile<acc_t, acc_t>(x.data() + n * C, y.data() + n, std::min(R, rows - n), wp, prm,
-                                   grad_shift.data() + n * C, scale, loss_shift.data() + n);
+  run_tiles<acc_t>(1, rows, C, x.data(), y.data(), wp, prm, grad_shift.data(), scale, loss_shift.data());
   char name[200];
   std::snprintf(name, sizeof(name), "tile %s C=%lld eps=%g gamma=%g z=%g softcap=%g weighted=%d",
                 sizeof(acc_t) == 8 ? "double" : "float", static_cast<long long>(C), eps, gamma, z, softcap, weighted);
