@@ -487,22 +487,24 @@ def _tiling(batch: int, num_tags: int, block_b: Optional[int], block_k: Optional
 
     Defaults: one sequence per program (the time loop is serial, so parallelism comes from the batch) unless
     the batch alone fills an H100 with 16-sequence tiles, which then run the step as one ``tl.dot``; K in one
-    block up to 64 tags (32 on the ``tl.dot`` path, to bound the (BLOCK_B, BLOCK_K, BLOCK_K) exact tiles in
-    registers), tiled above. ``block_b``/``block_k`` override them (tests force the tiled and dot paths at
+    block up to 32 tags (16 on the ``tl.dot`` path), tiled above: larger tiles spill registers on sm_90 (make
+    triton-build-check). ``block_b``/``block_k`` override them (tests force the tiled and dot paths at
     small sizes).
     """
     if block_b is None:
         block_b = 16 if num_tags >= 16 and batch >= 2048 else 1
     use_dot = block_b >= 16 and (block_k or num_tags) >= 16
     if block_k is None:
-        block_k = min(triton.next_power_of_2(num_tags), 32 if use_dot else 64)
-        block_k = max(block_k, 16) if use_dot else block_k
+        block_k = 16 if use_dot else min(triton.next_power_of_2(num_tags), 32)
     return block_b, block_k, use_dot
 
 
-def _num_warps(block_b: int, block_k: int) -> int:
+def _num_warps(block_b: int, block_k: int, use_dot: bool = False) -> int:
     """About 256 values of the largest (BLOCK_B, BLOCK_K, BLOCK_K) tile per warp, 1 to 8 warps: a small tag set
-    needs few threads, and fewer warps make the barrier between time steps cheaper."""
+    needs few threads, and fewer warps make the barrier between time steps cheaper. The ``tl.dot`` path runs on
+    4 warps: with more, each thread's register budget shrinks and its tiles spill on sm_90."""
+    if use_dot:
+        return 4
     return max(1, min(8, block_b * block_k * block_k // 256))
 
 
@@ -562,7 +564,7 @@ def _forward(emissions, tags, mask, transitions, start_transitions, end_transiti
         start_transitions.to(torch.float32).contiguous(), end_transitions.to(torch.float32).contiguous(),
         alpha, alpha_max, ll, batch, seq_len, num_tags,
         HAS_TAGS=tags is not None, NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k, BLOCK_B=block_b,
-        USE_DOT=use_dot, num_warps=_num_warps(block_b, block_k),
+        USE_DOT=use_dot, num_warps=_num_warps(block_b, block_k, use_dot),
     )
     return ll, alpha, alpha_max
 
@@ -594,7 +596,7 @@ def _backward(grad, emissions, tags, mask, transitions, end_transitions, alpha, 
             colmax, trans_t, exptrans_t, rowmax, end_transitions.to(torch.float32).contiguous(), alpha, alpha_max,
             grad32, scratch, out, pair if not marginals_only else scratch, batch, seq_len, num_tags, num_groups,
             MARGINALS=marginals_only, NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k,
-            BLOCK_B=block_b, USE_DOT=use_dot, num_warps=_num_warps(block_b, block_k),
+            BLOCK_B=block_b, USE_DOT=use_dot, num_warps=_num_warps(block_b, block_k, use_dot),
         )
     if marginals_only:
         return out
@@ -664,7 +666,7 @@ def launch_configurations() -> List[dict]:
                              "B": "i32", "T": "i32", "K": "i32"}
                 builds.append(dict(name=f"forward {label} tags={has_tags}", kernel=_crf_forward_kernel,
                                    signature=signature, constexprs=dict(HAS_TAGS=has_tags, **layout),
-                                   num_warps=_num_warps(block_b, block_k)))
+                                   num_warps=_num_warps(block_b, block_k, use_dot)))
             for marginals in (False, True):
                 signature = {"emissions_ptr": f"*{dtype}", "tags_ptr": "*i32" if marginals else "*i64",
                              "lengths_ptr": "*i32", "trans_ptr": f32, "exptrans_ptr": f32, "colmax_ptr": f32,
@@ -673,7 +675,7 @@ def launch_configurations() -> List[dict]:
                              "pair_ptr": f32, "B": "i32", "T": "i32", "K": "i32", "NUM_PAIR_GROUPS": "i32"}
                 builds.append(dict(name=f"backward {label} marginals={marginals}", kernel=_crf_backward_kernel,
                                    signature=signature, constexprs=dict(MARGINALS=marginals, **layout),
-                                   num_warps=_num_warps(block_b, block_k)))
+                                   num_warps=_num_warps(block_b, block_k, use_dot)))
     for block_b, block_k, tiles, pointer_dtype in sorted(viterbi_tilings, key=str):
         signature = {"emissions_ptr": "*bf16", "lengths_ptr": "*i32", "trans_ptr": f32, "start_ptr": f32,
                      "end_ptr": f32, "score_ptr": f32, "backpointers_ptr": pointer_types[pointer_dtype],
