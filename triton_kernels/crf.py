@@ -487,25 +487,26 @@ def _tiling(batch: int, num_tags: int, block_b: Optional[int], block_k: Optional
 
     Defaults: one sequence per program (the time loop is serial, so parallelism comes from the batch) unless
     the batch alone fills an H100 with 16-sequence tiles, which then run the step as one ``tl.dot``; K in one
-    block up to 32 tags (16 on the ``tl.dot`` path), tiled above: larger tiles spill registers on sm_90 (make
-    triton-build-check). ``block_b``/``block_k`` override them (tests force the tiled and dot paths at
-    small sizes).
+    block up to 32 tags, in tiles of 32 up to 64 tags and of 64 above (16 on the ``tl.dot`` path): the tilings
+    that spill no registers on sm_90 (make triton-build-check; one tile of 64 spills, three of 32 too).
+    ``block_b``/``block_k`` override them (tests force the tiled and dot paths at small sizes).
     """
     if block_b is None:
         block_b = 16 if num_tags >= 16 and batch >= 2048 else 1
     use_dot = block_b >= 16 and (block_k or num_tags) >= 16
     if block_k is None:
-        block_k = 16 if use_dot else min(triton.next_power_of_2(num_tags), 32)
+        block_k = 16 if use_dot else (min(triton.next_power_of_2(num_tags), 32) if num_tags <= 64 else 64)
     return block_b, block_k, use_dot
 
 
 def _num_warps(block_b: int, block_k: int, use_dot: bool = False) -> int:
-    """About 256 values of the largest (BLOCK_B, BLOCK_K, BLOCK_K) tile per warp, 1 to 8 warps: a small tag set
-    needs few threads, and fewer warps make the barrier between time steps cheaper. The ``tl.dot`` path runs on
-    4 warps: with more, each thread's register budget shrinks and its tiles spill on sm_90."""
+    """About 256 values of the largest (BLOCK_B, BLOCK_K, BLOCK_K) tile per warp, 1 to 8 warps (16 for tiles of 64
+    tags: on 8 they spill on sm_90): a small tag set needs few threads, and fewer warps make the barrier between
+    time steps cheaper. The ``tl.dot`` path runs on 4 warps: with more, each thread's register budget shrinks and
+    its tiles spill."""
     if use_dot:
         return 4
-    return max(1, min(8, block_b * block_k * block_k // 256))
+    return max(1, min(16 if block_k >= 64 else 8, block_b * block_k * block_k // 256))
 
 
 def _viterbi_tiling(num_tags: int, block_b: Optional[int], block_k: Optional[int]) -> Tuple[int, int]:
@@ -642,12 +643,12 @@ def launch_configurations() -> List[dict]:
     ``tl.dot`` threshold; each with and without tags (marginals), emissions in bfloat16, and float16/float32 at
     the largest tiles.
     """
-    tag_counts = (1, 2, 3, 5, 9, 16, 17, 33, 64, 73, 200, 300, 40000)
+    tag_counts = (1, 2, 3, 5, 9, 16, 17, 33, 64, 73, 100, 133, 200, 300, 40000)
     tilings, viterbi_tilings = set(), set()
     for num_tags in tag_counts:
         for batch in (1, 4096):
             block_b, block_k, use_dot = _tiling(batch, num_tags, None, None)
-            if num_tags <= 73:  # NUM_K_TILES is a loop bound: one tile and several (2, 3) stand for all
+            if num_tags <= 133:  # tile counts 1 to 3 (of 64 above 64 tags; of 16 on the dot path up to 9)
                 tilings.add((block_b, block_k, use_dot, triton.cdiv(num_tags, block_k)))
         block_b, block_k = _viterbi_tiling(num_tags, None, None)
         viterbi_tilings.add((block_b, block_k, triton.cdiv(num_tags, block_k), _pointer_dtype(num_tags)))
