@@ -40,8 +40,9 @@ move it to tensor cores at an accuracy cost to be measured on a GPU). Where a co
 column is recomputed exactly as an online logsumexp. The backward step is the same operation with ``Aᵀ``.
 
 Viterbi is the max-plus recursion (no exp) with backpointers in int8/uint8/int16 by K, backtracked inside the
-kernel. GPU performance is unmeasured (no GPU was available when this was written): block sizes and the batch
-tile threshold are first guesses for an H100.
+kernel. GPU performance is unmeasured (no GPU was available when this was written): the block sizes are those
+that compile for sm_90 without register spills (make triton-build-check), the batch tile threshold a first guess
+for an H100.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ Passes over a row (Liger-Kernel's "gradient in the forward pass"): pass 1 finds 
 exponentials (online softmax, Milakov & Gimelshein 2018) and, without focal factor, the sums ``Σ a_c`` and
 ``Σ a_c s_c`` that give the smoothed / soft-target loss; only γ > 0 with mass spread over every class
 (label smoothing or soft targets) needs a second pass, because ``G_c`` depends on the final ``lse``; the last
-pass writes the gradient, already divided by the ``mean`` divisor. When the row fits one block (C <= 8192) all of
+pass writes the gradient, already divided by the ``mean`` divisor. When the row fits one block (C <= 4096) all of
 it happens on one tile in registers, so the logits are read once (NER tag sets: several rows per program);
-vocabulary rows (C up to 262144 and beyond) take one row per program and loop over blocks of 8192, reading the
+vocabulary rows (C up to 262144 and beyond) take one row per program and loop over blocks of 4096, reading the
 logits twice (three times for γ > 0 with smoothing or soft targets) and writing the gradient once, as
 Liger-Kernel does. The backward kernel only
 multiplies the stored gradient by ``grad_output`` in place (a scalar, or per row for ``reduction="none"``), and
