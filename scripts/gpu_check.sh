@@ -13,10 +13,10 @@
 #   5. writes summary.md: the goals of the project checked against these figures.
 #
 # Everything goes to one folder: $OUT if set (the device runner collects it), else gpu-check-out/<date>.
-# Wheels the machine may lack (pytorch-crf, pytest and its dependencies) come from vendor/wheels, installed with
-# --no-index into a folder of the output, never into the machine's Python. Every phase has a time limit (465 s
-# in all) and the script goes on after a failed phase, so one run reports as much as it can; the exit status is
-# that of the first failed phase.
+# Wheels the machine may lack (pytorch-crf, pytest and its dependencies, ninja) come from vendor/wheels,
+# installed with --no-index into a folder of the output, never into the machine's Python. Every phase has a time
+# limit (465 s in all) and the script goes on after a failed phase, so one run reports as much as it can; the
+# exit status is that of the first failed phase.
 #
 #   PYTHON   the interpreter with torch (default python3)
 #   PHASES   the phases to run (default "build test bench")
@@ -80,6 +80,8 @@ missing=()
 "$PY" -c "import torchcrf" 2>/dev/null || missing+=(vendor/wheels/pytorch_crf-*.whl)
 "$PY" -c "import pytest" 2>/dev/null || missing+=(vendor/wheels/pytest-*.whl vendor/wheels/pluggy-*.whl
                                                   vendor/wheels/iniconfig-*.whl vendor/wheels/packaging-*.whl)
+# ninja compiles the extension's sources in parallel (without it setuptools compiles them one by one).
+command -v ninja > /dev/null || [ "$(uname -m)" != x86_64 ] || missing+=(vendor/wheels/ninja-*manylinux*x86_64*.whl)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing from vendor/wheels into $SITE: ${missing[*]}"
   "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "${missing[@]}" >> "$LOG" 2>&1 ||
@@ -95,6 +97,7 @@ rm -rf "$STAGE/fusedloss/triton_kernels"
 cp -r triton_kernels "$STAGE/fusedloss/triton_kernels"
 rm -f "$STAGE"/fusedloss/_C*.so  # a CPU build of the working tree, if any: the build phase provides this one
 export PYTHONPATH="$STAGE:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$SITE/bin:$PATH"
 export TRITON_INTERPRET=0
 export PYTHONDONTWRITEBYTECODE=1
 
