@@ -13,10 +13,10 @@
 #   5. writes summary.md: the goals of the project checked against these figures.
 #
 # Everything goes to one folder: $OUT if set (the device runner collects it), else gpu-check-out/<date>.
-# Wheels the machine may lack (pytorch-crf, pytest and its dependencies) come from vendor/wheels, installed with
-# --no-index into a folder of the output, never into the machine's Python. Every phase has a time limit and the
-# script goes on after a failed phase, so one run reports as much as it can; the exit status is that of the
-# first failed phase.
+# Wheels the machine may lack (pytorch-crf, pytest and its dependencies, ninja) come from vendor/wheels,
+# installed with --no-index into a folder of the output, never into the machine's Python. Every phase has a time
+# limit (465 s in all) and the script goes on after a failed phase, so one run reports as much as it can; the
+# exit status is that of the first failed phase.
 #
 #   PYTHON   the interpreter with torch (default python3)
 #   PHASES   the phases to run (default "build test bench")
@@ -80,6 +80,8 @@ missing=()
 "$PY" -c "import torchcrf" 2>/dev/null || missing+=(vendor/wheels/pytorch_crf-*.whl)
 "$PY" -c "import pytest" 2>/dev/null || missing+=(vendor/wheels/pytest-*.whl vendor/wheels/pluggy-*.whl
                                                   vendor/wheels/iniconfig-*.whl vendor/wheels/packaging-*.whl)
+# ninja compiles the extension's sources in parallel (without it setuptools compiles them one by one).
+command -v ninja > /dev/null || [ "$(uname -m)" != x86_64 ] || missing+=(vendor/wheels/ninja-*manylinux*x86_64*.whl)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing from vendor/wheels into $SITE: ${missing[*]}"
   "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "${missing[@]}" >> "$LOG" 2>&1 ||
@@ -95,31 +97,32 @@ rm -rf "$STAGE/fusedloss/triton_kernels"
 cp -r triton_kernels "$STAGE/fusedloss/triton_kernels"
 rm -f "$STAGE"/fusedloss/_C*.so  # a CPU build of the working tree, if any: the build phase provides this one
 export PYTHONPATH="$STAGE:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$SITE/bin:$PATH"
 export TRITON_INTERPRET=0
 export PYTHONDONTWRITEBYTECODE=1
 
 # ---------------------------------------------------------------------------------------------- 2. build
 if [[ " $PHASES " == *" build "* ]]; then
   ARCH=$("$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')")
-  build() {
-    TORCH_CUDA_ARCH_LIST="$ARCH" FUSEDLOSS_STRICT_BUILD=1 MAX_JOBS=$(nproc) \
-      "$PY" setup.py -q build_ext --build-temp "$OUT/build" --build-lib "$OUT/build-lib" &&
-      cp "$OUT"/build-lib/fusedloss/_C*.so "$STAGE/fusedloss/" &&
-      "$PY" -c "import fusedloss, fusedloss._C as C; assert C.WITH_CUDA; print(fusedloss.available_backends())"
-  }
-  phase build 120 build
+  export PY OUT STAGE
+  export TORCH_CUDA_ARCH_LIST="$ARCH" FUSEDLOSS_STRICT_BUILD=1 MAX_JOBS=$(nproc)
+  # (timeout runs programs, not shell functions: the build is one bash -c.)
+  phase build 100 bash -c '
+    "$PY" setup.py -q build_ext --build-temp "$OUT/build" --build-lib "$OUT/build-lib" &&
+    cp "$OUT"/build-lib/fusedloss/_C*.so "$STAGE/fusedloss/" &&
+    "$PY" -c "import fusedloss, fusedloss._C as C; assert C.WITH_CUDA; print(fusedloss.available_backends())"'
 fi
 
 # ---------------------------------------------------------------------------------------------- 3. tests
 if [[ " $PHASES " == *" test "* ]]; then
-  phase test 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml "$OUT/test_gpu.xml" -rfEs
+  phase test 140 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml "$OUT/test_gpu.xml" -rfEs
 fi
 
 # ---------------------------------------------------------------------------------------------- 4. benchmarks
 if [[ " $PHASES " == *" bench "* ]]; then
   # One run per shape, the goal's shape first, so that a phase that runs out of time loses only its own rows.
   for vocab in 128256 262144 32000; do
-    phase "bench_cross_entropy_$vocab" 25 "$PY" -m fusedloss.bench --device cuda --ops cross_entropy \
+    phase "bench_cross_entropy_$vocab" 35 "$PY" -m fusedloss.bench --device cuda --ops cross_entropy \
       --shapes "8192x$vocab" --dtype bfloat16 --repeats 10 --warmup 3 --no-progress \
       --out "$OUT" --name "cross_entropy_8192x${vocab}_{device}"
   done
@@ -129,7 +132,7 @@ if [[ " $PHASES " == *" bench "* ]]; then
     --shapes 8192x128256 --dtype bfloat16 --compile --repeats 10 --warmup 3 --no-progress \
     --out "$OUT" --name "cross_entropy_compile_8192x128256_{device}"
   for length in 128 512; do
-    phase "bench_crf_T$length" 35 "$PY" -m fusedloss.bench --device cuda --ops crf_nll,crf_decode \
+    phase "bench_crf_T$length" 30 "$PY" -m fusedloss.bench --device cuda --ops crf_nll,crf_decode \
       --shapes "32x${length}x9,32x${length}x73" --dtype float32 --repeats 10 --warmup 2 --no-progress \
       --out "$OUT" --name "crf_T${length}_{device}"
   done

@@ -40,8 +40,9 @@ move it to tensor cores at an accuracy cost to be measured on a GPU). Where a co
 column is recomputed exactly as an online logsumexp. The backward step is the same operation with ``Aᵀ``.
 
 Viterbi is the max-plus recursion (no exp) with backpointers in int8/uint8/int16 by K, backtracked inside the
-kernel. GPU performance is unmeasured (no GPU was available when this was written): block sizes and the batch
-tile threshold are first guesses for an H100.
+kernel. GPU performance is unmeasured (no GPU was available when this was written): the block sizes are those
+that compile for sm_90 without register spills (make triton-build-check), the batch tile threshold a first guess
+for an H100.
 """
 
 from __future__ import annotations
@@ -487,23 +488,26 @@ def _tiling(batch: int, num_tags: int, block_b: Optional[int], block_k: Optional
 
     Defaults: one sequence per program (the time loop is serial, so parallelism comes from the batch) unless
     the batch alone fills an H100 with 16-sequence tiles, which then run the step as one ``tl.dot``; K in one
-    block up to 64 tags (32 on the ``tl.dot`` path, to bound the (BLOCK_B, BLOCK_K, BLOCK_K) exact tiles in
-    registers), tiled above. ``block_b``/``block_k`` override them (tests force the tiled and dot paths at
-    small sizes).
+    block up to 32 tags, in tiles of 32 up to 64 tags and of 64 above (16 on the ``tl.dot`` path): the tilings
+    that spill no registers on sm_90 (make triton-build-check; one tile of 64 spills, three of 32 too).
+    ``block_b``/``block_k`` override them (tests force the tiled and dot paths at small sizes).
     """
     if block_b is None:
         block_b = 16 if num_tags >= 16 and batch >= 2048 else 1
     use_dot = block_b >= 16 and (block_k or num_tags) >= 16
     if block_k is None:
-        block_k = min(triton.next_power_of_2(num_tags), 32 if use_dot else 64)
-        block_k = max(block_k, 16) if use_dot else block_k
+        block_k = 16 if use_dot else (min(triton.next_power_of_2(num_tags), 32) if num_tags <= 64 else 64)
     return block_b, block_k, use_dot
 
 
-def _num_warps(block_b: int, block_k: int) -> int:
-    """About 256 values of the largest (BLOCK_B, BLOCK_K, BLOCK_K) tile per warp, 1 to 8 warps: a small tag set
-    needs few threads, and fewer warps make the barrier between time steps cheaper."""
-    return max(1, min(8, block_b * block_k * block_k // 256))
+def _num_warps(block_b: int, block_k: int, use_dot: bool = False) -> int:
+    """About 256 values of the largest (BLOCK_B, BLOCK_K, BLOCK_K) tile per warp, 1 to 8 warps (16 for tiles of 64
+    tags: on 8 they spill on sm_90): a small tag set needs few threads, and fewer warps make the barrier between
+    time steps cheaper. The ``tl.dot`` path runs on 4 warps: with more, each thread's register budget shrinks and
+    its tiles spill."""
+    if use_dot:
+        return 4
+    return max(1, min(16 if block_k >= 64 else 8, block_b * block_k * block_k // 256))
 
 
 def _viterbi_tiling(num_tags: int, block_b: Optional[int], block_k: Optional[int]) -> Tuple[int, int]:
@@ -562,7 +566,7 @@ def _forward(emissions, tags, mask, transitions, start_transitions, end_transiti
         start_transitions.to(torch.float32).contiguous(), end_transitions.to(torch.float32).contiguous(),
         alpha, alpha_max, ll, batch, seq_len, num_tags,
         HAS_TAGS=tags is not None, NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k, BLOCK_B=block_b,
-        USE_DOT=use_dot, num_warps=_num_warps(block_b, block_k),
+        USE_DOT=use_dot, num_warps=_num_warps(block_b, block_k, use_dot),
     )
     return ll, alpha, alpha_max
 
@@ -594,7 +598,7 @@ def _backward(grad, emissions, tags, mask, transitions, end_transitions, alpha, 
             colmax, trans_t, exptrans_t, rowmax, end_transitions.to(torch.float32).contiguous(), alpha, alpha_max,
             grad32, scratch, out, pair if not marginals_only else scratch, batch, seq_len, num_tags, num_groups,
             MARGINALS=marginals_only, NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k,
-            BLOCK_B=block_b, USE_DOT=use_dot, num_warps=_num_warps(block_b, block_k),
+            BLOCK_B=block_b, USE_DOT=use_dot, num_warps=_num_warps(block_b, block_k, use_dot),
         )
     if marginals_only:
         return out
@@ -640,12 +644,12 @@ def launch_configurations() -> List[dict]:
     ``tl.dot`` threshold; each with and without tags (marginals), emissions in bfloat16, and float16/float32 at
     the largest tiles.
     """
-    tag_counts = (1, 2, 3, 5, 9, 16, 17, 33, 64, 73, 200, 300, 40000)
+    tag_counts = (1, 2, 3, 5, 9, 16, 17, 33, 64, 73, 100, 133, 200, 300, 40000)
     tilings, viterbi_tilings = set(), set()
     for num_tags in tag_counts:
         for batch in (1, 4096):
             block_b, block_k, use_dot = _tiling(batch, num_tags, None, None)
-            if num_tags <= 73:  # NUM_K_TILES is a loop bound: one tile and several (2, 3) stand for all
+            if num_tags <= 133:  # tile counts 1 to 3 (of 64 above 64 tags; of 16 on the dot path up to 9)
                 tilings.add((block_b, block_k, use_dot, triton.cdiv(num_tags, block_k)))
         block_b, block_k = _viterbi_tiling(num_tags, None, None)
         viterbi_tilings.add((block_b, block_k, triton.cdiv(num_tags, block_k), _pointer_dtype(num_tags)))
@@ -664,7 +668,7 @@ def launch_configurations() -> List[dict]:
                              "B": "i32", "T": "i32", "K": "i32"}
                 builds.append(dict(name=f"forward {label} tags={has_tags}", kernel=_crf_forward_kernel,
                                    signature=signature, constexprs=dict(HAS_TAGS=has_tags, **layout),
-                                   num_warps=_num_warps(block_b, block_k)))
+                                   num_warps=_num_warps(block_b, block_k, use_dot)))
             for marginals in (False, True):
                 signature = {"emissions_ptr": f"*{dtype}", "tags_ptr": "*i32" if marginals else "*i64",
                              "lengths_ptr": "*i32", "trans_ptr": f32, "exptrans_ptr": f32, "colmax_ptr": f32,
@@ -673,7 +677,7 @@ def launch_configurations() -> List[dict]:
                              "pair_ptr": f32, "B": "i32", "T": "i32", "K": "i32", "NUM_PAIR_GROUPS": "i32"}
                 builds.append(dict(name=f"backward {label} marginals={marginals}", kernel=_crf_backward_kernel,
                                    signature=signature, constexprs=dict(MARGINALS=marginals, **layout),
-                                   num_warps=_num_warps(block_b, block_k)))
+                                   num_warps=_num_warps(block_b, block_k, use_dot)))
     for block_b, block_k, tiles, pointer_dtype in sorted(viterbi_tilings, key=str):
         signature = {"emissions_ptr": "*bf16", "lengths_ptr": "*i32", "trans_ptr": f32, "start_ptr": f32,
                      "end_ptr": f32, "score_ptr": f32, "backpointers_ptr": pointer_types[pointer_dtype],

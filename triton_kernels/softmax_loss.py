@@ -25,9 +25,9 @@ Passes over a row (Liger-Kernel's "gradient in the forward pass"): pass 1 finds 
 exponentials (online softmax, Milakov & Gimelshein 2018) and, without focal factor, the sums ``Σ a_c`` and
 ``Σ a_c s_c`` that give the smoothed / soft-target loss; only γ > 0 with mass spread over every class
 (label smoothing or soft targets) needs a second pass, because ``G_c`` depends on the final ``lse``; the last
-pass writes the gradient, already divided by the ``mean`` divisor. When the row fits one block (C <= 8192) all of
+pass writes the gradient, already divided by the ``mean`` divisor. When the row fits one block (C <= 4096) all of
 it happens on one tile in registers, so the logits are read once (NER tag sets: several rows per program);
-vocabulary rows (C up to 262144 and beyond) take one row per program and loop over blocks of 8192, reading the
+vocabulary rows (C up to 262144 and beyond) take one row per program and loop over blocks of 4096, reading the
 logits twice (three times for γ > 0 with smoothing or soft targets) and writing the gradient once, as
 Liger-Kernel does. The backward kernel only
 multiplies the stored gradient by ``grad_output`` in place (a scalar, or per row for ``reduction="none"``), and
@@ -58,11 +58,13 @@ import triton.language as tl
 _NEG = tl.constexpr(-1.0e30)
 # float32's smallest normal number: below it (1 - p)^γ is taken as 0 (reference.softmax.focal_factor).
 _TINY = tl.constexpr(1.1754943508222875e-38)
-# Block sizes, chosen from the sm_90 register report of ptxas (the kernels compiled offline for an H100; no GPU
-# here to time them): at 8 to 16 float32 elements per thread no configuration spills, while Liger-Kernel's
-# 32768-column blocks with 32 warps spill 120 bytes per thread here even without options (1.7 KB with all).
-# Vocabulary rows: one row per program, blocks of 8192 columns, 16 warps.
-_MAX_BLOCK_C = 8192
+# Block sizes, chosen from the sm_90 register report of ptxas (make triton-build-check: the kernels compiled
+# offline for an H100; no GPU here to time them): blocks of 4096 on 16 warps (8 elements per thread) spill
+# nothing with every option on; blocks of 8192 spill on 16 warps (16 elements per thread) and in float32 on 32
+# warps too (64 registers per thread). Liger-Kernel's 32768-column blocks with 32 warps spill 120 bytes per
+# thread here even without options (1.7 KB with all).
+# Vocabulary rows: one row per program, blocks of 4096 columns, 16 warps.
+_MAX_BLOCK_C = 4096
 # Small C: a tile of rows x classes of about this many elements per program (QuACK-style row tiling), 4 warps.
 _TILE_ELEMENTS = 1024
 _MAX_TILE_ROWS = 64
@@ -346,7 +348,7 @@ def _layout(n_rows: int, n_cols: int, block_c: Optional[int], rows_per_program: 
         block_c = min(max(triton.next_power_of_2(n_cols), 2), _MAX_BLOCK_C)
     if rows_per_program is None:
         rows_per_program = max(1, min(_TILE_ELEMENTS // block_c, _MAX_TILE_ROWS, triton.next_power_of_2(n_rows)))
-    num_warps = min(16, max(4, rows_per_program * block_c // 256))  # 8 to 16 elements per thread
+    num_warps = min(16, max(4, rows_per_program * block_c // 256))  # 8 elements per thread
     return rows_per_program, block_c, num_warps
 
 
@@ -436,13 +438,13 @@ def launch_configurations() -> List[dict]:
     layout).
     """
     layouts = set()
-    for n_cols in [1 << e for e in range(1, 14)] + [_MAX_BLOCK_C + 1]:
+    for n_cols in [1 << e for e in range(1, _MAX_BLOCK_C.bit_length())] + [_MAX_BLOCK_C + 1]:
         for n_rows in [1 << e for e in range(0, 7)]:
             rows, block, num_warps = _layout(n_rows, n_cols, None, None)
             layouts.add((rows, block, n_cols <= block, num_warps))
     builds = []
     for rows, block, single, num_warps in sorted(layouts):
-        dtypes = ("bf16", "fp32") if (block, single) == (_MAX_BLOCK_C, False) else ("bf16",)
+        dtypes = ("bf16", "fp32") if not single or block == _MAX_BLOCK_C else ("bf16",)
         for dtype in dtypes:
             layout = dict(ROWS=rows, BLOCK_C=block)
             for hard in (True, False):

@@ -195,8 +195,9 @@ at::Tensor crf_marginals_cuda(const at::Tensor& emissions_arg, const at::Tensor&
   at::Tensor workspace = at::empty({in.B, 4 * static_cast<int64_t>(in.K)}, opts);
   crf::cuda::launch_marginals(in.dtype_code, in.emissions.const_data_ptr(), in.lengths.const_data_ptr<int64_t>(),
                               in.B, in.T_len, in.K, in.transitions.const_data_ptr(), in.start.const_data_ptr(),
-                              in.end.const_data_ptr(), tables.data_ptr(), workspace.data_ptr(), workspace.size(1), alpha.data_ptr(),
-                              offsets.data_ptr<double>(), marginals.data_ptr(), c10::cuda::getCurrentCUDAStream());
+                              in.end.const_data_ptr(), tables.data_ptr(), workspace.data_ptr(), workspace.size(1),
+                              alpha.data_ptr(), offsets.data_ptr<double>(), marginals.data_ptr(),
+                              c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return marginals.to(in.result_dtype);
 }

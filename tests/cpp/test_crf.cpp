@@ -298,7 +298,8 @@ void test_long_sequence() {
     check(close(got.viterbi_score, want.viterbi_score, 0, 1.2e-7),
           "T=2000 scale=" + std::to_string(scale) + ": float32 Viterbi score");
     const Run<float> team = run_team_kernels<float>(p, 1.0f);
-    check(close(team.log_z, want.log_z, tolerance, 0), "T=2000 scale=" + std::to_string(scale) + ": team float32 log Z");
+    check(close(team.log_z, want.log_z, tolerance, 0),
+          "T=2000 scale=" + std::to_string(scale) + ": team float32 log Z");
     check(team.viterbi_path == got.viterbi_path && team.viterbi_score == got.viterbi_score,
           "T=2000 scale=" + std::to_string(scale) + ": team Viterbi equals the serial one");
     double row_error = 0;

@@ -69,12 +69,13 @@ def time_call(fn: Callable[[], object], reset: Callable[[], None], device: torch
 
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> float:
     """GB/s of ``dst.copy_(src)`` over ``numel`` elements of ``dtype`` (read once, written once: 2 x numel x size
-    bytes in the median time): what the memory system of ``device`` sustains for a plain stream of those bytes,
-    measured in the same run as the kernels it is compared with."""
+    bytes in the fastest of the timed copies): what the memory system of ``device`` sustains for a plain stream of
+    those bytes, measured in the same run as the kernels it is compared with. The fastest, not the median: a copy
+    has no work that could be slower, so slower copies measure interference (on a shared CPU, a preemption)."""
     src = torch.empty(numel, dtype=dtype, device=device).fill_(1)
     dst = torch.empty_like(src)
     timing = time_call(lambda: dst.copy_(src), lambda: None, device, warmup, repeats)
-    return 2 * numel * src.element_size() / (timing["median_ms"] * 1e6)
+    return 2 * numel * src.element_size() / (timing["min_ms"] * 1e6)
 
 
 @contextlib.contextmanager
