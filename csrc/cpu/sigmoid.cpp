@@ -522,21 +522,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_loss_forward_cpu(const at::T
         }
       }
     };
-    // Pass 1: per-chunk counts (bins of them, then the number of valid entries).
-    std::vector<int64_t> counts(num_chunks * (bins + 1), 0);
+    // Pass 1: per-chunk counts (bins of them, the number of valid entries, and a dropped slot).
+    std::vector<int64_t> counts(num_chunks * (bins + 2), 0);
     auto count_chunk = [&](int64_t chunk, int64_t) FUSEDLOSS_LAMBDA_INLINE {
       acc_t norm[kBlock];
-      int64_t* count = counts.data() + chunk * (bins + 1);
+      int64_t* count = counts.data() + chunk * (bins + 2);
       const int64_t first = row_offset(chunk * chunk_rows, C);
       const int64_t last = row_offset(std::min(rows, (chunk + 1) * chunk_rows), C);
       for (int64_t start = first; start < last; start += kBlock) {
         const int64_t len = std::min(kBlock, last - start);
         gradient_norms(start, len, norm);
         for (int64_t i = 0; i < len; ++i) {
-          if (is_valid != nullptr && !is_valid[start + i]) continue;
-          ++count[bins];
+          // Entries in no bin count in slot bins + 1, which is dropped: no branch.
+          const bool counted = is_valid == nullptr || is_valid[start + i];
           const int bin = sigmoid_loss::ghmc_bin(norm[i], edges.data(), num_bins);
-          if (bin >= 0) ++count[bin];
+          count[bins] += counted;
+          ++count[counted && bin >= 0 ? bin : bins + 1];
         }
       }
       return 0.0;
@@ -546,7 +547,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_loss_forward_cpu(const at::T
     });
     std::vector<int64_t> bin_count(bins + 1, 0);
     for (int64_t chunk = 0; chunk < num_chunks; ++chunk)
-      for (int64_t b = 0; b <= bins; ++b) bin_count[b] += counts[chunk * (bins + 1) + b];
+      for (int64_t b = 0; b <= bins; ++b) bin_count[b] += counts[chunk * (bins + 2) + b];
     const acc_t tot = std::max<acc_t>(static_cast<acc_t>(bin_count[bins]), acc_t(1));
     int64_t non_empty = 0;
     for (int64_t b = 0; b < bins; ++b) non_empty += bin_count[b] > 0;
@@ -576,8 +577,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_loss_forward_cpu(const at::T
         gradient_norms(start, len, norm);
         for (int64_t i = 0; i < len; ++i) {
           const bool counted = is_valid == nullptr || is_valid[start + i];
-          const int bin = counted ? sigmoid_loss::ghmc_bin(norm[i], edges.data(), num_bins) : -1;
-          weight[i] = bin >= 0 ? bin_weight[bin] : acc_t(0);
+          const int bin = sigmoid_loss::ghmc_bin(norm[i], edges.data(), num_bins);
+          const acc_t bin_w = bin_weight[bin >= 0 ? bin : 0];
+          weight[i] = counted && bin >= 0 ? bin_w : acc_t(0);
         }
         for (int64_t i = 0; i < len; ++i) {
           const LossGrad<acc_t> r = sigmoid_loss::bce(static_cast<acc_t>(x[start + i]),

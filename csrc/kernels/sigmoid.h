@@ -252,15 +252,16 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t zlpr_value(acc_t s, bool positive) 
 
 // The bin of gradient norm g among the authors' float32 edges (edges[i] = i/bins, the last + 1e-6):
 // the i with edges[i] <= g < edges[i+1], or −1 when there is none (NaN g). The guess floor(g·bins)
-// is off by at most one from the float32 edges, and the two comparisons settle it.
+// is off by at most one from the float32 edges, and the two comparisons settle it; no branch (the
+// norms are random, so branches would mispredict).
 template <typename acc_t>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE int ghmc_bin(acc_t g, const acc_t* edges, int bins) {
-  if (!(g >= edges[0] && g < edges[bins])) return -1;
-  int bin = static_cast<int>(g * static_cast<acc_t>(bins));
+  const bool inside = g >= edges[0] && g < edges[bins];
+  int bin = static_cast<int>(inside ? g * static_cast<acc_t>(bins) : acc_t(0));
   bin = bin < bins - 1 ? bin : bins - 1;
-  if (g < edges[bin]) --bin;
-  if (g >= edges[bin + 1]) ++bin;
-  return bin;
+  bin -= g < edges[bin] ? 1 : 0;
+  bin += g >= edges[bin + 1] ? 1 : 0;
+  return inside ? bin : -1;
 }
 
 // ---------------------------------------------------------------------------------------------
