@@ -260,7 +260,8 @@ Tensor scale_saved_grad(Tensor grad, const Tensor& grad_output) {
                       grad.key_set().has(c10::DispatchKey::Functionalize) ||
                       grad_output.key_set().has(c10::DispatchKey::Python) ||
                       grad_output.key_set().has(c10::DispatchKey::Functionalize);
-  if (!traced && grad_output.dim() == 0 && grad_output.device().is_cpu() && grad_output.item<double>() == 1.0) {
+  if (!traced && grad_output.dim() == 0 && grad_output.device().is_cpu() && !grad_output.requires_grad() &&
+      grad_output.item<double>() == 1.0) {
     return grad;
   }
   const Tensor scale = grad_output.dim() == 0 ? grad_output : [&] {

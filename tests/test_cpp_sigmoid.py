@@ -409,6 +409,24 @@ def test_edge_rows(case):
             torch.testing.assert_close(grad.double(), grad64, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_non_contiguous_and_batched_inputs():
+    """Transposed (non-contiguous) input and target, and (B, T, C) rows, give what contiguous (N, C) rows give."""
+    x = _logits((9, 6), torch.float32).t()
+    y = _multi_hot((9, 6)).t()
+    labels = torch.tensor([0, 4, 8, 2, 1, 3])
+    for name, fn in _all_losses(y, labels).items():
+        loss, grad = _value_and_grad(fn, x)
+        expected, expected_grad = _value_and_grad(lambda v, f=fn: f(v.contiguous()), x.contiguous())
+        torch.testing.assert_close(loss, expected, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0, msg=name)
+    x3, y3 = _logits((2, 3, 7), torch.float32), _multi_hot((2, 3, 7))
+    for fn in (fusedloss.multilabel_soft_margin_loss, fusedloss.multilabel_categorical_crossentropy):
+        loss = fn(x3, y3, reduction="none", backend=CPP)
+        assert loss.shape == (2, 3)
+        torch.testing.assert_close(loss.reshape(-1), fn(x3.reshape(6, 7), y3.reshape(6, 7), reduction="none",
+                                                        backend=CPP))
+
+
 def test_nan_stays_in_its_row():
     x = _logits((4, 9), torch.float32)
     x[1, 3] = float("nan")

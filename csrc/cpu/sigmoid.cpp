@@ -30,6 +30,38 @@ int64_t rows_per_chunk(int64_t num_classes) {
   return std::max<int64_t>(1, kElementsPerChunk / std::max<int64_t>(1, num_classes));
 }
 
+// Vector ISA: the extension is built for baseline x86-64; every chunk of rows runs through
+// run_chunk, which calls a copy of the chunk's loops compiled for AVX2 + FMA when the CPU has them
+// (the chunk lambdas and the row math are always inlined into both copies). Contraction into FMA is
+// left off, so both copies round alike.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FUSEDLOSS_SIGMOID_AVX2 1
+#endif
+
+bool cpu_has_avx2_fma() {
+#ifdef FUSEDLOSS_SIGMOID_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+#ifdef FUSEDLOSS_SIGMOID_AVX2
+template <typename ChunkFn>
+__attribute__((target("avx2,fma"))) double run_chunk_avx2(const ChunkFn& chunk_fn, int64_t begin, int64_t end) {
+  return chunk_fn(begin, end);
+}
+#endif
+
+template <typename ChunkFn>
+double run_chunk(const ChunkFn& chunk_fn, int64_t begin, int64_t end) {
+#ifdef FUSEDLOSS_SIGMOID_AVX2
+  if (cpu_has_avx2_fma()) return run_chunk_avx2(chunk_fn, begin, end);
+#endif
+  return chunk_fn(begin, end);
+}
+
 // Runs chunk_fn(first_row, end_row) -> double over fixed chunks of rows in parallel and returns the
 // sum of the chunk results, added in chunk order.
 template <typename ChunkFn>
@@ -40,7 +72,7 @@ double sum_over_row_chunks(int64_t num_rows, int64_t num_classes, const ChunkFn&
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t first = chunk * chunk_rows;
-      partial[chunk] = chunk_fn(first, std::min(num_rows, first + chunk_rows));
+      partial[chunk] = run_chunk(chunk_fn, first, std::min(num_rows, first + chunk_rows));
     }
   });
   double total = 0;
@@ -114,7 +146,7 @@ constexpr int64_t kBlock = 256;
 constexpr int kLanes = 8;
 
 template <typename acc_t>
-double lane_sum(const acc_t* values, int64_t len) {
+FUSEDLOSS_INLINE double lane_sum(const acc_t* values, int64_t len) {
   acc_t lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes)
@@ -142,7 +174,7 @@ double elementwise_pass(const at::Tensor& input, const at::Tensor& target, const
   const acc_t scale = static_cast<acc_t>(grad_scale);
   // An absent weight reads a row of ones: the block loop has no branch.
   const std::vector<acc_t> ones(weight.values.defined() && pos_weight.values.defined() ? 0 : C, acc_t(1));
-  return sum_over_row_chunks(rows, C, [&](int64_t first, int64_t end) {
+  return sum_over_row_chunks(rows, C, [&](int64_t first, int64_t end) FUSEDLOSS_LAMBDA_INLINE {
     acc_t loss_block[kBlock];
     double chunk_sum = 0;
     for (int64_t n = first; n < end; ++n) {
@@ -194,7 +226,7 @@ double elementwise(const at::Tensor& input, const at::Tensor& target, const Broa
                                                      loss_none, grad, on_row);
 }
 
-constexpr auto kNoRowCallback = [](int64_t, double) {};
+constexpr auto kNoRowCallback = [](int64_t, double) FUSEDLOSS_LAMBDA_INLINE {};
 
 // Dispatches input's dtype and target's (input's or the compute dtype) and runs fn<scalar_t, target_t>().
 template <typename Fn>
@@ -225,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_forward_cpu(const at::Tensor&
     using scalar_t = decltype(scalar);
     using target_t = decltype(target_value);
     using acc_t = at::opmath_type<scalar_t>;
-    auto element = [](acc_t x, acc_t y, acc_t w, acc_t pw) {
+    auto element = [](acc_t x, acc_t y, acc_t w, acc_t pw) FUSEDLOSS_LAMBDA_INLINE {
       const LossGrad<acc_t> r = sigmoid_loss::bce(x, y, pw);
       return LossGrad<acc_t>{w * r.loss, w * r.grad};
     };
@@ -253,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_forward_cpu(const at::Tens
     const acc_t g = static_cast<acc_t>(gamma);
     const double grad_scale = reduction == "mean" ? 1.0 / count : 1.0;
     auto run = [&](auto power) {
-      auto element = [&](acc_t x, acc_t y, acc_t, acc_t) {
+      auto element = [&](acc_t x, acc_t y, acc_t, acc_t) FUSEDLOSS_LAMBDA_INLINE {
         return sigmoid_loss::sigmoid_focal<decltype(power)::value>(x, y, a, g);
       };
       total = elementwise<scalar_t, target_t>(input, target, BroadcastWeight(), BroadcastWeight(), element,
@@ -280,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_forward_cpu(const at::Tens
 template <typename scalar_t, typename RowFn>
 double row_pass(int64_t N, int64_t C, const RowFn& row_fn, at::Tensor& loss_none) {
   scalar_t* loss_out = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
-  return sum_over_row_chunks(N, C, [&](int64_t first, int64_t end) {
+  return sum_over_row_chunks(N, C, [&](int64_t first, int64_t end) FUSEDLOSS_LAMBDA_INLINE {
     double chunk_sum = 0;
     for (int64_t n = first; n < end; ++n) {
       const auto loss = row_fn(n, row_offset(n, C));
@@ -317,11 +349,11 @@ std::tuple<at::Tensor, at::Tensor> multilabel_soft_margin_loss_forward_cpu(const
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* row_losses = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
     const double inv_c = 1.0 / static_cast<double>(C);
-    auto element = [](acc_t x, acc_t y, acc_t w, acc_t) {
+    auto element = [](acc_t x, acc_t y, acc_t w, acc_t) FUSEDLOSS_LAMBDA_INLINE {
       const LossGrad<acc_t> r = sigmoid_loss::bce(x, y, acc_t(1));
       return LossGrad<acc_t>{w * r.loss, w * r.grad};
     };
-    auto on_row = [&](int64_t n, double row_sum) {
+    auto on_row = [&](int64_t n, double row_sum) FUSEDLOSS_LAMBDA_INLINE {
       if (row_losses != nullptr) row_losses[n] = static_cast<scalar_t>(row_sum * inv_c);
     };
     const double grad_scale = (reduction == "mean" ? 1.0 / static_cast<double>(N) : 1.0) * inv_c;
@@ -352,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor> multilabel_categorical_crossentropy_forward_c
     const target_t* y = target.const_data_ptr<target_t>();
     scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
     const acc_t scale = static_cast<acc_t>(reduction == "mean" ? 1.0 / static_cast<double>(N) : 1.0);
-    auto row = [&](int64_t, int64_t offset) {
+    auto row = [&](int64_t, int64_t offset) FUSEDLOSS_LAMBDA_INLINE {
       // Per block: the values v and a 0/1 mask of the positives, the block's two maxima (which
       // rescale the running sums once), then the exps in straight vector code.
       sigmoid_loss::RunningLogSumExp<acc_t> negatives, positives;
@@ -476,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_loss_forward_cpu(const at::T
     edges[bins] = static_cast<acc_t>(static_cast<float>(edges[bins]) + 1e-6f);
     const int num_bins = static_cast<int>(bins);
     // |σ(x) − y| of a block into norm (straight vector code), and the block's target range check.
-    auto gradient_norms = [&](int64_t start, int64_t len, acc_t* norm) {
+    auto gradient_norms = [&](int64_t start, int64_t len, acc_t* norm) FUSEDLOSS_LAMBDA_INLINE {
       int out_of_range = 0;
       for (int64_t i = 0; i < len; ++i) {
         const acc_t yv = static_cast<acc_t>(y[start + i]);
@@ -490,29 +522,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_loss_forward_cpu(const at::T
         }
       }
     };
-    // Pass 1: per-chunk counts (bins of them, then the number of valid entries).
-    std::vector<int64_t> counts(num_chunks * (bins + 1), 0);
-    at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    // Pass 1: per-chunk counts (bins of them, the number of valid entries, and a dropped slot).
+    std::vector<int64_t> counts(num_chunks * (bins + 2), 0);
+    auto count_chunk = [&](int64_t chunk, int64_t) FUSEDLOSS_LAMBDA_INLINE {
       acc_t norm[kBlock];
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        int64_t* count = counts.data() + chunk * (bins + 1);
-        const int64_t first = row_offset(chunk * chunk_rows, C);
-        const int64_t last = row_offset(std::min(rows, (chunk + 1) * chunk_rows), C);
-        for (int64_t start = first; start < last; start += kBlock) {
-          const int64_t len = std::min(kBlock, last - start);
-          gradient_norms(start, len, norm);
-          for (int64_t i = 0; i < len; ++i) {
-            if (is_valid != nullptr && !is_valid[start + i]) continue;
-            ++count[bins];
-            const int bin = sigmoid_loss::ghmc_bin(norm[i], edges.data(), num_bins);
-            if (bin >= 0) ++count[bin];
-          }
+      int64_t* count = counts.data() + chunk * (bins + 2);
+      const int64_t first = row_offset(chunk * chunk_rows, C);
+      const int64_t last = row_offset(std::min(rows, (chunk + 1) * chunk_rows), C);
+      for (int64_t start = first; start < last; start += kBlock) {
+        const int64_t len = std::min(kBlock, last - start);
+        gradient_norms(start, len, norm);
+        for (int64_t i = 0; i < len; ++i) {
+          // Entries in no bin count in slot bins + 1, which is dropped: no branch.
+          const bool counted = is_valid == nullptr || is_valid[start + i];
+          const int bin = sigmoid_loss::ghmc_bin(norm[i], edges.data(), num_bins);
+          count[bins] += counted;
+          ++count[counted && bin >= 0 ? bin : bins + 1];
         }
       }
+      return 0.0;
+    };
+    at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) run_chunk(count_chunk, chunk, chunk + 1);
     });
     std::vector<int64_t> bin_count(bins + 1, 0);
     for (int64_t chunk = 0; chunk < num_chunks; ++chunk)
-      for (int64_t b = 0; b <= bins; ++b) bin_count[b] += counts[chunk * (bins + 1) + b];
+      for (int64_t b = 0; b <= bins; ++b) bin_count[b] += counts[chunk * (bins + 2) + b];
     const acc_t tot = std::max<acc_t>(static_cast<acc_t>(bin_count[bins]), acc_t(1));
     int64_t non_empty = 0;
     for (int64_t b = 0; b < bins; ++b) non_empty += bin_count[b] > 0;
@@ -532,7 +567,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_loss_forward_cpu(const at::T
     // Pass 2: weighted BCE and its gradient; the bins looked up per element, the rest vector code.
     scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
     const acc_t inv_tot = acc_t(1) / tot;
-    loss = sum_over_row_chunks(rows, C, [&](int64_t first_row, int64_t end_row) {
+    loss = sum_over_row_chunks(rows, C, [&](int64_t first_row, int64_t end_row) FUSEDLOSS_LAMBDA_INLINE {
       acc_t norm[kBlock], weighted_loss[kBlock], weight[kBlock];
       double chunk_sum = 0;
       const int64_t first = row_offset(first_row, C);
@@ -542,8 +577,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_loss_forward_cpu(const at::T
         gradient_norms(start, len, norm);
         for (int64_t i = 0; i < len; ++i) {
           const bool counted = is_valid == nullptr || is_valid[start + i];
-          const int bin = counted ? sigmoid_loss::ghmc_bin(norm[i], edges.data(), num_bins) : -1;
-          weight[i] = bin >= 0 ? bin_weight[bin] : acc_t(0);
+          const int bin = sigmoid_loss::ghmc_bin(norm[i], edges.data(), num_bins);
+          const acc_t bin_w = bin_weight[bin >= 0 ? bin : 0];
+          weight[i] = counted && bin >= 0 ? bin_w : acc_t(0);
         }
         for (int64_t i = 0; i < len; ++i) {
           const LossGrad<acc_t> r = sigmoid_loss::bce(static_cast<acc_t>(x[start + i]),
@@ -607,7 +643,7 @@ std::tuple<at::Tensor, at::Tensor> bi_tempered_logistic_loss_forward_cpu(const a
     const double hot = smooth_scale + smooth_shift;
     const double hot_term = sigmoid_loss::bi_tempered_target_term(hot, t1);
     const double cold_term = sigmoid_loss::bi_tempered_target_term(smooth_shift, t1);
-    total = sum_over_row_chunks(N, C, [&](int64_t first, int64_t end) {
+    total = sum_over_row_chunks(N, C, [&](int64_t first, int64_t end) FUSEDLOSS_LAMBDA_INLINE {
       std::vector<acc_t> shifted(C);
       std::vector<double> sweep(2 * C);
       scalar_t* loss_out = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;

@@ -26,6 +26,14 @@
 #define FUSEDLOSS_SIMD_SUM(...)
 #endif
 
+// Lambdas of the row loops are inlined into their caller, so that they are compiled for the
+// caller's instruction set (the CPU kernels compile each loop for baseline x86-64 and for AVX2).
+#if defined(__GNUC__) && !defined(__CUDA_ARCH__)
+#define FUSEDLOSS_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define FUSEDLOSS_LAMBDA_INLINE
+#endif
+
 namespace fusedloss {
 namespace sigmoid_loss {
 
@@ -244,15 +252,16 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t zlpr_value(acc_t s, bool positive) 
 
 // The bin of gradient norm g among the authors' float32 edges (edges[i] = i/bins, the last + 1e-6):
 // the i with edges[i] <= g < edges[i+1], or −1 when there is none (NaN g). The guess floor(g·bins)
-// is off by at most one from the float32 edges, and the two comparisons settle it.
+// is off by at most one from the float32 edges, and the two comparisons settle it; no branch (the
+// norms are random, so branches would mispredict).
 template <typename acc_t>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE int ghmc_bin(acc_t g, const acc_t* edges, int bins) {
-  if (!(g >= edges[0] && g < edges[bins])) return -1;
-  int bin = static_cast<int>(g * static_cast<acc_t>(bins));
+  const bool inside = g >= edges[0] && g < edges[bins];
+  int bin = static_cast<int>(inside ? g * static_cast<acc_t>(bins) : acc_t(0));
   bin = bin < bins - 1 ? bin : bins - 1;
-  if (g < edges[bin]) --bin;
-  if (g >= edges[bin + 1]) ++bin;
-  return bin;
+  bin -= g < edges[bin] ? 1 : 0;
+  bin += g >= edges[bin + 1] ? 1 : 0;
+  return inside ? bin : -1;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,19 +360,21 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t integer_power(acc_t base, int expon
 //   t2 = 1: log Σ exp(a)
 // Every step is one sweep over the row (in cache), with no writes.
 template <typename acc_t>
-FUSEDLOSS_HOST_DEVICE acc_t tempered_normalization(const acc_t* a, const BiTemperedParams<acc_t>& prm) {
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double tempered_normalization(const acc_t* a, const BiTemperedParams<acc_t>& prm) {
   const int64_t C = prm.num_classes;
   const acc_t one_minus_t = prm.one_minus_t2;
   if (one_minus_t == acc_t(0)) {
-    acc_t sum = 0;
+    // In float64: p = exp(a − λ) is formed in float64 too, and a float32 λ of magnitude ~log C would
+    // put an error of its ulp on every probability.
+    double sum = 0;
     FUSEDLOSS_SIMD_SUM(sum)
-    for (int64_t c = 0; c < C; ++c) sum += fast_exp(a[c]);
+    for (int64_t c = 0; c < C; ++c) sum += fast_exp(static_cast<double>(a[c]));
     return log(sum);
   }
   const acc_t inv_one_minus_t = prm.inv_one_minus_t2;
   const int k = prm.integer_exponent;
   // Σ_c exp_t(a_c·scale − shift)
-  auto partition = [&](acc_t scale, acc_t shift) {
+  auto partition = [&](acc_t scale, acc_t shift) FUSEDLOSS_LAMBDA_INLINE {
     acc_t sum = 0;
     if (k != 0) {
       FUSEDLOSS_SIMD_SUM(sum)
@@ -419,7 +430,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double bi_tempered_target_term(double q, 
 // float32 k·L of magnitude ~15 (p ~ 1/C) would leave p^t2 about 16 ulps off, several times less
 // accurate than torch's float32 pow.
 template <typename acc_t, typename scalar_t, typename Labels>
-FUSEDLOSS_HOST_DEVICE double bi_tempered_row(const scalar_t* x, const Labels& labels, const BiTemperedParams<acc_t>& prm,
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double bi_tempered_row(const scalar_t* x, const Labels& labels, const BiTemperedParams<acc_t>& prm,
                                              acc_t* shifted, double* sweep, scalar_t* grad, double grad_scale) {
   const int64_t C = prm.num_classes;
   acc_t* a = shifted;
@@ -458,7 +469,8 @@ FUSEDLOSS_HOST_DEVICE double bi_tempered_row(const scalar_t* x, const Labels& la
   double escort_sum = 0;
   double forgotten_sum = 0;
   // Adds class c given p, p^(1−t1), p^(t2−t1), p^t2.
-  auto add_class = [&](int64_t c, double p, double p_one_minus_t1, double p_t2_minus_t1, double p_t2) {
+  auto add_class = [&](int64_t c, double p, double p_one_minus_t1, double p_t2_minus_t1,
+                       double p_t2) FUSEDLOSS_LAMBDA_INLINE {
     const double q = labels.q(c);
     const double log_t_p = (p_one_minus_t1 - 1.0) * inv_one_minus_t1;
     forgotten[c] = (p - q) * p_t2_minus_t1;
@@ -474,7 +486,7 @@ FUSEDLOSS_HOST_DEVICE double bi_tempered_row(const scalar_t* x, const Labels& la
       const double base = b > 0.0 ? b : 0.0;
       const double r = prm.power_denominator == 1 ? base : fast_exp(fast_log(base) * inv_denominator);
       const double r_inv = 1.0 / r;
-      auto r_power = [&](int e) { return integer_power_magnitude(e < 0 ? r_inv : r, e); };
+      auto r_power = [&](int e) FUSEDLOSS_LAMBDA_INLINE { return integer_power_magnitude(e < 0 ? r_inv : r, e); };
       loss += add_class(c, r_power(n[0]), r_power(n[1]), r_power(n[2]), r_power(n[3]));
     }
   } else {
