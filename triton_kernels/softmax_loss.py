@@ -4,7 +4,7 @@ weights, focal factor, z-loss and logit soft-capping, with the gradient written 
 Math, per row n of ``input (N, C)`` (everything in float32, whatever the input dtype)::
 
     s     = softcap * tanh(x / softcap)         (s = x without softcap)
-    lse   = logsumexp(s),  log p = s - lse,  p = exp(log p)
+    m     = max_c s_c,  log p = (s - m) - log Σ_c exp(s_c - m),  p = exp(log p),  lse = m + log Σ_c exp(s_c - m)
     a_c   = w_c * q_c,  q = (1 - ε) onehot(y) + ε / C   (soft targets: q = (1 - ε) t + ε / C)
     f_c   = (1 - p_c)^γ
     l     = Σ_c a_c f_c (lse - s_c) + z_loss * lse^2
@@ -17,6 +17,12 @@ With ``g(u) = (1 - e^u)^γ u`` the loss is ``-Σ_c a_c g(log p_c)`` and, since `
 
 ``1 - p`` is ``-expm1(log p)`` (exact near p = 1), and entries with ``1 - p`` at or below float32's smallest
 normal number take ``f = g' = 0``, as the reference does (fusedloss.reference.softmax.focal_factor).
+
+Precision at large logits (every p keeps float32's relative precision whatever the logits' size):
+``log p`` is formed as ``(s - m) - log Σ exp(s - m)``, never as ``s - lse`` (lse rounds to the ulp of its own
+size: 3e-5 at lse = 300); the smoothed loss sums ``a_c (s_c - m)`` relative to the running max; and the soft-cap
+derivative is ``4 e / (1 + e)^2`` with ``e = exp(-2 |x| / softcap)``, which decays to 0 where ``1 - tanh^2`` of a
+rounded tanh would not.
 
 The target-class term ``p_y S - G_y`` is formed in float32 and only the finished gradient is cast to the input
 dtype (rounding ``p_y - 1`` to bfloat16 first loses it, a bug reported in Liger-Kernel).
@@ -72,29 +78,30 @@ _MAX_TILE_ROWS = 64
 
 
 @triton.jit
-def _expm1(u):
-    """``exp(u) - 1`` to a few ulps for every u (Kahan's trick: rounding errors of exp and log cancel)."""
-    e = tl.exp(u)
-    trivial = (e == 1.0) | (e == 0.0)
-    e_safe = tl.where(trivial, 0.5, e)
+def _expm1(u, e):
+    """``exp(u) - 1`` to a few ulps for every u, given ``e = exp(u)``: Kahan's trick (the rounding errors of exp
+    and log cancel) where ``|u| <= 1``; beyond, ``e - 1`` itself cancels at most a bit, while ``log(e)`` of a
+    subnormal ``e`` (u below about -87) is off by much more and would spoil the ratio."""
+    near_zero = (tl.abs(u) <= 1.0) & (e != 1.0)
+    e_safe = tl.where(near_zero, e, 0.5)
     ratio = (e_safe - 1.0) * u / tl.log(e_safe)
-    return tl.where(e == 1.0, u, tl.where(e == 0.0, -1.0, ratio))
-
-
-@triton.jit
-def _tanh(z):
-    """``tanh(z)`` with full relative precision near 0 (through expm1; libdevice is not in the interpreter)."""
-    em = _expm1(-2.0 * tl.abs(z))
-    t = -em / (2.0 + em)
-    return tl.where(z < 0, -t, t)
+    return tl.where(near_zero, ratio, tl.where(e == 1.0, u, e - 1.0))
 
 
 @triton.jit
 def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
-    """``(s, ds/dx)`` with ``s = softcap * tanh(x / softcap)``, or ``(x, 1)`` without softcap."""
+    """``(s, ds/dx)`` with ``s = softcap * tanh(x / softcap)``, or ``(x, 1)`` without softcap.
+
+    With ``e = exp(-2|z|)``, ``z = x / softcap``: ``tanh|z| = -expm1(-2|z|) / (2 + expm1(-2|z|))`` (full relative
+    precision near 0; libdevice is not in the interpreter) and ``ds/dx = 1 - tanh^2 = 4e / (1 + e)^2``, which
+    decays to exactly 0 with ``e`` where ``1 - t*t`` of a rounded ``t`` would leave ulp-sized garbage (or worse).
+    """
     if HAS_SOFTCAP:
-        t = _tanh(x / softcap)
-        return softcap * t, 1.0 - t * t
+        z = x / softcap
+        e = tl.exp(-2.0 * tl.abs(z))
+        em = _expm1(-2.0 * tl.abs(z), e)
+        t = -em / (2.0 + em)
+        return softcap * tl.where(z < 0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))
     else:
         return x, 1.0
 
@@ -102,11 +109,12 @@ def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _focal_terms(log_p, gamma):
     """``f = (1 - p)^γ`` and ``g'(log p) = f (1 - γ p log p / (1 - p))``, both 0 where ``1 - p <= tiny``."""
-    one_minus_p = -_expm1(log_p)
+    p = tl.exp(log_p)
+    one_minus_p = -_expm1(log_p, p)
     representable = one_minus_p > _TINY
     safe = tl.where(representable, one_minus_p, 1.0)
     factor = tl.where(representable, tl.exp(gamma * tl.log(safe)), 0.0)
-    dfactor = factor * (1.0 - gamma * tl.exp(log_p) * log_p / safe)
+    dfactor = factor * (1.0 - gamma * p * log_p / safe)
     return factor, dfactor
 
 
@@ -131,10 +139,10 @@ def _spread_mass(t_rows, W, cols, col_ok, load_mask, target_mass, smoothing_per_
 
 
 @triton.jit
-def _store_grad(g_rows, cols, store_mask, kept, s, dsdx, a, lse, coef, target_grad, y, scale, gamma,
+def _store_grad(g_rows, cols, store_mask, kept, s, dsdx, a, m, log_sum, coef, target_grad, y, scale, gamma,
                 HARD_TARGET: tl.constexpr, SPREAD: tl.constexpr, HAS_FOCAL: tl.constexpr):
     """Writes ``(p (S + 2 z lse) - G) * ds/dx * scale`` for one block; ignored rows get exactly 0."""
-    log_p = s - lse[:, None]
+    log_p = (s - m[:, None]) - log_sum[:, None]
     grad = tl.exp(log_p) * coef[:, None]
     if SPREAD:
         if HAS_FOCAL:
@@ -197,11 +205,11 @@ def _softmax_loss_fwd_kernel(
         load_mask = kept_2d & col_ok[None, :]
         s, dsdx = _load_logits(x_rows, col_base, load_mask, softcap, HAS_SOFTCAP)
         m = tl.max(s, axis=1)
-        lse = m + tl.log(tl.sum(tl.exp(s - m[:, None]), axis=1))
+        log_sum = tl.log(tl.sum(tl.exp(s - m[:, None]), axis=1))
         if SPREAD:
             a = _spread_mass(t_rows, W, col_base, col_ok, load_mask, target_mass, smoothing_per_class,
                              HARD_TARGET, HAS_WEIGHT)
-            neg_log_p = lse[:, None] - s
+            neg_log_p = log_sum[:, None] - (s - m[:, None])
             if HAS_FOCAL:
                 factor, dfactor = _focal_terms(-neg_log_p, focal_gamma)
                 spread_loss = tl.sum(a * factor * neg_log_p, axis=1)
@@ -215,7 +223,7 @@ def _softmax_loss_fwd_kernel(
         m = tl.full([ROWS], _NEG, tl.float32)
         d = tl.zeros([ROWS], tl.float32)
         mass = tl.zeros([ROWS], tl.float32)
-        mass_dot_s = tl.zeros([ROWS], tl.float32)
+        mass_dot_s = tl.zeros([ROWS], tl.float32)  # Σ a_c (s_c - m), kept relative to the running max m
         for start in range(0, n_cols, BLOCK_C):
             cols = start + col_base
             col_ok = cols < n_cols
@@ -223,14 +231,14 @@ def _softmax_loss_fwd_kernel(
             s = _load_logits(x_rows, cols, load_mask, softcap, HAS_SOFTCAP)[0]
             m_new = tl.maximum(m, tl.max(s, axis=1))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-            m = m_new
             if SPREAD:
                 if not HAS_FOCAL:
                     a = _spread_mass(t_rows, W, cols, col_ok, load_mask, target_mass, smoothing_per_class,
                                      HARD_TARGET, HAS_WEIGHT)
+                    mass_dot_s += mass * (m - m_new) + tl.sum(a * (s - m_new[:, None]), axis=1)
                     mass += tl.sum(a, axis=1)
-                    mass_dot_s += tl.sum(a * s, axis=1)
-        lse = m + tl.log(d)
+            m = m_new
+        log_sum = tl.log(d)
         if SPREAD:
             if HAS_FOCAL:
                 # Pass 2: G_c needs the final lse, so the focal spread terms take one more sweep.
@@ -243,16 +251,20 @@ def _softmax_loss_fwd_kernel(
                     s = _load_logits(x_rows, cols, load_mask, softcap, HAS_SOFTCAP)[0]
                     a = _spread_mass(t_rows, W, cols, col_ok, load_mask, target_mass, smoothing_per_class,
                                      HARD_TARGET, HAS_WEIGHT)
-                    neg_log_p = lse[:, None] - s
+                    neg_log_p = log_sum[:, None] - (s - m[:, None])
                     factor, dfactor = _focal_terms(-neg_log_p, focal_gamma)
                     spread_loss += tl.sum(a * factor * neg_log_p, axis=1)
                     spread_grad += tl.sum(a * dfactor, axis=1)
             else:
-                spread_loss = lse * mass - mass_dot_s
+                spread_loss = log_sum * mass - mass_dot_s
                 spread_grad = mass
 
-    # Ignored rows were not read (their lse is -1e30): give them a finite lse, their results are masked out below.
-    lse = tl.where(kept, lse, 0.0)
+    # Ignored rows were not read (their max is -1e30): give them finite statistics, their results are masked out
+    # below. log p = (s - m) - log_sum, never s - lse: lse rounds to the ulp of its own size (3e-5 at lse = 300),
+    # which would cost every p its relative precision; lse itself only enters the z-loss.
+    m = tl.where(kept, m, 0.0)
+    log_sum = tl.where(kept, log_sum, 0.0)
+    lse = m + log_sum
 
     # Row scalars: the target-class term, then loss and the coefficient S + 2 z lse of p in the gradient.
     loss = tl.zeros([ROWS], tl.float32)
@@ -260,7 +272,7 @@ def _softmax_loss_fwd_kernel(
     target_grad = tl.zeros([ROWS], tl.float32)
     if HARD_TARGET:
         hard_mass = target_mass * w_y
-        log_p_y = s_y - lse
+        log_p_y = (s_y - m) - log_sum
         if HAS_FOCAL:
             factor_y, dfactor_y = _focal_terms(log_p_y, focal_gamma)
             loss -= hard_mass * factor_y * log_p_y
@@ -286,7 +298,7 @@ def _softmax_loss_fwd_kernel(
         g_rows = GRAD + rows[:, None] * stride_g
         if SINGLE_BLOCK:
             store_mask = row_ok[:, None] & (col_base < n_cols)[None, :]
-            _store_grad(g_rows, col_base, store_mask, kept, s, dsdx, a, lse, coef, target_grad, y, scale,
+            _store_grad(g_rows, col_base, store_mask, kept, s, dsdx, a, m, log_sum, coef, target_grad, y, scale,
                         focal_gamma, HARD_TARGET, SPREAD, HAS_FOCAL)
         else:
             for start in range(0, n_cols, BLOCK_C):
@@ -299,7 +311,7 @@ def _softmax_loss_fwd_kernel(
                                      HARD_TARGET, HAS_WEIGHT)
                 else:
                     a = 0.0
-                _store_grad(g_rows, cols, row_ok[:, None] & col_ok[None, :], kept, s, dsdx, a, lse, coef,
+                _store_grad(g_rows, cols, row_ok[:, None] & col_ok[None, :], kept, s, dsdx, a, m, log_sum, coef,
                             target_grad, y, scale, focal_gamma, HARD_TARGET, SPREAD, HAS_FOCAL)
 
 
