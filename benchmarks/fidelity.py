@@ -1,0 +1,262 @@
+"""Numerical fidelity of every fusedloss backend at large logits and emissions.
+
+Each fused backend runs in float32 and is compared with a float64 evaluation of the reference backend; beside
+it stands the error of the float32 reference itself (PyTorch's own float32 computation of the same loss). The
+rule the tests apply (tests/test_fidelity.py, STYLE.md after flash-attention): a backend's error is at most
+twice the float32 reference's error plus a floor of 1e-6.
+
+Error of an output against its float64 value: ``max |out - ref64| / max |ref64|`` over the whole tensor
+(NaN or Inf where the float64 value is finite counts as an infinite error).
+
+Softmax losses: ``input (N, C) = scale * randn``, half of the targets the row's argmax (an overconfident model
+that is mostly right: p_y close to 1, where ``1 - p_y`` and ``log p_y`` lose precision first), the others
+uniform; value = the per-row losses (``reduction="none"``), gradient = d(Σ_n g_n l_n)/d input for a random
+positive ``g``. CRF: ``emissions (B, T, K) = scale * randn``, ragged masks, transitions ~ N(0, 1), random gold
+tags; value = the per-sequence log-likelihood, gradient = of emissions and the three transition tensors (the
+largest of the four errors), marginals, Viterbi score.
+
+    python benchmarks/fidelity.py                  # full table, every usable backend of the device
+    python benchmarks/fidelity.py --markdown       # the README's table
+
+On CPU tensors the Triton kernels run under ``TRITON_INTERPRET=1`` (numerically what a GPU runs, except that
+the interpreter's exp/log are numpy's where a GPU uses its own approximations: on a GPU, run it there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by fusedloss, lazily)
+
+import fusedloss  # noqa: E402
+
+FLOOR = 1e-6  # relative error every backend may have whatever the float32 reference's luck
+RULE_FACTOR = 2.0
+
+# name -> keyword options of fusedloss.cross_entropy (``soft`` selects probability targets; ``focal_loss``
+# options are spelled as cross_entropy's: weight = alpha per class, divisor by count does not change errors).
+SOFTMAX_LOSSES: Dict[str, Dict] = {
+    "cross_entropy": {},
+    "class weights": {"weight": True},
+    "label smoothing 0.1": {"label_smoothing": 0.1},
+    "focal γ=2": {"focal_gamma": 2.0},
+    "focal γ=0.5 + smoothing 0.1": {"focal_gamma": 0.5, "label_smoothing": 0.1},
+    "z-loss 1e-4": {"z_loss": 1e-4},
+    "softcap 30": {"softcap": 30.0},
+    "soft targets": {"soft": True},
+    "soft targets + focal γ=2 + softcap 30": {"soft": True, "focal_gamma": 2.0, "softcap": 30.0},
+}
+SOFTMAX_SCALES = (1.0, 100.0, 1e3, 1e4)
+SOFTMAX_SHAPES = ((257, 9), (257, 133), (16, 1500))
+CRF_SCALES = (1.0, 100.0, 1e3)
+CRF_SHAPES = ((6, 12, 5), (4, 7, 73))  # (B, T, K)
+CRF_OUTPUTS = ("log-likelihood", "gradient", "marginals", "viterbi score")
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |out - ref| / max |ref|`` (absolute when ``ref`` is all zeros); inf for a non-finite ``out`` where
+    ``ref`` is finite."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    diff = (out - ref).abs()
+    diff = torch.where(torch.isfinite(ref) & ~torch.isfinite(out), float("inf"), diff)
+    diff = torch.where(torch.isnan(ref) & torch.isnan(out), 0.0, diff)
+    worst = float(diff.max()) if diff.numel() else 0.0
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    return worst / scale if scale > 0 else worst
+
+
+def fused_backends(device: torch.device) -> List[str]:
+    """The usable fused backends for tensors on ``device`` (Triton on CPU only through the interpreter)."""
+    names = []
+    for name, reason in fusedloss.available_backends().items():
+        if reason is not None or name == "reference":
+            continue
+        if name == "cpp" and device.type != "cpu" or name == "cuda" and device.type != "cuda":
+            continue
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax losses
+# ---------------------------------------------------------------------------------------------
+
+
+def softmax_inputs(n: int, c: int, scale: float, options: Dict, generator: torch.Generator,
+                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, Dict, torch.Tensor]:
+    """``(input, target, cross_entropy kwargs, grad_output for reduction="none")`` in float64."""
+    x = torch.randn(n, c, generator=generator, dtype=torch.float64) * scale
+    kwargs = {k: v for k, v in options.items() if k not in ("soft", "weight")}
+    if options.get("soft"):
+        target = torch.softmax(3 * torch.randn(n, c, generator=generator, dtype=torch.float64), -1)
+    else:
+        target = torch.randint(0, c, (n,), generator=generator)
+        confident = torch.rand(n, generator=generator) < 0.5
+        target = torch.where(confident, x.argmax(-1), target)
+    if options.get("weight"):
+        kwargs["weight"] = torch.rand(c, generator=generator, dtype=torch.float64) + 0.5
+    grad_output = torch.rand(n, generator=generator, dtype=torch.float64) + 0.5
+    return x.to(device), target.to(device), {k: _to(v, device) for k, v in kwargs.items()}, grad_output.to(device)
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _cast(value, dtype: torch.dtype):
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def softmax_outputs(backend: str, x: torch.Tensor, target: torch.Tensor, kwargs: Dict, reduction: str,
+                    grad_output: Optional[torch.Tensor], dtype: torch.dtype,
+                    loss_fn: Callable = fusedloss.cross_entropy) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, d(loss · grad_output)/d input)`` of one backend with every floating input cast to ``dtype``;
+    ``x`` may be a non-contiguous view (its layout is kept)."""
+    leaf = x.detach().to(dtype).requires_grad_()
+    loss = loss_fn(leaf, _cast(target, dtype), reduction=reduction, backend=backend,
+                   **{k: _cast(v, dtype) for k, v in kwargs.items()})
+    loss.backward(_cast(grad_output, dtype) if reduction == "none" else None)
+    return loss.detach(), leaf.grad
+
+
+def softmax_errors(backends: Sequence[str], x, target, kwargs, reduction="none", grad_output=None,
+                   loss_fn: Callable = fusedloss.cross_entropy) -> Dict[str, Tuple[float, float]]:
+    """``{name: (value error, gradient error)}`` against the float64 reference, for the float32 reference
+    (``"torch fp32"``) and each fused backend in float32."""
+    exact = softmax_outputs("reference", x, target, kwargs, reduction, grad_output, torch.float64, loss_fn)
+    errors = {}
+    for name, backend in [("torch fp32", "reference")] + [(b, b) for b in backends]:
+        out = softmax_outputs(backend, x, target, kwargs, reduction, grad_output, torch.float32, loss_fn)
+        errors[name] = (rel_error(out[0], exact[0]), rel_error(out[1], exact[1]))
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# CRF
+# ---------------------------------------------------------------------------------------------
+
+
+def crf_inputs(b: int, t: int, k: int, scale: float, generator: torch.Generator, device: torch.device):
+    """``(emissions, tags, mask, transitions, start, end, grad_output)`` in float64, ragged left-aligned masks."""
+    emissions = torch.randn(b, t, k, generator=generator, dtype=torch.float64) * scale
+    tags = torch.randint(0, k, (b, t), generator=generator)
+    lengths = torch.randint(1, t + 1, (b,), generator=generator)
+    lengths[0] = t
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    transitions = torch.randn(k, k, generator=generator, dtype=torch.float64)
+    start, end = (torch.randn(k, generator=generator, dtype=torch.float64) for _ in range(2))
+    grad_output = torch.rand(b, generator=generator, dtype=torch.float64) + 0.5
+    return tuple(v.to(device) for v in (emissions, tags, mask, transitions, start, end, grad_output))
+
+
+def crf_outputs(backend: str, emissions, tags, mask, transitions, start, end, grad_output,
+                dtype: torch.dtype) -> Dict[str, Sequence[torch.Tensor]]:
+    """The four CRF outputs of one backend with every floating input cast to ``dtype`` (emissions may be a
+    non-contiguous view)."""
+    params = [v.detach().to(dtype).requires_grad_() for v in (emissions, transitions, start, end)]
+    llh = fusedloss.crf_log_likelihood(params[0], tags, params[1], params[2], params[3], mask, reduction="none",
+                                       backend=backend)
+    llh.backward(grad_output.to(dtype))
+    plain = [p.detach() for p in params]
+    marginals = fusedloss.crf_marginals(plain[0], plain[1], plain[2], plain[3], mask, backend=backend)
+    _, score = fusedloss.crf_viterbi(plain[0], plain[1], plain[2], plain[3], mask, backend=backend)
+    return {"log-likelihood": [llh.detach()], "gradient": [p.grad for p in params], "marginals": [marginals],
+            "viterbi score": [score]}
+
+
+def crf_errors(backends: Sequence[str], *inputs) -> Dict[str, Dict[str, float]]:
+    """``{name: {output: error}}`` against the float64 reference (a list output: the largest error of its parts)."""
+    exact = crf_outputs("reference", *inputs, torch.float64)
+    errors = {}
+    for name, backend in [("torch fp32", "reference")] + [(b, b) for b in backends]:
+        out = crf_outputs(backend, *inputs, torch.float32)
+        errors[name] = {key: max(rel_error(o, e) for o, e in zip(out[key], exact[key])) for key in CRF_OUTPUTS}
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+
+def _worst(into: Dict, key, values: Sequence[float]) -> None:
+    into[key] = [max(a, b) for a, b in zip(into[key], values)] if key in into else list(values)
+
+
+def measure(device: torch.device, seeds: int, softmax_scales=SOFTMAX_SCALES, crf_scales=CRF_SCALES):
+    """Worst errors over shapes and seeds: ``{(family, loss, scale, name): [errors...]}``."""
+    backends = fused_backends(device)
+    table: Dict = {}
+    for seed in range(seeds):
+        generator = torch.Generator().manual_seed(seed)
+        for loss, options in SOFTMAX_LOSSES.items():
+            for scale in softmax_scales:
+                for n, c in SOFTMAX_SHAPES:
+                    x, target, kwargs, grad_output = softmax_inputs(n, c, scale, options, generator, device)
+                    for name, errs in softmax_errors(backends, x, target, kwargs, "none", grad_output).items():
+                        _worst(table, ("softmax", loss, scale, name), errs)
+        for scale in crf_scales:
+            for b, t, k in CRF_SHAPES:
+                inputs = crf_inputs(b, t, k, scale, generator, device)
+                for name, errs in crf_errors(backends, *inputs).items():
+                    _worst(table, ("crf", "CRF", scale, name), [errs[key] for key in CRF_OUTPUTS])
+    return backends, table
+
+
+def _cell(errors: Sequence[float], reference: Sequence[float], mark: bool) -> str:
+    text = " / ".join(f"{e:.1e}" for e in errors)
+    if mark and any(e > RULE_FACTOR * r + FLOOR for e, r in zip(errors, reference)):
+        text += " **!**"
+    return text
+
+
+def format_table(backends: Sequence[str], table: Dict, markdown: bool) -> str:
+    names = ["torch fp32"] + list(backends)
+    keys = sorted({k[:3] for k in table}, key=lambda k: (k[0] != "softmax", list(SOFTMAX_LOSSES).index(k[1])
+                                                          if k[0] == "softmax" else 0, k[2]))
+    header = ["loss", "scale", *(n if n == "torch fp32" else f"{n} fp32" for n in names)]
+    lines = []
+    if markdown:
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    else:
+        lines.append("  ".join(f"{h:<28}" if i == 0 else f"{h:<26}" for i, h in enumerate(header)))
+    for key in keys:
+        reference = table[key + ("torch fp32",)]
+        cells = [key[1], f"{key[2]:g}"] + [_cell(table[key + (n,)], reference, n != "torch fp32") for n in names]
+        if markdown:
+            lines.append("| " + " | ".join(cells) + " |")
+        else:
+            lines.append("  ".join(f"{c:<28}" if i == 0 else f"{c:<26}" for i, c in enumerate(cells)))
+    return "\n".join(lines)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()} CPU, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, Triton under TRITON_INTERPRET=1")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seeds", type=int, default=3, help="random inputs per (loss, scale, shape)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    backends, table = measure(device, args.seeds)
+    print(f"# Max relative error against float64 (value / gradient; CRF: log-likelihood / gradient / marginals / "
+          f"Viterbi score), worst of {args.seeds} seeds x shapes; '!' marks a backend above "
+          f"{RULE_FACTOR:g}x torch fp32 + {FLOOR:g}. Device: {device_description(device)}")
+    print(format_table(backends, table, args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
