@@ -222,10 +222,23 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T normalize(T* x, int K) {
   return m;
 }
 
-// One forward step on normalized values: next[j] = logsumexp_i(prev[i] + A[i, j]) + emission[j]
-// (matrix form, guarded), then normalized; returns the maximum taken out.
+// x[k] <- x[k] + y[k] - m with m = max_k(x[k] + y[k]) formed in float64, and returns m: normalize(x + y) without
+// rounding x + y to T first. y is an emission row: adding emissions in the hundreds or thousands in float32
+// would round the best tag's running score to the ulp of the emission (6e-5 at 1000) at every step, and these
+// roundings, different in the forward and the backward sweep, would move exp(alpha + beta - log Z) of a sure
+// tag away from 1 by their sum. Here the best tag's entry is exactly 0 and its score goes into the offset whole.
 template <typename T>
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T forward_step(const Tables<T>& tab, const T* prev, const T* emission,
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double add_normalized(T* x, const T* y, int K) {
+  double m = static_cast<double>(x[0]) + static_cast<double>(y[0]);
+  for (int k = 1; k < K; ++k) m = max_of(m, static_cast<double>(x[k]) + static_cast<double>(y[k]));
+  for (int k = 0; k < K; ++k) x[k] = static_cast<T>((static_cast<double>(x[k]) + static_cast<double>(y[k])) - m);
+  return m;
+}
+
+// One forward step on normalized values: next[j] = logsumexp_i(prev[i] + A[i, j]) + emission[j]
+// (matrix form, guarded), then normalized (add_normalized); returns the maximum taken out.
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double forward_step(const Tables<T>& tab, const T* prev, const T* emission,
                                                       T* next, T* p, T* sums) {
   const int K = tab.K;
   const T m = max_over(prev, K);  // 0 unless a NaN came in
@@ -252,7 +265,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T forward_step(const Tables<T>& tab, cons
   }
   for (int j = 0; j < K; ++j) {
     const T s = sums[j] >= Guard<T>::min_sum ? sums[j] : Guard<T>::min_sum;
-    next[j] = fast_log(s) + m + tab.col_max[j] + emission[j];
+    next[j] = fast_log(s) + m + tab.col_max[j];
   }
   for (int j = 0; j < K; ++j) {
     if (sums[j] >= Guard<T>::min_sum) continue;
@@ -261,9 +274,9 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T forward_step(const Tables<T>& tab, cons
     for (int i = 1; i < K; ++i) best = max_of(best, prev[i] + tab.transitions[static_cast<int64_t>(i) * K + j]);
     T s = 0;
     for (int i = 0; i < K; ++i) s += exp(prev[i] + tab.transitions[static_cast<int64_t>(i) * K + j] - best);
-    next[j] = best + log(s) + emission[j];
+    next[j] = best + log(s);
   }
-  return normalize(next, K);
+  return add_normalized(next, emission, K);
 }
 
 // Forward algorithm over one sequence; returns log Z. With store_alpha, alpha (L, K) and offsets (L,) keep
@@ -274,14 +287,14 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double forward(const Tables<T>& tab, cons
                                                       double* offsets, bool store_alpha, const Workspace<T>& ws) {
   const int K = tab.K;
   load_row(emissions, 0, K, ws.emission);
-  for (int k = 0; k < K; ++k) alpha[k] = tab.start[k] + ws.emission[k];
-  double offset = static_cast<double>(normalize(alpha, K));
+  for (int k = 0; k < K; ++k) alpha[k] = tab.start[k];
+  double offset = add_normalized(alpha, ws.emission, K);
   if (store_alpha) offsets[0] = offset;
   for (int64_t t = 1; t < L; ++t) {
     const T* prev = alpha + (store_alpha ? (t - 1) * K : ((t - 1) & 1) * K);
     T* next = alpha + (store_alpha ? t * K : (t & 1) * K);
     load_row(emissions, t, K, ws.emission);
-    offset += static_cast<double>(forward_step(tab, prev, ws.emission, next, ws.weights, ws.sums));
+    offset += forward_step(tab, prev, ws.emission, next, ws.weights, ws.sums);
     if (store_alpha) offsets[t] = offset;
   }
   const T* last = alpha + (store_alpha ? (L - 1) * K : ((L - 1) & 1) * K);
@@ -351,13 +364,13 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
   T* scale = ws.scale;
   for (int64_t t = L - 1; t >= 1; --t) {
     const T* alpha_prev = alpha + (t - 1) * K;
-    load_row(emissions, t, K, ws.emission);
-    for (int j = 0; j < K; ++j) v[j] = ws.emission[j] + beta[j];
-    const T mv = max_over(v, K);
-    // alpha_{t-1} + v - log Z = alpha_prev + v + shift: the offsets enter as one rounded number.
-    const T shift = static_cast<T>(offsets[t - 1] + beta_offset - log_z);
-    for (int j = 0; j < K; ++j) w[j] = fast_exp(v[j] - mv);
-    for (int i = 0; i < K; ++i) scale[i] = fast_exp(alpha_prev[i] + tab.row_max[i] + mv + shift);
+    // v_j = emission[t, j] + beta_t[j] - mv, relative to its maximum mv (add_normalized).
+    load_row(emissions, t, K, v);
+    const double mv = add_normalized(v, beta, K);
+    // alpha_{t-1} + (v + mv) - log Z = alpha_prev + v + shift: mv and the offsets enter as one rounded number.
+    const T shift = static_cast<T>(mv + offsets[t - 1] + beta_offset - log_z);
+    for (int j = 0; j < K; ++j) w[j] = fast_exp(v[j]);
+    for (int i = 0; i < K; ++i) scale[i] = fast_exp(alpha_prev[i] + tab.row_max[i] + shift);
     for (int i = 0; i < K; ++i) sums[i] = 0;
     if (kGradient) {
       // ws.beta is free until beta_{t-1} is written: it holds g * F_i for the rows swept in the matrix form.
@@ -396,11 +409,11 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
         for (int i = 0; i < K; ++i) acc[i] += e_row[i] * wj;
       }
     }
-    // beta_{t-1} (relative to beta_offset) and u_{t-1} = F * S' (overwrites F, kept per row where the exact
-    // path needs it).
+    // beta_{t-1} (relative to beta_offset + mv) and u_{t-1} = F * S' (overwrites F, kept per row where the
+    // exact path needs it).
     for (int i = 0; i < K; ++i) {
       const T s = sums[i] >= Guard<T>::min_sum ? sums[i] : Guard<T>::min_sum;
-      beta[i] = fast_log(s) + mv + tab.row_max[i];
+      beta[i] = fast_log(s) + tab.row_max[i];
     }
     for (int i = 0; i < K; ++i) {
       const bool exact_row = !(sums[i] >= Guard<T>::min_sum);
@@ -414,7 +427,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
       }
       u[i] = exact_row ? exp(alpha_prev[i] + beta[i] + shift) : scale[i] * sums[i];
     }
-    beta_offset += static_cast<double>(normalize(beta, K));
+    beta_offset += mv + static_cast<double>(normalize(beta, K));
     write_row(t - 1, u);
   }
   if (kGradient) {
