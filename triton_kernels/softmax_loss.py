@@ -22,7 +22,7 @@ Precision at large logits (every p keeps float32's relative precision whatever t
 ``log p`` is formed as ``(s - m) - log Σ exp(s - m)``, never as ``s - lse`` (lse rounds to the ulp of its own
 size: 3e-5 at lse = 300); the smoothed loss sums ``a_c (s_c - m)`` relative to the running max; and the soft-cap
 derivative is ``4 e / (1 + e)^2`` with ``e = exp(-2 |x| / softcap)``, which decays to 0 where ``1 - tanh^2`` of a
-rounded tanh would not.
+rounded tanh would not (and tanh itself is within 2 ulps).
 
 The target-class term ``p_y S - G_y`` is formed in float32 and only the finished gradient is cast to the input
 dtype (rounding ``p_y - 1`` to bfloat16 first loses it, a bug reported in Liger-Kernel).
@@ -92,15 +92,21 @@ def _expm1(u, e):
 def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
     """``(s, ds/dx)`` with ``s = softcap * tanh(x / softcap)``, or ``(x, 1)`` without softcap.
 
-    With ``e = exp(-2|z|)``, ``z = x / softcap``: ``tanh|z| = -expm1(-2|z|) / (2 + expm1(-2|z|))`` (full relative
-    precision near 0; libdevice is not in the interpreter) and ``ds/dx = 1 - tanh^2 = 4e / (1 + e)^2``, which
-    decays to exactly 0 with ``e`` where ``1 - t*t`` of a rounded ``t`` would leave ulp-sized garbage (or worse).
+    With ``z = x / softcap`` and ``e = exp(-2|z|)``: ``tanh|z|`` is Cephes' odd polynomial below 0.625 and
+    ``(1 - e) / (1 + e)`` above (e < 0.29 there, no cancellation): within 2 ulps everywhere (libdevice's tanh is
+    not in the interpreter). ``ds/dx = 1 - tanh^2 = 4e / (1 + e)^2`` decays to exactly 0 with ``e``, where
+    ``1 - t*t`` of a rounded ``t`` has no correct digit once ``|z|`` passes about 9.
     """
     if HAS_SOFTCAP:
         z = x / softcap
-        e = tl.exp(-2.0 * tl.abs(z))
-        em = _expm1(-2.0 * tl.abs(z), e)
-        t = -em / (2.0 + em)
+        abs_z = tl.abs(z)
+        e = tl.exp(-2.0 * abs_z)
+        z2 = abs_z * abs_z
+        poly = -5.70498872745e-3 * z2 + 2.06390887954e-2
+        poly = poly * z2 - 5.37397155531e-2
+        poly = poly * z2 + 1.33314422036e-1
+        poly = poly * z2 - 3.33332819422e-1
+        t = tl.where(abs_z < 0.625, poly * z2 * abs_z + abs_z, (1.0 - e) / (1.0 + e))
         return softcap * tl.where(z < 0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))
     else:
         return x, 1.0
@@ -139,19 +145,27 @@ def _spread_mass(t_rows, W, cols, col_ok, load_mask, target_mass, smoothing_per_
 
 
 @triton.jit
-def _store_grad(g_rows, cols, store_mask, kept, s, dsdx, a, m, log_sum, coef, target_grad, y, scale, gamma,
-                HARD_TARGET: tl.constexpr, SPREAD: tl.constexpr, HAS_FOCAL: tl.constexpr):
-    """Writes ``(p (S + 2 z lse) - G) * ds/dx * scale`` for one block; ignored rows get exactly 0."""
+def _store_grad(g_rows, cols, store_mask, kept, s, dsdx, a, m, log_sum, spread_grad, z_grad, target_grad, y, scale,
+                gamma, HARD_TARGET: tl.constexpr, SPREAD: tl.constexpr, HAS_FOCAL: tl.constexpr,
+                HAS_Z_LOSS: tl.constexpr):
+    """Writes ``(p (S + 2 z lse) - G) * ds/dx * scale`` for one block; ignored rows get exactly 0.
+
+    The parts of ``S`` (hard target ``G_y``, spread mass) and the z-loss term ``2 z lse p`` are formed one by one,
+    as autograd of the reference does, and the target class takes ``(p_y - 1) G_y`` (exact near p_y = 1): their
+    sum as one coefficient of ``p`` would round the small parts away where ``p`` is close to 1.
+    """
     log_p = (s - m[:, None]) - log_sum[:, None]
-    grad = tl.exp(log_p) * coef[:, None]
+    p = tl.exp(log_p)
+    grad = tl.zeros_like(p)
+    if HARD_TARGET:
+        grad += tl.where(cols[None, :] == y[:, None], p - 1.0, p) * target_grad[:, None]
     if SPREAD:
         if HAS_FOCAL:
-            dfactor = _focal_terms(log_p, gamma)[1]
-            grad -= a * dfactor
+            grad += p * spread_grad[:, None] - a * _focal_terms(log_p, gamma)[1]
         else:
-            grad -= a
-    if HARD_TARGET:
-        grad -= tl.where(cols[None, :] == y[:, None], target_grad[:, None], 0.0)
+            grad += p * spread_grad[:, None] - a
+    if HAS_Z_LOSS:
+        grad += p * z_grad[:, None]
     grad = tl.where(kept[:, None], grad * dsdx * scale, 0.0)
     tl.store(g_rows + cols[None, :], grad.to(g_rows.dtype.element_ty), mask=store_mask)
 
@@ -266,10 +280,10 @@ def _softmax_loss_fwd_kernel(
     log_sum = tl.where(kept, log_sum, 0.0)
     lse = m + log_sum
 
-    # Row scalars: the target-class term, then loss and the coefficient S + 2 z lse of p in the gradient.
+    # Row scalars: the loss, and the coefficients of p in the gradient: G_y, the spread part of S, 2 z lse.
     loss = tl.zeros([ROWS], tl.float32)
-    sum_g = tl.zeros([ROWS], tl.float32)
     target_grad = tl.zeros([ROWS], tl.float32)
+    z_grad = tl.zeros([ROWS], tl.float32)
     if HARD_TARGET:
         hard_mass = target_mass * w_y
         log_p_y = (s_y - m) - log_sum
@@ -280,14 +294,13 @@ def _softmax_loss_fwd_kernel(
         else:
             loss -= hard_mass * log_p_y
             target_grad = hard_mass
-        sum_g += target_grad
     if SPREAD:
         loss += spread_loss
-        sum_g += spread_grad
-    coef = sum_g
+    else:
+        spread_grad = tl.zeros([ROWS], tl.float32)
     if HAS_Z_LOSS:
         loss += z_loss * lse * lse
-        coef += 2.0 * z_loss * lse
+        z_grad = 2.0 * z_loss * lse
     tl.store(LOSS + rows, tl.where(kept, loss, 0.0), mask=row_ok)
 
     if WRITE_GRAD:
@@ -298,8 +311,8 @@ def _softmax_loss_fwd_kernel(
         g_rows = GRAD + rows[:, None] * stride_g
         if SINGLE_BLOCK:
             store_mask = row_ok[:, None] & (col_base < n_cols)[None, :]
-            _store_grad(g_rows, col_base, store_mask, kept, s, dsdx, a, m, log_sum, coef, target_grad, y, scale,
-                        focal_gamma, HARD_TARGET, SPREAD, HAS_FOCAL)
+            _store_grad(g_rows, col_base, store_mask, kept, s, dsdx, a, m, log_sum, spread_grad, z_grad, target_grad,
+                        y, scale, focal_gamma, HARD_TARGET, SPREAD, HAS_FOCAL, HAS_Z_LOSS)
         else:
             for start in range(0, n_cols, BLOCK_C):
                 cols = start + col_base
@@ -311,8 +324,9 @@ def _softmax_loss_fwd_kernel(
                                      HARD_TARGET, HAS_WEIGHT)
                 else:
                     a = 0.0
-                _store_grad(g_rows, cols, row_ok[:, None] & col_ok[None, :], kept, s, dsdx, a, m, log_sum, coef,
-                            target_grad, y, scale, focal_gamma, HARD_TARGET, SPREAD, HAS_FOCAL)
+                _store_grad(g_rows, cols, row_ok[:, None] & col_ok[None, :], kept, s, dsdx, a, m, log_sum,
+                            spread_grad, z_grad, target_grad, y, scale, focal_gamma, HARD_TARGET, SPREAD, HAS_FOCAL,
+                            HAS_Z_LOSS)
 
 
 @triton.jit
