@@ -150,6 +150,26 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t softcap_value(acc_t x, acc_t softca
   return softcap * tanh(x * inv_softcap);
 }
 
+#ifndef __CUDA_ARCH__
+// float32 on the host: tanh without a library call, so that the loops over it vectorize (std::tanh was most of
+// the cost of a soft-capped row). Cephes' tanhf: an odd polynomial for |z| < 0.625, (1 − e)/(1 + e) with
+// e = exp(−2|z|) above (e < 0.29 there: no cancellation); within 2 ulps.
+template <>
+FUSEDLOSS_INLINE float softcap_value<float>(float x, float softcap, float inv_softcap) {
+  const float z = x * inv_softcap;
+  const float abs_z = z < 0.0f ? -z : z;
+  const float e = fast_exp(-2.0f * abs_z);
+  const float z2 = abs_z * abs_z;
+  float poly = -5.70498872745e-3f;
+  poly = poly * z2 + 2.06390887954e-2f;
+  poly = poly * z2 - 5.37397155531e-2f;
+  poly = poly * z2 + 1.33314422036e-1f;
+  poly = poly * z2 - 3.33332819422e-1f;
+  const float t = abs_z < 0.625f ? poly * z2 * abs_z + abs_z : (1.0f - e) / (1.0f + e);
+  return softcap * (z < 0.0f ? -t : t);
+}
+#endif
+
 // ds/dx of s = c·tanh(x/c), from the logit x: 1 − tanh²(z) = 4e/(1 + e)² with e = exp(−2|z|), z = x/c.
 // It decays with e to exactly 0, while 1 − t² of the rounded t = tanh(z) (or of s/c) carries t's rounding
 // error, which is all of its value once |z| passes about 9 in float32 (and a few ulps of it below).
