@@ -52,16 +52,20 @@ namespace crf {
 template <typename T>
 struct Guard;
 
+// max_drift: how far the sum of one position's tag marginals may be from 1 before the transition gradient of
+// that step is rescaled too (normalize_marginals).
 template <>
 struct Guard<float> {
   static constexpr float min_sum = 1e-24f;
   static constexpr float max_scale = 1e24f;
+  static constexpr float max_drift = 1e-6f;
 };
 
 template <>
 struct Guard<double> {
   static constexpr double min_sum = 1e-280;
   static constexpr double max_scale = 1e280;
+  static constexpr double max_drift = 1e-14;
 };
 
 // exp and log the compiler can vectorize (no calls, no branches) on the host for float32: the hot loops
@@ -315,6 +319,21 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double gold_score(const Tables<T>& tab, c
   return score + static_cast<double>(tab.end[tags[L - 1]]);
 }
 
+// Scales one position's tag marginals u (K,) to sum to 1 and returns 1/Z − 1 for their sum Z (0 when Z is not
+// positive). They sum to 1 in exact arithmetic; the computed Z is off by the rounding of the scores that alpha,
+// beta and log Z are made of (about an ulp of the emissions when they are far larger than the transitions: a
+// tag that is sure given the future may be far below the best one given the past, and its rounded alpha then
+// carries an error of that ulp), which would keep a sure tag's probability from being exactly 1.
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T normalize_marginals(T* u, int K) {
+  T z = 0;
+  for (int k = 0; k < K; ++k) z += u[k];
+  if (!(z > T(0))) return T(0);
+  const T inv = T(1) / z;
+  for (int k = 0; k < K; ++k) u[k] *= inv;
+  return inv - T(1);
+}
+
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool tags_in_range(const int64_t* tags, int64_t L, int K) {
   bool ok = true;
   for (int64_t t = 0; t < L; ++t) ok = ok && tags[t] >= 0 && tags[t] < K;
@@ -343,6 +362,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
   {
     const T shift = static_cast<T>(offsets[L - 1] + beta_offset - log_z);
     for (int k = 0; k < K; ++k) u[k] = exp(alpha_last[k] + beta[k] + shift);
+    normalize_marginals(u, K);
   }
   auto write_row = [&](int64_t t, const T* marginals) {
     Out* row = out + t * K;
@@ -372,9 +392,9 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
     for (int j = 0; j < K; ++j) w[j] = fast_exp(v[j]);
     for (int i = 0; i < K; ++i) scale[i] = fast_exp(alpha_prev[i] + tab.row_max[i] + shift);
     for (int i = 0; i < K; ++i) sums[i] = 0;
+    // ws.emission is free in this sweep: it holds g * F_i for the rows swept in the matrix form.
+    T* g_scale = ws.emission;
     if (kGradient) {
-      // ws.beta is free until beta_{t-1} is written: it holds g * F_i for the rows swept in the matrix form.
-      T* g_scale = beta;
       for (int i = 0; i < K; ++i) g_scale[i] = scale[i] <= Guard<T>::max_scale ? g * scale[i] : T(0);
       const T* __restrict__ gs = g_scale;
       T* __restrict__ acc = sums;
@@ -426,6 +446,26 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
         }
       }
       u[i] = exact_row ? exp(alpha_prev[i] + beta[i] + shift) : scale[i] * sums[i];
+    }
+    const T correction = normalize_marginals(u, K);
+    if (kGradient && (correction > Guard<T>::max_drift || correction < -Guard<T>::max_drift)) {
+      // The pairwise marginals of this step went into the gradient with the same drift: add correction times
+      // them (a second K^2 sweep, only at steps whose scores drifted: emissions far larger than the transitions).
+      for (int j = 0; j < K; ++j) {
+        const T cw = correction * w[j];
+        if (cw == 0) continue;
+        const T* __restrict__ e_row = tab.e_row_t + static_cast<int64_t>(j) * K;
+        T* __restrict__ grad = grad_transitions_t + static_cast<int64_t>(j) * K;
+        for (int i = 0; i < K; ++i) grad[i] -= g_scale[i] * e_row[i] * cw;
+      }
+      for (int i = 0; i < K; ++i) {
+        if (fast_exp(alpha_prev[i] + tab.row_max[i] + shift) <= Guard<T>::max_scale) continue;  // a matrix-form row
+        const T* a_row = tab.transitions + static_cast<int64_t>(i) * K;
+        for (int j = 0; j < K; ++j) {
+          grad_transitions_t[static_cast<int64_t>(j) * K + i] -=
+              correction * g * exp(alpha_prev[i] + a_row[j] + v[j] + shift);
+        }
+      }
     }
     beta_offset += mv + static_cast<double>(normalize(beta, K));
     write_row(t - 1, u);
