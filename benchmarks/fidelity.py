@@ -17,7 +17,7 @@ gradient = of emissions and the three transition tensors (the largest of the fou
 score.
 
     python benchmarks/fidelity.py                  # full table, every usable backend of the device
-    python benchmarks/fidelity.py --markdown       # the README's table
+    python benchmarks/fidelity.py --markdown --seeds 2 --scales 1,100,1e4   # the README's table
 
 On CPU tensors the Triton kernels run under ``TRITON_INTERPRET=1`` (numerically what a GPU runs, except that
 the interpreter's exp/log are numpy's where a GPU uses its own approximations: on a GPU, run it there).
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,6 +35,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by fusedloss, lazily)
 
 import fusedloss  # noqa: E402
+from fusedloss.bench.harness import device_name  # noqa: E402
 
 FLOOR = 1e-6  # relative error every backend may have whatever the float32 reference's luck
 RULE_FACTOR = 2.0
@@ -257,10 +257,8 @@ def format_table(backends: Sequence[str], table: Dict, markdown: bool) -> str:
 
 
 def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"{platform.processor() or platform.machine()} CPU, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Triton under TRITON_INTERPRET=1")
+    text = f"{device_name(device)}, torch {torch.__version__}"
+    return text if device.type == "cuda" else text + ", Triton under TRITON_INTERPRET=1"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -268,9 +266,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seeds", type=int, default=3, help="random inputs per (loss, scale, shape)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--scales", default=",".join(f"{s:g}" for s in SOFTMAX_SCALES), help="logit scales")
+    parser.add_argument("--crf-scales", default=",".join(f"{s:g}" for s in CRF_SCALES), help="emission scales")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    backends, table = measure(device, args.seeds)
+    backends, table = measure(device, args.seeds, [float(s) for s in args.scales.split(",")],
+                              [float(s) for s in args.crf_scales.split(",")])
     print(f"# Max relative error against float64 (value / gradient; CRF: log-likelihood / gradient / marginals / "
           f"Viterbi score), worst of {args.seeds} seeds x shapes; '!' marks a backend above "
           f"{RULE_FACTOR:g}x torch fp32 + {FLOOR:g}. Device: {device_description(device)}")
