@@ -145,20 +145,21 @@ def _spread_mass(t_rows, W, cols, col_ok, load_mask, target_mass, smoothing_per_
 
 
 @triton.jit
-def _store_grad(g_rows, cols, store_mask, kept, s, dsdx, a, m, log_sum, spread_grad, z_grad, target_grad, y, scale,
-                gamma, HARD_TARGET: tl.constexpr, SPREAD: tl.constexpr, HAS_FOCAL: tl.constexpr,
-                HAS_Z_LOSS: tl.constexpr):
+def _store_grad(g_rows, cols, store_mask, kept, s, dsdx, a, m, log_sum, spread_grad, z_grad, target_grad, y,
+                one_minus_p_y, scale, gamma, HARD_TARGET: tl.constexpr, SPREAD: tl.constexpr,
+                HAS_FOCAL: tl.constexpr, HAS_Z_LOSS: tl.constexpr):
     """Writes ``(p (S + 2 z lse) - G) * ds/dx * scale`` for one block; ignored rows get exactly 0.
 
     The parts of ``S`` (hard target ``G_y``, spread mass) and the z-loss term ``2 z lse p`` are formed one by one,
-    as autograd of the reference does, and the target class takes ``(p_y - 1) G_y`` (exact near p_y = 1): their
-    sum as one coefficient of ``p`` would round the small parts away where ``p`` is close to 1.
+    as autograd of the reference does, and the target class takes ``-(1 - p_y) G_y`` with ``1 - p_y`` the sum of
+    the other classes' probabilities (``p_y - 1`` of a rounded ``p_y`` has an error of ``ulp(1) / (1 - p_y)``
+    relative): one coefficient of ``p`` would round the small parts away where ``p`` is close to 1.
     """
     log_p = (s - m[:, None]) - log_sum[:, None]
     p = tl.exp(log_p)
     grad = tl.zeros_like(p)
     if HARD_TARGET:
-        grad += tl.where(cols[None, :] == y[:, None], p - 1.0, p) * target_grad[:, None]
+        grad += tl.where(cols[None, :] == y[:, None], -one_minus_p_y[:, None], p) * target_grad[:, None]
     if SPREAD:
         if HAS_FOCAL:
             grad += p * spread_grad[:, None] - a * _focal_terms(log_p, gamma)[1]
@@ -219,7 +220,11 @@ def _softmax_loss_fwd_kernel(
         load_mask = kept_2d & col_ok[None, :]
         s, dsdx = _load_logits(x_rows, col_base, load_mask, softcap, HAS_SOFTCAP)
         m = tl.max(s, axis=1)
-        log_sum = tl.log(tl.sum(tl.exp(s - m[:, None]), axis=1))
+        e = tl.exp(s - m[:, None])
+        d = tl.sum(e, axis=1)
+        log_sum = tl.log(d)
+        if HARD_TARGET:
+            others = tl.sum(tl.where(col_base[None, :] == y[:, None], 0.0, e), axis=1)
         if SPREAD:
             a = _spread_mass(t_rows, W, col_base, col_ok, load_mask, target_mass, smoothing_per_class,
                              HARD_TARGET, HAS_WEIGHT)
@@ -236,6 +241,7 @@ def _softmax_loss_fwd_kernel(
     else:
         m = tl.full([ROWS], _NEG, tl.float32)
         d = tl.zeros([ROWS], tl.float32)
+        others = tl.zeros([ROWS], tl.float32)  # hard targets: Σ_{c != y} exp(s_c - m)
         mass = tl.zeros([ROWS], tl.float32)
         mass_dot_s = tl.zeros([ROWS], tl.float32)  # Σ a_c (s_c - m), kept relative to the running max m
         for start in range(0, n_cols, BLOCK_C):
@@ -244,7 +250,10 @@ def _softmax_loss_fwd_kernel(
             load_mask = kept_2d & col_ok[None, :]
             s = _load_logits(x_rows, cols, load_mask, softcap, HAS_SOFTCAP)[0]
             m_new = tl.maximum(m, tl.max(s, axis=1))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+            e = tl.exp(s - m_new[:, None])
+            d = d * tl.exp(m - m_new) + tl.sum(e, axis=1)
+            if HARD_TARGET:
+                others = others * tl.exp(m - m_new) + tl.sum(tl.where(cols[None, :] == y[:, None], 0.0, e), axis=1)
             if SPREAD:
                 if not HAS_FOCAL:
                     a = _spread_mass(t_rows, W, cols, col_ok, load_mask, target_mass, smoothing_per_class,
@@ -284,8 +293,10 @@ def _softmax_loss_fwd_kernel(
     loss = tl.zeros([ROWS], tl.float32)
     target_grad = tl.zeros([ROWS], tl.float32)
     z_grad = tl.zeros([ROWS], tl.float32)
+    one_minus_p_y = tl.zeros([ROWS], tl.float32)
     if HARD_TARGET:
         hard_mass = target_mass * w_y
+        one_minus_p_y = tl.where(kept, others / d, 0.0)
         log_p_y = (s_y - m) - log_sum
         if HAS_FOCAL:
             factor_y, dfactor_y = _focal_terms(log_p_y, focal_gamma)
@@ -312,7 +323,7 @@ def _softmax_loss_fwd_kernel(
         if SINGLE_BLOCK:
             store_mask = row_ok[:, None] & (col_base < n_cols)[None, :]
             _store_grad(g_rows, col_base, store_mask, kept, s, dsdx, a, m, log_sum, spread_grad, z_grad, target_grad,
-                        y, scale, focal_gamma, HARD_TARGET, SPREAD, HAS_FOCAL, HAS_Z_LOSS)
+                        y, one_minus_p_y, scale, focal_gamma, HARD_TARGET, SPREAD, HAS_FOCAL, HAS_Z_LOSS)
         else:
             for start in range(0, n_cols, BLOCK_C):
                 cols = start + col_base
@@ -325,8 +336,8 @@ def _softmax_loss_fwd_kernel(
                 else:
                     a = 0.0
                 _store_grad(g_rows, cols, row_ok[:, None] & col_ok[None, :], kept, s, dsdx, a, m, log_sum,
-                            spread_grad, z_grad, target_grad, y, scale, focal_gamma, HARD_TARGET, SPREAD, HAS_FOCAL,
-                            HAS_Z_LOSS)
+                            spread_grad, z_grad, target_grad, y, one_minus_p_y, scale, focal_gamma, HARD_TARGET,
+                            SPREAD, HAS_FOCAL, HAS_Z_LOSS)
 
 
 @triton.jit
