@@ -364,19 +364,26 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
     for (int k = 0; k < K; ++k) u[k] = exp(alpha_last[k] + beta[k] + shift);
     normalize_marginals(u, K);
   }
+  // 1 − u[gold] as the sum of the other tags' marginals (u sums to 1: normalize_marginals): exact where 1 − u
+  // of a rounded u close to 1 would carry ulp(1) / (1 − u) of relative error.
+  auto residual = [&](const T* marginals, int64_t gold) {
+    T others = 0;
+    for (int k = 0; k < K; ++k) others += k == gold ? T(0) : marginals[k];
+    return others;
+  };
   auto write_row = [&](int64_t t, const T* marginals) {
     Out* row = out + t * K;
     if (kGradient) {
       for (int k = 0; k < K; ++k) row[k] = static_cast<Out>(-g * marginals[k]);
-      row[tags[t]] = static_cast<Out>(g - g * marginals[tags[t]]);
+      row[tags[t]] = static_cast<Out>(g * residual(marginals, tags[t]));
     } else {
       for (int k = 0; k < K; ++k) row[k] = static_cast<Out>(marginals[k]);
     }
   };
   write_row(L - 1, u);
   if (kGradient) {
-    for (int k = 0; k < K; ++k) grad_end[k] -= g * u[k];
-    grad_end[tags[L - 1]] += g;
+    for (int k = 0; k < K; ++k) grad_end[k] -= k == tags[L - 1] ? T(0) : g * u[k];
+    grad_end[tags[L - 1]] += g * residual(u, tags[L - 1]);
   }
   T* v = ws.extra;
   T* w = ws.weights;
@@ -471,8 +478,8 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
     write_row(t - 1, u);
   }
   if (kGradient) {
-    for (int k = 0; k < K; ++k) grad_start[k] -= g * u[k];
-    grad_start[tags[0]] += g;
+    for (int k = 0; k < K; ++k) grad_start[k] -= k == tags[0] ? T(0) : g * u[k];
+    grad_start[tags[0]] += g * residual(u, tags[0]);
   }
 }
 
