@@ -289,10 +289,15 @@ def _crf_backward_kernel(
         active = rows_ok & (t < lengths)
         next_offsets = v_rows + ((t + 1) % 2) * K
         this_offsets = v_rows + (t % 2) * K
-        # Pass 1: b_t, v_t, and z = logsumexp_j(a_t[j] + b_t[j]); a_t + b_t waits in `out` for pass 2.
+        # Pass 1: b_t, v_t, and z = logsumexp_j(a_t[j] + b_t[j]); a_t + b_t waits in `out` for pass 2. For the
+        # gradient, z_others sums the terms of every tag but the gold one: 1 - P(gold) = z_others / z_sum, exact
+        # where 1 - exp(log P(gold)) would carry ulp(1) / (1 - P) of relative error.
         new_max = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
         z_max = tl.full((BLOCK_B,), _NEG, dtype=tl.float32)
         z_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        z_others = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        if not MARGINALS:
+            tag = tl.load(tags_ptr + tag_rows + t, mask=rows_ok, other=0)
         for x_tile in range(NUM_K_TILES):
             cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
             cols_ok = cols < K
@@ -307,7 +312,11 @@ def _crf_backward_kernel(
             joint = tl.where(in_sequence, alpha + beta, _NEG)
             tl.store(out_ptr + emission_rows[:, None] + t * K + cols[None, :], joint, mask=ok)
             tile_max = tl.maximum(z_max, tl.max(joint, axis=1))
-            z_sum = z_sum * tl.exp(z_max - tile_max) + tl.sum(tl.exp(joint - tile_max[:, None]), axis=1)
+            terms = tl.exp(joint - tile_max[:, None])
+            z_sum = z_sum * tl.exp(z_max - tile_max) + tl.sum(terms, axis=1)
+            if not MARGINALS:
+                z_others = z_others * tl.exp(z_max - tile_max) + tl.sum(
+                    tl.where(cols[None, :] == tag[:, None], 0.0, terms), axis=1)
             z_max = tile_max
             emission = tl.load(emissions_ptr + emission_rows[:, None] + t * K + cols[None, :], mask=ok, other=0.0)
             # Past the end v is 0: finite, and never read for an active step.
@@ -317,7 +326,7 @@ def _crf_backward_kernel(
         v_max = new_max
         log_norm = z_max + tl.log(tl.where(active, z_sum, 1.0))
         if not MARGINALS:
-            tag = tl.load(tags_ptr + tag_rows + t, mask=rows_ok, other=0)
+            gold_residual = z_others / tl.where(active, z_sum, 1.0)  # 1 - P(y_t = gold)
         tl.debug_barrier()
         # Pass 2: the marginals (or the emission gradient) from the stored a_t + b_t.
         for x_tile in range(NUM_K_TILES):
@@ -331,8 +340,8 @@ def _crf_backward_kernel(
             if MARGINALS:
                 tl.store(out_ptrs, marginal, mask=ok)
             else:
-                gold = tl.where(tag[:, None] == cols[None, :], 1.0, 0.0)
-                tl.store(out_ptrs, tl.where(in_sequence, grad[:, None] * (gold - marginal), 0.0), mask=ok)
+                residual = tl.where(tag[:, None] == cols[None, :], gold_residual[:, None], -marginal)
+                tl.store(out_ptrs, tl.where(in_sequence, grad[:, None] * residual, 0.0), mask=ok)
         if not MARGINALS:
             if t > 0:
                 # Σ_b g_b P(y_{t-1} = i, y_t = j) for the tile, exact in log space (K² exps per step).

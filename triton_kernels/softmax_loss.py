@@ -4,7 +4,7 @@ weights, focal factor, z-loss and logit soft-capping, with the gradient written 
 Math, per row n of ``input (N, C)`` (everything in float32, whatever the input dtype)::
 
     s     = softcap * tanh(x / softcap)         (s = x without softcap)
-    lse   = logsumexp(s),  log p = s - lse,  p = exp(log p)
+    m     = max_c s_c,  log p = (s - m) - log Σ_c exp(s_c - m),  p = exp(log p),  lse = m + log Σ_c exp(s_c - m)
     a_c   = w_c * q_c,  q = (1 - ε) onehot(y) + ε / C   (soft targets: q = (1 - ε) t + ε / C)
     f_c   = (1 - p_c)^γ
     l     = Σ_c a_c f_c (lse - s_c) + z_loss * lse^2
@@ -17,6 +17,12 @@ With ``g(u) = (1 - e^u)^γ u`` the loss is ``-Σ_c a_c g(log p_c)`` and, since `
 
 ``1 - p`` is ``-expm1(log p)`` (exact near p = 1), and entries with ``1 - p`` at or below float32's smallest
 normal number take ``f = g' = 0``, as the reference does (fusedloss.reference.softmax.focal_factor).
+
+Precision at large logits (every p keeps float32's relative precision whatever the logits' size):
+``log p`` is formed as ``(s - m) - log Σ exp(s - m)``, never as ``s - lse`` (lse rounds to the ulp of its own
+size: 3e-5 at lse = 300); the smoothed loss sums ``a_c (s_c - m)`` relative to the running max; and the soft-cap
+derivative is ``4 e / (1 + e)^2`` with ``e = exp(-2 |x| / softcap)``, which decays to 0 where ``1 - tanh^2`` of a
+rounded tanh would not (and tanh itself is within 2 ulps).
 
 The target-class term ``p_y S - G_y`` is formed in float32 and only the finished gradient is cast to the input
 dtype (rounding ``p_y - 1`` to bfloat16 first loses it, a bug reported in Liger-Kernel).
@@ -76,29 +82,36 @@ _MAX_TILE_ROWS = 64
 
 
 @triton.jit
-def _expm1(u):
-    """``exp(u) - 1`` to a few ulps for every u (Kahan's trick: rounding errors of exp and log cancel)."""
-    e = tl.exp(u)
-    trivial = (e == 1.0) | (e == 0.0)
-    e_safe = tl.where(trivial, 0.5, e)
+def _expm1(u, e):
+    """``exp(u) - 1`` to a few ulps for every u, given ``e = exp(u)``: Kahan's trick (the rounding errors of exp
+    and log cancel) where ``|u| <= 1``; beyond, ``e - 1`` itself cancels at most a bit, while ``log(e)`` of a
+    subnormal ``e`` (u below about -87) is off by much more and would spoil the ratio."""
+    near_zero = (tl.abs(u) <= 1.0) & (e != 1.0)
+    e_safe = tl.where(near_zero, e, 0.5)
     ratio = (e_safe - 1.0) * u / tl.log(e_safe)
-    return tl.where(e == 1.0, u, tl.where(e == 0.0, -1.0, ratio))
-
-
-@triton.jit
-def _tanh(z):
-    """``tanh(z)`` with full relative precision near 0 (through expm1; libdevice is not in the interpreter)."""
-    em = _expm1(-2.0 * tl.abs(z))
-    t = -em / (2.0 + em)
-    return tl.where(z < 0, -t, t)
+    return tl.where(near_zero, ratio, tl.where(e == 1.0, u, e - 1.0))
 
 
 @triton.jit
 def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
-    """``(s, ds/dx)`` with ``s = softcap * tanh(x / softcap)``, or ``(x, 1)`` without softcap."""
+    """``(s, ds/dx)`` with ``s = softcap * tanh(x / softcap)``, or ``(x, 1)`` without softcap.
+
+    With ``z = x / softcap`` and ``e = exp(-2|z|)``: ``tanh|z|`` is Cephes' odd polynomial below 0.625 and
+    ``(1 - e) / (1 + e)`` above (e < 0.29 there, no cancellation): within 2 ulps everywhere (libdevice's tanh is
+    not in the interpreter). ``ds/dx = 1 - tanh^2 = 4e / (1 + e)^2`` decays to exactly 0 with ``e``, where
+    ``1 - t*t`` of a rounded ``t`` has no correct digit once ``|z|`` passes about 9.
+    """
     if HAS_SOFTCAP:
-        t = _tanh(x / softcap)
-        return softcap * t, 1.0 - t * t
+        z = x / softcap
+        abs_z = tl.abs(z)
+        e = tl.exp(-2.0 * abs_z)
+        z2 = abs_z * abs_z
+        poly = -5.70498872745e-3 * z2 + 2.06390887954e-2
+        poly = poly * z2 - 5.37397155531e-2
+        poly = poly * z2 + 1.33314422036e-1
+        poly = poly * z2 - 3.33332819422e-1
+        t = tl.where(abs_z < 0.625, poly * z2 * abs_z + abs_z, (1.0 - e) / (1.0 + e))
+        return softcap * tl.where(z < 0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))
     else:
         return x, 1.0
 
@@ -106,11 +119,12 @@ def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _focal_terms(log_p, gamma):
     """``f = (1 - p)^γ`` and ``g'(log p) = f (1 - γ p log p / (1 - p))``, both 0 where ``1 - p <= tiny``."""
-    one_minus_p = -_expm1(log_p)
+    p = tl.exp(log_p)
+    one_minus_p = -_expm1(log_p, p)
     representable = one_minus_p > _TINY
     safe = tl.where(representable, one_minus_p, 1.0)
     factor = tl.where(representable, tl.exp(gamma * tl.log(safe)), 0.0)
-    dfactor = factor * (1.0 - gamma * tl.exp(log_p) * log_p / safe)
+    dfactor = factor * (1.0 - gamma * p * log_p / safe)
     return factor, dfactor
 
 
@@ -135,19 +149,28 @@ def _spread_mass(t_rows, W, cols, col_ok, load_mask, target_mass, smoothing_per_
 
 
 @triton.jit
-def _store_grad(g_rows, cols, store_mask, kept, s, dsdx, a, lse, coef, target_grad, y, scale, gamma,
-                HARD_TARGET: tl.constexpr, SPREAD: tl.constexpr, HAS_FOCAL: tl.constexpr):
-    """Writes ``(p (S + 2 z lse) - G) * ds/dx * scale`` for one block; ignored rows get exactly 0."""
-    log_p = s - lse[:, None]
-    grad = tl.exp(log_p) * coef[:, None]
+def _store_grad(g_rows, cols, store_mask, kept, s, dsdx, a, m, log_sum, spread_grad, z_grad, target_grad, y,
+                one_minus_p_y, scale, gamma, HARD_TARGET: tl.constexpr, SPREAD: tl.constexpr,
+                HAS_FOCAL: tl.constexpr, HAS_Z_LOSS: tl.constexpr):
+    """Writes ``(p (S + 2 z lse) - G) * ds/dx * scale`` for one block; ignored rows get exactly 0.
+
+    The parts of ``S`` (hard target ``G_y``, spread mass) and the z-loss term ``2 z lse p`` are formed one by one,
+    as autograd of the reference does, and the target class takes ``-(1 - p_y) G_y`` with ``1 - p_y`` the sum of
+    the other classes' probabilities (``p_y - 1`` of a rounded ``p_y`` has an error of ``ulp(1) / (1 - p_y)``
+    relative): one coefficient of ``p`` would round the small parts away where ``p`` is close to 1.
+    """
+    log_p = (s - m[:, None]) - log_sum[:, None]
+    p = tl.exp(log_p)
+    grad = tl.zeros_like(p)
+    if HARD_TARGET:
+        grad += tl.where(cols[None, :] == y[:, None], -one_minus_p_y[:, None], p) * target_grad[:, None]
     if SPREAD:
         if HAS_FOCAL:
-            dfactor = _focal_terms(log_p, gamma)[1]
-            grad -= a * dfactor
+            grad += p * spread_grad[:, None] - a * _focal_terms(log_p, gamma)[1]
         else:
-            grad -= a
-    if HARD_TARGET:
-        grad -= tl.where(cols[None, :] == y[:, None], target_grad[:, None], 0.0)
+            grad += p * spread_grad[:, None] - a
+    if HAS_Z_LOSS:
+        grad += p * z_grad[:, None]
     grad = tl.where(kept[:, None], grad * dsdx * scale, 0.0)
     tl.store(g_rows + cols[None, :], grad.to(g_rows.dtype.element_ty), mask=store_mask)
 
@@ -201,11 +224,15 @@ def _softmax_loss_fwd_kernel(
         load_mask = kept_2d & col_ok[None, :]
         s, dsdx = _load_logits(x_rows, col_base, load_mask, softcap, HAS_SOFTCAP)
         m = tl.max(s, axis=1)
-        lse = m + tl.log(tl.sum(tl.exp(s - m[:, None]), axis=1))
+        e = tl.exp(s - m[:, None])
+        d = tl.sum(e, axis=1)
+        log_sum = tl.log(d)
+        if HARD_TARGET:
+            others = tl.sum(tl.where(col_base[None, :] == y[:, None], 0.0, e), axis=1)
         if SPREAD:
             a = _spread_mass(t_rows, W, col_base, col_ok, load_mask, target_mass, smoothing_per_class,
                              HARD_TARGET, HAS_WEIGHT)
-            neg_log_p = lse[:, None] - s
+            neg_log_p = log_sum[:, None] - (s - m[:, None])
             if HAS_FOCAL:
                 factor, dfactor = _focal_terms(-neg_log_p, focal_gamma)
                 spread_loss = tl.sum(a * factor * neg_log_p, axis=1)
@@ -218,23 +245,27 @@ def _softmax_loss_fwd_kernel(
     else:
         m = tl.full([ROWS], _NEG, tl.float32)
         d = tl.zeros([ROWS], tl.float32)
+        others = tl.zeros([ROWS], tl.float32)  # hard targets: Σ_{c != y} exp(s_c - m)
         mass = tl.zeros([ROWS], tl.float32)
-        mass_dot_s = tl.zeros([ROWS], tl.float32)
+        mass_dot_s = tl.zeros([ROWS], tl.float32)  # Σ a_c (s_c - m), kept relative to the running max m
         for start in range(0, n_cols, BLOCK_C):
             cols = start + col_base
             col_ok = cols < n_cols
             load_mask = kept_2d & col_ok[None, :]
             s = _load_logits(x_rows, cols, load_mask, softcap, HAS_SOFTCAP)[0]
             m_new = tl.maximum(m, tl.max(s, axis=1))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-            m = m_new
+            e = tl.exp(s - m_new[:, None])
+            d = d * tl.exp(m - m_new) + tl.sum(e, axis=1)
+            if HARD_TARGET:
+                others = others * tl.exp(m - m_new) + tl.sum(tl.where(cols[None, :] == y[:, None], 0.0, e), axis=1)
             if SPREAD:
                 if not HAS_FOCAL:
                     a = _spread_mass(t_rows, W, cols, col_ok, load_mask, target_mass, smoothing_per_class,
                                      HARD_TARGET, HAS_WEIGHT)
+                    mass_dot_s += mass * (m - m_new) + tl.sum(a * (s - m_new[:, None]), axis=1)
                     mass += tl.sum(a, axis=1)
-                    mass_dot_s += tl.sum(a * s, axis=1)
-        lse = m + tl.log(d)
+            m = m_new
+        log_sum = tl.log(d)
         if SPREAD:
             if HAS_FOCAL:
                 # Pass 2: G_c needs the final lse, so the focal spread terms take one more sweep.
@@ -247,24 +278,30 @@ def _softmax_loss_fwd_kernel(
                     s = _load_logits(x_rows, cols, load_mask, softcap, HAS_SOFTCAP)[0]
                     a = _spread_mass(t_rows, W, cols, col_ok, load_mask, target_mass, smoothing_per_class,
                                      HARD_TARGET, HAS_WEIGHT)
-                    neg_log_p = lse[:, None] - s
+                    neg_log_p = log_sum[:, None] - (s - m[:, None])
                     factor, dfactor = _focal_terms(-neg_log_p, focal_gamma)
                     spread_loss += tl.sum(a * factor * neg_log_p, axis=1)
                     spread_grad += tl.sum(a * dfactor, axis=1)
             else:
-                spread_loss = lse * mass - mass_dot_s
+                spread_loss = log_sum * mass - mass_dot_s
                 spread_grad = mass
 
-    # Ignored rows were not read (their lse is -1e30): give them a finite lse, their results are masked out below.
-    lse = tl.where(kept, lse, 0.0)
+    # Ignored rows were not read (their max is -1e30): give them finite statistics, their results are masked out
+    # below. log p = (s - m) - log_sum, never s - lse: lse rounds to the ulp of its own size (3e-5 at lse = 300),
+    # which would cost every p its relative precision; lse itself only enters the z-loss.
+    m = tl.where(kept, m, 0.0)
+    log_sum = tl.where(kept, log_sum, 0.0)
+    lse = m + log_sum
 
-    # Row scalars: the target-class term, then loss and the coefficient S + 2 z lse of p in the gradient.
+    # Row scalars: the loss, and the coefficients of p in the gradient: G_y, the spread part of S, 2 z lse.
     loss = tl.zeros([ROWS], tl.float32)
-    sum_g = tl.zeros([ROWS], tl.float32)
     target_grad = tl.zeros([ROWS], tl.float32)
+    z_grad = tl.zeros([ROWS], tl.float32)
+    one_minus_p_y = tl.zeros([ROWS], tl.float32)
     if HARD_TARGET:
         hard_mass = target_mass * w_y
-        log_p_y = s_y - lse
+        one_minus_p_y = tl.where(kept, others / d, 0.0)
+        log_p_y = (s_y - m) - log_sum
         if HAS_FOCAL:
             factor_y, dfactor_y = _focal_terms(log_p_y, focal_gamma)
             loss -= hard_mass * factor_y * log_p_y
@@ -272,14 +309,13 @@ def _softmax_loss_fwd_kernel(
         else:
             loss -= hard_mass * log_p_y
             target_grad = hard_mass
-        sum_g += target_grad
     if SPREAD:
         loss += spread_loss
-        sum_g += spread_grad
-    coef = sum_g
+    else:
+        spread_grad = tl.zeros([ROWS], tl.float32)
     if HAS_Z_LOSS:
         loss += z_loss * lse * lse
-        coef += 2.0 * z_loss * lse
+        z_grad = 2.0 * z_loss * lse
     tl.store(LOSS + rows, tl.where(kept, loss, 0.0), mask=row_ok)
 
     if WRITE_GRAD:
@@ -290,8 +326,8 @@ def _softmax_loss_fwd_kernel(
         g_rows = GRAD + rows[:, None] * stride_g
         if SINGLE_BLOCK:
             store_mask = row_ok[:, None] & (col_base < n_cols)[None, :]
-            _store_grad(g_rows, col_base, store_mask, kept, s, dsdx, a, lse, coef, target_grad, y, scale,
-                        focal_gamma, HARD_TARGET, SPREAD, HAS_FOCAL)
+            _store_grad(g_rows, col_base, store_mask, kept, s, dsdx, a, m, log_sum, spread_grad, z_grad, target_grad,
+                        y, one_minus_p_y, scale, focal_gamma, HARD_TARGET, SPREAD, HAS_FOCAL, HAS_Z_LOSS)
         else:
             for start in range(0, n_cols, BLOCK_C):
                 cols = start + col_base
@@ -303,8 +339,9 @@ def _softmax_loss_fwd_kernel(
                                      HARD_TARGET, HAS_WEIGHT)
                 else:
                     a = 0.0
-                _store_grad(g_rows, cols, row_ok[:, None] & col_ok[None, :], kept, s, dsdx, a, lse, coef,
-                            target_grad, y, scale, focal_gamma, HARD_TARGET, SPREAD, HAS_FOCAL)
+                _store_grad(g_rows, cols, row_ok[:, None] & col_ok[None, :], kept, s, dsdx, a, m, log_sum,
+                            spread_grad, z_grad, target_grad, y, one_minus_p_y, scale, focal_gamma, HARD_TARGET,
+                            SPREAD, HAS_FOCAL, HAS_Z_LOSS)
 
 
 @triton.jit

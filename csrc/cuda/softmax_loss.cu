@@ -144,7 +144,7 @@ __global__ void softmax_loss_kernel(const scalar_t* __restrict__ input, const in
         acc_t cost, dcost;
         focal_cost(lp, prm.focal_gamma, &cost, &dcost);
         acc_t d = fast_exp(lp) * res.p_rest + target_weight(c) * dcost;
-        if (prm.softcap != acc_t(0)) d *= softcap_derivative(s, prm.inv_softcap);
+        if (prm.softcap != acc_t(0)) d *= softcap_derivative(static_cast<acc_t>(x[c]), prm.inv_softcap);
         g[c] = static_cast<scalar_t>(d * scale);
       }
     }
@@ -160,7 +160,7 @@ __global__ void softmax_loss_kernel(const scalar_t* __restrict__ input, const in
         d = (c == y ? (p - acc_t(1)) * res.target_coef : p * res.target_coef) + p * res.p_rest -
             res.smooth_coef * class_weight(c);
       }
-      if (prm.softcap != acc_t(0)) d *= softcap_derivative(s, prm.inv_softcap);
+      if (prm.softcap != acc_t(0)) d *= softcap_derivative(static_cast<acc_t>(x[c]), prm.inv_softcap);
       g[c] = static_cast<scalar_t>(d * scale);
     }
   }

@@ -52,16 +52,20 @@ namespace crf {
 template <typename T>
 struct Guard;
 
+// max_drift: how far the sum of one position's tag marginals may be from 1 before the transition gradient of
+// that step is rescaled too (normalize_marginals).
 template <>
 struct Guard<float> {
   static constexpr float min_sum = 1e-24f;
   static constexpr float max_scale = 1e24f;
+  static constexpr float max_drift = 1e-6f;
 };
 
 template <>
 struct Guard<double> {
   static constexpr double min_sum = 1e-280;
   static constexpr double max_scale = 1e280;
+  static constexpr double max_drift = 1e-14;
 };
 
 // exp and log the compiler can vectorize (no calls, no branches) on the host for float32: the hot loops
@@ -222,10 +226,23 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T normalize(T* x, int K) {
   return m;
 }
 
-// One forward step on normalized values: next[j] = logsumexp_i(prev[i] + A[i, j]) + emission[j]
-// (matrix form, guarded), then normalized; returns the maximum taken out.
+// x[k] <- x[k] + y[k] - m with m = max_k(x[k] + y[k]) formed in float64, and returns m: normalize(x + y) without
+// rounding x + y to T first. y is an emission row: adding emissions in the hundreds or thousands in float32
+// would round the best tag's running score to the ulp of the emission (6e-5 at 1000) at every step, and these
+// roundings, different in the forward and the backward sweep, would move exp(alpha + beta - log Z) of a sure
+// tag away from 1 by their sum. Here the best tag's entry is exactly 0 and its score goes into the offset whole.
 template <typename T>
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T forward_step(const Tables<T>& tab, const T* prev, const T* emission,
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double add_normalized(T* x, const T* y, int K) {
+  double m = static_cast<double>(x[0]) + static_cast<double>(y[0]);
+  for (int k = 1; k < K; ++k) m = max_of(m, static_cast<double>(x[k]) + static_cast<double>(y[k]));
+  for (int k = 0; k < K; ++k) x[k] = static_cast<T>((static_cast<double>(x[k]) + static_cast<double>(y[k])) - m);
+  return m;
+}
+
+// One forward step on normalized values: next[j] = logsumexp_i(prev[i] + A[i, j]) + emission[j]
+// (matrix form, guarded), then normalized (add_normalized); returns the maximum taken out.
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double forward_step(const Tables<T>& tab, const T* prev, const T* emission,
                                                       T* next, T* p, T* sums) {
   const int K = tab.K;
   const T m = max_over(prev, K);  // 0 unless a NaN came in
@@ -252,7 +269,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T forward_step(const Tables<T>& tab, cons
   }
   for (int j = 0; j < K; ++j) {
     const T s = sums[j] >= Guard<T>::min_sum ? sums[j] : Guard<T>::min_sum;
-    next[j] = fast_log(s) + m + tab.col_max[j] + emission[j];
+    next[j] = fast_log(s) + m + tab.col_max[j];
   }
   for (int j = 0; j < K; ++j) {
     if (sums[j] >= Guard<T>::min_sum) continue;
@@ -261,9 +278,9 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T forward_step(const Tables<T>& tab, cons
     for (int i = 1; i < K; ++i) best = max_of(best, prev[i] + tab.transitions[static_cast<int64_t>(i) * K + j]);
     T s = 0;
     for (int i = 0; i < K; ++i) s += exp(prev[i] + tab.transitions[static_cast<int64_t>(i) * K + j] - best);
-    next[j] = best + log(s) + emission[j];
+    next[j] = best + log(s);
   }
-  return normalize(next, K);
+  return add_normalized(next, emission, K);
 }
 
 // Forward algorithm over one sequence; returns log Z. With store_alpha, alpha (L, K) and offsets (L,) keep
@@ -274,14 +291,14 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double forward(const Tables<T>& tab, cons
                                                       double* offsets, bool store_alpha, const Workspace<T>& ws) {
   const int K = tab.K;
   load_row(emissions, 0, K, ws.emission);
-  for (int k = 0; k < K; ++k) alpha[k] = tab.start[k] + ws.emission[k];
-  double offset = static_cast<double>(normalize(alpha, K));
+  for (int k = 0; k < K; ++k) alpha[k] = tab.start[k];
+  double offset = add_normalized(alpha, ws.emission, K);
   if (store_alpha) offsets[0] = offset;
   for (int64_t t = 1; t < L; ++t) {
     const T* prev = alpha + (store_alpha ? (t - 1) * K : ((t - 1) & 1) * K);
     T* next = alpha + (store_alpha ? t * K : (t & 1) * K);
     load_row(emissions, t, K, ws.emission);
-    offset += static_cast<double>(forward_step(tab, prev, ws.emission, next, ws.weights, ws.sums));
+    offset += forward_step(tab, prev, ws.emission, next, ws.weights, ws.sums);
     if (store_alpha) offsets[t] = offset;
   }
   const T* last = alpha + (store_alpha ? (L - 1) * K : ((L - 1) & 1) * K);
@@ -300,6 +317,21 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double gold_score(const Tables<T>& tab, c
     score += static_cast<double>(static_cast<T>(emissions[t * K + tags[t]]));
   }
   return score + static_cast<double>(tab.end[tags[L - 1]]);
+}
+
+// Scales one position's tag marginals u (K,) to sum to 1 and returns 1/Z − 1 for their sum Z (0 when Z is not
+// positive). They sum to 1 in exact arithmetic; the computed Z is off by the rounding of the scores that alpha,
+// beta and log Z are made of (about an ulp of the emissions when they are far larger than the transitions: a
+// tag that is sure given the future may be far below the best one given the past, and its rounded alpha then
+// carries an error of that ulp), which would keep a sure tag's probability from being exactly 1.
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T normalize_marginals(T* u, int K) {
+  T z = 0;
+  for (int k = 0; k < K; ++k) z += u[k];
+  if (!(z > T(0))) return T(0);
+  const T inv = T(1) / z;
+  for (int k = 0; k < K; ++k) u[k] *= inv;
+  return inv - T(1);
 }
 
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool tags_in_range(const int64_t* tags, int64_t L, int K) {
@@ -330,20 +362,28 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
   {
     const T shift = static_cast<T>(offsets[L - 1] + beta_offset - log_z);
     for (int k = 0; k < K; ++k) u[k] = exp(alpha_last[k] + beta[k] + shift);
+    normalize_marginals(u, K);
   }
+  // 1 − u[gold] as the sum of the other tags' marginals (u sums to 1: normalize_marginals): exact where 1 − u
+  // of a rounded u close to 1 would carry ulp(1) / (1 − u) of relative error.
+  auto residual = [&](const T* marginals, int64_t gold) {
+    T others = 0;
+    for (int k = 0; k < K; ++k) others += k == gold ? T(0) : marginals[k];
+    return others;
+  };
   auto write_row = [&](int64_t t, const T* marginals) {
     Out* row = out + t * K;
     if (kGradient) {
       for (int k = 0; k < K; ++k) row[k] = static_cast<Out>(-g * marginals[k]);
-      row[tags[t]] = static_cast<Out>(g - g * marginals[tags[t]]);
+      row[tags[t]] = static_cast<Out>(g * residual(marginals, tags[t]));
     } else {
       for (int k = 0; k < K; ++k) row[k] = static_cast<Out>(marginals[k]);
     }
   };
   write_row(L - 1, u);
   if (kGradient) {
-    for (int k = 0; k < K; ++k) grad_end[k] -= g * u[k];
-    grad_end[tags[L - 1]] += g;
+    for (int k = 0; k < K; ++k) grad_end[k] -= k == tags[L - 1] ? T(0) : g * u[k];
+    grad_end[tags[L - 1]] += g * residual(u, tags[L - 1]);
   }
   T* v = ws.extra;
   T* w = ws.weights;
@@ -351,17 +391,17 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
   T* scale = ws.scale;
   for (int64_t t = L - 1; t >= 1; --t) {
     const T* alpha_prev = alpha + (t - 1) * K;
-    load_row(emissions, t, K, ws.emission);
-    for (int j = 0; j < K; ++j) v[j] = ws.emission[j] + beta[j];
-    const T mv = max_over(v, K);
-    // alpha_{t-1} + v - log Z = alpha_prev + v + shift: the offsets enter as one rounded number.
-    const T shift = static_cast<T>(offsets[t - 1] + beta_offset - log_z);
-    for (int j = 0; j < K; ++j) w[j] = fast_exp(v[j] - mv);
-    for (int i = 0; i < K; ++i) scale[i] = fast_exp(alpha_prev[i] + tab.row_max[i] + mv + shift);
+    // v_j = emission[t, j] + beta_t[j] - mv, relative to its maximum mv (add_normalized).
+    load_row(emissions, t, K, v);
+    const double mv = add_normalized(v, beta, K);
+    // alpha_{t-1} + (v + mv) - log Z = alpha_prev + v + shift: mv and the offsets enter as one rounded number.
+    const T shift = static_cast<T>(mv + offsets[t - 1] + beta_offset - log_z);
+    for (int j = 0; j < K; ++j) w[j] = fast_exp(v[j]);
+    for (int i = 0; i < K; ++i) scale[i] = fast_exp(alpha_prev[i] + tab.row_max[i] + shift);
     for (int i = 0; i < K; ++i) sums[i] = 0;
+    // ws.emission is free in this sweep: it holds g * F_i for the rows swept in the matrix form.
+    T* g_scale = ws.emission;
     if (kGradient) {
-      // ws.beta is free until beta_{t-1} is written: it holds g * F_i for the rows swept in the matrix form.
-      T* g_scale = beta;
       for (int i = 0; i < K; ++i) g_scale[i] = scale[i] <= Guard<T>::max_scale ? g * scale[i] : T(0);
       const T* __restrict__ gs = g_scale;
       T* __restrict__ acc = sums;
@@ -396,11 +436,11 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
         for (int i = 0; i < K; ++i) acc[i] += e_row[i] * wj;
       }
     }
-    // beta_{t-1} (relative to beta_offset) and u_{t-1} = F * S' (overwrites F, kept per row where the exact
-    // path needs it).
+    // beta_{t-1} (relative to beta_offset + mv) and u_{t-1} = F * S' (overwrites F, kept per row where the
+    // exact path needs it).
     for (int i = 0; i < K; ++i) {
       const T s = sums[i] >= Guard<T>::min_sum ? sums[i] : Guard<T>::min_sum;
-      beta[i] = fast_log(s) + mv + tab.row_max[i];
+      beta[i] = fast_log(s) + tab.row_max[i];
     }
     for (int i = 0; i < K; ++i) {
       const bool exact_row = !(sums[i] >= Guard<T>::min_sum);
@@ -414,12 +454,32 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
       }
       u[i] = exact_row ? exp(alpha_prev[i] + beta[i] + shift) : scale[i] * sums[i];
     }
-    beta_offset += static_cast<double>(normalize(beta, K));
+    const T correction = normalize_marginals(u, K);
+    if (kGradient && (correction > Guard<T>::max_drift || correction < -Guard<T>::max_drift)) {
+      // The pairwise marginals of this step went into the gradient with the same drift: add correction times
+      // them (a second K^2 sweep, only at steps whose scores drifted: emissions far larger than the transitions).
+      for (int j = 0; j < K; ++j) {
+        const T cw = correction * w[j];
+        if (cw == 0) continue;
+        const T* __restrict__ e_row = tab.e_row_t + static_cast<int64_t>(j) * K;
+        T* __restrict__ grad = grad_transitions_t + static_cast<int64_t>(j) * K;
+        for (int i = 0; i < K; ++i) grad[i] -= g_scale[i] * e_row[i] * cw;
+      }
+      for (int i = 0; i < K; ++i) {
+        if (fast_exp(alpha_prev[i] + tab.row_max[i] + shift) <= Guard<T>::max_scale) continue;  // a matrix-form row
+        const T* a_row = tab.transitions + static_cast<int64_t>(i) * K;
+        for (int j = 0; j < K; ++j) {
+          grad_transitions_t[static_cast<int64_t>(j) * K + i] -=
+              correction * g * exp(alpha_prev[i] + a_row[j] + v[j] + shift);
+        }
+      }
+    }
+    beta_offset += mv + static_cast<double>(normalize(beta, K));
     write_row(t - 1, u);
   }
   if (kGradient) {
-    for (int k = 0; k < K; ++k) grad_start[k] -= g * u[k];
-    grad_start[tags[0]] += g;
+    for (int k = 0; k < K; ++k) grad_start[k] -= k == tags[0] ? T(0) : g * u[k];
+    grad_start[tags[0]] += g * residual(u, tags[0]);
   }
 }
 
