@@ -581,11 +581,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_loss_forward_cpu(const at::T
           const acc_t bin_w = bin_weight[bin >= 0 ? bin : 0];
           weight[i] = counted && bin >= 0 ? bin_w : acc_t(0);
         }
-        for (int64_t i = 0; i < len; ++i) {
-          const LossGrad<acc_t> r = sigmoid_loss::bce(static_cast<acc_t>(x[start + i]),
-                                                      static_cast<acc_t>(y[start + i]), acc_t(1));
-          weighted_loss[i] = weight[i] * r.loss;
-          if (g != nullptr) g[start + i] = static_cast<scalar_t>(weight[i] * r.grad * inv_tot);
+        // Two copies of the loop, so that neither has a branch in it.
+        if (g != nullptr) {
+          for (int64_t i = 0; i < len; ++i) {
+            const LossGrad<acc_t> r = sigmoid_loss::bce(static_cast<acc_t>(x[start + i]),
+                                                        static_cast<acc_t>(y[start + i]), acc_t(1));
+            weighted_loss[i] = weight[i] * r.loss;
+            g[start + i] = static_cast<scalar_t>(weight[i] * r.grad * inv_tot);
+          }
+        } else {
+          for (int64_t i = 0; i < len; ++i) {
+            const LossGrad<acc_t> r = sigmoid_loss::bce(static_cast<acc_t>(x[start + i]),
+                                                        static_cast<acc_t>(y[start + i]), acc_t(1));
+            weighted_loss[i] = weight[i] * r.loss;
+          }
         }
         chunk_sum += lane_sum(weighted_loss, len);
       }
