@@ -496,13 +496,14 @@ def _tiling(batch: int, num_tags: int, block_b: Optional[int], block_k: Optional
     """``(BLOCK_B, BLOCK_K, USE_DOT)``.
 
     Defaults: one sequence per program (the time loop is serial, so parallelism comes from the batch) unless
-    the batch alone fills an H100 with 16-sequence tiles, which then run the step as one ``tl.dot``; K in one
-    block up to 32 tags, in tiles of 32 up to 64 tags and of 64 above (16 on the ``tl.dot`` path): the tilings
-    that spill no registers on sm_90 (make triton-build-check; one tile of 64 spills, three of 32 too).
+    the batch alone fills an H100 with 16-sequence tiles and the tags fit one 16-tag tile, which then run the
+    step as one ``tl.dot``; K in one block up to 32 tags, in tiles of 32 up to 64 tags and of 64 above: the
+    tilings that spill no registers on sm_90 (make triton-build-check; one tile of 64 spills, three of 32 too,
+    and the ``tl.dot`` path over several 16-tag tiles keeps an 8-48 byte stack, so it is not picked by default).
     ``block_b``/``block_k`` override them (tests force the tiled and dot paths at small sizes).
     """
     if block_b is None:
-        block_b = 16 if num_tags >= 16 and batch >= 2048 else 1
+        block_b = 16 if num_tags == 16 and batch >= 2048 else 1
     use_dot = block_b >= 16 and (block_k or num_tags) >= 16
     if block_k is None:
         block_k = 16 if use_dot else (min(triton.next_power_of_2(num_tags), 32) if num_tags <= 64 else 64)
@@ -658,7 +659,7 @@ def launch_configurations() -> List[dict]:
     for num_tags in tag_counts:
         for batch in (1, 4096):
             block_b, block_k, use_dot = _tiling(batch, num_tags, None, None)
-            if num_tags <= 133:  # tile counts 1 to 3 (of 64 above 64 tags; of 16 on the dot path up to 9)
+            if num_tags <= 133:  # tile counts 1 to 3 (of 64 above 64 tags; the dot path: one tile of 16)
                 tilings.add((block_b, block_k, use_dot, triton.cdiv(num_tags, block_k)))
         block_b, block_k = _viterbi_tiling(num_tags, None, None)
         viterbi_tilings.add((block_b, block_k, triton.cdiv(num_tags, block_k), _pointer_dtype(num_tags)))
