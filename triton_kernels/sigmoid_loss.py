@@ -984,3 +984,45 @@ def bi_tempered_logistic_loss(
     closed-form gradient (no gradient for ``target``)."""
     return _run(_bi_tempered_logistic_loss, _bi_tempered_op, input, target, t1, t2, label_smoothing, num_iters,
                 reduction)[0]
+
+
+def launch_configurations() -> List[dict]:
+    """Every kernel build the launchers above can ask for, for offline compile checks (tests/test_triton_build.py):
+    each entry ``name``, ``kernel``, ``signature`` (types of the non-constexpr arguments), ``constexprs`` and
+    ``num_warps``. Row kernels at a tile of rows (80 columns), the widest single block, and several blocks; the
+    elementwise kernels at the launcher's tile; 16-bit inputs (the float32 math is the same for all dtypes)."""
+    types = dict(X="*bf16", T="*u8", W="*fp32", PW="*fp32", LOSS="*fp32", GRAD="*bf16", VALID="*u8", EDGES="*fp32",
+                 COUNT="*i64", WEIGHT="*fp32", PARTIAL="*fp32", ACC_SUM="*fp32", NEW_ACC_SUM="*fp32",
+                 GRAD_OUT="*fp32", n_rows="i32", n_cols="i32", bins="i32", num_iters="i32")
+    element = dict(BLOCK=_BLOCK)
+    rows, block_c = _element_tile(8192, 80)
+    builds = [
+        (_binary_fwd_kernel, dict(HAS_WEIGHT=True, HAS_POS_WEIGHT=True, FOCAL=False, HAS_ALPHA=False,
+                                  HAS_GAMMA=False, REDUCE=True, WRITE_GRAD=True, ROWS=rows, BLOCK_C=block_c), 4),
+        (_binary_fwd_kernel, dict(HAS_WEIGHT=False, HAS_POS_WEIGHT=False, FOCAL=True, HAS_ALPHA=True, HAS_GAMMA=True,
+                                  REDUCE=False, WRITE_GRAD=True, ROWS=1, BLOCK_C=_BLOCK), 4),
+        (_ghmc_histogram_kernel, dict(HAS_VALID=True, BINS_PAD=32, **element), 4),
+        (_ghmc_weights_kernel, dict(HAS_MOMENTUM=True, BINS_PAD=32), 4),
+        (_ghmc_loss_kernel, dict(HAS_VALID=True, WRITE_GRAD=True, **element), 4),
+        (_scale_grad_kernel, dict(PER_ROW=True, **element), 4),
+    ]
+    for n_cols in (80, 8192, 100000):
+        _, rows, block, warps = _row_launch(8192, n_cols)
+        layout = dict(ROWS=rows, BLOCK_C=block)
+        builds.append((_soft_margin_fwd_kernel, dict(HAS_WEIGHT=True, WRITE_GRAD=True, **layout), warps))
+        builds.append((_zlpr_fwd_kernel, dict(WRITE_GRAD=True, SINGLE_BLOCK=n_cols <= block, **layout), warps))
+    for n_cols in (80, _BI_TEMPERED_MAX_BLOCK_C, 100000):
+        _, rows, block, warps = _bi_tempered_launch(8192, n_cols)
+        layout = dict(ROWS=rows, BLOCK_C=block)
+        for mode in (0, 1, 2):
+            builds.append((_bi_tempered_fwd_kernel, dict(HARD_TARGET=False, T2_MODE=mode, CROSS_ENTROPY=mode == 0,
+                                                         T1_IS_ONE=mode == 0, WRITE_GRAD=True,
+                                                         SINGLE_BLOCK=n_cols <= block, **layout), warps))
+    configurations = []
+    for kernel, constexprs, num_warps in builds:
+        signature = {name: types.get(name, "i64" if "stride" in name or name == "n_elements" else "fp32")
+                     for name in kernel.arg_names if name not in constexprs}
+        label = " ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("ROWS", "BLOCK_C", "BLOCK", "T2_MODE"))
+        configurations.append(dict(name=f"{kernel.__name__} {label}", kernel=kernel, signature=signature,
+                                   constexprs=constexprs, num_warps=num_warps))
+    return configurations
