@@ -10,6 +10,7 @@
 #include <cmath>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace fusedloss {
 
@@ -69,6 +70,28 @@ inline void check_real(const char* name, double value, double low, double high =
 inline bool traced(const at::Tensor& t) {
   return c10::impl::TorchDispatchModeTLS::any_modes_set() ||
          t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
+}
+
+// grad · grad_output for the ops that compute their gradient in the forward pass and save it: grad_output
+// broadcast over the dimensions the loss reduced (a scalar, or one value per leading index of grad for
+// reduction none). The usual loss.backward() passes the scalar 1: then the saved gradient is the answer.
+// Otherwise it is scaled in place when it is a plain tensor (no second gradient-sized buffer; the version bump
+// makes a second backward through the same graph raise instead of scaling twice), out of place while tracing or
+// when a gradient of the gradient is wanted.
+inline at::Tensor scale_saved_grad(at::Tensor grad, const at::Tensor& grad_output) {
+  const bool is_traced = traced(grad) || traced(grad_output);
+  if (!is_traced && grad_output.dim() == 0 && grad_output.device().is_cpu() && !grad_output.requires_grad() &&
+      grad_output.item<double>() == 1.0) {
+    return grad;
+  }
+  at::Tensor scale = grad_output;
+  if (grad_output.dim() != 0) {
+    std::vector<c10::SymInt> sizes(grad_output.sym_sizes().begin(), grad_output.sym_sizes().end());
+    sizes.resize(grad.dim(), c10::SymInt(1));
+    scale = grad_output.view_symint(sizes);
+  }
+  if (is_traced || grad.requires_grad() || scale.requires_grad()) return grad.mul(scale);
+  return grad.mul_(scale);
 }
 
 }  // namespace fusedloss

@@ -23,6 +23,8 @@
 #include <tuple>
 #include <vector>
 
+#include "op_utils.h"
+
 namespace fusedloss {
 namespace {
 
@@ -34,11 +36,6 @@ using torch::autograd::variable_list;
 // Argument checks (shapes are compared as SymInts, so the checks also run while torch.compile
 // traces with symbolic shapes)
 // ---------------------------------------------------------------------------------------------
-
-void check_floating(const char* name, const Tensor& t) {
-  TORCH_CHECK_TYPE(t.is_floating_point(), name,
-                   " must be a floating-point tensor (float16, bfloat16, float32, float64), got ", t.scalar_type());
-}
 
 void check_real_target(const Tensor& target) {
   TORCH_CHECK_TYPE(!target.is_complex(), "target must be a real tensor, got ", target.scalar_type());
@@ -248,30 +245,6 @@ struct BiTempered {
 // ---------------------------------------------------------------------------------------------
 // Autograd: the saved gradient times grad_output
 // ---------------------------------------------------------------------------------------------
-
-// grad · grad_output, grad_output broadcast over the dimensions the loss reduced (a scalar, or one
-// value per row for the row losses with reduction none). The usual loss.backward() passes the
-// scalar 1: then the saved gradient is the answer. Otherwise it is scaled in place when it is a
-// plain tensor (no second gradient-sized buffer; the version bump makes a second backward through
-// the same graph raise instead of scaling twice), out of place while tracing.
-Tensor scale_saved_grad(Tensor grad, const Tensor& grad_output) {
-  std::vector<int64_t> shape(grad_output.sizes().begin(), grad_output.sizes().end());
-  const bool traced = grad.key_set().has(c10::DispatchKey::Python) ||
-                      grad.key_set().has(c10::DispatchKey::Functionalize) ||
-                      grad_output.key_set().has(c10::DispatchKey::Python) ||
-                      grad_output.key_set().has(c10::DispatchKey::Functionalize);
-  if (!traced && grad_output.dim() == 0 && grad_output.device().is_cpu() && !grad_output.requires_grad() &&
-      grad_output.item<double>() == 1.0) {
-    return grad;
-  }
-  const Tensor scale = grad_output.dim() == 0 ? grad_output : [&] {
-    std::vector<c10::SymInt> sizes(grad_output.sym_sizes().begin(), grad_output.sym_sizes().end());
-    sizes.resize(grad.dim(), c10::SymInt(1));
-    return grad_output.view_symint(sizes);
-  }();
-  if (traced || grad.requires_grad() || scale.requires_grad()) return grad * scale;
-  return grad.mul_(scale);
-}
 
 template <typename Op>
 class SavedGradFunction : public torch::autograd::Function<SavedGradFunction<Op>> {

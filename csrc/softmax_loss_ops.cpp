@@ -130,25 +130,13 @@ class SoftmaxLossFunction : public torch::autograd::Function<SoftmaxLossFunction
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const at::Tensor grad = ctx->get_saved_variables()[0];
     const at::Tensor& grad_loss = grad_outputs[0];
-    const bool none = ctx->saved_data["none"].toBool();
-    const auto sizes = ctx->saved_data["sizes"].toIntVector();
     variable_list grads(11);
     if (!grad_loss.defined()) return grads;
-    const at::Tensor scale = none ? grad_loss.reshape({-1, 1}) : grad_loss;
-    at::Tensor grad_input;
-    if (traced(grad_loss) || traced(grad)) {
-      grad_input = grad.mul(scale);  // functional, no data-dependent branch
-    } else if (!none && grad_loss.device().is_cpu() && grad_loss.item<double>() == 1.0) {
-      // The usual loss.backward(): the stored gradient is the answer (checking costs nothing on the CPU).
-      grad_input = grad;
-    } else {
-      // In place: no second (N, C) buffer. The saved tensor's version changes, so a second backward
-      // through this graph (retain_graph=True) raises instead of scaling twice.
-      grad_input = grad.mul_(scale);
-    }
-    grads[0] = grad_input.view(sizes);
+    // The saved gradient has the rows of the flattened input: one grad_output per row for reduction none.
+    const bool none = ctx->saved_data["none"].toBool();
+    const at::Tensor grad = scale_saved_grad(ctx->get_saved_variables()[0], none ? grad_loss.reshape({-1}) : grad_loss);
+    grads[0] = grad.view(ctx->saved_data["sizes"].toIntVector());
     return grads;
   }
 };
