@@ -1,0 +1,633 @@
+"""Vocabulary-parallel softmax losses over ``torch.distributed`` (SPEC 9).
+
+When the class dimension (the vocabulary of a language model head) is split across the ranks of a process
+group, each rank holds a contiguous slice of it, in rank order; slices may differ in size. These functions
+give every rank the loss of the *gathered* logits, exactly as :func:`fusedloss.cross_entropy` (resp.
+``linear_cross_entropy``) would compute it on one device, and the gradient of the rank's own shard, while
+only per-row statistics cross the network, never logits.
+
+Per row, with ``s`` the (soft-capped) logits, ``m`` the global row max, ``lse`` the global log-sum-exp,
+``C`` the global class count, ``w`` the class weights (ones when None) and ``h_c`` the derivative of
+``(1 - p_c)^γ log p_c`` with respect to ``log p_c`` (1 when γ = 0)::
+
+    l   = (1 - ε) w_y f_y (lse - s_y) + (ε / C) Σ_c w_c f_c (lse - s_c) + z_loss · lse²,   f_c = (1 - p_c)^γ
+    A   = (1 - ε) w_y h_y + (ε / C) Σ_c w_c h_c
+    ∂l/∂s_j = p_j (A + 2 z_loss · lse) − (1 − ε) w_y h_y [j = y] − (ε / C) w_j h_j
+
+so a rank writes the gradient of its shard from ``lse`` and ``A`` alone.
+
+Communication of one call (all ``all_reduce`` on ``group``; counted by the tests):
+
+- forward: one ``MAX`` all-reduce of the row maxima (it also carries every rank's shard size, so no
+  separate exchange of the layout is needed), then one ``SUM`` all-reduce of the packed per-row sums
+  (sum of exps, the target logit from the rank that holds it, the smoothing sum). The one exception:
+  focal loss (γ > 0) *with* label smoothing needs ``Σ_c w_c (1 − p_c)^γ log p_c`` over every class, which
+  needs ``lse`` first: a third all-reduce (``SUM``). Focal loss without smoothing needs only ``p_y``.
+- backward: none for ``vocab_parallel_cross_entropy`` (each rank computes its shard's gradient from the
+  saved statistics); one ``SUM`` all-reduce of ``grad_input`` for ``vocab_parallel_linear_cross_entropy``
+  (skipped on every rank when ``input`` does not require grad).
+
+Reading the shard sizes costs one host synchronization per call (the reduced sizes are read to slice
+``weight`` and to place targets). The collectives sit inside a ``torch.autograd.Function`` whose backward
+computes the local gradient: a plain ``all_reduce`` inside autograd would give wrong gradients.
+
+Local work. The per-row statistics (:func:`_local_row_stats`, :func:`_local_class_sums`) and the local
+gradient (:func:`_local_grad`) are computed with PyTorch ops on the local shard, in float32 for
+float16/bfloat16/float32 inputs (float64 for float64), over chunks of rows so that temporaries stay
+``O(chunk · C_shard)``: the fused kernels of :mod:`fusedloss.softmax` are **not** used (they return a loss,
+not the per-row statistics a distributed reduction needs). Targets are class indices; soft targets
+(class probabilities) are not supported here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fusedloss._validation import (
+    check_class_input,
+    check_floating_tensor,
+    check_int,
+    check_same_device,
+    check_softmax_options,
+    values_checkable,
+)
+from fusedloss.reference.softmax import focal_power
+
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+
+# Shard sizes travel in the float row-max all-reduce; float32 holds integers exactly below 2^24.
+_MAX_SHARD_SIZE = 2**24
+# Temporaries of the local passes are kept near this many elements (chunks of rows).
+_CHUNK_ELEMENTS = 2**22
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments: group, DTensor, options
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_group(shard, group, name: str, class_dim: int):
+    """The local shard and the process group. A DTensor sharded on its class dimension (``class_dim``: -1 for
+    logits, 0 for the rows of a head) gives its local shard and its mesh's group along that mesh dimension."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "fusedloss.distributed needs an initialized process group: call torch.distributed.init_process_group "
+            "first (e.g. under torchrun)"
+        )
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if isinstance(shard, DTensor):
+        class_dim = class_dim % shard.dim()
+        placements = shard.placements
+        sharded = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim % shard.dim() == class_dim]
+        replicated = all(isinstance(p, Replicate) for i, p in enumerate(shard.placements) if i not in sharded)
+        if len(sharded) != 1 or not replicated:
+            raise ValueError(
+                f"{name} as a DTensor must be sharded on its class dimension ({class_dim}) along exactly one mesh "
+                f"dimension and replicated along any others, got placements {tuple(shard.placements)}"
+            )
+        mesh_group = shard.device_mesh.get_group(sharded[0])
+        if group is not None and group != mesh_group:
+            raise ValueError(
+                f"group must be None or the group of {name}'s device mesh along its sharded dimension, "
+                "got a different group"
+            )
+        group = mesh_group
+        shard = shard.to_local()
+    if group is None:
+        group = dist.group.WORLD
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"group does not contain this process (global rank {dist.get_rank()})")
+    return shard, group
+
+
+def _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, token_weight):
+    ignore_index, label_smoothing, focal_gamma, z_loss, softcap = check_softmax_options(
+        ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, "auto"
+    )
+    if weight is not None:
+        check_floating_tensor("weight", weight)
+        if weight.dim() != 1:
+            raise ValueError(f"weight must be the full (C,) tensor of class weights, got shape {tuple(weight.shape)}")
+    if token_weight is not None:
+        check_floating_tensor("token_weight", token_weight)
+    return ignore_index, label_smoothing, focal_gamma, z_loss, softcap
+
+
+def _check_target(target, row_shape: tuple, input: torch.Tensor, input_name: str) -> None:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point():
+        raise TypeError(
+            "target must be int64 global class indices; class-probability (soft) targets are not supported by "
+            f"the vocabulary-parallel losses, got {target.dtype}"
+        )
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be int64 global class indices, got {target.dtype} (convert with target.long())")
+    if tuple(target.shape) != row_shape:
+        raise ValueError(
+            f"target must have shape {row_shape} ({input_name}.shape[:-1], the same on every rank), "
+            f"got {tuple(target.shape)}"
+        )
+    check_same_device("target", target, input)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan of one call: layout, targets and options, shared by forward and backward
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    group: dist.ProcessGroup
+    device: torch.device
+    compute_dtype: torch.dtype
+    num_rows: int
+    shard_size: int
+    chunk_rows: int
+    ignore_index: int
+    label_smoothing: float
+    focal_gamma: float
+    z_loss: float
+    softcap: float | None
+    # filled in once the shard sizes are known (after the row-max all-reduce)
+    num_classes: int = 0
+    offset: int = 0
+    weight_shard: torch.Tensor | None = None  # (C_shard,) compute dtype
+    kept: torch.Tensor | None = None  # (N,) bool: target != ignore_index
+    local_target: torch.Tensor | None = None  # (N,) target - offset, clamped into the shard
+    target_is_local: torch.Tensor | None = None  # (N,) bool: kept and the target class lies in this shard
+
+    def capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits in the compute dtype, soft-capped: ``s = softcap · tanh(x / softcap)``."""
+        logits = logits.to(self.compute_dtype)
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+    def chunks(self):
+        for start in range(0, self.num_rows, self.chunk_rows):
+            yield start, min(start + self.chunk_rows, self.num_rows)
+
+
+def _make_plan(group, input: torch.Tensor, num_rows, shard_size, chunk_rows, options) -> _Plan:
+    compute_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    if chunk_rows is None:
+        chunk_rows = max(1, _CHUNK_ELEMENTS // shard_size)
+    return _Plan(group, input.device, compute_dtype, num_rows, shard_size, max(1, min(chunk_rows, max(num_rows, 1))),
+                 *options)
+
+
+def _exchange_max_and_layout(plan: _Plan, local_max: torch.Tensor) -> torch.Tensor:
+    """Collective 1 (MAX): the global row max, and every rank's shard size (each rank writes its own size in
+    its slot, zeros elsewhere). Returns the global row max."""
+    world = dist.get_world_size(plan.group)
+    rank = dist.get_rank(plan.group)
+    buffer = torch.zeros(plan.num_rows + world, dtype=plan.compute_dtype, device=plan.device)
+    buffer[: plan.num_rows] = local_max
+    buffer[plan.num_rows + rank] = plan.shard_size
+    dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=plan.group)
+    sizes = [int(size) for size in buffer[plan.num_rows :].tolist()]
+    plan.num_classes = sum(sizes)
+    plan.offset = sum(sizes[:rank])
+    return buffer[: plan.num_rows]
+
+
+def _place_targets(plan: _Plan, target: torch.Tensor, weight: torch.Tensor | None, input_name: str) -> None:
+    """Checks the global targets and class weights against the global C; finds the targets of this shard."""
+    num_classes = plan.num_classes
+    if weight is not None:
+        if weight.shape[0] != num_classes:
+            raise ValueError(
+                f"weight must be the full (C,) tensor of class weights, C = {num_classes} summed over the shards "
+                f"of {input_name}, got shape {tuple(weight.shape)}"
+            )
+        check_same_device("weight", weight, target)
+        plan.weight_shard = weight.detach()[plan.offset : plan.offset + plan.shard_size].to(plan.compute_dtype)
+    kept = target != plan.ignore_index
+    if values_checkable(target) and target.numel() > 0:
+        outside = kept & ((target < 0) | (target >= num_classes))
+        if bool(outside.any()):
+            bad = target[outside]
+            raise ValueError(
+                f"target values must be global class indices in [0, {num_classes}) (C summed over the shards) "
+                f"or ignore_index={plan.ignore_index}, got {bad.numel()} value(s) outside every shard, "
+                f"e.g. {int(bad[0])}"
+            )
+    local = target - plan.offset
+    plan.kept = kept
+    plan.target_is_local = kept & (local >= 0) & (local < plan.shard_size)
+    plan.local_target = local.clamp(0, plan.shard_size - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Local passes over the shard (torch ops; what a fused row kernel would return)
+# ----------------------------------------------------------------------------------------------
+
+
+def _local_row_stats(plan: _Plan, logits_of) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One pass over the local shard, before any communication: per row the local max ``m_r``, the local sum
+    of exps relative to it ``Σ_j exp(s_j − m_r)`` and, for unweighted smoothing, ``Σ_j (m_r − s_j)``.
+
+    ``logits_of(start, stop)`` returns the raw local logits of rows ``[start, stop)``.
+    """
+    local_max = torch.empty(plan.num_rows, dtype=plan.compute_dtype, device=plan.device)
+    sum_exp = torch.empty_like(local_max)
+    gap_sum = torch.empty_like(local_max) if plan.label_smoothing > 0 else None
+    for start, stop in plan.chunks():
+        logits = plan.capped(logits_of(start, stop))
+        row_max = logits.amax(dim=-1)
+        shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        local_max[start:stop] = row_max
+        sum_exp[start:stop] = torch.exp(logits - shift.unsqueeze(-1)).sum(dim=-1)
+        if gap_sum is not None:
+            gap_sum[start:stop] = (shift.unsqueeze(-1) - logits).sum(dim=-1)
+    return local_max, sum_exp, gap_sum
+
+
+def _local_class_sums(plan: _Plan, logits_of, row_max: torch.Tensor, lse: torch.Tensor | None) -> torch.Tensor:
+    """Per-row sums over the local classes that need a global quantity first.
+
+    With ``lse`` None: ``Σ_j w_j (m − s_j)`` for weighted smoothing (needs the global max ``m``, i.e. this
+    shard's slice of ``weight``). With ``lse``: the focal smoothing sums ``[Σ_j w_j f_j (lse − s_j),
+    Σ_j w_j h_j]``. Returns ``(N,)`` or ``(N, 2)``.
+    """
+    columns = 1 if lse is None else 2
+    sums = torch.empty(plan.num_rows, columns, dtype=plan.compute_dtype, device=plan.device)
+    for start, stop in plan.chunks():
+        logits = plan.capped(logits_of(start, stop))
+        if lse is None:
+            sums[start:stop, 0] = ((row_max[start:stop].unsqueeze(-1) - logits) * plan.weight_shard).sum(dim=-1)
+            continue
+        log_probs = logits - lse[start:stop].unsqueeze(-1)
+        focal, dfocal = _focal_terms(log_probs, plan.focal_gamma)
+        cost = -log_probs * focal
+        if plan.weight_shard is not None:
+            cost, dfocal = cost * plan.weight_shard, dfocal * plan.weight_shard
+        sums[start:stop, 0] = cost.sum(dim=-1)
+        sums[start:stop, 1] = dfocal.sum(dim=-1)
+    return sums[:, 0] if lse is None else sums
+
+
+def _focal_terms(log_probs: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``f = (1 − p)^γ`` and ``h = d[f · log p] / d log p = f · (1 − γ p log p / (1 − p))``, both 0 where
+    ``1 − p`` is below the smallest normal number (the reference's rule: the factor is 0 there)."""
+    probs = torch.exp(log_probs)
+    base = -torch.expm1(log_probs)
+    focal = focal_power(base, gamma)
+    representable = base > torch.finfo(base.dtype).tiny
+    ratio = torch.where(representable, probs * log_probs / torch.where(representable, base, torch.ones_like(base)),
+                        torch.zeros_like(base))
+    return focal, focal * (1.0 - gamma * ratio)
+
+
+def _local_grad(plan: _Plan, logits: torch.Tensor, rows: slice, saved: dict) -> torch.Tensor:
+    """``∂(Σ_n g_n l_n)/∂x`` for the local logits ``x`` of ``rows``, in the compute dtype, from the saved global
+    statistics ``lse``, ``A`` (see the module docstring), ``target_coef = (1 − ε) w_y h_y`` and the per-row
+    scale ``g_n`` (grad_output × token weight, 0 at ignored rows)."""
+    capped = plan.capped(logits)
+    lse = saved["lse"][rows].unsqueeze(-1)
+    log_probs = capped - lse
+    grad = torch.exp(log_probs) * (saved["A"][rows].unsqueeze(-1) + 2.0 * plan.z_loss * lse)
+    if plan.label_smoothing > 0:
+        class_coef = torch.ones_like(capped) if plan.focal_gamma == 0 else _focal_terms(log_probs, plan.focal_gamma)[1]
+        if plan.weight_shard is not None:
+            class_coef = class_coef * plan.weight_shard
+        grad = grad - (plan.label_smoothing / plan.num_classes) * class_coef
+    is_local = plan.target_is_local[rows]
+    target_coef = torch.where(is_local, saved["target_coef"][rows], torch.zeros_like(lse.squeeze(-1)))
+    grad = grad.scatter_add(-1, plan.local_target[rows].unsqueeze(-1), -target_coef.unsqueeze(-1))
+    grad = grad * saved["row_scale"][rows].unsqueeze(-1)
+    if plan.softcap is not None:
+        grad = grad * (1.0 - (capped / plan.softcap).square())
+    return grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward: statistics, collectives, row losses
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward_rows(plan: _Plan, logits_of, target_logit_of, target, weight, input_name: str):
+    """Row losses ``t_n · l_n`` (0 at ignored rows) in the compute dtype, and what backward needs.
+
+    ``target_logit_of(local_target)`` returns the raw local logit of each row's (clamped) local target.
+    """
+    local_max, sum_exp, gap_sum = _local_row_stats(plan, logits_of)
+    row_max = _exchange_max_and_layout(plan, local_max)  # collective 1 (MAX)
+    _place_targets(plan, target, weight, input_name)
+    eps, gamma, num_classes = plan.label_smoothing, plan.focal_gamma, plan.num_classes
+
+    local_shift = torch.where(torch.isfinite(local_max), local_max, torch.zeros_like(local_max))
+    target_logit = plan.capped(target_logit_of(plan.local_target))
+    packed = [sum_exp * torch.exp(local_shift - row_max),
+              torch.where(plan.target_is_local, target_logit, torch.zeros_like(target_logit))]
+    if eps > 0:
+        if plan.weight_shard is None:  # Σ_j (m − s_j) = Σ_j (m_r − s_j) + C_r (m − m_r): every term >= 0
+            packed.append(gap_sum + plan.shard_size * (row_max - local_shift))
+        else:
+            packed.append(_local_class_sums(plan, logits_of, row_max, None))
+    packed = torch.stack(packed, dim=-1)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=plan.group)  # collective 2 (SUM)
+    lse = row_max + torch.log(packed[:, 0])
+    target_logit = packed[:, 1]
+
+    kept = plan.kept
+    if weight is None:
+        target_weight = torch.ones_like(lse)
+        weight_sum = float(num_classes)
+    else:
+        weight_full = weight.detach().to(device=lse.device, dtype=plan.compute_dtype)
+        target_weight = weight_full[target.clamp(0, num_classes - 1)]
+        weight_sum = weight_full.sum()
+    log_prob_target = target_logit - lse
+    if gamma == 0:
+        target_cost = -target_weight * log_prob_target
+        target_coef = (1.0 - eps) * target_weight
+    else:
+        focal, dfocal = _focal_terms(log_prob_target, gamma)
+        target_cost = -target_weight * focal * log_prob_target
+        target_coef = (1.0 - eps) * target_weight * dfocal
+    row_loss = (1.0 - eps) * target_cost
+    coef_sum = target_coef
+    if eps > 0:
+        if gamma == 0:  # Σ_c w_c (lse − s_c) = (lse − m) Σ_c w_c + Σ_c w_c (m − s_c)
+            smooth_cost = (lse - row_max) * weight_sum + packed[:, 2]
+            smooth_coef = weight_sum
+        else:
+            focal_sums = _local_class_sums(plan, logits_of, row_max, lse)
+            dist.all_reduce(focal_sums, op=dist.ReduceOp.SUM, group=plan.group)  # collective 3 (SUM): focal + ε
+            smooth_cost, smooth_coef = focal_sums[:, 0], focal_sums[:, 1]
+        row_loss = row_loss + (eps / num_classes) * smooth_cost
+        coef_sum = coef_sum + (eps / num_classes) * smooth_coef
+    if plan.z_loss > 0:
+        row_loss = row_loss + plan.z_loss * lse.square()
+    row_loss = torch.where(kept, row_loss, torch.zeros_like(row_loss))
+    saved = {"lse": lse, "A": coef_sum, "target_coef": target_coef}
+    return row_loss, target_weight, saved
+
+
+def _row_weights(plan: _Plan, token_weight: torch.Tensor | None, target_weight: torch.Tensor):
+    """Per-row token weights (0 at ignored rows) and the ``mean`` divisor Σ_n t_n w_{y_n} over kept rows."""
+    kept = plan.kept
+    if token_weight is None:
+        token = kept.to(plan.compute_dtype)
+    else:
+        token = torch.where(kept, token_weight.detach().reshape(-1).to(plan.compute_dtype),
+                            torch.zeros((), dtype=plan.compute_dtype, device=kept.device))
+    divisor = (token * torch.where(kept, target_weight, torch.zeros_like(target_weight))).sum()
+    return token, divisor
+
+
+def _reduce(row_loss: torch.Tensor, divisor: torch.Tensor, reduction: str, row_shape, dtype) -> torch.Tensor:
+    if reduction == "none":
+        return row_loss.reshape(row_shape).to(dtype)
+    if reduction == "sum":
+        return row_loss.sum().to(dtype)
+    return (row_loss.sum() / divisor).to(dtype)
+
+
+class _VocabParallelSoftmaxLoss(torch.autograd.Function):
+    """Row losses of a vocabulary-sharded logit tensor ``(N, C_shard)``; backward is local (no collective)."""
+
+    @staticmethod
+    def forward(ctx, logits, plan, target, weight, token_weight, input_name):
+        row_loss, target_weight, saved = _forward_rows(
+            plan, lambda start, stop: logits[start:stop], lambda local: logits.gather(-1, local.unsqueeze(-1))[:, 0],
+            target, weight, input_name,
+        )
+        token, divisor = _row_weights(plan, token_weight, target_weight)
+        ctx.plan, ctx.saved = plan, saved | {"token": token}
+        ctx.save_for_backward(logits)
+        ctx.mark_non_differentiable(divisor)
+        return row_loss * token, divisor
+
+    @staticmethod
+    def backward(ctx, grad_row_loss, _grad_divisor):
+        (logits,) = ctx.saved_tensors
+        plan, saved = ctx.plan, ctx.saved
+        saved = saved | {"row_scale": torch.where(plan.kept, grad_row_loss.to(plan.compute_dtype) * saved["token"],
+                                                  torch.zeros_like(saved["token"]))}
+        grad = torch.empty_like(logits)
+        for start, stop in plan.chunks():
+            grad[start:stop] = _local_grad(plan, logits[start:stop], slice(start, stop), saved)
+        return grad, None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    input_shard: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    focal_gamma: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    token_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross entropy of logits whose class dimension is split across the ranks of ``group`` (SPEC 9).
+
+    Every rank returns the value :func:`fusedloss.cross_entropy` gives on the logits gathered along the
+    class dimension (``torch.cat(shards, dim=-1)``), with every option global (smoothing uses the global C,
+    focal factors the global ``p``), and backpropagates the gradient of its own shard only, which is the
+    slice of the full gradient. Per row (see the module docstring for the communication)::
+
+        l_n = -Σ_c q_c w_c (1 - p_c)^γ log p_c  +  z_loss · logsumexp_c(s_c)²
+
+    Args:
+        input_shard: this rank's logits ``(*, C_r)`` (float16/bfloat16/float32/float64; computed in float32,
+            float64 for float64), classes ``[offset_r, offset_r + C_r)`` of the global ``C = Σ_r C_r`` in rank
+            order; ``C_r >= 1`` and may differ between ranks. A DTensor sharded on its last dimension (along one
+            mesh dimension, replicated along any others) is accepted: its local shard is used and ``group``
+            defaults to its mesh's group.
+        target: int64 global class indices of shape ``input_shard.shape[:-1]``, the same on every rank, in
+            ``[0, C)`` or ``ignore_index`` (``ValueError`` otherwise, on CPU tensors).
+        group: the process group over which the classes are split (default: the world).
+        weight: the full ``(C,)`` class weights (the same on every rank) or None; no gradient flows to it.
+        ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap: as in
+            :func:`fusedloss.cross_entropy`; ``mean`` divides by Σ_n t_n w_{y_n} over non-ignored rows (NaN when
+            every row is ignored, as torch, with zero gradients).
+        token_weight: optional float tensor of ``target``'s shape; row n's loss and gradient are multiplied by
+            ``t_n``. No gradient flows to it.
+
+    Returns:
+        The loss in ``input_shard``'s dtype, the same on every rank: a scalar, or ``target``'s shape for
+        ``reduction="none"``. Its backward needs no communication.
+
+    Collectives: 2 all-reduces in forward (3 with focal_gamma > 0 and label_smoothing > 0), 0 in backward.
+    """
+    input_shard, group = _resolve_group(input_shard, group, "input_shard", -1)
+    options = _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap,
+                             token_weight)
+    input_shard = check_class_input(input_shard)
+    row_shape = tuple(input_shard.shape[:-1])
+    _check_target(target, row_shape, input_shard, "input_shard")
+    _check_token_weight(token_weight, target)
+    shard_size = input_shard.shape[-1]
+    if shard_size >= _MAX_SHARD_SIZE:
+        raise ValueError(f"input_shard may hold at most {_MAX_SHARD_SIZE - 1} classes, got {shard_size}")
+    rows = input_shard.reshape(-1, shard_size)
+    plan = _make_plan(group, input_shard, rows.shape[0], shard_size, None, options)
+    row_loss, divisor = _VocabParallelSoftmaxLoss.apply(rows, plan, target.reshape(-1), weight, token_weight,
+                                                        "input_shard")
+    return _reduce(row_loss, divisor, reduction, row_shape, input_shard.dtype)
+
+
+def _check_token_weight(token_weight, target) -> None:
+    if token_weight is None:
+        return
+    if tuple(token_weight.shape) != tuple(target.shape):
+        raise ValueError(
+            f"token_weight must have target's shape {tuple(target.shape)}, got {tuple(token_weight.shape)}"
+        )
+    check_same_device("token_weight", token_weight, target)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear form: logits = input @ linear_weight_shard^T + linear_bias_shard, chunk by chunk
+# ----------------------------------------------------------------------------------------------
+
+
+class _VocabParallelLinearLoss(torch.autograd.Function):
+    """Row losses of ``F.linear(input, W_shard, b_shard)`` split over the vocabulary; the logits exist one
+    chunk of rows at a time. Backward recomputes each chunk's logits and all-reduces ``grad_input`` once."""
+
+    @staticmethod
+    def forward(ctx, input, weight_shard, bias_shard, plan, target, weight, token_weight):
+        def logits_of(start, stop):
+            return F.linear(input[start:stop], weight_shard, bias_shard)
+
+        def target_logit_of(local):
+            logit = (input.to(plan.compute_dtype) * weight_shard[local].to(plan.compute_dtype)).sum(dim=-1)
+            return logit if bias_shard is None else logit + bias_shard[local].to(plan.compute_dtype)
+
+        row_loss, target_weight, saved = _forward_rows(plan, logits_of, target_logit_of, target, weight, "input")
+        token, divisor = _row_weights(plan, token_weight, target_weight)
+        ctx.plan, ctx.saved = plan, saved | {"token": token}
+        ctx.save_for_backward(input, weight_shard, bias_shard)
+        ctx.mark_non_differentiable(divisor)
+        return row_loss * token, divisor
+
+    @staticmethod
+    def backward(ctx, grad_row_loss, _grad_divisor):
+        input, weight_shard, bias_shard = ctx.saved_tensors
+        plan, saved = ctx.plan, ctx.saved
+        saved = saved | {"row_scale": torch.where(plan.kept, grad_row_loss.to(plan.compute_dtype) * saved["token"],
+                                                  torch.zeros_like(saved["token"]))}
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        accumulate = plan.compute_dtype
+        grad_input = torch.zeros(input.shape, dtype=accumulate, device=input.device) if need_input else None
+        grad_weight = torch.zeros(weight_shard.shape, dtype=accumulate, device=input.device) if need_weight else None
+        grad_bias = (torch.zeros(weight_shard.shape[0], dtype=accumulate, device=input.device)
+                     if need_bias and bias_shard is not None else None)
+        for start, stop in plan.chunks():
+            rows = input[start:stop]
+            grad_logits = _local_grad(plan, F.linear(rows, weight_shard, bias_shard), slice(start, stop), saved)
+            if grad_input is not None:
+                grad_input[start:stop] = grad_logits @ weight_shard.to(accumulate)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), rows.to(accumulate))
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(dim=0)
+        if grad_input is not None:
+            dist.all_reduce(grad_input, op=dist.ReduceOp.SUM, group=plan.group)  # the one backward collective
+            grad_input = grad_input.to(input.dtype)
+        return (grad_input, None if grad_weight is None else grad_weight.to(weight_shard.dtype),
+                None if grad_bias is None else grad_bias.to(bias_shard.dtype), None, None, None, None)
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight_shard: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias_shard: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    focal_gamma: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    token_weight: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross entropy of ``F.linear(input, W, b)`` with the rows of the head ``W (V, H)`` (and ``b (V,)``) split
+    across the ranks of ``group`` (SPEC 9, the vocabulary-parallel form of ``linear_cross_entropy``).
+
+    Every rank returns ``cross_entropy(F.linear(input, W, b), target, ...)`` of the full head, the same value
+    on every rank; backward gives each rank the gradient of its own ``linear_weight_shard`` (and
+    ``linear_bias_shard``) and the FULL gradient of ``input`` (the sum over ranks of each shard's
+    ``dlogits @ W_shard``, one all-reduce), the same on every rank.
+
+    Args:
+        input: ``(*, H)`` hidden states, the same on every rank (float16/bfloat16/float32/float64).
+        linear_weight_shard: this rank's rows ``(V_r, H)`` of the head, rows ``[offset_r, offset_r + V_r)`` of
+            ``W`` in rank order; ``V_r >= 1`` and may differ between ranks.
+        target: int64 global class indices of shape ``input.shape[:-1]``, the same on every rank.
+        linear_bias_shard: this rank's ``(V_r,)`` slice of the bias, or None.
+        group, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, token_weight:
+            as in :func:`vocab_parallel_cross_entropy`.
+        chunk_size: rows whose local logits ``(chunk, V_r)`` are formed at a time; None picks
+            ``max(1, 2^22 // V_r)`` (about 16 MiB of float32 logits per chunk).
+
+    Memory: the logits are never formed for all rows: working memory is a few ``(chunk_size, V_r)`` float32
+    tensors, plus ``grad_input (N, H)`` and ``grad_weight (V_r, H)`` accumulated in float32 for
+    float16/bfloat16/float32 inputs. The local logits are formed once in forward (twice with class weights
+    and label smoothing, three times with focal loss and label smoothing) and once more in backward.
+
+    Collectives: 2 all-reduces in forward (3 with focal_gamma > 0 and label_smoothing > 0), 1 in backward
+    (``grad_input``; none when ``input`` does not require grad).
+    """
+    linear_weight_shard, group = _resolve_group(linear_weight_shard, group, "linear_weight_shard", 0)
+    if linear_bias_shard is not None and hasattr(linear_bias_shard, "to_local"):  # a DTensor beside the head
+        linear_bias_shard = linear_bias_shard.to_local()
+    options = _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap,
+                             token_weight)
+    input = check_floating_tensor("input", input, min_dim=1)
+    check_floating_tensor("linear_weight_shard", linear_weight_shard)
+    hidden = input.shape[-1]
+    if linear_weight_shard.dim() != 2 or linear_weight_shard.shape[1] != hidden or linear_weight_shard.shape[0] < 1:
+        raise ValueError(
+            f"linear_weight_shard must have shape (V_r, H) with V_r >= 1 and H = input.shape[-1] = {hidden}, "
+            f"got {tuple(linear_weight_shard.shape)}"
+        )
+    if linear_weight_shard.dtype != input.dtype:
+        raise TypeError(f"linear_weight_shard must have input's dtype {input.dtype}, got {linear_weight_shard.dtype}")
+    check_same_device("linear_weight_shard", linear_weight_shard, input)
+    shard_size = linear_weight_shard.shape[0]
+    if linear_bias_shard is not None:
+        check_floating_tensor("linear_bias_shard", linear_bias_shard)
+        if tuple(linear_bias_shard.shape) != (shard_size,):
+            raise ValueError(
+                f"linear_bias_shard must have shape (V_r,) = ({shard_size},) like linear_weight_shard's rows, "
+                f"got {tuple(linear_bias_shard.shape)}"
+            )
+        if linear_bias_shard.dtype != input.dtype:
+            raise TypeError(f"linear_bias_shard must have input's dtype {input.dtype}, got {linear_bias_shard.dtype}")
+        check_same_device("linear_bias_shard", linear_bias_shard, input)
+    if shard_size >= _MAX_SHARD_SIZE:
+        raise ValueError(f"linear_weight_shard may hold at most {_MAX_SHARD_SIZE - 1} rows, got {shard_size}")
+    if chunk_size is not None:
+        chunk_size = check_int("chunk_size", chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size}")
+    row_shape = tuple(input.shape[:-1])
+    _check_target(target, row_shape, input, "input")
+    _check_token_weight(token_weight, target)
+    rows = input.reshape(-1, hidden)
+    plan = _make_plan(group, input, rows.shape[0], shard_size, chunk_size, options)
+    row_loss, divisor = _VocabParallelLinearLoss.apply(rows, linear_weight_shard, linear_bias_shard, plan,
+                                                       target.reshape(-1), weight, token_weight)
+    return _reduce(row_loss, divisor, reduction, row_shape, input.dtype)
+
