@@ -1,11 +1,13 @@
 """fusedloss: fused loss kernels for token-level and large-vocabulary classification.
 
-Softmax losses (SPEC 3), sigmoid and multi-label losses (SPEC 4) and the linear-chain CRF
+Softmax losses (SPEC 3), the fused linear + cross entropy head (SPEC 8), sigmoid and multi-label
+losses (SPEC 4) and the linear-chain CRF
 (SPEC 5), each with a pure-PyTorch reference and fused backends chosen per call (SPEC 2).
 """
 
 from fusedloss._dispatch import BackendUnavailable, available_backends
 from fusedloss.softmax import cross_entropy, focal_loss
+from fusedloss.linear import linear_cross_entropy
 from fusedloss.sigmoid import (
     GHMCLoss,
     bi_tempered_logistic_loss,
@@ -25,6 +27,7 @@ __all__ = [
     "available_backends",
     "cross_entropy",
     "focal_loss",
+    "linear_cross_entropy",
     "binary_cross_entropy_with_logits",
     "sigmoid_focal_loss",
     "multilabel_soft_margin_loss",

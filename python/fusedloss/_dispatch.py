@@ -69,6 +69,24 @@ def _triton_sigmoid():
     return sigmoid_loss
 
 
+def _reference_linear():
+    from fusedloss.reference import linear
+
+    return linear
+
+
+def _triton_linear():
+    from fusedloss.triton_kernels import linear_cross_entropy
+
+    return linear_cross_entropy
+
+
+def _ext_linear():
+    from fusedloss._ext import linear
+
+    return linear
+
+
 def _ext_softmax():
     from fusedloss._ext import softmax_loss
 
@@ -101,6 +119,7 @@ def _family(reference, triton=None, ext=None) -> Dict[str, Callable]:
 # have a CPU and a CUDA kernel and the torch dispatcher picks one by the tensors' device.
 _OP_TABLE: Dict[str, Dict[str, Callable]] = {
     "softmax_loss": _family(_reference_softmax, _triton_softmax, _ext_softmax),
+    "linear_cross_entropy": _family(_reference_linear, _triton_linear, _ext_linear),
     "crf_log_likelihood": _family(_reference_crf, _triton_crf, _ext_crf),
     "crf_viterbi": _family(_reference_crf, _triton_crf, _ext_crf),
     "crf_marginals": _family(_reference_crf, _triton_crf, _ext_crf),

@@ -1,6 +1,7 @@
 """``torch.nn.Module`` wrappers of every loss (SPEC 6). Each takes ``backend=``."""
 
 from fusedloss.softmax import CrossEntropyLoss, FocalLoss
+from fusedloss.linear import LinearCrossEntropyLoss
 from fusedloss.sigmoid import (
     BiTemperedLogisticLoss,
     GHMCLoss,
@@ -12,6 +13,7 @@ from fusedloss.crf import CRF
 __all__ = [
     "CrossEntropyLoss",
     "FocalLoss",
+    "LinearCrossEntropyLoss",
     "SigmoidFocalLoss",
     "MultilabelCategoricalCrossEntropy",
     "BiTemperedLogisticLoss",

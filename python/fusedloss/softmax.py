@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from fusedloss import _dispatch
+from fusedloss.reference.softmax import token_weighted_reduction
 from fusedloss._validation import (  # noqa: F401  (check_* are also imported from here by fusedloss.sigmoid)
     check_bool,
     check_class_input,
@@ -45,9 +46,20 @@ def _softmax_loss(
     mean_by_count: bool,
     inplace_backward: bool,
     backend: str,
+    token_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Resolves the backend and runs its ``softmax_loss`` op; arguments are checked once, by the op itself
-    (fusedloss._C) or here."""
+    (fusedloss._C) or here. With ``token_weight`` the op gives the per-row losses and
+    :func:`token_weighted_reduction` weighs and reduces them (the same on every backend)."""
+    if token_weight is not None:
+        if not isinstance(input, torch.Tensor) or input.dim() == 0:
+            check_class_input(input)  # raises
+        check_token_weight(token_weight, input, target)
+        check_reduction(reduction)
+        row_loss = _softmax_loss(input, target, weight, ignore_index, "none", label_smoothing, focal_gamma, z_loss,
+                                 softcap, mean_by_count, inplace_backward, backend)
+        return token_weighted_reduction(row_loss, target, weight, ignore_index, reduction, token_weight,
+                                        mean_by_count, row_loss.dtype)
     if not (
         type(ignore_index) is int
         and type(reduction) is str
@@ -107,6 +119,19 @@ def _check(input, target, weight, ignore_index, reduction, label_smoothing, foca
     check_class_weight("alpha" if mean_by_count else "weight", weight, input)
 
 
+def check_token_weight(token_weight: object, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``token_weight``: a floating tensor of ``target``'s shape (hard targets) or ``input.shape[:-1]`` (soft)."""
+    token_weight = check_floating_tensor("token_weight", token_weight)
+    shape = tuple(input.shape[:-1])
+    if tuple(token_weight.shape) != shape:
+        raise ValueError(
+            f"token_weight must have one weight per row, shape input.shape[:-1] = {shape}, got "
+            f"{tuple(token_weight.shape)}"
+        )
+    check_same_device("token_weight", token_weight, input)
+    return token_weight
+
+
 # ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
@@ -123,6 +148,7 @@ def cross_entropy(
     focal_gamma: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    token_weight: torch.Tensor | None = None,
     inplace_backward: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -148,6 +174,10 @@ def cross_entropy(
         focal_gamma: γ >= 0; 0 gives exactly ``torch.nn.functional.cross_entropy``.
         z_loss: coefficient >= 0 of ``logsumexp(s)^2`` per non-ignored row (PaLM's auxiliary loss).
         softcap: None or > 0: cap on the logits' magnitude (Gemma 2).
+        token_weight: None or a floating tensor of ``input.shape[:-1]`` (one weight per row, e.g. per token):
+            row n's loss and gradient are multiplied by ``t_n``, and ``mean`` divides by ``Σ_n t_n w_{y_n}`` over
+            non-ignored rows (``Σ_n t_n`` for soft targets). All ones gives the result without it. No gradient
+            flows to ``token_weight``.
         inplace_backward: let a fused backend write the gradient over ``input``'s storage (saves one ``(N, C)``
             tensor); ``input`` must not be used after the backward then.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpp"`` or ``"cuda"`` (SPEC 2).
@@ -157,7 +187,7 @@ def cross_entropy(
         shape for ``reduction="none"``.
     """
     return _softmax_loss(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss,
-                         softcap, False, inplace_backward, backend)
+                         softcap, False, inplace_backward, backend, token_weight)
 
 
 def _alpha_weight(alpha: None | float | torch.Tensor, input: torch.Tensor) -> torch.Tensor | None:
@@ -179,6 +209,7 @@ def focal_loss(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    token_weight: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Softmax focal loss (Lin et al., 2017) with the class dimension last.
@@ -195,6 +226,8 @@ def focal_loss(
         reduction: ``"none"``, ``"sum"``, or ``"mean"``: sum / number of non-ignored rows (a count, not Σα,
             as kornia and torchvision do; NaN when every row is ignored).
         label_smoothing: ε in [0, 1].
+        token_weight: None or a floating tensor of ``input.shape[:-1]``: row n's loss and gradient are multiplied
+            by ``t_n`` and ``mean`` divides by ``Σ_n t_n`` over non-ignored rows. No gradient flows to it.
         backend: see :func:`cross_entropy`.
 
     ``focal_loss(alpha=None, gamma=0)`` equals :func:`cross_entropy`.
@@ -203,7 +236,7 @@ def focal_loss(
         check_class_input(input)  # raises
     weight = _alpha_weight(alpha, input)
     return _softmax_loss(input, target, weight, ignore_index, reduction, label_smoothing, gamma, 0.0, None, True,
-                         False, backend)
+                         False, backend, token_weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +285,8 @@ class CrossEntropyLoss(torch.nn.Module):
         self.inplace_backward = check_bool("inplace_backward", inplace_backward)
         self.backend = backend
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor,
+                token_weight: torch.Tensor | None = None) -> torch.Tensor:
         return cross_entropy(
             input,
             target,
@@ -263,6 +297,7 @@ class CrossEntropyLoss(torch.nn.Module):
             focal_gamma=self.focal_gamma,
             z_loss=self.z_loss,
             softcap=self.softcap,
+            token_weight=token_weight,
             inplace_backward=self.inplace_backward,
             backend=self.backend,
         )
@@ -304,7 +339,8 @@ class FocalLoss(torch.nn.Module):
         self.label_smoothing = label_smoothing
         self.backend = backend
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor,
+                token_weight: torch.Tensor | None = None) -> torch.Tensor:
         return focal_loss(
             input,
             target,
@@ -313,6 +349,7 @@ class FocalLoss(torch.nn.Module):
             self.ignore_index,
             self.reduction,
             self.label_smoothing,
+            token_weight=token_weight,
             backend=self.backend,
         )
 

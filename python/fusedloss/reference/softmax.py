@@ -102,3 +102,46 @@ def softmax_loss(
     if reduction == "sum":
         return row_loss.sum().to(input.dtype)
     return (row_loss.sum() / divisor).to(input.dtype)
+
+
+def token_weighted_reduction(
+    row_loss: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    token_weight: torch.Tensor,
+    mean_by_count: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The SPEC 3 reduction of per-row losses ``row_loss`` (0 at ignored rows) with per-row weights ``t``.
+
+    ``none``: ``t_n l_n``; ``sum``: ``Σ_n t_n l_n``; ``mean``: that sum over ``Σ_n t_n w_{y_n}`` over the kept rows
+    (``w = 1`` without class weights or when ``mean_by_count``, focal_loss's mean); soft targets: over ``Σ_n t_n``.
+    Sums run in float64; the result has ``dtype``. ``token_weight`` gets no gradient. Every row's gradient is
+    ``t_n / divisor`` times its own; when every row is ignored the mean is NaN (as torch) and the gradient 0.
+    """
+    t = token_weight.detach().to(torch.float64)
+    if target.is_floating_point():
+        kept = None
+        row_divisor = t
+    else:
+        kept = target != ignore_index
+        row_divisor = torch.where(kept, t, torch.zeros_like(t))
+        if weight is not None and not mean_by_count:
+            safe_target = torch.where(kept, target, torch.zeros_like(target))
+            row_divisor = row_divisor * weight.detach().to(torch.float64)[safe_target]
+    loss64 = row_loss.to(torch.float64)
+    if reduction == "none":
+        return (loss64 * t).to(dtype)
+    if reduction == "sum":
+        return (loss64 * t).sum().to(dtype)
+    divisor = row_divisor.sum()
+    scale = t / divisor
+    if kept is not None:
+        # Ignored rows have loss and gradient 0; a 0 divisor (every row ignored) must not turn them into 0·inf.
+        scale = torch.where(kept, scale, torch.zeros_like(scale))
+    loss = (loss64 * scale).sum()
+    # The value of 0/0 when nothing is kept (torch returns NaN), without a NaN in the gradient.
+    loss = loss + torch.where(divisor == 0, torch.nan, 0.0).to(loss.dtype)
+    return loss.to(dtype)
