@@ -55,13 +55,15 @@ from fusedloss._validation import (
     check_softmax_options,
     values_checkable,
 )
+from fusedloss.linear import default_chunk_size
 from fusedloss.reference.softmax import focal_power
+from fusedloss.softmax import check_token_weight
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
 # Shard sizes travel in the float row-max all-reduce; float32 holds integers exactly below 2^24.
 _MAX_SHARD_SIZE = 2**24
-# Temporaries of the local passes are kept near this many elements (chunks of rows).
+# Temporaries of the plain form's local passes are kept near this many elements (chunks of rows).
 _CHUNK_ELEMENTS = 2**22
 
 
@@ -78,6 +80,8 @@ def _resolve_group(shard, group, name: str, class_dim: int):
             "fusedloss.distributed needs an initialized process group: call torch.distributed.init_process_group "
             "first (e.g. under torchrun)"
         )
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns on ranks outside the new group
+        raise ValueError(f"group does not contain this process (global rank {dist.get_rank()})")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -107,7 +111,7 @@ def _resolve_group(shard, group, name: str, class_dim: int):
     return shard, group
 
 
-def _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, token_weight):
+def _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap):
     ignore_index, label_smoothing, focal_gamma, z_loss, softcap = check_softmax_options(
         ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, "auto"
     )
@@ -115,8 +119,6 @@ def _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma
         check_floating_tensor("weight", weight)
         if weight.dim() != 1:
             raise ValueError(f"weight must be the full (C,) tensor of class weights, got shape {tuple(weight.shape)}")
-    if token_weight is not None:
-        check_floating_tensor("token_weight", token_weight)
     return ignore_index, label_smoothing, focal_gamma, z_loss, softcap
 
 
@@ -466,12 +468,12 @@ def vocab_parallel_cross_entropy(
     Collectives: 2 all-reduces in forward (3 with focal_gamma > 0 and label_smoothing > 0), 0 in backward.
     """
     input_shard, group = _resolve_group(input_shard, group, "input_shard", -1)
-    options = _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap,
-                             token_weight)
+    options = _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap)
     input_shard = check_class_input(input_shard)
     row_shape = tuple(input_shard.shape[:-1])
     _check_target(target, row_shape, input_shard, "input_shard")
-    _check_token_weight(token_weight, target)
+    if token_weight is not None:
+        check_token_weight(token_weight, input_shard, target)
     shard_size = input_shard.shape[-1]
     if shard_size >= _MAX_SHARD_SIZE:
         raise ValueError(f"input_shard may hold at most {_MAX_SHARD_SIZE - 1} classes, got {shard_size}")
@@ -480,16 +482,6 @@ def vocab_parallel_cross_entropy(
     row_loss, divisor = _VocabParallelSoftmaxLoss.apply(rows, plan, target.reshape(-1), weight, token_weight,
                                                         "input_shard")
     return _reduce(row_loss, divisor, reduction, row_shape, input_shard.dtype)
-
-
-def _check_token_weight(token_weight, target) -> None:
-    if token_weight is None:
-        return
-    if tuple(token_weight.shape) != tuple(target.shape):
-        raise ValueError(
-            f"token_weight must have target's shape {tuple(target.shape)}, got {tuple(token_weight.shape)}"
-        )
-    check_same_device("token_weight", token_weight, target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,7 +571,7 @@ def vocab_parallel_linear_cross_entropy(
         group, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, token_weight:
             as in :func:`vocab_parallel_cross_entropy`.
         chunk_size: rows whose local logits ``(chunk, V_r)`` are formed at a time; None picks
-            ``max(1, 2^22 // V_r)`` (about 16 MiB of float32 logits per chunk).
+            ``linear_cross_entropy``'s default for the local head, ``max(H // 8, 2^20 // V_r, 16)`` rows.
 
     Memory: the logits are never formed for all rows: working memory is a few ``(chunk_size, V_r)`` float32
     tensors, plus ``grad_input (N, H)`` and ``grad_weight (V_r, H)`` accumulated in float32 for
@@ -592,8 +584,7 @@ def vocab_parallel_linear_cross_entropy(
     linear_weight_shard, group = _resolve_group(linear_weight_shard, group, "linear_weight_shard", 0)
     if linear_bias_shard is not None and hasattr(linear_bias_shard, "to_local"):  # a DTensor beside the head
         linear_bias_shard = linear_bias_shard.to_local()
-    options = _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap,
-                             token_weight)
+    options = _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap)
     input = check_floating_tensor("input", input, min_dim=1)
     check_floating_tensor("linear_weight_shard", linear_weight_shard)
     hidden = input.shape[-1]
@@ -624,8 +615,11 @@ def vocab_parallel_linear_cross_entropy(
             raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size}")
     row_shape = tuple(input.shape[:-1])
     _check_target(target, row_shape, input, "input")
-    _check_token_weight(token_weight, target)
+    if token_weight is not None:
+        check_token_weight(token_weight, input, target)
     rows = input.reshape(-1, hidden)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(rows.shape[0], hidden, shard_size)
     plan = _make_plan(group, input, rows.shape[0], shard_size, chunk_size, options)
     row_loss, divisor = _VocabParallelLinearLoss.apply(rows, linear_weight_shard, linear_bias_shard, plan,
                                                        target.reshape(-1), weight, token_weight)
