@@ -247,7 +247,7 @@ def _local_row_stats(plan: _Plan, logits_of) -> tuple[torch.Tensor, torch.Tensor
         row_max = logits.amax(dim=-1)
         shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         local_max[start:stop] = row_max
-        sum_exp[start:stop] = torch.exp(logits - shift.unsqueeze(-1)).sum(dim=-1)
+        sum_exp[start:stop] = (logits - shift.unsqueeze(-1)).exp_().sum(dim=-1)
         if gap_sum is not None:
             gap_sum[start:stop] = (shift.unsqueeze(-1) - logits).sum(dim=-1)
     return local_max, sum_exp, gap_sum
@@ -289,25 +289,37 @@ def _focal_terms(log_probs: torch.Tensor, gamma: float) -> tuple[torch.Tensor, t
     return focal, focal * (1.0 - gamma * ratio)
 
 
-def _local_grad(plan: _Plan, logits: torch.Tensor, rows: slice, saved: dict) -> torch.Tensor:
+def _local_grad(plan: _Plan, logits: torch.Tensor, rows: slice, saved: dict,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """``∂(Σ_n g_n l_n)/∂x`` for the local logits ``x`` of ``rows``, in the compute dtype, from the saved global
     statistics ``lse``, ``A`` (see the module docstring), ``target_coef = (1 − ε) w_y h_y`` and the per-row
-    scale ``g_n`` (grad_output × token weight, 0 at ignored rows)."""
+    scale ``g_n`` (grad_output × token weight, 0 at ignored rows).
+
+    Written into ``out`` (compute dtype, ``logits``' shape; it may be ``logits`` itself) or a new tensor, in
+    place after the first operation, so that the pass holds one chunk-sized temporary (two with softcap or
+    focal smoothing)."""
     capped = plan.capped(logits)
     lse = saved["lse"][rows].unsqueeze(-1)
-    log_probs = capped - lse
-    grad = torch.exp(log_probs) * (saved["A"][rows].unsqueeze(-1) + 2.0 * plan.z_loss * lse)
+    eps_per_class = plan.label_smoothing / max(plan.num_classes, 1)
+    focal_coef = None
+    if plan.label_smoothing > 0 and plan.focal_gamma != 0:
+        focal_coef = _focal_terms(capped - lse, plan.focal_gamma)[1]
+    grad = torch.sub(capped, lse, out=torch.empty_like(capped) if out is None else out)
+    grad.exp_().mul_(saved["A"][rows].unsqueeze(-1) + 2.0 * plan.z_loss * lse)
     if plan.label_smoothing > 0:
-        class_coef = torch.ones_like(capped) if plan.focal_gamma == 0 else _focal_terms(log_probs, plan.focal_gamma)[1]
-        if plan.weight_shard is not None:
-            class_coef = class_coef * plan.weight_shard
-        grad = grad - (plan.label_smoothing / plan.num_classes) * class_coef
-    is_local = plan.target_is_local[rows]
-    target_coef = torch.where(is_local, saved["target_coef"][rows], torch.zeros_like(lse.squeeze(-1)))
-    grad = grad.scatter_add(-1, plan.local_target[rows].unsqueeze(-1), -target_coef.unsqueeze(-1))
-    grad = grad * saved["row_scale"][rows].unsqueeze(-1)
+        if focal_coef is not None:
+            if plan.weight_shard is not None:
+                focal_coef.mul_(plan.weight_shard)
+            grad.sub_(focal_coef, alpha=eps_per_class)
+        elif plan.weight_shard is not None:
+            grad.sub_(plan.weight_shard, alpha=eps_per_class)
+        else:
+            grad.sub_(eps_per_class)
+    target_coef = torch.where(plan.target_is_local[rows], saved["target_coef"][rows], torch.zeros_like(lse[:, 0]))
+    grad.scatter_add_(-1, plan.local_target[rows].unsqueeze(-1), -target_coef.unsqueeze(-1))
+    grad.mul_(saved["row_scale"][rows].unsqueeze(-1))
     if plan.softcap is not None:
-        grad = grad * (1.0 - (capped / plan.softcap).square())
+        grad.mul_(1.0 - (capped / plan.softcap).square())
     return grad
 
 
@@ -417,8 +429,12 @@ class _VocabParallelSoftmaxLoss(torch.autograd.Function):
         saved = saved | {"row_scale": torch.where(plan.kept, grad_row_loss.to(plan.compute_dtype) * saved["token"],
                                                   torch.zeros_like(saved["token"]))}
         grad = torch.empty_like(logits)
+        in_place = logits.dtype == plan.compute_dtype  # write each chunk straight into the gradient
         for start, stop in plan.chunks():
-            grad[start:stop] = _local_grad(plan, logits[start:stop], slice(start, stop), saved)
+            chunk = _local_grad(plan, logits[start:stop], slice(start, stop), saved,
+                                grad[start:stop] if in_place else None)
+            if not in_place:
+                grad[start:stop] = chunk
         return grad, None, None, None, None, None
 
 
@@ -523,7 +539,9 @@ class _VocabParallelLinearLoss(torch.autograd.Function):
                      if need_bias and bias_shard is not None else None)
         for start, stop in plan.chunks():
             rows = input[start:stop]
-            grad_logits = _local_grad(plan, F.linear(rows, weight_shard, bias_shard), slice(start, stop), saved)
+            logits = F.linear(rows, weight_shard, bias_shard)
+            grad_logits = _local_grad(plan, logits, slice(start, stop), saved,
+                                      logits if logits.dtype == accumulate else None)  # over the logits buffer
             if grad_input is not None:
                 grad_input[start:stop] = grad_logits @ weight_shard.to(accumulate)
             if grad_weight is not None:
