@@ -13,12 +13,13 @@ and, with ``--hidden H``, the linear form ``vocab_parallel_linear_cross_entropy(
 against all-gather of the head's rows + ``fusedloss.linear_cross_entropy`` on the full head.
 
 Time: median over ``--repeats`` runs (after one warm-up) of the slowest rank's forward+backward (the ranks
-start each run together after a barrier). Memory: the peak resident set size of the rank's process during one
-forward+backward (VmHWM in /proc/self/status, reset through /proc/self/clear_refs before the run) minus the
-resident size before it, the largest over ranks: what the call adds to the inputs that already exist, the
-returned gradient included. glibc's malloc is told to serve every allocation above 128 KiB from fresh mmaps
-(MALLOC_MMAP_THRESHOLD_) so that freed memory goes back to the system and a later run cannot hide its peak in
-memory an earlier one left behind.
+start each run together after a barrier). Memory, in a second spawn of the ranks: the peak resident set size
+of the rank's process during one forward+backward (VmHWM in /proc/self/status, reset through
+/proc/self/clear_refs before the run) minus the resident size before it, the largest over ranks: what the call
+adds to the inputs that already exist, the returned gradient included. In that spawn only, glibc's malloc is
+told to serve every allocation above 128 KiB from fresh mmaps (MALLOC_MMAP_THRESHOLD_) so that freed memory
+goes back to the system and a later run cannot hide its peak in memory an earlier one left behind (it makes
+every allocation fault its pages in, which is why the times come from a spawn without it).
 
     python benchmarks/bench_distributed.py                      # N=4096, V=32000 and 128256, world 2
     python benchmarks/bench_distributed.py --hidden 256 --vocab 32000 --out /tmp/x.md
@@ -127,25 +128,27 @@ def _methods(rank, world, rows, vocab, hidden):
     return methods
 
 
-def _worker(rank, world, store, args, queue):
+def _worker(rank, world, store, args, phase, queue):
+    """``phase`` "time": median of the slowest rank's time; "memory": the largest rank's peak (one run)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     rows_out = []
     for vocab in args.vocab:
         for name, step in _methods(rank, world, args.rows, vocab, args.hidden).items():
-            times = []
-            for repeat in range(args.repeats + 1):
+            measures = []
+            for repeat in range(args.repeats + 1 if phase == "time" else 2):
                 dist.barrier()
-                start = time.perf_counter()
-                step()
-                elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's time
+                if phase == "memory":
+                    measure = _peak_bytes(step)  # the first run (first-call imports, buffers) is dropped
+                else:
+                    start = time.perf_counter()
+                    step()
+                    measure = time.perf_counter() - start
+                measure = torch.tensor([measure], dtype=torch.float64)
+                dist.all_reduce(measure, op=dist.ReduceOp.MAX)  # the slowest rank, the largest peak
                 if repeat:  # the first run warms up
-                    times.append(float(elapsed))
-            dist.barrier()
-            peak = torch.tensor([_peak_bytes(step)], dtype=torch.float64)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            rows_out.append((vocab, name, statistics.median(times), float(peak)))
+                    measures.append(float(measure))
+            rows_out.append((vocab, name, statistics.median(measures)))
     if rank == 0:
         queue.put(rows_out)
     dist.barrier()
@@ -182,15 +185,23 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--vocab", type=lambda text: [int(v) for v in text.split(",")], default=[32000, 128256])
     parser.add_argument("--hidden", type=int, default=0, help="also time the linear form with this H (0: off)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(RESULTS, "distributed_cpu-AMD-EPYC.md"))
     args = parser.parse_args(argv)
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # inherited by the spawned ranks
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    with tempfile.TemporaryDirectory() as directory:
-        mp.spawn(_worker, args=(args.world, os.path.join(directory, "store"), args, queue), nprocs=args.world)
-    text = _markdown(queue.get(), args)
+    measured = {}
+    for phase in ("time", "memory"):
+        if phase == "memory":  # inherited by the ranks of this spawn only (it slows every allocation down)
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+        with tempfile.TemporaryDirectory() as directory:
+            mp.spawn(_worker, args=(args.world, os.path.join(directory, "store"), args, phase, queue),
+                     nprocs=args.world)
+        measured[phase] = queue.get()
+    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+    rows = [(vocab, name, median, peak)
+            for (vocab, name, median), (_, _, peak) in zip(measured["time"], measured["memory"], strict=True)]
+    text = _markdown(rows, args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as file:
         file.write(text)

@@ -55,12 +55,14 @@ PLAIN_CASES = [f"plain/{name}/{reduction}/layout{layout}"
                for name, _ in _options_cases() for reduction in REDUCTIONS for layout in (0, 1)]
 PLAIN_CASES += ["plain/all_ignored/mean/layout0", "plain/all_ignored/sum/layout0", "plain/all_ignored/none/layout0",
                 "plain/3d_input/mean/layout0", "plain/float32/mean/layout1", "plain/bfloat16/mean/layout0",
-                "plain/smoothing_float32_single_process/mean/layout0", "plain/dtensor/mean/even"]
+                "plain/smoothing_float32_single_process/mean/layout0", "plain/dtensor/mean/even",
+                "plain/noncontiguous/mean/layout1", "plain/nan_row/none/layout0"]
 LINEAR_CASES = [f"linear/{name}/{reduction}/layout{layout}"
                 for name, _ in _options_cases() for reduction in REDUCTIONS for layout in (0, 1)
                 if name in ("plain", "weight_smoothing", "focal_smoothing", "everything", "token_weight", "softcap")
                 or reduction == "mean"]
-LINEAR_CASES += ["linear/no_bias/mean/layout0", "linear/input_no_grad/mean/layout0", "linear/all_ignored/mean/layout1",
+LINEAR_CASES += ["linear/bfloat16/mean/layout0",
+                 "linear/no_bias/mean/layout0", "linear/input_no_grad/mean/layout0", "linear/all_ignored/mean/layout1",
                  "linear/float32_auto/mean/layout0", "linear/3d_input/none/layout1"]
 ERROR_CASES = ["error/group_type", "error/group_not_member", "error/target_shape", "error/target_float",
                "error/target_out_of_range", "error/target_negative", "error/weight_shape", "error/token_weight_shape",
@@ -156,6 +158,9 @@ def _run_plain(case: str, rank: int, world: int, counter: _Counter) -> dict:
     full, _, _, target, weight, token_weight, grad_output = _data(len(case), shape, None, dtype)
     if name == "all_ignored":
         target = torch.full_like(target, -100)
+    if name == "nan_row":  # NaN reaches row 0's loss and gradient, and no other row
+        full[0, 2] = float("nan")
+        options = {"label_smoothing": 0.1, "z_loss": 0.01}
     options, target = _resolve_options(options, weight, token_weight, target)
     options["reduction"] = reduction
 
@@ -170,7 +175,10 @@ def _run_plain(case: str, rank: int, world: int, counter: _Counter) -> dict:
         sizes = LAYOUTS[world][int(layout[-1])]
     offset = sum(sizes[:rank])
     local = slice(offset, offset + sizes[rank])
-    if layout != "even":
+    if name == "noncontiguous":  # a column slice of a larger tensor, not a copy
+        base = full.clone().requires_grad_()
+        shard = base[..., local]
+    elif layout != "even":
         shard = full[..., local].clone().requires_grad_()
 
     counter.take()
@@ -178,14 +186,23 @@ def _run_plain(case: str, rank: int, world: int, counter: _Counter) -> dict:
     forward = counter.take()
     _backward(loss, grad_output, reduction)
     backward = counter.take()
-    shard_grad = shard.grad.to_local() if layout == "even" else shard.grad
+    shard_grad = shard.grad.to_local() if layout == "even" else base.grad[..., local] if name == "noncontiguous" \
+        else shard.grad
 
     gathered = full.clone().requires_grad_()
     expected = fusedloss.cross_entropy(gathered, target, backend="reference", **options)
     _backward(expected, grad_output, reduction)
     tolerance = _tolerance(dtype)
     torch.testing.assert_close(loss, expected, equal_nan=True, **tolerance)
-    torch.testing.assert_close(shard_grad, gathered.grad[..., local], **tolerance)
+    expected_grad = gathered.grad[..., local]
+    if name == "nan_row":
+        assert torch.isnan(loss[0]) and torch.isfinite(loss[1:]).all() and torch.isfinite(shard_grad[1:]).all()
+        shard_grad, expected_grad = shard_grad[1:], expected_grad[1:]
+    torch.testing.assert_close(shard_grad, expected_grad, **tolerance)
+    if name == "noncontiguous":
+        outside = torch.ones(NUM_CLASSES, dtype=torch.bool)
+        outside[local] = False
+        assert torch.all(base.grad[..., outside] == 0)
     if name == "all_ignored":
         assert torch.all(shard_grad == 0), "all-ignored rows must get zero gradients"
         if reduction == "mean":
@@ -212,6 +229,8 @@ def _run_linear(case: str, rank: int, world: int, counter: _Counter) -> dict:
     dtype, shape, hidden = torch.float64, (9,), 4
     if name == "float32_auto":
         dtype, options = torch.float32, {"label_smoothing": 0.1, "z_loss": 0.01}
+    if name == "bfloat16":
+        dtype, options = torch.bfloat16, {"label_smoothing": 0.1, "weight": True}
     if name == "3d_input":
         shape, options = (3, 3), {"focal_gamma": 2.0, "label_smoothing": 0.1, "weight": True}
     inputs, head, bias, target, weight, token_weight, grad_output = _data(len(case), shape, hidden, dtype)
