@@ -155,7 +155,7 @@ def _worker(rank, world, store, args, phase, queue):
     dist.destroy_process_group()
 
 
-def _markdown(rows, args) -> str:
+def _markdown(rows, args, load) -> str:
     lines = [
         f"# Vocabulary-parallel cross entropy, {args.world} ranks on one CPU",
         "",
@@ -164,6 +164,9 @@ def _markdown(rows, args) -> str:
         f"Median of {args.repeats} runs of the slowest rank's forward+backward; peak memory: the largest over "
         "ranks of the resident-set peak during one forward+backward above the resident size before it "
         "(inputs excluded, returned gradient included). A shared, noisy machine: take ratios, not absolutes.",
+        "",
+        f"Load average of the machine (1 min) when the run started and ended: {load[0]:.1f}, {load[1]:.1f} "
+        "(other jobs shared the 2 cores).",
         "",
         "`python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:]) + "`",
         "",
@@ -188,6 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(RESULTS, "distributed_cpu-AMD-EPYC.md"))
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     measured = {}
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
     os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
     rows = [(vocab, name, median, peak)
             for (vocab, name, median), (_, _, peak) in zip(measured["time"], measured["memory"], strict=True)]
-    text = _markdown(rows, args)
+    text = _markdown(rows, args, (load_before, os.getloadavg()[0]))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as file:
         file.write(text)

@@ -31,6 +31,16 @@ Reading the shard sizes costs one host synchronization per call (the reduced siz
 ``weight`` and to place targets). The collectives sit inside a ``torch.autograd.Function`` whose backward
 computes the local gradient: a plain ``all_reduce`` inside autograd would give wrong gradients.
 
+Passes over the local logits: the first (before any communication) takes each row's local max ``m_r`` and
+``Σ_j exp(s_j − m_r)``, rescaled by ``exp(m_r − m)`` once the global max is known (as online softmax does), so
+forward reads the shard once; twice with class weights and label smoothing (``Σ_j w_j (m − s_j)`` needs this
+shard's slice of ``weight``, known only after the first all-reduce), three times with focal loss and label
+smoothing. Backward reads it once more (the linear form recomputes each chunk's logits there).
+
+Every rank of the group must make the same call (same rows, targets, options; only the shards differ): the
+collectives pair up across ranks, and a rank whose arguments fail a check after the first all-reduce (weight
+shape, target range) raises while the others raise the same error from the same data.
+
 Local work. The per-row statistics (:func:`_local_row_stats`, :func:`_local_class_sums`) and the local
 gradient (:func:`_local_grad`) are computed with PyTorch ops on the local shard, in float32 for
 float16/bfloat16/float32 inputs (float64 for float64), over chunks of rows so that temporaries stay
@@ -46,6 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fusedloss._validation import (
     check_class_input,
@@ -423,6 +434,7 @@ class _VocabParallelSoftmaxLoss(torch.autograd.Function):
         return row_loss * token, divisor
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_row_loss, _grad_divisor):
         (logits,) = ctx.saved_tensors
         plan, saved = ctx.plan, ctx.saved
@@ -526,6 +538,7 @@ class _VocabParallelLinearLoss(torch.autograd.Function):
         return row_loss * token, divisor
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_row_loss, _grad_divisor):
         input, weight_shard, bias_shard = ctx.saved_tensors
         plan, saved = ctx.plan, ctx.saved
