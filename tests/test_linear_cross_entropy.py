@@ -44,7 +44,7 @@ def _problem(n=23, h=12, v=37, *, dtype=torch.float64, soft=False, ignore_every=
 
 
 def _grads(fn, x, w, b, seed=5):
-    """Loss and the gradients of Σ loss·g (g random, per row for reduction none) w.r.t. x, w and b."""
+    """Loss and the gradients of Σ loss·g (g random, per row for reduction none) w.r.t. x, w and b (if any)."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
     loss = fn(*leaves) if b is not None else fn(*leaves, None)
     g = 0.5 + torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -74,7 +74,8 @@ TORCH_CASES = list(itertools.product(["none", "sum", "mean"], [False, True], [0.
 def test_matches_torch_linear_and_cross_entropy(backend, reduction, class_weight, smoothing, kind):
     _available(backend)
     dtype = _dtype(backend)
-    x, w, b, target = _problem(dtype=dtype, soft=kind == "soft")
+    # half of the cases without a bias
+    x, w, b, target = _problem(dtype=dtype, soft=kind == "soft", bias=smoothing == 0.0)
     cw = (0.5 + torch.rand(w.shape[0], generator=torch.Generator().manual_seed(9), dtype=dtype)) if class_weight \
         else None
 
