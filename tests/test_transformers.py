@@ -487,3 +487,28 @@ def test_importable_without_transformers(monkeypatch):
         module.apply(torch.nn.Linear(2, 2))
     with pytest.raises(ImportError, match="pip install"):
         module.CRFTagger(torch.nn.Linear(2, 2), BIO)
+
+
+# ----------------------------------------------------------------------------------------------
+# The example
+# ----------------------------------------------------------------------------------------------
+
+
+def test_train_bert_crf_example_smoke():
+    sys.path.insert(0, EXAMPLES)
+    import train_bert_crf
+
+    args = train_bert_crf.build_parser().parse_args([
+        "--train-sentences", "48", "--eval-sentences", "16", "--max-steps", "3", "--batch-size", "8",
+        "--hidden", "32", "--layers", "1", "--vocab-size", "150", "--warmup-steps", "0"])
+    lines = []
+    report = train_bert_crf.run(args, log=lines.append)
+    results = {r["model"]: r for r in report["results"]}
+    assert set(results) == set(train_bert_crf.MODELS)
+    assert report["subword_fraction"] > 0  # the tokenizer split words: -100 positions exist
+    for result in results.values():
+        assert result["steps"] == 3 and result["step_seconds"] > 0 and result["peak_mib"] > 0
+        assert 0 <= result["test"]["f1"] <= 1
+    # apply() changes how the loss is computed, not what it is.
+    assert results["bert+apply"]["training_loss"] == pytest.approx(results["bert"]["training_loss"], rel=1e-5)
+    assert "bert-crf" in lines[-1] and "F1" in lines[-1]
