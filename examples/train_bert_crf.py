@@ -16,10 +16,10 @@ Models (``--models``), each from the same seed, initial weights and batches:
 - ``bert-crf``: ``fusedloss.transformers.CRFTagger(model, labels, scheme="BIO")``: a constrained CRF over the
   words; predicts with constrained Viterbi (``decode(word_ids=...)``).
 
-Reported: entity-level precision/recall/F1 on the test split (``ner_metrics.py``, seqeval-compatible), the median
-seconds per optimizer step inside the Trainer, and the peak extra memory of one training step (forward and
-backward) on one batch (``fusedloss.bench.harness.peak_memory``: torch.profiler's allocation trace on the CPU,
-``max_memory_allocated`` on CUDA).
+Reported: entity-level precision/recall/F1 on the test split (``ner_metrics.py``, seqeval-compatible); after
+training, the time of one training step (forward and backward of one batch, the models taking turns so that a
+shared machine's load hits them alike) and its peak extra memory (``fusedloss.bench.harness.peak_memory``:
+torch.profiler's allocation trace on the CPU, ``max_memory_allocated`` on CUDA).
 
     python examples/train_bert_crf.py            # about a minute on a 2-core CPU
     python examples/train_bert_crf.py --train-sentences 200 --eval-sentences 50 --epochs 1   # a smoke run
@@ -34,11 +34,11 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fusedloss.bench.harness import device_name, peak_memory
+from fusedloss.bench.harness import device_name, peak_memory, time_call
 from fusedloss.transformers import CRFTagger, apply, first_subword_mask
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -137,47 +137,53 @@ def predict(kind: str, model: torch.nn.Module, split: Split, collator, labels: S
     return predicted
 
 
-def train_one(kind: str, splits: Dict[str, Split], tokenizer, labels: Sequence[str], args, scratch: str,
-              log=print) -> Dict:
-    from transformers import DataCollatorForTokenClassification, Trainer, TrainerCallback, TrainingArguments
+def train_one(kind: str, splits: Dict[str, Split], tokenizer, collator, labels: Sequence[str], args, scratch: str,
+              log=print) -> Tuple[Dict, torch.nn.Module]:
+    """Train one model with the Trainer; returns its result (loss, test scores) and the trained model."""
+    from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     model = build_model(kind, labels, len(tokenizer), args)
-    collator = DataCollatorForTokenClassification(tokenizer)
-    step_seconds: List[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            step_seconds.append(time.perf_counter() - self.start)
-
     arguments = TrainingArguments(
         output_dir=os.path.join(scratch, kind), num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
         per_device_train_batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         weight_decay=0.01, logging_strategy="no", save_strategy="no", report_to=[], seed=args.seed,
         use_cpu=args.device == "cpu", dataloader_num_workers=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=arguments, train_dataset=splits["train"], data_collator=collator,
-                      callbacks=[StepTimer()])
+    trainer = Trainer(model=model, args=arguments, train_dataset=splits["train"], data_collator=collator)
     trainer.remove_callback(PrinterCallback)  # this script prints its own summary
+    started = time.perf_counter()
     result = trainer.train()
+    seconds = time.perf_counter() - started
     device = next(model.parameters()).device
-
-    # Peak extra memory of one training step on the first batch, outside the Trainer (same model, same batch).
-    batch = {k: v.to(device) for k, v in collator([splits["train"][i] for i in range(args.batch_size)]).items()}
-    probe = copy.deepcopy(model).train()
-
-    def step():
-        probe(**batch).loss.backward()
-
-    memory = peak_memory(step, lambda: probe.zero_grad(set_to_none=True), device)
     test = entity_scores(splits["test"].gold, predict(kind, model, splits["test"], collator, labels, device))
-    seconds = statistics.median(step_seconds[1:] or step_seconds)
-    log(f"  {kind:<11} {result.global_step:>4} steps, train loss {result.training_loss:.4f}, {seconds * 1e3:6.1f} "
-        f"ms/step, peak {memory:6.2f} MiB, test F1 {test['f1']:.3f}")
+    log(f"  {kind:<11} {result.global_step:>4} steps in {seconds:5.1f} s, train loss {result.training_loss:.4f}, "
+        f"test F1 {test['f1']:.3f}")
     return {"model": kind, "steps": result.global_step, "training_loss": result.training_loss,
-            "step_seconds": seconds, "peak_mib": memory, "test": test}
+            "train_seconds": seconds, "test": test}, model
+
+
+def measure_steps(models: Dict[str, torch.nn.Module], batch: Dict[str, torch.Tensor], device: torch.device,
+                  rounds: int) -> Dict[str, Dict[str, float]]:
+    """Seconds per training step (forward + backward of ``batch``) and its peak extra memory, per model.
+
+    The models take turns, a few timed steps each per round, and the time is the median of the rounds'
+    medians: on a shared machine a burst of load then hits every model alike (timing one model after the
+    other, as the Trainer's runtime does, compares the load more than the models)."""
+    probes = {kind: copy.deepcopy(model).train() for kind, model in models.items()}
+
+    def step(probe):
+        return lambda: probe(**batch).loss.backward()
+
+    def reset(probe):
+        return lambda: probe.zero_grad(set_to_none=True)
+
+    medians: Dict[str, List[float]] = {kind: [] for kind in probes}
+    for _ in range(rounds):
+        for kind, probe in probes.items():
+            timing = time_call(step(probe), reset(probe), device, warmup=1, repeats=5)
+            medians[kind].append(timing["median_ms"] / 1e3)
+    return {kind: {"step_seconds": statistics.median(medians[kind]),
+                   "peak_mib": peak_memory(step(probe), reset(probe), device)} for kind, probe in probes.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=800, help="WordPiece vocabulary (small: more sub-words)")
     parser.add_argument("--max-length", type=int, default=64, help="sub-words per sentence, [CLS]/[SEP] included")
+    parser.add_argument("--timing-rounds", type=int, default=20,
+                        help="rounds of 5 timed training steps per model, the models taking turns")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -203,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args, log=print) -> Dict:
     """Everything the command does; returns one result per model and what the data looked like."""
+    from transformers import DataCollatorForTokenClassification
+
     with tempfile.TemporaryDirectory() as scratch:
         write_corpus(scratch, args.train_sentences, args.eval_sentences, seed=args.seed)
         text = read_corpus(scratch)
@@ -213,7 +223,16 @@ def run(args, log=print) -> Dict:
             f"WordPiece vocabulary {len(tokenizer)}; {splits['train'].subword_fraction():.0%} of training tokens "
             f"are non-first sub-words (-100); device {device_name(torch.device(args.device))}, torch "
             f"{torch.__version__}")
-        results = [train_one(kind, splits, tokenizer, labels, args, scratch, log) for kind in args.models.split(",")]
+        collator = DataCollatorForTokenClassification(tokenizer)
+        results, models = [], {}
+        for kind in args.models.split(","):
+            result, models[kind] = train_one(kind, splits, tokenizer, collator, labels, args, scratch, log)
+            results.append(result)
+    device = next(models[results[0]["model"]].parameters()).device
+    batch = collator([splits["train"][i] for i in range(min(args.batch_size, len(splits["train"])))])
+    measured = measure_steps(models, {k: v.to(device) for k, v in batch.items()}, device, args.timing_rounds)
+    for result in results:
+        result.update(measured[result["model"]])
     log("\n" + format_summary(results))
     return {"labels": labels, "results": results, "subword_fraction": splits["train"].subword_fraction()}
 

@@ -28,15 +28,15 @@ _INSTALL_HINT = (
     "(or pip install 'fusedloss[transformers]')"
 )
 
-# Causal-LM classes whose forward is "base model -> last hidden state -> lm_head -> loss_function", and the
-# attribute holding their base model. Only these are patched: another family may scale, cap or mix its logits
-# after the head in ways the fused loss would silently leave out.
-SUPPORTED_CAUSAL_LMS: Dict[str, str] = {
-    "LlamaForCausalLM": "model",
-    "MistralForCausalLM": "model",
-    "Qwen2ForCausalLM": "model",
-    "Qwen3ForCausalLM": "model",
-    "GPT2LMHeadModel": "transformer",
+# Causal-LM classes whose forward is "base model -> last hidden state -> lm_head -> loss_function": the attribute
+# holding their base model and the transformers.modeling_outputs class they return. Only these are patched:
+# another family may scale, cap or mix its logits after the head in ways the fused loss would leave out.
+SUPPORTED_CAUSAL_LMS: Dict[str, Tuple[str, str]] = {
+    "LlamaForCausalLM": ("model", "CausalLMOutputWithPast"),
+    "MistralForCausalLM": ("model", "CausalLMOutputWithPast"),
+    "Qwen2ForCausalLM": ("model", "CausalLMOutputWithPast"),
+    "Qwen3ForCausalLM": ("model", "CausalLMOutputWithPast"),
+    "GPT2LMHeadModel": ("transformer", "CausalLMOutputWithCrossAttentions"),
 }
 _CLASSIFICATION_SUFFIXES = ("ForTokenClassification", "ForSequenceClassification")
 
@@ -147,9 +147,9 @@ def _problem_type(model: nn.Module, labels: torch.Tensor) -> str:
     """transformers' rule for sequence classification, written into the config as transformers does."""
     config = model.config
     if config.problem_type is None:
-        if model.num_labels == 1:
+        if config.num_labels == 1:
             config.problem_type = "regression"
-        elif model.num_labels > 1 and labels.dtype in (torch.long, torch.int):
+        elif config.num_labels > 1 and labels.dtype in (torch.long, torch.int):
             config.problem_type = "single_label_classification"
         else:
             config.problem_type = "multi_label_classification"
@@ -181,9 +181,11 @@ def _keeps_every_position(logits_to_keep) -> bool:
     return isinstance(logits_to_keep, int) and logits_to_keep == 0
 
 
-def _causal_lm_forward(cls_forward: Callable, base_name: str, loss: str, options: Dict[str, Any]) -> Callable:
+def _causal_lm_forward(cls_forward: Callable, base_name: str, output_name: str, loss: str,
+                       options: Dict[str, Any]) -> Callable:
     names = _positional_names(cls_forward)
-    transformers = _require_transformers()
+    output_class = getattr(_require_transformers().modeling_outputs, output_name)
+    fields = {f.name for f in dataclasses.fields(output_class)} - {"loss", "logits"}
 
     @functools.wraps(cls_forward)  # keeps the signature the Trainer and generate() inspect
     def forward(self, *args, **kwargs):
@@ -215,22 +217,11 @@ def _causal_lm_forward(cls_forward: Callable, base_name: str, loss: str, options
             ignore_index=IGNORE_INDEX, reduction=reduction, **_on(options, hidden_states.device))
         if num_items_in_batch is not None:
             value = _divide(value, num_items_in_batch)
-        output_class = getattr(transformers.modeling_outputs, _CAUSAL_OUTPUTS[type(self).__name__])
-        fields = {f.name for f in dataclasses.fields(output_class)} - {"loss", "logits"}
         output = output_class(loss=value, logits=None,
                               **{name: getattr(base_output, name, None) for name in fields})
         return output if return_dict else output.to_tuple()
 
     return forward
-
-
-_CAUSAL_OUTPUTS = {
-    "LlamaForCausalLM": "CausalLMOutputWithPast",
-    "MistralForCausalLM": "CausalLMOutputWithPast",
-    "Qwen2ForCausalLM": "CausalLMOutputWithPast",
-    "Qwen3ForCausalLM": "CausalLMOutputWithPast",
-    "GPT2LMHeadModel": "CausalLMOutputWithCrossAttentions",
-}
 
 
 def apply(model: nn.Module, *, loss: str = "cross_entropy", **options: Any) -> nn.Module:
@@ -283,10 +274,10 @@ def apply(model: nn.Module, *, loss: str = "cross_entropy", **options: Any) -> n
             raise ValueError(f"loss={loss!r} is not available for causal LMs ({name}): use loss='cross_entropy' "
                              "with focal_gamma=...")
         _check_options(loss, options, _LINEAR_OPTIONS, model.config.get_text_config().vocab_size, name, linear=True)
-        forward = _causal_lm_forward(cls.forward, SUPPORTED_CAUSAL_LMS[name], loss, dict(options))
+        forward = _causal_lm_forward(cls.forward, *SUPPORTED_CAUSAL_LMS[name], loss, dict(options))
     elif name.endswith(_CLASSIFICATION_SUFFIXES) and "labels" in inspect.signature(cls.forward).parameters:
         allowed = _FOCAL_OPTIONS if loss == "focal" else _CROSS_ENTROPY_OPTIONS
-        _check_options(loss, options, allowed, model.num_labels, name)
+        _check_options(loss, options, allowed, model.config.num_labels, name)
         forward = _classification_forward(cls.forward, name.endswith("ForSequenceClassification"), loss,
                                           dict(options))
     else:
