@@ -122,6 +122,10 @@ def test_token_classification_loss_and_gradients_equal_the_models_own(kind):
     assert_same_gradients(patched, reference)
     assert type(patched).forward is type(reference).forward  # nothing global changed
     assert patched(input_ids=input_ids).loss is None
+    clone = copy.deepcopy(patched)  # the patch follows a copy (the Trainer and the example copy models)
+    assert clone.forward.__self__ is clone
+    del patched.forward  # undoes the patch
+    assert patched.forward.__func__ is type(patched).forward
 
 
 def test_token_classification_options_equal_torch_on_the_logits():
@@ -154,9 +158,15 @@ def test_num_items_in_batch_divides_the_sum():
     torch.testing.assert_close(output.loss.detach(), expected)
 
 
-def test_sequence_classification():
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_sequence_classification(kind):
     torch.manual_seed(0)
-    reference = transformers.BertForSequenceClassification(bert_config(num_labels=3))
+    if kind == "bert":
+        reference = transformers.BertForSequenceClassification(bert_config(num_labels=3))
+    else:  # pools the last non-padding token and calls model.loss_function
+        reference = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, num_labels=3, pad_token_id=0))
     patched = ft.apply(copy.deepcopy(reference), z_loss=0.0)
     input_ids, attention_mask, _ = token_batch(batch=4)
     labels = torch.tensor([0, 2, 1, 2])
