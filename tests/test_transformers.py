@@ -375,7 +375,7 @@ def test_crf_tagger_loss_equals_pytorch_crf_on_compacted_words():
         [-100, 3, -100, -100, -100, -100, -100, -100, -100],  # one word
         [-100] * 9,  # no word (truncated away): left out of the mean
     ])
-    output = tagger(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    output = tagger(input_ids, attention_mask, labels)
     assert output.logits.shape == (4, 9, len(BIO))
 
     crf = torchcrf.CRF(len(BIO), batch_first=True)

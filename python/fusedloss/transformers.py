@@ -392,8 +392,8 @@ class CRFTagger(nn.Module):
         self,
         input_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
-        token_type_ids: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
         **kwargs: Any,
     ):
         """Emissions of the wrapped model and, with ``labels`` ``(B, T)`` (tags at first sub-words, -100
