@@ -226,6 +226,12 @@ def test_causal_lm_loss_and_gradients_equal_the_models_own(family):
     expected = reference(input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=count)
     torch.testing.assert_close(output.loss, expected.loss)
 
+    # ignore_index reaches the loss, as transformers' ForCausalLMLoss takes it.
+    relabelled = labels.masked_fill(labels == -100, -1)
+    output = patched(input_ids=input_ids, attention_mask=attention_mask, labels=relabelled, ignore_index=-1)
+    expected = reference(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    torch.testing.assert_close(output.loss, expected.loss)
+
     # Hidden states are the base model's; eval mode with labels keeps the logits.
     output = patched(input_ids=input_ids, labels=labels, output_hidden_states=True)
     assert output.logits is None and len(output.hidden_states) == 2

@@ -95,16 +95,16 @@ def _divide(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
 
 
 def _logits_loss(logits: torch.Tensor, target: torch.Tensor, loss: str, options: Dict[str, Any],
-                 num_items_in_batch) -> torch.Tensor:
-    """Loss of logits ``(*, C)`` against int64 ``target`` ``(*)`` with -100 ignored: the mean over labelled
-    items (Σ w_y for class weights, torch's rule), or the sum / ``num_items_in_batch`` when it is given."""
+                 num_items_in_batch, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Loss of logits ``(*, C)`` against int64 ``target`` ``(*)`` with ``ignore_index`` ignored: the mean over
+    labelled items (Σ w_y for class weights, torch's rule), or the sum / ``num_items_in_batch`` when given."""
     reduction = "mean" if num_items_in_batch is None else "sum"
     target = target.to(logits.device)
     if loss == "focal":
-        value = fusedloss.focal_loss(logits, target, ignore_index=IGNORE_INDEX, reduction=reduction,
+        value = fusedloss.focal_loss(logits, target, ignore_index=ignore_index, reduction=reduction,
                                      **_on(options, logits.device))
     else:
-        value = fusedloss.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction=reduction,
+        value = fusedloss.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction,
                                         **_on(options, logits.device))
     return value if num_items_in_batch is None else _divide(value, num_items_in_batch)
 
@@ -195,18 +195,20 @@ def _causal_lm_forward(cls_forward: Callable, base_name: str, output_name: str, 
             # Inference, generate(), or logits of a few positions only: the model's own forward.
             return cls_forward(self, **kwargs)
         num_items_in_batch = kwargs.get("num_items_in_batch")
+        ignore_index = kwargs.get("ignore_index", IGNORE_INDEX)  # as transformers' ForCausalLMLoss takes it
         for name in ("labels", "logits_to_keep", *_LOSS_KWARGS):
             kwargs.pop(name, None)
         return_dict = _wants_dict(self, kwargs)
         if shift_labels is None:
             # transformers' ForCausalLMLoss: position t predicts labels[t + 1]; the last position predicts nothing.
-            shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         shift_labels = shift_labels.to(self.lm_head.weight.device)
 
         if not self.training:
             # Evaluation keeps the logits (metrics read them); the loss still uses the options.
             output = cls_forward(self, return_dict=True, **kwargs)
-            output = _with_loss(output, _logits_loss(output.logits, shift_labels, loss, options, num_items_in_batch))
+            output = _with_loss(output, _logits_loss(output.logits, shift_labels, loss, options, num_items_in_batch,
+                                                     ignore_index))
             return output if return_dict else output.to_tuple()
 
         base_output = getattr(self, base_name)(**kwargs)
@@ -214,7 +216,7 @@ def _causal_lm_forward(cls_forward: Callable, base_name: str, output_name: str, 
         reduction = "mean" if num_items_in_batch is None else "sum"
         value = fusedloss.linear_cross_entropy(
             hidden_states, self.lm_head.weight, shift_labels, linear_bias=self.lm_head.bias,
-            ignore_index=IGNORE_INDEX, reduction=reduction, **_on(options, hidden_states.device))
+            ignore_index=ignore_index, reduction=reduction, **_on(options, hidden_states.device))
         if num_items_in_batch is not None:
             value = _divide(value, num_items_in_batch)
         output = output_class(loss=value, logits=None,
@@ -251,12 +253,14 @@ def apply(model: nn.Module, *, loss: str = "cross_entropy", **options: Any) -> n
       ``shift_labels``), the base model's last hidden state ``(B, T, H)`` goes to
       :func:`fusedloss.linear_cross_entropy` with ``lm_head.weight`` (GPT-2's is tied to the token
       embedding, which then gets both gradients) and ``lm_head.bias``, against the shifted labels
-      (position t predicts ``labels[t + 1]``; the last position is ignored), reduced as above (mean over
-      non-ignored positions, or sum / ``num_items_in_batch``). The ``(B, T, V)`` logits are never
-      materialized and the output's ``logits`` is None; ``hidden_states``, ``attentions`` and ``cache``
-      are the base model's. In eval mode with labels the logits are computed (metrics read them) and the loss
-      is :func:`fusedloss.cross_entropy` of them with the same options. Without labels (inference,
-      ``generate()``), or with ``logits_to_keep`` other than 0, the model's own forward runs unchanged.
+      (position t predicts ``labels[t + 1]``; the last position is ignored; ``shift_labels`` and
+      ``ignore_index`` keyword arguments are taken as transformers' ``ForCausalLMLoss`` takes them),
+      reduced as above (mean over non-ignored positions, or sum / ``num_items_in_batch``). The
+      ``(B, T, V)`` logits are never materialized and the output's ``logits`` is None; ``hidden_states``,
+      ``attentions`` and ``cache`` are the base model's. In eval mode with labels the logits are computed
+      (metrics read them) and the loss is :func:`fusedloss.cross_entropy` of them with the same options.
+      Without labels (inference, ``generate()``), or with ``logits_to_keep`` other than 0, the model's own
+      forward runs unchanged.
 
     Unsupported model: ``ValueError`` naming its class and the supported ones. Unknown ``loss`` or option
     names: ``ValueError``; bad option values: fusedloss's ``ValueError`` (``TypeError`` for a wrong type),
