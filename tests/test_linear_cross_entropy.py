@@ -294,10 +294,10 @@ def test_cpp_peak_memory_is_gradients_plus_one_chunk():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(2048, 512, 32000) == 64
-    assert default_chunk_size(8192, 4096, 128256) == 512
-    assert default_chunk_size(4096, 64, 9) == 4096  # small vocabularies: one chunk
-    assert default_chunk_size(3, 4096, 128256) == 3
+    assert default_chunk_size(2048, 512, 32000, "cpu") == 256
+    assert default_chunk_size(8192, 4096, 128256, "cuda") == 512
+    assert default_chunk_size(4096, 64, 9, "cpu") == 4096  # small vocabularies: one chunk
+    assert default_chunk_size(3, 4096, 128256, "cuda") == 3
 
 
 # ----------------------------------------------------------------------------------------------
