@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from fusedloss.triton_kernels.softmax_loss import softmax_loss_forward
+from fusedloss.triton_kernels.softmax_loss import softmax_loss_forward, softmax_loss_reasons
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -280,16 +280,9 @@ def linear_cross_entropy_reasons(
     token_weight: Optional[torch.Tensor],
     chunk_size: int,
 ) -> List[str]:
-    """Why the Triton path cannot serve this call (empty when it can)."""
-    reasons = []
-    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"computes in float32 for float32/float16/bfloat16 input, got {input.dtype} "
-                       "(use the reference or cpp backend for float64)")
-    if target.is_floating_point() and target.requires_grad:
-        reasons.append("does not compute the gradient with respect to soft targets (target.requires_grad=True)")
-    if weight is not None and weight.requires_grad:
-        reasons.append("does not compute the gradient with respect to weight (weight.requires_grad=True)")
-    return reasons
+    """Why this backend cannot serve the call: those of its row kernel (the logits have input's dtype)."""
+    return softmax_loss_reasons(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma,
+                                z_loss, softcap, False, False)
 
 
 def linear_cross_entropy(
