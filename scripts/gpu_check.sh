@@ -131,6 +131,10 @@ if [[ " $PHASES " == *" bench "* ]]; then
   phase bench_cross_entropy_compile 60 "$PY" -m fusedloss.bench --device cuda --ops cross_entropy \
     --shapes 8192x128256 --dtype bfloat16 --compile --repeats 10 --warmup 3 --no-progress \
     --out "$OUT" --name "cross_entropy_compile_8192x128256_{device}"
+  # The fused linear head at the large-model shape, against eager, Liger's and Cut Cross-Entropy's (when importable).
+  phase bench_linear_cross_entropy 90 "$PY" benchmarks/bench_linear_cross_entropy.py --device cuda \
+    --dtype bfloat16 --shapes 8192x4096x128256 --chunks 256,1024 --repeats 5 \
+    --out "$OUT/linear_cross_entropy_8192x4096x128256.md"
   for length in 128 512; do
     phase "bench_crf_T$length" 30 "$PY" -m fusedloss.bench --device cuda --ops crf_nll,crf_decode \
       --shapes "32x${length}x9,32x${length}x73" --dtype float32 --repeats 10 --warmup 2 --no-progress \

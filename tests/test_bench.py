@@ -212,3 +212,22 @@ def test_sigmoid_ops_run_on_every_backend_and_agree(tmp_path):
         assert expected | {cases.BASELINE[op]} <= backends, op
     assert all(r["rel_diff_vs_baseline"] <= 1e-5 for r in rows)
     assert "| N x C | dtype | torch | eager |" in (tmp_path / "bench.md").read_text()
+
+
+def test_linear_cross_entropy_op_runs_against_its_peers(tmp_path):
+    import fusedloss
+    from fusedloss.bench import cases
+
+    cli.main(["--ops", "linear_cross_entropy", "--shapes", "24x8x300", "--repeats", "1", "--warmup", "0",
+              "--threads", "1", "--out", str(tmp_path), "--no-progress"])
+    rows = report.read_csv(str(tmp_path / "bench.csv"))
+    backends = {r["backend"] for r in rows if r["mode"] == "full"}
+    expected = {"eager", "torch-chunked", "fusedloss-reference"}
+    if fusedloss.available_backends()["cpp"] is None:
+        expected.add("fusedloss-cpp")
+    assert expected <= backends
+    assert all(r["rel_diff_vs_baseline"] <= 1e-5 for r in rows)
+    assert all((r["N"], r["H"], r["V"]) == (24, 8, 300) for r in rows)
+    assert all(r["peak_mem_mib"] > 0 for r in rows if r["backend"] != "cut-cross-entropy")
+    assert "| N x H x V | dtype |" in (tmp_path / "bench.md").read_text()
+    assert cases.BASELINE["linear_cross_entropy"] == "eager"

@@ -142,6 +142,38 @@ def test_cross_entropy_more_than_2_31_elements(backend):
     assert_derived_close(leaf.grad[rows], low[1], want[1], "gradient rows")
 
 
+# ------------------------------------------------------------------------------------------------ linear head
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_bf16(backend, reduction):
+    """Fused head against F.linear + F.cross_entropy in float64 and in bf16, values and all three gradients."""
+    g = _generator(8)
+    n, h, v = 1000, 256, 50257
+    x = torch.randn(n, h, generator=g, device=CUDA)
+    w = torch.randn(v, h, generator=g, device=CUDA) / h**0.5
+    b = torch.randn(v, generator=g, device=CUDA)
+    y = torch.randint(0, v, (n,), generator=g, device=CUDA)
+    y[::5] = -100
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+        loss = fn(*leaves)
+        loss.backward(torch.linspace(0.5, 1.5, loss.numel(), device=CUDA).reshape(loss.shape).to(dtype))
+        return [loss.detach()] + [t.grad for t in leaves]
+
+    def eager(x, w, b):
+        return F.cross_entropy(F.linear(x, w, b), y, reduction=reduction, label_smoothing=0.1)
+
+    def ours(x, w, b):
+        return fusedloss.linear_cross_entropy(x, w, y, linear_bias=b, reduction=reduction, label_smoothing=0.1,
+                                              chunk_size=384, backend=backend)
+
+    want, low, got = run(eager, torch.float64), run(eager, torch.bfloat16), run(ours, torch.bfloat16)
+    for name, a, lo, ref in zip(("loss", "grad_input", "grad_weight", "grad_bias"), got, low, want):
+        assert_derived_close(a, lo, ref, name)
+
+
 # ------------------------------------------------------------------------------------------------ CRF
 
 def _crf_case(b, t, k, seed=0, scale=1.0, constrained=False):

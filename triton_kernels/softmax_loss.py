@@ -446,9 +446,10 @@ def softmax_loss_forward(
         )
     if reduction == "none":
         return row_loss.to(input.dtype)
+    # Summed in float64: the same result for any row order, and what the other backends return.
     if reduction == "sum":
-        return row_loss.sum().to(input.dtype)
-    return (row_loss.sum() / divisor).to(input.dtype)
+        return row_loss.sum(dtype=torch.float64).to(input.dtype)
+    return (row_loss.sum(dtype=torch.float64) / divisor).to(input.dtype)
 
 
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, *, block_c: Optional[int] = None,

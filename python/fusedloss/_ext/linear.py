@@ -15,6 +15,7 @@ from typing import List, Optional
 import torch
 
 import fusedloss._C  # noqa: F401  (loads the extension, which registers the fusedloss:: ops)
+from fusedloss._ext.softmax_loss import softmax_loss_reasons
 
 
 @torch.library.register_fake("fusedloss::linear_cross_entropy")
@@ -43,10 +44,6 @@ def linear_cross_entropy_reasons(
     token_weight: Optional[torch.Tensor],
     chunk_size: int,
 ) -> List[str]:
-    """Why the extension cannot serve this call (empty when it can)."""
-    reasons = []
-    if target.is_floating_point() and target.requires_grad:
-        reasons.append("computes no gradient for soft targets (target requires grad)")
-    if weight is not None and weight.requires_grad:
-        reasons.append("computes no gradient for weight (weight requires grad)")
-    return reasons
+    """Why this backend cannot serve the call: those of its row kernel (the logits have input's dtype)."""
+    return softmax_loss_reasons(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma,
+                                z_loss, softcap, False, False)

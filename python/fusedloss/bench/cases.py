@@ -23,11 +23,14 @@ CRF_OPS = ("crf_nll", "crf_decode")
 # Sigmoid and multi-label losses (SPEC 4): see the block "Sigmoid and multi-label losses" below.
 SIGMOID_OPS = ("bce_pos_weight", "sigmoid_focal", "multilabel_soft_margin", "zlpr", "bi_tempered_0.8_1.2",
                "bi_tempered_0.5_4.0", "ghmc_10", "ghmc_30")
-ALL_OPS = CROSS_ENTROPY_OPS + CRF_OPS + SIGMOID_OPS
+# The fused linear + cross entropy head (SPEC 8): shapes are (N, H, V).
+LINEAR_OPS = ("linear_cross_entropy",)
+ALL_OPS = CROSS_ENTROPY_OPS + CRF_OPS + SIGMOID_OPS + LINEAR_OPS
 LABEL_SMOOTHING = 0.1
 FOCAL_GAMMA = 2.0
 BASELINE = {op: "eager" for op in CROSS_ENTROPY_OPS}
 BASELINE.update({op: "pytorch-crf" for op in CRF_OPS})
+BASELINE["linear_cross_entropy"] = "eager"
 # torch's own function where it has one, else the loss written in eager PyTorch ops.
 BASELINE.update({op: "torch" if op in ("bce_pos_weight", "multilabel_soft_margin") else "eager"
                  for op in SIGMOID_OPS})
@@ -44,8 +47,9 @@ class Workload:
 
 
 def shape_dims(op: str, shape: Tuple[int, ...]) -> Dict[str, int]:
-    """``{"B": .., "T": .., "K": ..}`` for the CRF, ``{"N": .., "C": ..}`` for the other ops."""
-    names = ("B", "T", "K") if op in CRF_OPS else ("N", "C")
+    """``{"B": .., "T": .., "K": ..}`` for the CRF, ``{"N": .., "H": .., "V": ..}`` for the linear head,
+    ``{"N": .., "C": ..}`` for the other ops."""
+    names = ("B", "T", "K") if op in CRF_OPS else ("N", "H", "V") if op in LINEAR_OPS else ("N", "C")
     return dict(zip(names, shape))
 
 
@@ -93,6 +97,11 @@ def make_inputs(op: str, shape: Tuple[int, ...], dtype: torch.dtype, device: tor
     if op in CROSS_ENTROPY_OPS:
         n, c = shape
         return torch.randn(n, c, device=device, dtype=dtype), torch.randint(0, c, (n,), device=device)
+    if op in LINEAR_OPS:
+        n, h, v = shape
+        hidden = torch.randn(n, h, device=device, dtype=dtype)
+        head = (torch.randn(v, h, device=device) / h**0.5).to(dtype)
+        return hidden, head, torch.randint(0, v, (n,), device=device)
     b, t, k = shape
     emissions = torch.randn(b, t, k, device=device, dtype=dtype)
     tags = torch.randint(0, k, (b, t), device=device)
@@ -170,6 +179,13 @@ def peer_backends(op: str, device: torch.device, compile_eager: bool) -> List[st
         if device.type == "cuda" and op != "focal" and importlib.util.find_spec("liger_kernel") is not None:
             peers.append("liger-kernel")
         return peers
+    if op in LINEAR_OPS:
+        peers = ["eager", "torch-chunked"]
+        if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+            peers.append("liger-kernel")
+        if importlib.util.find_spec("cut_cross_entropy") is not None:
+            peers.append("cut-cross-entropy")
+        return peers
     peers = ["pytorch-crf"]
     if op == "crf_nll" and importlib.util.find_spec("torch_struct") is not None:
         peers.append("torch-struct")
@@ -195,6 +211,8 @@ def make_workload(op: str, backend: str, inputs: tuple, dtype: torch.dtype, devi
     """Bind ``inputs`` (from :func:`make_inputs`) to one backend of ``op``."""
     if op in SIGMOID_OPS:
         return _loss_workload(sigmoid_loss_fn(op, backend, inputs), inputs[0], inputs)
+    if op in LINEAR_OPS:
+        return _linear_workload(backend, *inputs)
     if op in CROSS_ENTROPY_OPS:
         logits, target = inputs
         if backend == "eager":
@@ -222,6 +240,42 @@ def make_workload(op: str, backend: str, inputs: tuple, dtype: torch.dtype, devi
 
         return Workload(forward=nll, full=lambda: nll().backward(), reset=reset)
     return _crf_workload(op, _crf_module(backend, num_tags, dtype, device), emissions, tags, mask)
+
+
+def _linear_loss(backend: str, device: torch.device) -> Callable:
+    """``loss(hidden (N, H), head_weight (V, H), target (N,))`` of one backend of the linear head."""
+    if backend == "eager":
+        return lambda x, w, y: F.cross_entropy(F.linear(x, w), y)
+    if backend == "torch-chunked":
+        # torch's own chunked head; LinearCrossEntropyOptions() opts into its chunked path with automatic choices
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda x, w, y: F.linear_cross_entropy(x, w, y, options=options)
+    if backend == "liger-kernel":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss()
+        return lambda x, w, y: loss(w, x, y)
+    if backend == "cut-cross-entropy":
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        # The Triton kernels need a GPU; its torch.compile implementation runs anywhere.
+        impl = "cce" if device.type == "cuda" else "torch_compile"
+        return lambda x, w, y: cce(x, w, y, impl=impl)
+    fused = backend.removeprefix("fusedloss-")
+    return lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y, backend=fused)
+
+
+def _linear_workload(backend: str, hidden: torch.Tensor, head: torch.Tensor, target: torch.Tensor) -> Workload:
+    loss_fn = _linear_loss(backend, hidden.device)
+    x = hidden.detach().requires_grad_()
+    w = head.detach().requires_grad_()
+
+    def reset():
+        x.grad = None
+        w.grad = None
+
+    return Workload(forward=lambda: loss_fn(x, w, target), full=lambda: loss_fn(x, w, target).backward(),
+                    reset=reset)
 
 
 def cross_entropy_bytes(mode: str, shape: Tuple[int, ...], dtype: torch.dtype) -> int:

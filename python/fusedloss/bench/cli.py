@@ -23,14 +23,18 @@ _GRIDS = {
     # Quick: a vocabulary curve at N=512, the token-classification shapes (4096 rows of 9 and 133 tags) and the
     # fixed cost of a call (one row of 9 tags).
     ("cpu", True): {"ce": [(512, c) for c in (512, 4096, 32000)] + [(4096, 9), (4096, 133), (1, 9)],
-                    "crf": [(8, 64, 9), (8, 256, 9), (8, 64, 37), (8, 64, 73)]},
+                    "crf": [(8, 64, 9), (8, 256, 9), (8, 64, 37), (8, 64, 73)],
+                    "lce": [(512, 256, 32000)]},
     ("cuda", True): {"ce": [(4096, c) for c in (4096, 32000, 128256)],
-                     "crf": [(32, t, k) for t in (128, 512) for k in (9, 73)]},
+                     "crf": [(32, t, k) for t in (128, 512) for k in (9, 73)],
+                     "lce": [(8192, 4096, 128256)]},
     # Token classification (C = 9..133 tags) and vocabularies up to N=4096, C=32000.
     ("cpu", False): {"ce": [(4096, c) for c in (9, 37, 133, 1024, 8192, 32000)],
-                     "crf": [(b, t, k) for b in (8, 32) for t in (128, 512) for k in (9, 37, 73, 133)]},
+                     "crf": [(b, t, k) for b in (8, 32) for t in (128, 512) for k in (9, 37, 73, 133)],
+                     "lce": [(2048, 512, 32000), (4096, 1024, 128256)]},
     ("cuda", False): {"ce": [(8192, c) for c in (4096, 32000, 128256, 262144)],
-                      "crf": [(b, t, k) for b in (8, 32) for t in (128, 512) for k in (9, 37, 73, 133)]},
+                      "crf": [(b, t, k) for b in (8, 32) for t in (128, 512) for k in (9, 37, 73, 133)],
+                      "lce": [(8192, 4096, 128256), (8192, 2048, 32000)]},
 }
 
 
@@ -40,7 +44,8 @@ def parse_shapes(text: str) -> List[Tuple[int, ...]]:
     for item in text.split(","):
         dims = tuple(int(d) for d in item.strip().lower().split("x"))
         if len(dims) not in (2, 3) or min(dims) < 1:
-            raise argparse.ArgumentTypeError(f"a shape is NxC (cross entropy) or BxTxK (CRF), got {item!r}")
+            raise argparse.ArgumentTypeError(
+                f"a shape is NxC (cross entropy), BxTxK (CRF) or NxHxV (linear_cross_entropy), got {item!r}")
         shapes.append(dims)
     return shapes
 
@@ -68,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ops", type=_csv_list(cases.ALL_OPS), default=list(cases.ALL_OPS),
                         help=f"comma-separated subset of {','.join(cases.ALL_OPS)} (default: all)")
     parser.add_argument("--shapes", type=parse_shapes, default=None,
-                        help="comma-separated NxC (cross-entropy ops) and BxTxK (CRF ops) shapes; "
+                        help="comma-separated NxC (cross-entropy ops), BxTxK (CRF ops) and NxHxV "
+                             "(linear_cross_entropy) shapes; "
                              "default: a grid per device")
     parser.add_argument("--dtype", type=_csv_list(tuple(_DTYPES)), default=["float32"],
                         help="comma-separated dtypes (default float32)")
@@ -92,13 +98,13 @@ def _problems(args, device: torch.device) -> List[Tuple[str, Tuple[int, ...], to
     grid = _GRIDS[(device.type, bool(args.quick))]
     problems = []
     for op in args.ops:
-        wanted_dims = 3 if op in cases.CRF_OPS else 2
+        wanted_dims = 3 if op in cases.CRF_OPS or op in cases.LINEAR_OPS else 2
         if args.shapes is not None:
             shapes = args.shapes
         elif op in cases.SIGMOID_OPS:
             shapes = _SIGMOID_GRIDS[(device.type, bool(args.quick))]
         else:
-            shapes = grid["ce" if wanted_dims == 2 else "crf"]
+            shapes = grid["ce" if wanted_dims == 2 else "lce" if op in cases.LINEAR_OPS else "crf"]
         for shape in shapes:
             if len(shape) == wanted_dims:
                 problems.extend((op, shape, _DTYPES[d]) for d in args.dtype)

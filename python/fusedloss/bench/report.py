@@ -7,10 +7,10 @@ import json
 from collections import Counter, defaultdict
 from typing import Dict, List, Sequence
 
-from fusedloss.bench.cases import CRF_OPS, CROSS_ENTROPY_OPS
+from fusedloss.bench.cases import CRF_OPS, CROSS_ENTROPY_OPS, LINEAR_OPS
 
 COLUMNS = (
-    "op", "mode", "backend", "shape", "N", "C", "B", "T", "K", "dtype", "device", "device_name",
+    "op", "mode", "backend", "shape", "N", "C", "H", "V", "B", "T", "K", "dtype", "device", "device_name",
     "median_ms", "q20_ms", "q80_ms", "min_ms", "repeats", "warmup", "baseline", "speedup",
     "peak_mem_mib", "rel_diff_vs_baseline", "bytes", "gbps", "copy_gbps", "bw_fraction", "torch_version",
     "triton_version", "fusedloss_version",
@@ -83,7 +83,7 @@ def format_markdown(rows: Sequence[Dict]) -> str:
             bandwidth = (f", {r['gbps']:.1f} GB/s = {100 * r['bw_fraction']:.0f}% of copy"
                          if r.get("gbps", "") != "" else "")
             cells[(r["shape"], r["dtype"])][r["backend"]] = f"{r['median_ms']:.3f} ms ({speedup}{memory}{bandwidth})"
-        dims = "B x T x K" if op in CRF_OPS else "N x C"
+        dims = "B x T x K" if op in CRF_OPS else "N x H x V" if op in LINEAR_OPS else "N x C"
         bandwidth = (", achieved bandwidth (% of a copy of the same bytes in the same run)"
                      if op in CROSS_ENTROPY_OPS and group[0].get("gbps", "") != "" else "")
         out.append(f"\n**{op}, {'forward + backward' if mode == 'full' else mode}** on {group[0]['device_name']}, "
@@ -106,7 +106,7 @@ def write_csv(rows: Sequence[Dict], path: str) -> None:
 
 def read_csv(path: str) -> List[Dict]:
     """Rows of a CSV written by :func:`write_csv`, with the numbers converted back."""
-    numeric = {"N", "C", "B", "T", "K", "median_ms", "q20_ms", "q80_ms", "min_ms", "repeats", "warmup",
+    numeric = {"N", "C", "H", "V", "B", "T", "K", "median_ms", "q20_ms", "q80_ms", "min_ms", "repeats", "warmup",
                "speedup", "peak_mem_mib", "rel_diff_vs_baseline", "bytes", "gbps", "copy_gbps", "bw_fraction"}
     with open(path, newline="") as src:
         rows = list(csv.DictReader(src))

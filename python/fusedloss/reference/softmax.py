@@ -141,7 +141,8 @@ def token_weighted_reduction(
     if kept is not None:
         # Ignored rows have loss and gradient 0; a 0 divisor (every row ignored) must not turn them into 0·inf.
         scale = torch.where(kept, scale, torch.zeros_like(scale))
-    loss = (loss64 * scale).sum()
-    # The value of 0/0 when nothing is kept (torch returns NaN), without a NaN in the gradient.
-    loss = loss + torch.where(divisor == 0, torch.nan, 0.0).to(loss.dtype)
-    return loss.to(dtype)
+    # The value is (Σ t_n l_n) / divisor (0/0 = NaN when nothing is kept, as torch), rounded as the reduction
+    # without token weights rounds; the gradient is that of Σ_n scale_n l_n, finite even then.
+    weighted = (loss64 * scale).sum()
+    value = (loss64 * t).sum() / divisor
+    return (value.detach() + (weighted - weighted.detach())).to(dtype)
