@@ -602,7 +602,8 @@ def vocab_parallel_linear_cross_entropy(
         group, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, token_weight:
             as in :func:`vocab_parallel_cross_entropy`.
         chunk_size: rows whose local logits ``(chunk, V_r)`` are formed at a time; None picks
-            ``linear_cross_entropy``'s default for the local head, ``max(H // 8, 2^20 // V_r, 16)`` rows.
+            ``linear_cross_entropy``'s default for the local head, ``max(H // d, 2^20 // V_r, 16)`` rows (d = 2 on
+            the CPU, 8 on CUDA).
 
     Memory: the logits are never formed for all rows: working memory is a few ``(chunk_size, V_r)`` float32
     tensors, plus ``grad_input (N, H)`` and ``grad_weight (V_r, H)`` accumulated in float32 for
@@ -650,7 +651,7 @@ def vocab_parallel_linear_cross_entropy(
         check_token_weight(token_weight, input, target)
     rows = input.reshape(-1, hidden)
     if chunk_size is None:
-        chunk_size = default_chunk_size(rows.shape[0], hidden, shard_size)
+        chunk_size = default_chunk_size(rows.shape[0], hidden, shard_size, input.device.type)
     plan = _make_plan(group, input, rows.shape[0], shard_size, chunk_size, options)
     row_loss, divisor = _VocabParallelLinearLoss.apply(rows, linear_weight_shard, linear_bias_shard, plan,
                                                        target.reshape(-1), weight, token_weight)
