@@ -38,8 +38,10 @@ shard's slice of ``weight``, known only after the first all-reduce), three times
 smoothing. Backward reads it once more (the linear form recomputes each chunk's logits there).
 
 Every rank of the group must make the same call (same rows, targets, options; only the shards differ): the
-collectives pair up across ranks, and a rank whose arguments fail a check after the first all-reduce (weight
-shape, target range) raises while the others raise the same error from the same data.
+collectives pair up across ranks. The first all-reduce carries checksums of every rank's targets and options,
+so targets or options that differ between ranks raise the same ``ValueError`` on every rank (rather than
+silently different losses), as do the checks that need the global C (weight shape, target range). Different
+row counts cannot be caught that way: the all-reduce itself fails in the backend (gloo aborts the process).
 
 Local work. The per-row statistics (:func:`_local_row_stats`, :func:`_local_class_sums`) and the local
 gradient (:func:`_local_grad`) are computed with PyTorch ops on the local shard, in float32 for
@@ -51,6 +53,7 @@ not the per-row statistics a distributed reduction needs). Targets are class ind
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +77,8 @@ __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"
 
 # Shard sizes travel in the float row-max all-reduce; float32 holds integers exactly below 2^24.
 _MAX_SHARD_SIZE = 2**24
+# Checksums of targets and options travel in the row-max all-reduce as floats: below 2^23, exact in float32.
+_CHECKSUM_MODULUS = 2**23
 # Temporaries of the plain form's local passes are kept near this many elements (chunks of rows).
 _CHUNK_ELEMENTS = 2**22
 
@@ -169,6 +174,7 @@ class _Plan:
     focal_gamma: float
     z_loss: float
     softcap: float | None
+    options_checksum: int
     # filled in once the shard sizes are known (after the row-max all-reduce)
     num_classes: int = 0
     offset: int = 0
@@ -189,27 +195,54 @@ class _Plan:
             yield start, min(start + self.chunk_rows, self.num_rows)
 
 
-def _make_plan(group, input: torch.Tensor, num_rows, shard_size, chunk_rows, options) -> _Plan:
+def _make_plan(group, input: torch.Tensor, num_rows, shard_size, chunk_rows, options, reduction, weight,
+               token_weight) -> _Plan:
     compute_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_ELEMENTS // shard_size)
+    signature = repr((reduction, *options, weight is None, token_weight is None)).encode()
     return _Plan(group, input.device, compute_dtype, num_rows, shard_size, max(1, min(chunk_rows, max(num_rows, 1))),
-                 *options)
+                 *options, zlib.crc32(signature) % _CHECKSUM_MODULUS)
 
 
-def _exchange_max_and_layout(plan: _Plan, local_max: torch.Tensor) -> torch.Tensor:
-    """Collective 1 (MAX): the global row max, and every rank's shard size (each rank writes its own size in
-    its slot, zeros elsewhere). Returns the global row max."""
+def _target_checksum(target: torch.Tensor) -> torch.Tensor:
+    """A position-dependent checksum of the int64 targets below 2^23 (exact in float32), computed on their
+    device: ranks whose targets differ get different sums (but for rare collisions)."""
+    flat = target.reshape(-1)
+    positions = torch.arange(flat.numel(), device=flat.device) % 8191 + 1
+    return ((flat + 257) % 2**20 * positions).sum() % _CHECKSUM_MODULUS
+
+
+def _exchange_max_and_layout(plan: _Plan, local_max: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Collective 1 (MAX): the global row max, and per rank (each in its own slot, zeros elsewhere) its shard
+    size, a checksum of its targets and one of its options. Every rank then knows the layout, and every rank
+    raises the same ``ValueError`` when the targets or options differ between ranks. Returns the row max."""
     world = dist.get_world_size(plan.group)
     rank = dist.get_rank(plan.group)
-    buffer = torch.zeros(plan.num_rows + world, dtype=plan.compute_dtype, device=plan.device)
-    buffer[: plan.num_rows] = local_max
-    buffer[plan.num_rows + rank] = plan.shard_size
+    rows = plan.num_rows
+    buffer = torch.zeros(rows + 3 * world, dtype=plan.compute_dtype, device=plan.device)
+    buffer[:rows] = local_max
+    buffer[rows + rank] = plan.shard_size
+    buffer[rows + world + rank] = _target_checksum(target).to(plan.compute_dtype)
+    buffer[rows + 2 * world + rank] = plan.options_checksum
     dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=plan.group)
-    sizes = [int(size) for size in buffer[plan.num_rows :].tolist()]
+    per_rank = [int(value) for value in buffer[rows:].tolist()]
+    sizes, target_sums, option_sums = per_rank[:world], per_rank[world : 2 * world], per_rank[2 * world :]
+    if len(set(target_sums)) > 1:
+        differing = [r for r, value in enumerate(target_sums) if value != target_sums[0]]
+        raise ValueError(
+            "target must hold the same global class indices on every rank of the group; the targets of rank(s) "
+            f"{differing} differ from rank 0's"
+        )
+    if len(set(option_sums)) > 1:
+        differing = [r for r, value in enumerate(option_sums) if value != option_sums[0]]
+        raise ValueError(
+            "every rank must pass the same options (weight/token_weight given or not, ignore_index, reduction, "
+            f"label_smoothing, focal_gamma, z_loss, softcap); rank(s) {differing} differ from rank 0"
+        )
     plan.num_classes = sum(sizes)
     plan.offset = sum(sizes[:rank])
-    return buffer[: plan.num_rows]
+    return buffer[:rows]
 
 
 def _place_targets(plan: _Plan, target: torch.Tensor, weight: torch.Tensor | None, input_name: str) -> None:
@@ -345,7 +378,7 @@ def _forward_rows(plan: _Plan, logits_of, target_logit_of, target, weight, input
     ``target_logit_of(local_target)`` returns the raw local logit of each row's (clamped) local target.
     """
     local_max, sum_exp, gap_sum = _local_row_stats(plan, logits_of)
-    row_max = _exchange_max_and_layout(plan, local_max)  # collective 1 (MAX)
+    row_max = _exchange_max_and_layout(plan, local_max, target)  # collective 1 (MAX)
     _place_targets(plan, target, weight, input_name)
     eps, gamma, num_classes = plan.label_smoothing, plan.focal_gamma, plan.num_classes
 
@@ -506,7 +539,7 @@ def vocab_parallel_cross_entropy(
     if shard_size >= _MAX_SHARD_SIZE:
         raise ValueError(f"input_shard may hold at most {_MAX_SHARD_SIZE - 1} classes, got {shard_size}")
     rows = input_shard.reshape(-1, shard_size)
-    plan = _make_plan(group, input_shard, rows.shape[0], shard_size, None, options)
+    plan = _make_plan(group, input_shard, rows.shape[0], shard_size, None, options, reduction, weight, token_weight)
     row_loss, divisor = _VocabParallelSoftmaxLoss.apply(rows, plan, target.reshape(-1), weight, token_weight,
                                                         "input_shard")
     return _reduce(row_loss, divisor, reduction, row_shape, input_shard.dtype)
@@ -652,7 +685,7 @@ def vocab_parallel_linear_cross_entropy(
     rows = input.reshape(-1, hidden)
     if chunk_size is None:
         chunk_size = default_chunk_size(rows.shape[0], hidden, shard_size, input.device.type)
-    plan = _make_plan(group, input, rows.shape[0], shard_size, chunk_size, options)
+    plan = _make_plan(group, input, rows.shape[0], shard_size, chunk_size, options, reduction, weight, token_weight)
     row_loss, divisor = _VocabParallelLinearLoss.apply(rows, linear_weight_shard, linear_bias_shard, plan,
                                                        target.reshape(-1), weight, token_weight)
     return _reduce(row_loss, divisor, reduction, row_shape, input.dtype)
