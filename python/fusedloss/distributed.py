@@ -34,8 +34,8 @@ computes the local gradient: a plain ``all_reduce`` inside autograd would give w
 Passes over the local logits: the first (before any communication) takes each row's local max ``m_r`` and
 ``Σ_j exp(s_j − m_r)``, rescaled by ``exp(m_r − m)`` once the global max is known (as online softmax does), so
 forward reads the shard once; twice with class weights and label smoothing (``Σ_j w_j (m − s_j)`` needs this
-shard's slice of ``weight``, known only after the first all-reduce), three times with focal loss and label
-smoothing. Backward reads it once more (the linear form recomputes each chunk's logits there).
+shard's slice of ``weight``, known only after the first all-reduce) and with focal loss and label smoothing
+(the focal sums need ``lse``). Backward reads it once more (the linear form recomputes each chunk's logits there).
 
 Every rank of the group must make the same call (same rows, targets, options; only the shards differ): the
 collectives pair up across ranks. The first all-reduce carries checksums of every rank's targets and options,
@@ -279,13 +279,14 @@ def _place_targets(plan: _Plan, target: torch.Tensor, weight: torch.Tensor | Non
 
 def _local_row_stats(plan: _Plan, logits_of) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One pass over the local shard, before any communication: per row the local max ``m_r``, the local sum
-    of exps relative to it ``Σ_j exp(s_j − m_r)`` and, for unweighted smoothing, ``Σ_j (m_r − s_j)``.
+    of exps relative to it ``Σ_j exp(s_j − m_r)`` and, for unweighted smoothing without focal loss,
+    ``Σ_j (m_r − s_j)``.
 
     ``logits_of(start, stop)`` returns the raw local logits of rows ``[start, stop)``.
     """
     local_max = torch.empty(plan.num_rows, dtype=plan.compute_dtype, device=plan.device)
     sum_exp = torch.empty_like(local_max)
-    gap_sum = torch.empty_like(local_max) if plan.label_smoothing > 0 else None
+    gap_sum = torch.empty_like(local_max) if plan.label_smoothing > 0 and plan.focal_gamma == 0 else None
     for start, stop in plan.chunks():
         logits = plan.capped(logits_of(start, stop))
         row_max = logits.amax(dim=-1)
@@ -300,9 +301,9 @@ def _local_row_stats(plan: _Plan, logits_of) -> tuple[torch.Tensor, torch.Tensor
 def _local_class_sums(plan: _Plan, logits_of, row_max: torch.Tensor, lse: torch.Tensor | None) -> torch.Tensor:
     """Per-row sums over the local classes that need a global quantity first.
 
-    With ``lse`` None: ``Σ_j w_j (m − s_j)`` for weighted smoothing (needs the global max ``m``, i.e. this
-    shard's slice of ``weight``). With ``lse``: the focal smoothing sums ``[Σ_j w_j f_j (lse − s_j),
-    Σ_j w_j h_j]``. Returns ``(N,)`` or ``(N, 2)``.
+    With ``lse`` None: ``Σ_j w_j (m − s_j)`` for weighted smoothing without focal loss (needs this shard's
+    slice of ``weight``, i.e. the layout from the first all-reduce). With ``lse``: the focal smoothing sums
+    ``[Σ_j w_j f_j (lse − s_j), Σ_j w_j h_j]``. Returns ``(N,)`` or ``(N, 2)``.
     """
     columns = 1 if lse is None else 2
     sums = torch.empty(plan.num_rows, columns, dtype=plan.compute_dtype, device=plan.device)
@@ -386,7 +387,7 @@ def _forward_rows(plan: _Plan, logits_of, target_logit_of, target, weight, input
     target_logit = plan.capped(target_logit_of(plan.local_target))
     packed = [sum_exp * torch.exp(local_shift - row_max),
               torch.where(plan.target_is_local, target_logit, torch.zeros_like(target_logit))]
-    if eps > 0:
+    if eps > 0 and gamma == 0:  # the smoothing sum; with focal loss it comes after lse (collective 3)
         if plan.weight_shard is None:  # Σ_j (m − s_j) = Σ_j (m_r − s_j) + C_r (m − m_r): every term >= 0
             packed.append(gap_sum + plan.shard_size * (row_max - local_shift))
         else:
@@ -640,8 +641,8 @@ def vocab_parallel_linear_cross_entropy(
 
     Memory: the logits are never formed for all rows: working memory is a few ``(chunk_size, V_r)`` float32
     tensors, plus ``grad_input (N, H)`` and ``grad_weight (V_r, H)`` accumulated in float32 for
-    float16/bfloat16/float32 inputs. The local logits are formed once in forward (twice with class weights
-    and label smoothing, three times with focal loss and label smoothing) and once more in backward.
+    float16/bfloat16/float32 inputs. The local logits are formed once in forward (twice with label smoothing
+    and either class weights or focal loss) and once more in backward.
 
     Collectives: 2 all-reduces in forward (3 with focal_gamma > 0 and label_smoothing > 0), 1 in backward
     (``grad_input``; none when ``input`` does not require grad).
