@@ -106,11 +106,11 @@ def _resolve_group(shard, group, name: str, class_dim: int):
         class_dim = class_dim % shard.dim()
         placements = shard.placements
         sharded = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim % shard.dim() == class_dim]
-        replicated = all(isinstance(p, Replicate) for i, p in enumerate(shard.placements) if i not in sharded)
+        replicated = all(isinstance(p, Replicate) for i, p in enumerate(placements) if i not in sharded)
         if len(sharded) != 1 or not replicated:
             raise ValueError(
                 f"{name} as a DTensor must be sharded on its class dimension ({class_dim}) along exactly one mesh "
-                f"dimension and replicated along any others, got placements {tuple(shard.placements)}"
+                f"dimension and replicated along any others, got placements {tuple(placements)}"
             )
         mesh_group = shard.device_mesh.get_group(sharded[0])
         if group is not None and group != mesh_group:
