@@ -561,8 +561,15 @@ class _VocabParallelLinearLoss(torch.autograd.Function):
             return F.linear(input[start:stop], weight_shard, bias_shard)
 
         def target_logit_of(local):
-            logit = (input.to(plan.compute_dtype) * weight_shard[local].to(plan.compute_dtype)).sum(dim=-1)
-            return logit if bias_shard is None else logit + bias_shard[local].to(plan.compute_dtype)
+            # Row n's logit of its (local) target, x_n · W[y_n] + b[y_n], a chunk of rows at a time, rounded to the
+            # input dtype as F.linear's output is.
+            logit = torch.empty(plan.num_rows, dtype=plan.compute_dtype, device=plan.device)
+            for start, stop in plan.chunks():
+                head_rows = weight_shard[local[start:stop]].to(plan.compute_dtype)
+                logit[start:stop] = (input[start:stop].to(plan.compute_dtype) * head_rows).sum(dim=-1)
+            if bias_shard is not None:
+                logit += bias_shard[local].to(plan.compute_dtype)
+            return logit.to(input.dtype)
 
         row_loss, target_weight, saved = _forward_rows(plan, logits_of, target_logit_of, target, weight, "input")
         token, divisor = _row_weights(plan, token_weight, target_weight)
@@ -589,8 +596,8 @@ class _VocabParallelLinearLoss(torch.autograd.Function):
             logits = F.linear(rows, weight_shard, bias_shard)
             grad_logits = _local_grad(plan, logits, slice(start, stop), saved,
                                       logits if logits.dtype == accumulate else None)  # over the logits buffer
-            if grad_input is not None:
-                grad_input[start:stop] = grad_logits @ weight_shard.to(accumulate)
+            if grad_input is not None:  # per chunk in the input dtype, as linear_cross_entropy; summed in float32
+                grad_input[start:stop] = grad_logits.to(weight_shard.dtype) @ weight_shard
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), rows.to(accumulate))
             if grad_bias is not None:
