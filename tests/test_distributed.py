@@ -63,7 +63,7 @@ LINEAR_CASES = [f"linear/{name}/{reduction}/layout{layout}"
                 or reduction == "mean"]
 LINEAR_CASES += ["linear/bfloat16/mean/layout0",
                  "linear/no_bias/mean/layout0", "linear/input_no_grad/mean/layout0", "linear/all_ignored/mean/layout1",
-                 "linear/float32_auto/mean/layout0", "linear/3d_input/none/layout1"]
+                 "linear/float32_auto/mean/layout0", "linear/3d_input/none/layout1", "linear/dtensor/sum/even"]
 ERROR_CASES = ["error/group_type", "error/group_not_member", "error/target_shape", "error/target_float",
                "error/target_out_of_range", "error/target_negative", "error/weight_shape", "error/token_weight_shape",
                "error/label_smoothing", "error/linear_weight_shape", "error/linear_bias_shape", "error/chunk_size",
@@ -240,20 +240,33 @@ def _run_linear(case: str, rank: int, world: int, counter: _Counter) -> dict:
         bias = None
     options, target = _resolve_options(options, weight, token_weight, target)
     options["reduction"] = reduction
-    sizes = LAYOUTS[world][int(layout[-1])]
+    if layout == "even":  # DTensor head and bias sharded on their rows, torch.chunk's layout
+        sizes = [len(chunk) for chunk in torch.chunk(head, world)]
+    else:
+        sizes = LAYOUTS[world][int(layout[-1])]
     offset = sum(sizes[:rank])
     local = slice(offset, offset + sizes[rank])
     input_grad = name != "input_no_grad"
 
     x = inputs.clone().requires_grad_(input_grad)
-    head_shard = head[local].clone().requires_grad_()
-    bias_shard = None if bias is None else bias[local].clone().requires_grad_()
+    if layout == "even":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        head_shard = distribute_tensor(head, mesh, [Shard(0)]).requires_grad_()
+        bias_shard = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_()
+    else:
+        head_shard = head[local].clone().requires_grad_()
+        bias_shard = None if bias is None else bias[local].clone().requires_grad_()
     counter.take()
     loss = vocab_parallel_linear_cross_entropy(x, head_shard, target, linear_bias_shard=bias_shard, chunk_size=4,
                                                **options)
     forward = counter.take()
     _backward(loss, grad_output, reduction)
     backward = counter.take()
+    head_grad = head_shard.grad.to_local() if layout == "even" else head_shard.grad
+    bias_grad = None if bias is None else bias_shard.grad.to_local() if layout == "even" else bias_shard.grad
 
     x_full = inputs.clone().requires_grad_(input_grad)
     head_full = head.clone().requires_grad_()
@@ -264,15 +277,15 @@ def _run_linear(case: str, rank: int, world: int, counter: _Counter) -> dict:
     _backward(expected, grad_output, reduction)
     tolerance = _tolerance(dtype)
     torch.testing.assert_close(loss, expected, equal_nan=True, **tolerance)
-    torch.testing.assert_close(head_shard.grad, head_full.grad[local], **tolerance)
+    torch.testing.assert_close(head_grad, head_full.grad[local], **tolerance)
     if bias is not None:
-        torch.testing.assert_close(bias_shard.grad, bias_full.grad[local], **tolerance)
+        torch.testing.assert_close(bias_grad, bias_full.grad[local], **tolerance)
     if input_grad:
         torch.testing.assert_close(x.grad, x_full.grad, **tolerance)
     else:
         assert x.grad is None
     if name == "all_ignored":
-        assert torch.all(head_shard.grad == 0) and torch.all(x.grad == 0)
+        assert torch.all(head_grad == 0) and torch.all(x.grad == 0)
     return {"value": loss.detach().double().reshape(-1).tolist(), "forward": forward, "backward": backward,
             "focal_smoothing": "focal_gamma" in options and "label_smoothing" in options, "linear": True,
             "input_grad": input_grad, "input_grad_value": None if x.grad is None else x.grad.reshape(-1).tolist()}
