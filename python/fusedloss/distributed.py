@@ -637,7 +637,9 @@ def vocab_parallel_linear_cross_entropy(
     Args:
         input: ``(*, H)`` hidden states, the same on every rank (float16/bfloat16/float32/float64).
         linear_weight_shard: this rank's rows ``(V_r, H)`` of the head, rows ``[offset_r, offset_r + V_r)`` of
-            ``W`` in rank order; ``V_r >= 1`` and may differ between ranks.
+            ``W`` in rank order; ``V_r >= 1`` and may differ between ranks. A DTensor sharded on dimension 0
+            (replicated along any other mesh dimension) is accepted, as is a DTensor ``linear_bias_shard``:
+            their local shards are used and ``group`` defaults to the mesh's group.
         target: int64 global class indices of shape ``input.shape[:-1]``, the same on every rank.
         linear_bias_shard: this rank's ``(V_r,)`` slice of the bias, or None.
         group, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, token_weight:
