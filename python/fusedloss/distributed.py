@@ -49,6 +49,14 @@ float16/bfloat16/float32 inputs (float64 for float64), over chunks of rows so th
 ``O(chunk · C_shard)``: the fused kernels of :mod:`fusedloss.softmax` are **not** used (they return a loss,
 not the per-row statistics a distributed reduction needs). Targets are class indices; soft targets
 (class probabilities) are not supported here.
+
+What a fused row kernel would need to serve these functions: (1) a statistics mode returning, per row, the
+local max and the sum of exps relative to it (plus ``Σ_j (m_r − s_j)`` for smoothing), with softcap applied;
+(2) a gradient mode taking, per row, an external ``lse`` and ``A`` (instead of the row's own softmax), the
+target's local index with an "elsewhere" flag, the global ``C`` for ``ε / C``, the shard's weight slice and a
+per-row scale, and writing ``p_j (A + 2 z lse) − (ε / C) w_j h_j − [j = y] (1 − ε) w_y h_y`` (times the
+softcap derivative) in place; (3) for focal loss with smoothing, the sums ``Σ_j w_j f_j (lse − s_j)`` and
+``Σ_j w_j h_j`` given ``lse``.
 """
 
 from __future__ import annotations
