@@ -286,6 +286,14 @@ def _run_linear(case: str, rank: int, world: int, counter: _Counter) -> dict:
         assert x.grad is None
     if name == "all_ignored":
         assert torch.all(head_grad == 0) and torch.all(x.grad == 0)
+    if _is_torch_case(options):  # and torch's own F.linear + F.cross_entropy, values and head gradient
+        torch_head = head.clone().requires_grad_()
+        torch_logits = F.linear(inputs, torch_head, bias)
+        torch_loss = F.cross_entropy(torch_logits.reshape(-1, NUM_CLASSES), target.reshape(-1), **options)
+        torch_loss = torch_loss.reshape(target.shape) if reduction == "none" else torch_loss
+        _backward(torch_loss, grad_output, reduction)
+        torch.testing.assert_close(loss, torch_loss, equal_nan=True, **tolerance)
+        torch.testing.assert_close(head_grad, torch_head.grad[local], **tolerance)
     return {"value": loss.detach().double().reshape(-1).tolist(), "forward": forward, "backward": backward,
             "focal_smoothing": "focal_gamma" in options and "label_smoothing" in options, "linear": True,
             "input_grad": input_grad, "input_grad_value": None if x.grad is None else x.grad.reshape(-1).tolist()}
