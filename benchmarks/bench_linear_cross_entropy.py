@@ -10,7 +10,7 @@ the rounds; the peak extra memory of one call comes from ``fusedloss.bench.harne
 allocator's trace under torch.profiler; max_memory_allocated on CUDA). Prints and writes a Markdown table.
 
     python benchmarks/bench_linear_cross_entropy.py [--shapes 2048x512x32000,4096x1024x128256] [--repeats 3]
-        [--chunks 64,128,256] [--threads 2] [--out benchmarks/results/linear_cross_entropy_cpu.md]
+        [--chunks 64,128,256] [--no-options] [--threads 2] [--out benchmarks/results/linear_cross_entropy_cpu.md]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _ours(chunk_size, **options) -> Callable:
 
 
 def run_shape(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, chunks: List[int],
-              repeats: int) -> List[Dict]:
+              repeats: int, with_options: bool = True) -> List[Dict]:
     torch.manual_seed(0)
     x = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(v, h, device=device) / h**0.5).to(dtype).requires_grad_()
@@ -63,9 +63,10 @@ def run_shape(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, 
     for chunk in chunks:
         if chunk != default:
             candidates[f"fusedloss (chunk {chunk})"] = _ours(chunk)
-    candidates[f"fusedloss + label smoothing 0.1 (chunk {default})"] = _ours(None, label_smoothing=0.1)
-    candidates[f"fusedloss + focal γ=2 (chunk {default})"] = _ours(None, focal_gamma=2.0)
-    candidates[f"fusedloss + z-loss 1e-4 (chunk {default})"] = _ours(None, z_loss=1e-4)
+    if with_options:
+        candidates[f"fusedloss + label smoothing 0.1 (chunk {default})"] = _ours(None, label_smoothing=0.1)
+        candidates[f"fusedloss + focal γ=2 (chunk {default})"] = _ours(None, focal_gamma=2.0)
+        candidates[f"fusedloss + z-loss 1e-4 (chunk {default})"] = _ours(None, z_loss=1e-4)
 
     def step(fn):
         def call():
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-options", action="store_true", help="time plain cross entropy only")
     parser.add_argument("--out", default=None, help="write the Markdown table here too")
     args = parser.parse_args()
     if args.threads:
@@ -131,7 +133,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         n, h, v = (int(d) for d in shape.lower().split("x"))
-        rows += run_shape(n, h, v, dtype, device, chunks, args.repeats)
+        rows += run_shape(n, h, v, dtype, device, chunks, args.repeats, not args.no_options)
     header = (f"Device: {device_name(device)}, torch {torch.__version__}, {args.dtype}, "
               f"{torch.get_num_threads()} threads; medians of {args.repeats} interleaved forward+backward calls; "
               f"peak extra memory of one call (fusedloss.bench.harness.peak_memory).")
