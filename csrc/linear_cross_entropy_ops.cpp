@@ -80,6 +80,7 @@ at::Tensor run_chunks(const at::Tensor& x, const at::Tensor& linear_weight, cons
   const at::Tensor weight_t = linear_weight.t();
   const bool want_grad = factors.defined();
   const bool has_bias = linear_bias.has_value() && linear_bias->defined();
+  const bool is_traced = traced(buffer) || traced(x);
   for (int64_t start = 0; start < N; start += rows) {
     const int64_t n = std::min(rows, N - start);
     at::Tensor logits = buffer.narrow(0, 0, n);
@@ -89,13 +90,16 @@ at::Tensor run_chunks(const at::Tensor& x, const at::Tensor& linear_weight, cons
     } else {
       at::mm_out(logits, x_chunk, weight_t);
     }
-    // The gradient of each row's loss goes over the logits (inplace_backward); scale 1 ("none").
-    auto [row_loss, unused] =
+    // The gradient of each row's loss goes over the logits (inplace_backward); scale 1 ("none"). While a tracer
+    // records the ops (torch.compile) an op's output may not alias its input: the gradient then gets its own
+    // buffer.
+    auto [row_loss, row_grad] =
         row_kernel.call(logits, target.narrow(0, start, n), opt.weight, opt.ignore_index, "none",
                         opt.label_smoothing, opt.focal_gamma, opt.z_loss, opt.softcap, /*mean_by_count=*/false,
-                        /*compute_grad=*/want_grad, /*inplace_backward=*/true);
+                        /*compute_grad=*/want_grad, /*inplace_backward=*/!is_traced);
     losses.narrow(0, start, n).copy_(row_loss);
     if (!want_grad) continue;
+    if (is_traced) logits = row_grad;
     const at::Tensor f = factors.narrow(0, start, n).unsqueeze(1);
     if (grads->input.defined()) {
       at::Tensor grad_input = grads->input.narrow(0, start, n);
