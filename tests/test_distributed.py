@@ -67,7 +67,8 @@ LINEAR_CASES += ["linear/bfloat16/mean/layout0",
 ERROR_CASES = ["error/group_type", "error/group_not_member", "error/target_shape", "error/target_float",
                "error/target_out_of_range", "error/target_negative", "error/weight_shape", "error/token_weight_shape",
                "error/label_smoothing", "error/linear_weight_shape", "error/linear_bias_shape", "error/chunk_size",
-               "error/dtensor_placement", "error/input_int", "error/target_mismatch", "error/options_mismatch"]
+               "error/dtensor_placement", "error/input_int", "error/target_mismatch", "error/options_mismatch",
+               "error/backend_name", "error/backend_fused", "error/linear_backend_fused"]
 ALL_CASES = PLAIN_CASES + LINEAR_CASES + ERROR_CASES
 
 
@@ -328,6 +329,9 @@ def _run_error(case: str, rank: int, world: int, counter: _Counter) -> dict:
         "input_int": lambda: vocab_parallel_cross_entropy(logits.long(), target),
         "target_mismatch": lambda: vocab_parallel_cross_entropy(logits, target if rank == 0 else target.flip(0)),
         "options_mismatch": lambda: vocab_parallel_cross_entropy(logits, target, label_smoothing=0.1 * rank),
+        "backend_name": lambda: vocab_parallel_cross_entropy(logits, target, backend="fast"),
+        "backend_fused": lambda: vocab_parallel_cross_entropy(logits, target, backend="cpp"),
+        "linear_backend_fused": lambda: vocab_parallel_linear_cross_entropy(full, head_shard, target, backend="triton"),
     }
     if name == "dtensor_placement":
         from torch.distributed.device_mesh import init_device_mesh
@@ -424,6 +428,9 @@ EXPECTED_ERRORS = {
     "input_int": ("TypeError", "input"),
     "target_mismatch": ("ValueError", "target must hold the same"),  # raised on every rank, not a hang
     "options_mismatch": ("ValueError", "label_smoothing"),
+    "backend_name": ("ValueError", "backend"),
+    "backend_fused": ("BackendUnavailable", "cpp"),
+    "linear_backend_fused": ("BackendUnavailable", "triton"),
 }
 
 

@@ -69,7 +69,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from fusedloss._dispatch import BACKEND_NAMES, BackendUnavailable
 from fusedloss._validation import (
+    check_bool,
     check_class_input,
     check_floating_tensor,
     check_int,
@@ -133,6 +135,20 @@ def _resolve_group(shard, group, name: str, class_dim: int):
     if dist.get_rank(group) < 0:
         raise ValueError(f"group does not contain this process (global rank {dist.get_rank()})")
     return shard, group
+
+
+def _check_backend(backend) -> None:
+    """SPEC 2's ``backend`` argument: the local work of these losses runs in PyTorch ops, which is what
+    ``"auto"`` and ``"reference"`` name; a fused backend cannot serve them."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend not in ("auto",) + BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    if backend not in ("auto", "reference"):
+        raise BackendUnavailable(
+            f"no backend can run the vocabulary-parallel losses for this call:\n  {backend}: computes no "
+            "vocabulary-parallel loss (their local work runs in PyTorch ops: backend='auto' or 'reference')"
+        )
 
 
 def _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap):
@@ -505,6 +521,8 @@ def vocab_parallel_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     token_weight: torch.Tensor | None = None,
+    inplace_backward: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Cross entropy of logits whose class dimension is split across the ranks of ``group`` (SPEC 9).
 
@@ -530,6 +548,10 @@ def vocab_parallel_cross_entropy(
             every row is ignored, as torch, with zero gradients).
         token_weight: optional float tensor of ``target``'s shape; row n's loss and gradient are multiplied by
             ``t_n``. No gradient flows to it.
+        inplace_backward: accepted for the signature of :func:`fusedloss.cross_entropy`; it changes nothing here
+            (the shard's gradient is a new tensor).
+        backend: ``"auto"`` or ``"reference"``: the local work runs in PyTorch ops; naming a fused backend
+            raises :class:`fusedloss.BackendUnavailable` (no fused kernel serves these losses yet).
 
     Returns:
         The loss in ``input_shard``'s dtype, the same on every rank: a scalar, or ``target``'s shape for
@@ -537,6 +559,8 @@ def vocab_parallel_cross_entropy(
 
     Collectives: 2 all-reduces in forward (3 with focal_gamma > 0 and label_smoothing > 0), 0 in backward.
     """
+    check_bool("inplace_backward", inplace_backward)
+    _check_backend(backend)
     input_shard, group = _resolve_group(input_shard, group, "input_shard", -1)
     options = _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap)
     input_shard = check_class_input(input_shard)
@@ -633,6 +657,7 @@ def vocab_parallel_linear_cross_entropy(
     softcap: float | None = None,
     token_weight: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Cross entropy of ``F.linear(input, W, b)`` with the rows of the head ``W (V, H)`` (and ``b (V,)``) split
     across the ranks of ``group`` (SPEC 9, the vocabulary-parallel form of ``linear_cross_entropy``).
@@ -655,6 +680,7 @@ def vocab_parallel_linear_cross_entropy(
         chunk_size: rows whose local logits ``(chunk, V_r)`` are formed at a time; None picks
             ``linear_cross_entropy``'s default for the local head, ``max(H // d, 2^20 // V_r, 16)`` rows (d = 2 on
             the CPU, 8 on CUDA).
+        backend: as in :func:`vocab_parallel_cross_entropy` (``"auto"`` or ``"reference"``).
 
     Memory: the logits are never formed for all rows: working memory is a few ``(chunk_size, V_r)`` float32
     tensors, plus ``grad_input (N, H)`` and ``grad_weight (V_r, H)`` accumulated in float32 for
@@ -664,6 +690,7 @@ def vocab_parallel_linear_cross_entropy(
     Collectives: 2 all-reduces in forward (3 with focal_gamma > 0 and label_smoothing > 0), 1 in backward
     (``grad_input``; none when ``input`` does not require grad).
     """
+    _check_backend(backend)
     linear_weight_shard, group = _resolve_group(linear_weight_shard, group, "linear_weight_shard", 0)
     if linear_bias_shard is not None and hasattr(linear_bias_shard, "to_local"):  # a DTensor beside the head
         linear_bias_shard = linear_bias_shard.to_local()
