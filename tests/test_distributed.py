@@ -183,7 +183,9 @@ def _run_plain(case: str, rank: int, world: int, counter: _Counter) -> dict:
         shard = full[..., local].clone().requires_grad_()
 
     counter.take()
-    loss = vocab_parallel_cross_entropy(shard, target, **options)
+    # layout 1 runs the PyTorch-op local work (what CUDA tensors get), the others the cpp kernels
+    backend = "reference" if layout == "layout1" else "auto"
+    loss = vocab_parallel_cross_entropy(shard, target, backend=backend, **options)
     forward = counter.take()
     _backward(loss, grad_output, reduction)
     backward = counter.take()
@@ -261,8 +263,9 @@ def _run_linear(case: str, rank: int, world: int, counter: _Counter) -> dict:
         head_shard = head[local].clone().requires_grad_()
         bias_shard = None if bias is None else bias[local].clone().requires_grad_()
     counter.take()
+    backend = "reference" if layout == "layout1" else "auto"  # as in _run_plain
     loss = vocab_parallel_linear_cross_entropy(x, head_shard, target, linear_bias_shard=bias_shard, chunk_size=4,
-                                               **options)
+                                               backend=backend, **options)
     forward = counter.take()
     _backward(loss, grad_output, reduction)
     backward = counter.take()
@@ -330,7 +333,7 @@ def _run_error(case: str, rank: int, world: int, counter: _Counter) -> dict:
         "target_mismatch": lambda: vocab_parallel_cross_entropy(logits, target if rank == 0 else target.flip(0)),
         "options_mismatch": lambda: vocab_parallel_cross_entropy(logits, target, label_smoothing=0.1 * rank),
         "backend_name": lambda: vocab_parallel_cross_entropy(logits, target, backend="fast"),
-        "backend_fused": lambda: vocab_parallel_cross_entropy(logits, target, backend="cpp"),
+        "backend_fused": lambda: vocab_parallel_cross_entropy(logits, target, backend="cuda"),
         "linear_backend_fused": lambda: vocab_parallel_linear_cross_entropy(full, head_shard, target, backend="triton"),
     }
     if name == "dtensor_placement":
@@ -429,7 +432,7 @@ EXPECTED_ERRORS = {
     "target_mismatch": ("ValueError", "target must hold the same"),  # raised on every rank, not a hang
     "options_mismatch": ("ValueError", "label_smoothing"),
     "backend_name": ("ValueError", "backend"),
-    "backend_fused": ("BackendUnavailable", "cpp"),
+    "backend_fused": ("BackendUnavailable", "cuda"),
     "linear_backend_fused": ("BackendUnavailable", "triton"),
 }
 
@@ -459,3 +462,55 @@ def test_needs_an_initialized_process_group():
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         vocab_parallel_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# The cpp kernels of the local work, against the PyTorch ops they replace (one process, no group)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_cpp_local_kernels_match_pytorch_ops(dtype, softcap):
+    import fusedloss
+
+    if fusedloss.available_backends()["cpp"] is not None:
+        pytest.skip("the fusedloss._C extension is not built")
+    g = torch.Generator().manual_seed(3)
+    n, c = 9, 37
+    x = (4 * torch.randn(n, c, generator=g, dtype=torch.float64)).to(dtype)
+    x[2, 5] = float("nan")
+    x[4] = float("-inf")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s = x.to(acc) if softcap is None else softcap * torch.tanh(x.to(acc) / softcap)
+    row_max, sum_exp, gap = torch.ops.fusedloss.vocab_parallel_row_stats(x, softcap)
+    want_max = s.amax(-1)
+    shift = torch.where(torch.isfinite(want_max), want_max, torch.zeros_like(want_max))
+    tol = dict(rtol=1e-12, atol=1e-12) if acc == torch.float64 else dict(rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(row_max, want_max, equal_nan=True, **tol)
+    torch.testing.assert_close(sum_exp, (s - shift[:, None]).exp().sum(-1), equal_nan=True, **tol)
+    torch.testing.assert_close(gap, (shift[:, None] - s).sum(-1), equal_nan=True, **tol)
+
+    lse = torch.randn(n, generator=g, dtype=torch.float64).to(acc) + 5
+    coefficient = torch.rand(n, generator=g, dtype=torch.float64).to(acc)
+    target_coef = torch.rand(n, generator=g, dtype=torch.float64).to(acc)
+    local_target = torch.randint(-1, c, (n,), generator=g)
+    scale = torch.rand(n, generator=g, dtype=torch.float64).to(acc)
+    weight = (0.5 + torch.rand(c, generator=g, dtype=torch.float64)).to(acc)
+    for w in (None, weight):
+        out = torch.empty(n, c, dtype=acc)
+        torch.ops.fusedloss.vocab_parallel_shard_grad(x, lse, coefficient, target_coef, local_target, scale, 0.01, w,
+                                                      softcap, out)
+        want = (s - lse[:, None]).exp() * coefficient[:, None] - 0.01 * (1.0 if w is None else w)
+        onehot = torch.zeros(n, c, dtype=acc)
+        rows = local_target >= 0
+        onehot[rows, local_target[rows]] = 1.0
+        want = (want - onehot * target_coef[:, None]) * scale[:, None]
+        if softcap is not None:
+            want = want * (1 - torch.tanh(x.to(acc) / softcap).square())
+        torch.testing.assert_close(out, want, equal_nan=True, **tol)
+        if x.dtype == acc:  # written over the logits themselves, as the linear form does
+            in_place = x.clone()
+            torch.ops.fusedloss.vocab_parallel_shard_grad(in_place, lse, coefficient, target_coef, local_target, scale,
+                                                          0.01, w, softcap, in_place)
+            torch.testing.assert_close(in_place, want, equal_nan=True, **tol)

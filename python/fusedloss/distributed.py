@@ -43,20 +43,16 @@ so targets or options that differ between ranks raise the same ``ValueError`` on
 silently different losses), as do the checks that need the global C (weight shape, target range). Different
 row counts cannot be caught that way: the all-reduce itself fails in the backend (gloo aborts the process).
 
-Local work. The per-row statistics (:func:`_local_row_stats`, :func:`_local_class_sums`) and the local
-gradient (:func:`_local_grad`) are computed with PyTorch ops on the local shard, in float32 for
+Local work. On CPU tensors with the extension built (``backend="auto"`` or ``"cpp"``) the cpp kernels of
+``csrc/kernels/vocab_parallel.h`` do it: one pass over each chunk of rows for the statistics (per row the local
+max and the sum of exps relative to it, and ``Σ_j (m_r − s_j)`` for smoothing, with softcap applied), and one pass
+in backward that writes the shard's gradient ``p_j (A + 2 z lse) − (ε / C) w_j − [j = y] (1 − ε) w_y h_y`` (times
+the softcap derivative and the row's scale) from the global ``lse`` and ``A``. The sums that focal loss with
+label smoothing needs per class (``Σ_j w_j f_j (lse − s_j)`` and ``Σ_j w_j h_j`` given ``lse``, and the matching
+gradient), CUDA tensors (no Triton kernel for this yet) and ``backend="reference"`` run the PyTorch ops below
+(:func:`_local_row_stats`, :func:`_local_class_sums`, :func:`_local_grad`), in float32 for
 float16/bfloat16/float32 inputs (float64 for float64), over chunks of rows so that temporaries stay
-``O(chunk · C_shard)``: the fused kernels of :mod:`fusedloss.softmax` are **not** used (they return a loss,
-not the per-row statistics a distributed reduction needs). Targets are class indices; soft targets
-(class probabilities) are not supported here.
-
-What a fused row kernel would need to serve these functions: (1) a statistics mode returning, per row, the
-local max and the sum of exps relative to it (plus ``Σ_j (m_r − s_j)`` for smoothing), with softcap applied;
-(2) a gradient mode taking, per row, an external ``lse`` and ``A`` (instead of the row's own softmax), the
-target's local index with an "elsewhere" flag, the global ``C`` for ``ε / C``, the shard's weight slice and a
-per-row scale, and writing ``p_j (A + 2 z lse) − (ε / C) w_j h_j − [j = y] (1 − ε) w_y h_y`` (times the
-softcap derivative) in place; (3) for focal loss with smoothing, the sums ``Σ_j w_j f_j (lse − s_j)`` and
-``Σ_j w_j h_j`` given ``lse``.
+``O(chunk · C_shard)``. Targets are class indices; soft targets (class probabilities) are not supported here.
 """
 
 from __future__ import annotations
@@ -69,7 +65,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from fusedloss._dispatch import BACKEND_NAMES, BackendUnavailable
+from fusedloss._dispatch import BACKEND_NAMES, BackendUnavailable, _backend_reason
 from fusedloss._validation import (
     check_bool,
     check_class_input,
@@ -137,18 +133,25 @@ def _resolve_group(shard, group, name: str, class_dim: int):
     return shard, group
 
 
-def _check_backend(backend) -> None:
-    """SPEC 2's ``backend`` argument: the local work of these losses runs in PyTorch ops, which is what
-    ``"auto"`` and ``"reference"`` name; a fused backend cannot serve them."""
+def _use_cpp_kernels(backend, device: torch.device) -> bool:
+    """SPEC 2's ``backend`` argument. Returns whether the cpp kernels do the local work: ``"auto"`` takes them for
+    CPU tensors when the extension is built, ``"cpp"`` requires them, ``"reference"`` runs the PyTorch ops; the
+    Triton and CUDA backends have no kernel for these losses (BackendUnavailable)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend not in ("auto",) + BACKEND_NAMES:
         raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
-    if backend not in ("auto", "reference"):
-        raise BackendUnavailable(
-            f"no backend can run the vocabulary-parallel losses for this call:\n  {backend}: computes no "
-            "vocabulary-parallel loss (their local work runs in PyTorch ops: backend='auto' or 'reference')"
-        )
+    cpp_reason = _backend_reason("cpp")
+    if cpp_reason is None and device.type != "cpu":
+        cpp_reason = f"runs on CPU tensors, got a {device.type} tensor"
+    if backend == "auto":
+        return cpp_reason is None
+    if backend == "reference":
+        return False
+    if backend == "cpp" and cpp_reason is None:
+        return True
+    reason = cpp_reason if backend == "cpp" else "has no kernel for the vocabulary-parallel losses"
+    raise BackendUnavailable(f"no backend can run the vocabulary-parallel losses for this call:\n  {backend}: {reason}")
 
 
 def _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap):
@@ -206,6 +209,7 @@ class _Plan:
     kept: torch.Tensor | None = None  # (N,) bool: target != ignore_index
     local_target: torch.Tensor | None = None  # (N,) target - offset, clamped into the shard
     target_is_local: torch.Tensor | None = None  # (N,) bool: kept and the target class lies in this shard
+    cpp_kernels: bool = False  # the local work runs in the cpp kernels (set by the public functions)
 
     def capped(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits in the compute dtype, soft-capped: ``s = softcap · tanh(x / softcap)``."""
@@ -301,6 +305,11 @@ def _place_targets(plan: _Plan, target: torch.Tensor, weight: torch.Tensor | Non
 # ----------------------------------------------------------------------------------------------
 
 
+def _fused_kernels(plan: _Plan) -> bool:
+    """Whether the cpp kernels (csrc/kernels/vocab_parallel.h) do this call's local work (module docstring)."""
+    return plan.cpp_kernels
+
+
 def _local_row_stats(plan: _Plan, logits_of) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One pass over the local shard, before any communication: per row the local max ``m_r``, the local sum
     of exps relative to it ``Σ_j exp(s_j − m_r)`` and, for unweighted smoothing without focal loss,
@@ -311,7 +320,14 @@ def _local_row_stats(plan: _Plan, logits_of) -> tuple[torch.Tensor, torch.Tensor
     local_max = torch.empty(plan.num_rows, dtype=plan.compute_dtype, device=plan.device)
     sum_exp = torch.empty_like(local_max)
     gap_sum = torch.empty_like(local_max) if plan.label_smoothing > 0 and plan.focal_gamma == 0 else None
+    fused = _fused_kernels(plan)
     for start, stop in plan.chunks():
+        if fused:  # one pass of the cpp kernel over the chunk
+            stats = torch.ops.fusedloss.vocab_parallel_row_stats(logits_of(start, stop), plan.softcap)
+            local_max[start:stop], sum_exp[start:stop] = stats[0], stats[1]
+            if gap_sum is not None:
+                gap_sum[start:stop] = stats[2]
+            continue
         logits = plan.capped(logits_of(start, stop))
         row_max = logits.amax(dim=-1)
         shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -367,9 +383,20 @@ def _local_grad(plan: _Plan, logits: torch.Tensor, rows: slice, saved: dict,
     Written into ``out`` (compute dtype, ``logits``' shape; it may be ``logits`` itself) or a new tensor, in
     place after the first operation, so that the pass holds one chunk-sized temporary (two with softcap or
     focal smoothing)."""
+    eps_per_class = plan.label_smoothing / max(plan.num_classes, 1)
+    if _fused_kernels(plan) and not (plan.label_smoothing > 0 and plan.focal_gamma != 0):
+        lse = saved["lse"][rows]
+        is_local = plan.target_is_local[rows]
+        if out is None:
+            out = torch.empty(logits.shape, dtype=plan.compute_dtype, device=logits.device)
+        torch.ops.fusedloss.vocab_parallel_shard_grad(
+            logits, lse, saved["A"][rows] + 2.0 * plan.z_loss * lse,
+            torch.where(is_local, saved["target_coef"][rows], torch.zeros_like(lse)),
+            torch.where(is_local, plan.local_target[rows], -1), saved["row_scale"][rows], eps_per_class,
+            plan.weight_shard if plan.label_smoothing > 0 else None, plan.softcap, out)
+        return out
     capped = plan.capped(logits)
     lse = saved["lse"][rows].unsqueeze(-1)
-    eps_per_class = plan.label_smoothing / max(plan.num_classes, 1)
     focal_coef = None
     if plan.label_smoothing > 0 and plan.focal_gamma != 0:
         focal_coef = _focal_terms(capped - lse, plan.focal_gamma)[1]
@@ -550,8 +577,9 @@ def vocab_parallel_cross_entropy(
             ``t_n``. No gradient flows to it.
         inplace_backward: accepted for the signature of :func:`fusedloss.cross_entropy`; it changes nothing here
             (the shard's gradient is a new tensor).
-        backend: ``"auto"`` or ``"reference"``: the local work runs in PyTorch ops; naming a fused backend
-            raises :class:`fusedloss.BackendUnavailable` (no fused kernel serves these losses yet).
+        backend: ``"auto"`` (the cpp kernels for CPU tensors when the extension is built, else PyTorch ops),
+            ``"cpp"`` or ``"reference"`` (PyTorch ops) for the local work (module docstring); ``"triton"`` and
+            ``"cuda"`` raise :class:`fusedloss.BackendUnavailable` (no kernel of theirs serves these losses).
 
     Returns:
         The loss in ``input_shard``'s dtype, the same on every rank: a scalar, or ``target``'s shape for
@@ -560,7 +588,6 @@ def vocab_parallel_cross_entropy(
     Collectives: 2 all-reduces in forward (3 with focal_gamma > 0 and label_smoothing > 0), 0 in backward.
     """
     check_bool("inplace_backward", inplace_backward)
-    _check_backend(backend)
     input_shard, group = _resolve_group(input_shard, group, "input_shard", -1)
     options = _check_options(weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap)
     input_shard = check_class_input(input_shard)
@@ -573,6 +600,7 @@ def vocab_parallel_cross_entropy(
         raise ValueError(f"input_shard may hold at most {_MAX_SHARD_SIZE - 1} classes, got {shard_size}")
     rows = input_shard.reshape(-1, shard_size)
     plan = _make_plan(group, input_shard, rows.shape[0], shard_size, None, options, reduction, weight, token_weight)
+    plan.cpp_kernels = _use_cpp_kernels(backend, input_shard.device)
     row_loss, divisor = _VocabParallelSoftmaxLoss.apply(rows, plan, target.reshape(-1), weight, token_weight,
                                                         "input_shard")
     return _reduce(row_loss, divisor, reduction, row_shape, input_shard.dtype)
@@ -680,7 +708,7 @@ def vocab_parallel_linear_cross_entropy(
         chunk_size: rows whose local logits ``(chunk, V_r)`` are formed at a time; None picks
             ``linear_cross_entropy``'s default for the local head, ``max(H // d, 2^20 // V_r, 16)`` rows (d = 2 on
             the CPU, 8 on CUDA).
-        backend: as in :func:`vocab_parallel_cross_entropy` (``"auto"`` or ``"reference"``).
+        backend: as in :func:`vocab_parallel_cross_entropy`.
 
     Memory: the logits are never formed for all rows: working memory is a few ``(chunk_size, V_r)`` float32
     tensors, plus ``grad_input (N, H)`` and ``grad_weight (V_r, H)`` accumulated in float32 for
@@ -690,7 +718,6 @@ def vocab_parallel_linear_cross_entropy(
     Collectives: 2 all-reduces in forward (3 with focal_gamma > 0 and label_smoothing > 0), 1 in backward
     (``grad_input``; none when ``input`` does not require grad).
     """
-    _check_backend(backend)
     linear_weight_shard, group = _resolve_group(linear_weight_shard, group, "linear_weight_shard", 0)
     if linear_bias_shard is not None and hasattr(linear_bias_shard, "to_local"):  # a DTensor beside the head
         linear_bias_shard = linear_bias_shard.to_local()
@@ -731,6 +758,7 @@ def vocab_parallel_linear_cross_entropy(
     if chunk_size is None:
         chunk_size = default_chunk_size(rows.shape[0], hidden, shard_size, input.device.type)
     plan = _make_plan(group, input, rows.shape[0], shard_size, chunk_size, options, reduction, weight, token_weight)
+    plan.cpp_kernels = _use_cpp_kernels(backend, input.device)
     row_loss, divisor = _VocabParallelLinearLoss.apply(rows, linear_weight_shard, linear_bias_shard, plan,
                                                        target.reshape(-1), weight, token_weight)
     return _reduce(row_loss, divisor, reduction, row_shape, input.dtype)
