@@ -21,6 +21,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from fusedloss.reference.softmax import kept_weights_and_divisor
 from fusedloss.triton_kernels.softmax_loss import softmax_loss_forward, softmax_loss_reasons
 
 
@@ -32,17 +33,9 @@ def _row_weights(target: torch.Tensor, num_rows: int, weight: Optional[torch.Ten
                  token_weight: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(t, divisor)`` in float64: the token weights (ones when None), 0 on ignored rows, and the mean's divisor
     ``Σ_n t_n w_{y_n}`` (``Σ_n t_n`` without class weights or for soft targets). No host synchronization."""
-    device = target.device
     t = (token_weight.to(torch.float64) if token_weight is not None
-         else torch.ones(num_rows, dtype=torch.float64, device=device))
-    if target.is_floating_point():
-        return t, t.sum()
-    kept = target != ignore_index
-    t = torch.where(kept, t, 0.0)
-    if weight is None:
-        return t, t.sum()
-    class_weight = weight.to(torch.float64)[torch.where(kept, target, 0)]
-    return t, (t * class_weight).sum()
+         else torch.ones(num_rows, dtype=torch.float64, device=target.device))
+    return kept_weights_and_divisor(t, target, weight, ignore_index)
 
 
 def _reduction_factors(t: torch.Tensor, divisor: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:

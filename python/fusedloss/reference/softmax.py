@@ -104,6 +104,21 @@ def softmax_loss(
     return (row_loss.sum() / divisor).to(input.dtype)
 
 
+def kept_weights_and_divisor(t: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                             ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t on the kept rows, 0 on rows whose target is ignore_index; Σ_n t_n w_{y_n} over the kept rows)`` for
+    per-row weights ``t`` (float64; w = ones without class weights; soft targets keep every row and divide by
+    ``Σ_n t_n``): the ``mean`` divisor of SPEC 3 with token weights. No host synchronization."""
+    if target.is_floating_point():
+        return t, t.sum()
+    kept = target != ignore_index
+    t = torch.where(kept, t, torch.zeros_like(t))
+    if weight is None:
+        return t, t.sum()
+    class_weight = weight.detach().to(torch.float64)[torch.where(kept, target, torch.zeros_like(target))]
+    return t, (t * class_weight).sum()
+
+
 def token_weighted_reduction(
     row_loss: torch.Tensor,
     target: torch.Tensor,
@@ -122,21 +137,13 @@ def token_weighted_reduction(
     ``t_n / divisor`` times its own; when every row is ignored the mean is NaN (as torch) and the gradient 0.
     """
     t = token_weight.detach().to(torch.float64)
-    if target.is_floating_point():
-        kept = None
-        row_divisor = t
-    else:
-        kept = target != ignore_index
-        row_divisor = torch.where(kept, t, torch.zeros_like(t))
-        if weight is not None and not mean_by_count:
-            safe_target = torch.where(kept, target, torch.zeros_like(target))
-            row_divisor = row_divisor * weight.detach().to(torch.float64)[safe_target]
+    kept = None if target.is_floating_point() else target != ignore_index
+    _, divisor = kept_weights_and_divisor(t, target, None if mean_by_count else weight, ignore_index)
     loss64 = row_loss.to(torch.float64)
     if reduction == "none":
         return (loss64 * t).to(dtype)
     if reduction == "sum":
         return (loss64 * t).sum().to(dtype)
-    divisor = row_divisor.sum()
     scale = t / divisor
     if kept is not None:
         # Ignored rows have loss and gradient 0; a 0 divisor (every row ignored) must not turn them into 0·inf.
