@@ -1,6 +1,7 @@
 // Argument checks of the CRF ops (defined in csrc/crf_ops.cpp), shared by the op that checks before
 // dispatching (crf_log_likelihood) and the device kernels of the ops that are called directly
-// (crf_viterbi, crf_marginals). ValueError / TypeError naming the argument (SPEC 7). tags and mask may be
+// (crf_viterbi, crf_marginals). Bad input gets a ValueError (TypeError for a wrong type) that names the
+// argument, what was expected and what came. tags and mask may be
 // null (not an argument of that op / all on); the mask's values are read on CPU tensors only.
 #pragma once
 

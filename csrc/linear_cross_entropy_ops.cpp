@@ -1,4 +1,4 @@
-// The fused linear + cross entropy op of fusedloss._C (docs/BACKENDS.md, linear_cross_entropy; SPEC 8), for
+// The fused linear + cross entropy op of fusedloss._C (docs/BACKENDS.md, linear_cross_entropy), for
 // every device: the rows are processed in chunks, so the (N, V) logits never exist. Per chunk of rows:
 //
 //   logits = x_chunk · Wᵀ (+ b)                 at::mm / at::addmm into one reused (chunk, V) buffer

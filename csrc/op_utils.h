@@ -1,5 +1,6 @@
 // Helpers shared by the op files (csrc/*_ops.cpp): argument checks whose messages name the argument,
-// what was expected and what came (SPEC 7), and the test for "this call is being traced".
+// what was expected and what came (bad input is an error, never a crash or a silently wrong number), and
+// the test for "this call is being traced".
 // TORCH_CHECK_VALUE / TORCH_CHECK_TYPE reach Python as ValueError / TypeError.
 #pragma once
 

@@ -1,4 +1,4 @@
-// Ops of the local work of the vocabulary-parallel losses (python/fusedloss/distributed.py; SPEC 9). The math is
+// Ops of the local work of the vocabulary-parallel losses (python/fusedloss/distributed.py). The math is
 // in csrc/kernels/vocab_parallel.h, the CPU kernels in csrc/cpu/vocab_parallel.cpp. The Python layer checks and
 // prepares every argument; these ops are not differentiable themselves (the autograd.Function of
 // fusedloss.distributed calls them in its forward and backward).

@@ -6,7 +6,8 @@
 // itself (same inputs, same result, no broadcast needed). Sweep 2 writes the gradient; focal rows
 // with smoothing or soft targets first reduce Σ a·cost and Σ a·cost' in an extra sweep.
 // Targets outside [0, C) that are not ignore_index give a NaN loss and a zero gradient: the kernel
-// never reads or writes out of bounds for them (SPEC 7).
+// never reads or writes out of bounds for them (a range check would wait for the device; CPU kernels
+// raise ValueError instead).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -11,7 +11,7 @@
 // P_t(i, j) = P(y_{t-1} = i, y_t = j) = exp(alpha_{t-1}[i] + A[i, j] + e[t, j] + beta_t[j] - log Z).
 // Gradient of the log-likelihood score(y) - log Z: gold indicators minus these marginals.
 //
-// Matrix form (the scaled forward algorithm, TECHNIQUES.md "CRF"). With the column maxima c_j of A and
+// Matrix form (the scaled forward algorithm of HMMs, as in CRFsuite). With the column maxima c_j of A and
 // Ecol[i, j] = exp(A[i, j] - c_j), computed once per call, a forward step is
 //     m = max_i alpha[i],  p_i = exp(alpha[i] - m),  S_j = sum_i p_i Ecol[i, j],
 //     alpha'[j] = log S_j + m + c_j + e[t, j]:

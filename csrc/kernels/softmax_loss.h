@@ -1,4 +1,5 @@
-// Torch-free math of one fused softmax-loss row (docs/BACKENDS.md, softmax_loss; SPEC 3).
+// Torch-free math of one fused softmax-loss row (docs/BACKENDS.md, softmax_loss): the row loss of
+// fusedloss.cross_entropy / focal_loss, every option of the public functions.
 //
 // For one row of logits x (C classes), target y (an index) or probabilities t, per-class weights w
 // (ones when absent), smoothing ε, focal γ, z-loss z and soft-cap c:
@@ -9,8 +10,8 @@
 //   cost(lp) = −(1 − p)^γ·lp                                   (the focal cost of one class)
 //   l     = Σ_c a_c·cost(lp_c) + z·lse²
 //
-// Gradient (written during the forward pass, TECHNIQUES.md), with cost'(lp) = d cost / d lp and
-// G = Σ_c a_c·cost'(lp_c):
+// Gradient (written during the forward pass, so that backward only scales it by grad_output), with
+// cost'(lp) = d cost / d lp and G = Σ_c a_c·cost'(lp_c):
 //
 //   dl/ds_j = a_j·cost'(lp_j) + p_j·(2·z·lse − G)          dl/dx_j = dl/ds_j · (1 − tanh²(x_j / c))
 //   cost'(lp) = −(1 − p)^γ + γ·p·(1 − p)^γ · lp / (1 − p)   (= −1 for γ = 0)

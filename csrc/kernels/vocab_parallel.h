@@ -1,4 +1,4 @@
-// Torch-free math of the local work of the vocabulary-parallel softmax losses (fusedloss.distributed, SPEC 9):
+// Torch-free math of the local work of the vocabulary-parallel softmax losses (fusedloss.distributed):
 // one row of a rank's logit shard (C_r classes of the global C).
 //
 // Statistics, before any communication (s = softcap·tanh(x / softcap), or x):

@@ -1,6 +1,7 @@
 // C++ tests of csrc/kernels/softmax_loss.h (no libtorch): the fused row against a naive float64
-// implementation of the loss written from the formula (SPEC 3), and its gradient against central
-// finite differences of that naive loss, over every option; plus the accuracy of fast_exp.
+// implementation of the loss written from its formula (the per-row loss of fusedloss.cross_entropy), and
+// its gradient against central finite differences of that naive loss, over every option; plus the accuracy
+// of fast_exp.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
