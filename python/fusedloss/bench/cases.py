@@ -20,10 +20,10 @@ import fusedloss
 
 CROSS_ENTROPY_OPS = ("cross_entropy", "cross_entropy_smooth", "focal")
 CRF_OPS = ("crf_nll", "crf_decode")
-# Sigmoid and multi-label losses (SPEC 4): see the block "Sigmoid and multi-label losses" below.
+# Sigmoid and multi-label losses: see the block "Sigmoid and multi-label losses" below.
 SIGMOID_OPS = ("bce_pos_weight", "sigmoid_focal", "multilabel_soft_margin", "zlpr", "bi_tempered_0.8_1.2",
                "bi_tempered_0.5_4.0", "ghmc_10", "ghmc_30")
-# The fused linear + cross entropy head (SPEC 8): shapes are (N, H, V).
+# The fused linear + cross entropy head (fusedloss.linear_cross_entropy): shapes are (N, H, V).
 LINEAR_OPS = ("linear_cross_entropy",)
 ALL_OPS = CROSS_ENTROPY_OPS + CRF_OPS + SIGMOID_OPS + LINEAR_OPS
 LABEL_SMOOTHING = 0.1
@@ -119,7 +119,7 @@ def _loss_workload(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor
 
 def _crf_module(backend: str, num_tags: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """A CRF whose parameters are pytorch-crf's initialization from a fixed seed, for every backend
-    (fusedloss.CRF loads torchcrf.CRF's state_dict, SPEC 5)."""
+    (fusedloss.CRF has torchcrf.CRF's parameter names and shapes, so it loads torchcrf.CRF's state_dict)."""
     import torchcrf
 
     torch.manual_seed(1)
