@@ -4,7 +4,7 @@ four inputs, Viterbi tags and scores, decode, marginals; constraints from ``allo
 masks, K = 1, T = 1, K = 300 (int16 backpointers), fp16/bf16 emissions, emissions in the hundreds at T = 2000,
 determinism across thread counts, and ``torch.compile``.
 
-Tolerances (STYLE.md): a low-precision result passes when its error against the float64 reference is at most
+Tolerances: a low-precision result passes when its error against the float64 reference is at most
 twice the error of the reference computed in that same precision, plus a few units of rounding of the
 result's size (so that a reference that happens to be exact does not make the bound 0).
 """
@@ -252,7 +252,8 @@ def test_large_emissions_long_sequence():
 
 
 def test_nan_stays_in_its_sequence():
-    """SPEC 7: a NaN emission makes that sequence's outputs NaN and no other's."""
+    """NaN in an input propagates to the outputs it affects and no further: a NaN emission makes that sequence's
+    outputs NaN and no other's."""
     emissions, tags, mask, transitions, start, end = make_case(3, 6, 4, seed=31, ragged=False)
     emissions[0, 2, 1] = float("nan")
     llh, d_emissions, d_transitions, _, _ = log_likelihood_and_grads(cpp.crf_log_likelihood, emissions, tags, mask,
@@ -303,7 +304,7 @@ def test_no_grad_saves_nothing():
 
 
 def test_tags_out_of_range_raise():
-    """The forward kernel checks the tags it reads: ValueError naming tags (SPEC 7)."""
+    """The forward kernel checks the tags it reads: a tag out of range is bad input, a ValueError naming tags."""
     emissions, tags, mask, transitions, start, end = make_case(2, 5, 3)
     tags[1, 0] = 3
     with pytest.raises(ValueError, match=r"tags must be in \[0, 3\) at unmasked positions"):

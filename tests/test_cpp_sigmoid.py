@@ -3,7 +3,7 @@
 Oracles, all evaluated in float64: ``torch.nn.functional`` (BCE with logits, multilabel soft margin, cross
 entropy), torchvision's published sigmoid focal formula, the two sums of ZLPR, the GHM-C authors' loop over bins,
 the bi-tempered authors' published values and, for the bi-tempered gradient, their closed form at the computed
-probabilities. Values and gradients with a random ``grad_output``. Tolerance (STYLE.md): error against float64 at
+probabilities. Values and gradients with a random ``grad_output``. Tolerance: error against float64 at
 most twice the error of the same formula computed by PyTorch from the same low-precision input, plus one unit of
 the dtype's epsilon times the largest magnitude (16 for float64, where the oracle's own error is 0).
 """
@@ -126,8 +126,8 @@ def test_bce_with_logits_matches_torch(dtype, reduction, shape, weight_shape, po
     pw = 3 * torch.rand(shape[-1], generator=generator, dtype=torch.float64) if pos_weight else None
 
     def ours(v):
-        return fusedloss.binary_cross_entropy_with_logits(v, y, _cast(weight, dtype), _cast(pw, dtype), reduction,
-                                                          backend=CPP)
+        return fusedloss.binary_cross_entropy_with_logits(v, y, _cast(weight, dtype), reduction=reduction,
+                                                          pos_weight=_cast(pw, dtype), backend=CPP)
 
     def theirs(v):
         return F.binary_cross_entropy_with_logits(v, y.to(v.dtype), _cast(weight, v.dtype), reduction=reduction,
@@ -175,7 +175,7 @@ def test_multilabel_soft_margin_matches_torch(dtype, reduction, num_classes, wei
     weight = weight if weighted else None
 
     def ours(v):
-        return fusedloss.multilabel_soft_margin_loss(v, y, _cast(weight, dtype), reduction, backend=CPP)
+        return fusedloss.multilabel_soft_margin_loss(v, y, _cast(weight, dtype), reduction=reduction, backend=CPP)
 
     def theirs(v):
         return F.multilabel_soft_margin_loss(v, y.to(v.dtype), _cast(weight, v.dtype), reduction=reduction)

@@ -1,9 +1,9 @@
 """The ``cpp`` backend of softmax_loss (``fusedloss._C``, csrc/cpu/softmax_loss.cpp) against float64 oracles.
 
 Oracles: ``torch.nn.functional.cross_entropy`` (every option it has) and ``fusedloss.reference.softmax`` (focal,
-z-loss, soft-cap), both evaluated in float64. Values and gradients (with a random ``grad_output``). Tolerance
-(STYLE.md): the kernel's error against float64 may be at most twice the error of PyTorch's own computation of the
-same loss from the same low-precision input, plus one unit of the dtype's epsilon times the largest magnitude (the
+z-loss, soft-cap), both evaluated in float64. Values and gradients (with a random ``grad_output``). Tolerance: the
+kernel's error against float64 may be at most twice the error of PyTorch's own computation of the same loss from
+the same low-precision input, plus one unit of the dtype's epsilon times the largest magnitude (the
 dtype cannot represent the answer more closely than that; 16 units for float64, see _assert_close_as_torch).
 """
 
@@ -245,7 +245,7 @@ def test_second_backward_through_graph_raises():
 
 
 def test_target_out_of_range_raises():
-    """The op checks the range in its own row loop: ValueError naming target (SPEC 7)."""
+    """The op checks the range in its own row loop: a target out of range is a ValueError naming target."""
     x = torch.randn(3, 5)
     with pytest.raises(ValueError, match=r"target values must be class indices in \[0, 5\).*got 5"):
         softmax_loss(x, **_args(torch.tensor([0, 5, 1])))

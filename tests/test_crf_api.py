@@ -1,6 +1,7 @@
 """The public CRF API (``fusedloss.crf``): the module against pytorch-crf 0.7.2, ``allowed_transitions`` against
-AllenNLP's published tables, constraints, input validation (SPEC 5/7) and torch.compile. Runs the reference
-backend, so these tests check this layer; the fused backends are checked against the reference elsewhere."""
+AllenNLP's published tables, constraints, input validation (a ValueError or TypeError naming the argument) and
+torch.compile. Runs the reference backend, so these tests check this layer; the fused backends are checked against
+the reference elsewhere."""
 
 import re
 import warnings
@@ -329,7 +330,7 @@ def test_constraints_are_buffers_that_follow_the_module():
         CRF(3, constraints=constraints[0])
 
 
-# Functional API: one test per bad input (SPEC 5/7): the exception type and the argument named.
+# Functional API: one test per bad input: the exception type and the argument named.
 def functional_args(batch_size=2, seq_len=3, num_tags=4):
     generator = torch.Generator().manual_seed(0)
     return dict(

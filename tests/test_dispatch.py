@@ -1,4 +1,4 @@
-"""Backend dispatch (SPEC 2): availability with reasons, explicit backends, the environment override, auto."""
+"""Backend dispatch: availability with reasons, explicit backends, the environment override, auto."""
 
 import importlib.util
 import os

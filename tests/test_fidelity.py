@@ -2,7 +2,7 @@
 
 Each case draws shapes, options, a layout and a scale (logits up to 1e4, CRF emissions up to 1e3), runs a backend
 in float32, and compares its values and gradients with a float64 evaluation of the reference backend. The rule
-(STYLE.md, after flash-attention's tests): the backend's error, ``max |out - ref64| / max |ref64|``, is at most
+(after flash-attention's tests): the backend's error, ``max |out - ref64| / max |ref64|``, is at most
 twice the error of PyTorch's own float32 computation of the same thing (the reference backend run in float32) plus
 a floor of 1e-6 (benchmarks/fidelity.py: ``within_rule``, the script that prints the README's table). The
 reference backend itself is held to the same rule against ``torch.nn.functional.cross_entropy`` and pytorch-crf,
@@ -95,7 +95,7 @@ def _softmax_case(seed: int, small: bool):
     if rng.random() < 0.3:
         kwargs["label_smoothing"] = rng.choice([0.05, 0.1, 0.3])
     if not soft and rng.random() < 0.25:
-        loss_fn = fusedloss.focal_loss  # SPEC 3's seed formula: alpha and the mean by count
+        loss_fn = fusedloss.focal_loss  # the seed formula -α_y (1 - p_y)^γ log p_y, mean by count
         kwargs["gamma"] = rng.choice([0.5, 1.0, 2.0, 3.0])
         kwargs["alpha"] = rng.choice([None, 0.25, torch.rand(c, generator=generator, dtype=torch.float64) + 0.1])
     else:
@@ -268,7 +268,7 @@ def test_reference_crf_random_against_pytorch_crf(seed):
 # ---------------------------------------------------------------------------------------------
 
 
-def _issue_softmax(backend, options, scale, n=257, c=9, seed=0):
+def _reported_softmax(backend, options, scale, n=257, c=9, seed=0):
     generator = torch.Generator().manual_seed(seed)
     x, target, kwargs, grad_output = fidelity.softmax_inputs(n, c, scale, options, generator, torch.device("cpu"))
     for reduction in ("none", "mean"):
@@ -281,14 +281,14 @@ def _issue_softmax(backend, options, scale, n=257, c=9, seed=0):
                          ids=["gamma2", "gamma0.5-smoothing"])
 def test_triton_focal_at_logit_scale_100(options):
     """Was 1.7e-3 (value) and 1.5e-3 (gradient) against the reference's 6.7e-8 and 4.0e-7: log p = s - lse."""
-    _issue_softmax("triton", options, 100.0)
+    _reported_softmax("triton", options, 100.0)
 
 
 @_needs("triton")
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}], ids=["plain", "smoothing"])
 def test_triton_cross_entropy_gradient_at_logit_scale_100(options):
     """Was 4.7e-6 against the reference's 3.6e-7."""
-    _issue_softmax("triton", options, 100.0)
+    _reported_softmax("triton", options, 100.0)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=_needs("triton")),
@@ -296,7 +296,7 @@ def test_triton_cross_entropy_gradient_at_logit_scale_100(options):
 @pytest.mark.parametrize("scale", [1e3, 1e4])
 def test_softcap_at_large_logits(backend, scale):
     """Triton was 4.6e-3 (value) and 1.2e-2 (gradient) at scale 1000, cpp 2e-5 to 3e-4 (gradient)."""
-    _issue_softmax(backend, {"softcap": 30.0}, scale, n=64, c=37)
+    _reported_softmax(backend, {"softcap": 30.0}, scale, n=64, c=37)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=_needs("triton")),

@@ -2,7 +2,7 @@
 
 Skipped without a CUDA device, and under TRITON_INTERPRET=1 (which tests/conftest.py sets by default so that the
 Triton kernels run on CPU): ``make gpu-check`` (scripts/gpu_check.sh) runs this file with TRITON_INTERPRET=0.
-Tolerances as STYLE.md: the error of a result against a float64 oracle may be at most twice the error of the
+Tolerances: the error of a result against a float64 oracle may be at most twice the error of the
 oracle's own code run in the same dtype, plus 4 eps of the result's dtype at the result's scale.
 """
 

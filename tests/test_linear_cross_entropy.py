@@ -1,10 +1,11 @@
-"""Fused linear + cross entropy (SPEC 8) on every backend, and token weights (SPEC 3) on every backend.
+"""Fused linear + cross entropy (``fusedloss.linear_cross_entropy``) and token weights of the softmax losses, on
+every backend.
 
 Oracles: ``torch.nn.functional.linear`` + ``torch.nn.functional.cross_entropy`` (every option torch has), torch's
 own ``F.linear_cross_entropy``, and the float64 reference softmax loss on materialized logits for what torch lacks
 (focal factor, z-loss, softcap); values and the gradients of input, weight and bias, with a random grad_output.
 The chunked backends run with chunk sizes that do not divide N and vocabularies that are no multiple of a block.
-bf16 is compared against float64 with STYLE.md's derived tolerance: at most twice the error of PyTorch's own bf16
+bf16 is compared against float64 with a derived tolerance: at most twice the error of PyTorch's own bf16
 computation (F.linear + cross entropy in bf16) plus one rounding of the result.
 """
 

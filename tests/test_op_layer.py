@@ -1,6 +1,6 @@
-"""The path from a public function to the fusedloss._C kernels (SPEC 2's last point): autograd registered in C++,
-arguments checked once (by the op), no gradient computed without a gradient to compute, and torch.compile /
-opcheck through the public functions on the cpp backend.
+"""The path from a public function to the fusedloss._C kernels, which must cost about what torch's own call costs:
+autograd registered in C++, arguments checked once (by the op), no gradient computed without a gradient to compute,
+and torch.compile / opcheck through the public functions on the cpp backend.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""fusedloss.transformers (SPEC 10) on tiny models built from configurations (no downloads): the patched loss
+"""fusedloss.transformers on tiny models built from configurations (no downloads): the patched loss
 and every parameter's gradient against the model's own, no (N, V) logits in causal-LM training, the Trainer
 with gradient accumulation, generate(), and CRFTagger against pytorch-crf on the compacted word sequences."""
 

@@ -2,7 +2,7 @@
 
 Oracles: pytorch-crf (``torchcrf.CRF``) run in float64 for the log-likelihood, its gradients and the Viterbi
 tags; ``fusedloss.reference.crf`` in float64 for Viterbi scores and marginals; brute-force enumeration of every
-tag path for marginals. Tolerances follow STYLE.md: the kernel's error against the float64 oracle may be at
+tag path for marginals. Tolerances: the kernel's error against the float64 oracle may be at
 most twice the error of PyTorch's own computation at the test's dtype (pytorch-crf or the reference run on the
 same inputs), plus a few units in the last place of the result's magnitude so that an exact baseline does not
 demand an exact kernel, and for probabilities and gradients one rounding of the emissions' magnitude (see
@@ -241,9 +241,9 @@ def test_viterbi_ties_take_the_lowest_tag(block_k):
 
 
 def test_nan_stays_in_its_sequence_and_masked_positions_are_never_read():
-    """SPEC 7: a NaN emission at an unmasked position poisons its own sequence's values and emission gradients
-    (and the shared transition gradients), nothing of the other sequences; one past a sequence's end changes
-    nothing at all."""
+    """NaN propagates to what it affects and no further: a NaN emission at an unmasked position poisons its own
+    sequence's values and emission gradients (and the shared transition gradients), nothing of the other sequences;
+    one past a sequence's end changes nothing at all."""
     emissions, tags, mask, transitions, start, end = make_inputs(3, 3, 4, seed=13)
     mask[1, 2] = False
     clean_ll, clean_grads = triton_log_likelihood(emissions, tags, mask, transitions, start, end, torch.ones(3))
@@ -286,7 +286,7 @@ def test_custom_ops_pass_opcheck():
 
 def paired_models(num_tags, batch_first, dtype, seed=8):
     """A ``fusedloss.CRF`` on the triton backend and a ``torchcrf.CRF`` in ``dtype`` with the same parameters
-    (loaded through the state_dict, which SPEC 5 says is shared)."""
+    (loaded through the state_dict: the two modules have the same parameter names and shapes)."""
     torch.manual_seed(seed)
     ours = fusedloss.CRF(num_tags, batch_first=batch_first, backend="triton")
     theirs = torchcrf.CRF(num_tags, batch_first=batch_first)

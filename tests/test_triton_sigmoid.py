@@ -4,7 +4,7 @@ Oracles, as in tests/test_sigmoid_reference.py: ``torch.nn.functional`` (BCE wit
 cross entropy), torchvision's published sigmoid focal formula, the ZLPR loop, a numpy transcription of the GHM-C
 authors' loop over bins, the bi-tempered authors' published values and, for the bi-tempered gradient, their closed
 form evaluated at float64 probabilities; the float64 reference for everything else. Values and gradients, with a
-random ``grad_output``; tolerances as STYLE.md (tests/test_triton_softmax.py: twice PyTorch's own error in the same
+random ``grad_output``; tolerances as in tests/test_triton_softmax.py (twice PyTorch's own error in the same
 dtype plus one rounding and a float32 summation bound).
 
 Layouts: the elementwise kernels run with blocks of 16 elements (several programs, a masked tail); the row kernels

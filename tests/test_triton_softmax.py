@@ -2,7 +2,7 @@
 
 Oracles: ``torch.nn.functional.cross_entropy`` in float64 (every option it has), ``kornia.losses.focal_loss``,
 and the float64 reference ``fusedloss.reference.softmax.softmax_loss`` (focal factor, z-loss, softcap, which torch
-lacks), values and gradients. Tolerances follow STYLE.md: the kernel's error against the float64 oracle may be at
+lacks), values and gradients. Tolerances: the kernel's error against the float64 oracle may be at
 most twice the error of PyTorch's own computation in the same dtype (the reference run on the low-precision
 input: float32 arithmetic, result rounded to the dtype), plus an a-priori floor so that a case where PyTorch
 happens to be exact does not demand exactness: one rounding of the result to the dtype and the bound of a
@@ -72,7 +72,7 @@ def _max_err(a, b):
 
 
 def _assert_close_derived(ours, oracle, pytorch_same_dtype, dtype, num_logits, what):
-    """STYLE.md rule: err(ours) <= 2 err(PyTorch in this dtype) + the a-priori floor of the module docstring."""
+    """The tolerance rule: err(ours) <= 2 err(PyTorch in this dtype) + the a-priori floor of the module docstring."""
     summation = math.ceil(math.log2(max(num_logits, 2))) * torch.finfo(torch.float32).eps
     floor = (torch.finfo(dtype).eps + summation) * (oracle.abs().max().item() if oracle.numel() else 0.0)
     bound = 2 * _max_err(pytorch_same_dtype, oracle) + floor
@@ -135,7 +135,7 @@ def test_matches_torch_cross_entropy(num_classes, reduction):
 
 
 # ----------------------------------------------------------------------------------------------
-# Every SPEC 3 option against the float64 reference, in every kernel layout
+# Every option of the softmax losses against the float64 reference, in every kernel layout
 # ----------------------------------------------------------------------------------------------
 
 # (weight, label_smoothing, soft targets, focal_gamma, z_loss, softcap, mean_by_count)
