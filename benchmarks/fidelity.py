@@ -2,8 +2,8 @@
 
 Each fused backend runs in float32 and is compared with a float64 evaluation of the reference backend; beside
 it stands the error of the float32 reference itself (PyTorch's own float32 computation of the same loss). The
-rule the tests apply (tests/test_fidelity.py, STYLE.md after flash-attention): a backend's error is at most
-twice the float32 reference's error plus a floor of 1e-6.
+rule the tests apply (tests/test_fidelity.py and docs/fidelity.rst; flash-attention's test rule): a backend's error
+is at most twice the float32 reference's error plus a floor of 1e-6.
 
 Error of an output against its float64 value: ``max |out - ref64| / max |ref64|`` over the whole tensor
 (NaN or Inf where the float64 value is finite counts as an infinite error).

@@ -1,4 +1,5 @@
-"""Fused linear + cross entropy on the Triton backend (docs/BACKENDS.md ``linear_cross_entropy``; SPEC 8).
+"""Fused linear + cross entropy on the Triton backend (docs/linear.rst; op contract in docs/BACKENDS.md
+``linear_cross_entropy``).
 
 The chunk loop of ``csrc/linear_cross_entropy_ops.cpp`` around torch matmuls, with the in-place Triton row kernel
 of :mod:`fusedloss.triton_kernels.softmax_loss`. Per chunk of rows::

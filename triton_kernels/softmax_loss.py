@@ -1,5 +1,6 @@
-"""Triton backend of the ``softmax_loss`` op (docs/BACKENDS.md, SPEC 3): cross entropy, label smoothing, class
-weights, focal factor, z-loss and logit soft-capping, with the gradient written by the forward kernel.
+"""Triton backend of the ``softmax_loss`` op (docs/BACKENDS.md; semantics in docs/softmax.rst): cross entropy,
+label smoothing, class weights, focal factor, z-loss and logit soft-capping, with the gradient written by the
+forward kernel.
 
 Math, per row n of ``input (N, C)`` (everything in float32, whatever the input dtype)::
 
@@ -46,10 +47,11 @@ Registration: ``fusedloss::triton_softmax_loss`` (functional, returns the loss a
 ``fusedloss::triton_softmax_loss_scale_grad`` (scales the buffer in place) are ``torch.library.custom_op``\\ s
 with fake implementations and registered autograd, used while ``torch.compile`` traces, so
 ``torch.compile(fullgraph=True)`` runs through them; ``triton_op`` + ``wrap_triton`` would let Inductor see the
-kernels but fails on CPU tensors under the interpreter (docs: TECHNIQUES.md). Eager calls skip the op registry
-(its Python layers cost tens of microseconds a call): a plain ``autograd.Function`` launches the kernels, and
-without a gradient to compute only the loss is computed. ``inplace_backward=True`` is eager only, because a
-custom op may neither return an alias of its input nor mutate a leaf.
+kernels but fails on CPU tensors under the interpreter (Dynamo's fake-tensor pass reaches the kernel's data
+pointers). Eager calls skip the op registry (its Python layers cost tens of microseconds a call): a plain
+``autograd.Function`` launches the kernels, and without a gradient to compute only the loss is computed.
+``inplace_backward=True`` is eager only, because a custom op may neither return an alias of its input nor mutate a
+leaf.
 """
 
 from __future__ import annotations
@@ -560,8 +562,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
-    # The stored gradient is scaled in place: no second (N, C) buffer (SPEC 3 memory rule). Its version counter
-    # moves, so a second backward through the same graph (retain_graph=True) raises instead of scaling twice.
+    # The stored gradient is scaled in place: no second (N, C) buffer (the memory rule of docs/softmax.rst).
+    # Its version counter moves, so a second backward through the same graph (retain_graph=True) raises instead
+    # of scaling twice.
     (grad,) = ctx.saved_tensors
     torch.ops.fusedloss.triton_softmax_loss_scale_grad(grad, grad_loss)
     return (grad,) + (None,) * 10

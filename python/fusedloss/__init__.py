@@ -1,9 +1,9 @@
 """fusedloss: fused loss kernels for token-level and large-vocabulary classification.
 
-Softmax losses (SPEC 3), the fused linear + cross entropy head (SPEC 8), sigmoid and multi-label
-losses (SPEC 4) and the linear-chain CRF (SPEC 5), each with a pure-PyTorch reference and fused
-backends chosen per call (SPEC 2); vocabulary-parallel losses over torch.distributed (SPEC 9) and the
-Hugging Face transformers integration (SPEC 10).
+Softmax losses, the fused linear + cross entropy head, sigmoid and multi-label losses and the
+linear-chain CRF, each with a pure-PyTorch reference and fused backends chosen per call; vocabulary-parallel
+losses over torch.distributed and the Hugging Face transformers integration. The documentation (docs/, built
+with ``make docs``) has one page per family.
 """
 
 from fusedloss._dispatch import BackendUnavailable, available_backends
@@ -20,7 +20,7 @@ from fusedloss.sigmoid import (
 )
 from fusedloss.crf import CRF, allowed_transitions, crf_log_likelihood, crf_marginals, crf_viterbi
 from fusedloss import nn  # noqa: E402  (modules re-exported under fusedloss.nn)
-# Vocabulary-parallel losses (SPEC 9) and the Hugging Face integration (SPEC 10; imports without transformers).
+# Vocabulary-parallel losses and the Hugging Face integration (which imports without transformers installed).
 from fusedloss import distributed, transformers  # noqa: E402
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Backend dispatch (SPEC 2).
+"""Backend dispatch: which backend serves a call (the rules are in docs/backends.rst).
 
 Every fused op has one implementation per backend: a function named like the op in the module
 that ``_OP_TABLE`` loads for that backend. The module may define ``<op>_reasons`` with the same

@@ -1,4 +1,4 @@
-"""Linear-chain CRF: functional API, the ``CRF`` module and tagging-scheme constraints (SPEC 5).
+"""Linear-chain CRF: functional API, the ``CRF`` module and tagging-scheme constraints (docs/crf.rst).
 
 For one sequence of length L with emissions ``e`` (L, K), transitions ``A[i, j]`` (score of i -> j), start
 scores ``s`` and end scores ``f``, a tag path ``y`` scores
@@ -7,7 +7,7 @@ scores ``s`` and end scores ``f``, a tag path ``y`` scores
 
 The functional API is batch first: emissions ``(B, T, K)`` float16/bfloat16/float32/float64, tags ``(B, T)``
 int64, mask ``(B, T)`` bool or uint8, left-aligned (a prefix of ones per sequence) with the first step on.
-This layer validates every argument (SPEC 7), writes 0 into the tags at masked positions, and calls one
+This layer validates every argument (docs/errors.rst), writes 0 into the tags at masked positions, and calls one
 internal op per function through :mod:`fusedloss._dispatch` (docs/BACKENDS.md); the op returns per-sequence
 values and the reduction happens here. Checks that read tensor values (mask layout, tag range) run on CPU
 tensors only, so that CUDA calls never wait for the device, and never while ``torch.compile`` traces.
@@ -171,8 +171,8 @@ def _validate(
     start_transitions: torch.Tensor,
     end_transitions: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Check every argument (SPEC 5/7); returns ``(mask as bool, start, end)`` with the boundary scores in
-    the dtype of ``transitions``."""
+    """Check every argument (shapes, dtypes, devices, mask layout, tag range); returns ``(mask as bool, start,
+    end)`` with the boundary scores in the dtype of ``transitions``."""
     _check_tensor("emissions", emissions)
     if emissions.dim() != 3:
         raise ValueError(f"emissions must be 3-D (batch, seq_len, num_tags), got shape {_shape(emissions)}")
@@ -341,7 +341,7 @@ class CRF(nn.Module):
             returned by :func:`allowed_transitions`; forbidden transitions score ``CONSTRAINT_SCORE`` in
             ``forward``, ``decode``, ``viterbi`` and ``marginals``. Kept as non-persistent buffers, so the
             state_dict holds the three parameters only and loads into ``torchcrf.CRF`` and back.
-        backend: ``"auto"`` or a backend name (SPEC 2).
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpp"`` or ``"cuda"`` (see the backends page).
 
     Parameters (pytorch-crf's names, shapes and init uniform(-0.1, 0.1)): ``start_transitions (K,)``,
     ``end_transitions (K,)``, ``transitions (K, K)`` with ``transitions[i, j]`` the score of i -> j.

@@ -1,4 +1,4 @@
-"""Vocabulary-parallel softmax losses over ``torch.distributed`` (SPEC 9).
+"""Vocabulary-parallel softmax losses over ``torch.distributed`` (docs/distributed.rst).
 
 When the class dimension (the vocabulary of a language model head) is split across the ranks of a process
 group, each rank holds a contiguous slice of it, in rank order; slices may differ in size. These functions
@@ -134,9 +134,9 @@ def _resolve_group(shard, group, name: str, class_dim: int):
 
 
 def _use_cpp_kernels(backend, device: torch.device) -> bool:
-    """SPEC 2's ``backend`` argument. Returns whether the cpp kernels do the local work: ``"auto"`` takes them for
-    CPU tensors when the extension is built, ``"cpp"`` requires them, ``"reference"`` runs the PyTorch ops; the
-    Triton and CUDA backends have no kernel for these losses (BackendUnavailable)."""
+    """The ``backend`` argument (as in every public function). Returns whether the cpp kernels do the local work:
+    ``"auto"`` takes them for CPU tensors when the extension is built, ``"cpp"`` requires them, ``"reference"`` runs
+    the PyTorch ops; the Triton and CUDA backends have no kernel for these losses (BackendUnavailable)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend not in ("auto",) + BACKEND_NAMES:
@@ -551,7 +551,7 @@ def vocab_parallel_cross_entropy(
     inplace_backward: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Cross entropy of logits whose class dimension is split across the ranks of ``group`` (SPEC 9).
+    """Cross entropy of logits whose class dimension is split across the ranks of ``group``.
 
     Every rank returns the value :func:`fusedloss.cross_entropy` gives on the logits gathered along the
     class dimension (``torch.cat(shards, dim=-1)``), with every option global (smoothing uses the global C,
@@ -688,7 +688,7 @@ def vocab_parallel_linear_cross_entropy(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Cross entropy of ``F.linear(input, W, b)`` with the rows of the head ``W (V, H)`` (and ``b (V,)``) split
-    across the ranks of ``group`` (SPEC 9, the vocabulary-parallel form of ``linear_cross_entropy``).
+    across the ranks of ``group`` (the vocabulary-parallel form of ``linear_cross_entropy``).
 
     Every rank returns ``cross_entropy(F.linear(input, W, b), target, ...)`` of the full head, the same value
     on every rank; backward gives each rank the gradient of its own ``linear_weight_shard`` (and

@@ -1,11 +1,11 @@
-"""Fused linear + cross entropy for large vocabularies (SPEC 8): ``linear_cross_entropy`` and its module.
+"""Fused linear + cross entropy for large vocabularies (docs/linear.rst): ``linear_cross_entropy`` and its module.
 
 ``linear_cross_entropy(input, linear_weight, target, ...)`` equals
-``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` for every SPEC 3 option, values and
-gradients, without ever holding the ``(N, V)`` logits: the fused backends run the rows in chunks, compute each
-chunk's logits into one reused buffer, turn them into their gradient in the same pass that computes the loss, and
-fold that gradient into ``grad_input`` and into the float32 accumulators of ``grad_weight`` and ``grad_bias``
-before the next chunk. The arguments are checked here for every backend and flattened to rows.
+``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` for every option of ``cross_entropy``,
+values and gradients, without ever holding the ``(N, V)`` logits: the fused backends run the rows in chunks,
+compute each chunk's logits into one reused buffer, turn them into their gradient in the same pass that computes
+the loss, and fold that gradient into ``grad_input`` and into the float32 accumulators of ``grad_weight`` and
+``grad_bias`` before the next chunk. The arguments are checked here for every backend and flattened to rows.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def default_chunk_size(num_rows: int, hidden: int, num_classes: int, device_type
 
 def _check(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
            focal_gamma, z_loss, softcap, token_weight, chunk_size, backend):
-    """Every argument, with messages that name it (SPEC 7). Returns the options as Python numbers and a
+    """Every argument, with messages that name it (docs/errors.rst). Returns the options as Python numbers and a
     zero-memory stand-in of the logits ``(*, V)`` for the shape checks of the softmax-loss arguments."""
     ignore_index, label_smoothing, focal_gamma, z_loss, softcap = check_softmax_options(
         ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap, backend
@@ -107,7 +107,7 @@ def linear_cross_entropy(
     """Cross entropy of a linear layer's output, without materializing the logits.
 
     Equals ``fusedloss.cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight, ignore_index,
-    reduction, label_smoothing, focal_gamma=..., z_loss=..., softcap=..., token_weight=...)`` (SPEC 3), values and
+    reduction, label_smoothing, focal_gamma=..., z_loss=..., softcap=..., token_weight=...)``, values and
     gradients of ``input``, ``linear_weight`` and ``linear_bias``. Argument names follow torch's
     ``F.linear_cross_entropy`` where they overlap.
 

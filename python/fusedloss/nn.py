@@ -1,4 +1,4 @@
-"""``torch.nn.Module`` wrappers of every loss (SPEC 6). Each takes ``backend=``."""
+"""``torch.nn.Module`` wrappers of every loss. Each takes ``backend=``."""
 
 from fusedloss.softmax import CrossEntropyLoss, FocalLoss
 from fusedloss.linear import LinearCrossEntropyLoss

@@ -1,4 +1,4 @@
-"""Hugging Face transformers integration (SPEC 10): :func:`apply` and :class:`CRFTagger`.
+"""Hugging Face transformers integration (docs/transformers.rst): :func:`apply` and :class:`CRFTagger`.
 
 ``apply(model, loss=..., **options)`` patches one loaded model in place so that its training loss comes from
 fusedloss; nothing global is touched (no torch or transformers function, class or loss mapping is replaced):
@@ -28,9 +28,10 @@ _INSTALL_HINT = (
     "(or pip install 'fusedloss[transformers]')"
 )
 
-# Causal-LM classes whose forward is "base model -> last hidden state -> lm_head -> loss_function": the attribute
-# holding their base model and the transformers.modeling_outputs class they return. Only these are patched:
-# another family may scale, cap or mix its logits after the head in ways the fused loss would leave out.
+#: Causal-LM classes whose forward is "base model -> last hidden state -> lm_head -> loss_function", mapped to
+#: the attribute holding their base model and the ``transformers.modeling_outputs`` class they return. Only these
+#: are patched: another family may scale, cap or mix its logits after the head in ways the fused loss would leave
+#: out.
 SUPPORTED_CAUSAL_LMS: Dict[str, Tuple[str, str]] = {
     "LlamaForCausalLM": ("model", "CausalLMOutputWithPast"),
     "MistralForCausalLM": ("model", "CausalLMOutputWithPast"),
@@ -65,7 +66,7 @@ def _require_transformers():
 
 def _check_options(loss: str, options: Dict[str, Any], allowed: Sequence[str], num_classes: int, kind: str,
                    linear: bool = False) -> None:
-    """Unknown option names and bad values raise ``ValueError`` (``TypeError`` for a wrong type, SPEC 7) at
+    """Unknown option names and bad values raise ``ValueError`` (``TypeError`` for a wrong type) at
     ``apply`` time: one row goes through the loss with the options on the CPU, so the fusedloss checks run once.
     ``backend`` is left to the first call (the model may move to another device after ``apply``)."""
     unknown = sorted(set(options) - set(allowed))

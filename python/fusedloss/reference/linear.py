@@ -1,7 +1,7 @@
-"""Reference fused linear + cross entropy (SPEC 8, docs/BACKENDS.md ``linear_cross_entropy``): the logits
-``F.linear(input, linear_weight, linear_bias)`` materialized, then the reference softmax loss. This is the
-definition the chunked backends are tested against; it takes ``(N, V)`` memory for the logits and more for
-autograd's intermediates.
+"""Reference fused linear + cross entropy (docs/linear.rst; op contract in docs/BACKENDS.md,
+``linear_cross_entropy``): the logits ``F.linear(input, linear_weight, linear_bias)`` materialized, then the
+reference softmax loss. This is the definition the chunked backends are tested against; it takes ``(N, V)``
+memory for the logits and more for autograd's intermediates.
 """
 
 from __future__ import annotations

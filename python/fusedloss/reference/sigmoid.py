@@ -1,4 +1,4 @@
-"""Reference sigmoid and multi-label losses (SPEC 4), as plain PyTorch ops (docs/BACKENDS.md).
+"""Reference sigmoid and multi-label losses (docs/sigmoid.rst), as plain PyTorch ops (docs/BACKENDS.md).
 
 Every function computes in float32 for float16/bfloat16/float32 input (float64 for float64) and returns
 the input's dtype. Inputs arrive validated and flattened by the public layer (``fusedloss.sigmoid``):

@@ -108,7 +108,7 @@ def kept_weights_and_divisor(t: torch.Tensor, target: torch.Tensor, weight: torc
                              ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(t on the kept rows, 0 on rows whose target is ignore_index; Σ_n t_n w_{y_n} over the kept rows)`` for
     per-row weights ``t`` (float64; w = ones without class weights; soft targets keep every row and divide by
-    ``Σ_n t_n``): the ``mean`` divisor of SPEC 3 with token weights. No host synchronization."""
+    ``Σ_n t_n``): the divisor of ``reduction="mean"`` with token weights (docs/softmax.rst). No host synchronization."""
     if target.is_floating_point():
         return t, t.sum()
     kept = target != ignore_index
@@ -129,7 +129,8 @@ def token_weighted_reduction(
     mean_by_count: bool,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The SPEC 3 reduction of per-row losses ``row_loss`` (0 at ignored rows) with per-row weights ``t``.
+    """The token-weighted reduction (docs/softmax.rst) of per-row losses ``row_loss`` (0 at ignored rows) with
+    per-row weights ``t``.
 
     ``none``: ``t_n l_n``; ``sum``: ``Σ_n t_n l_n``; ``mean``: that sum over ``Σ_n t_n w_{y_n}`` over the kept rows
     (``w = 1`` without class weights or when ``mean_by_count``, focal_loss's mean); soft targets: over ``Σ_n t_n``.
