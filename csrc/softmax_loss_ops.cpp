@@ -52,8 +52,10 @@ void check_softmax_loss_args(const at::Tensor& input, const at::Tensor& target,
     TORCH_CHECK_VALUE(target.sizes() == input.sizes(), "target holds class probabilities (",
                       dtype_str(target.scalar_type()), ") and must have input's shape ", input_shape, ", got ",
                       shape_str(target.sizes()));
-    TORCH_CHECK_VALUE(ignore_index == -100,
-                      "ignore_index must stay at its default -100 with class-probability targets, got ", ignore_index);
+    // As torch: any negative ignore_index is accepted (and has no effect) with probabilities; a class index raises.
+    TORCH_CHECK_VALUE(ignore_index < 0,
+                      "ignore_index must be negative with class-probability targets (it does not apply to them), got ",
+                      ignore_index);
   } else {
     TORCH_CHECK_TYPE(target.scalar_type() == at::kLong,
                      "target must be int64 class indices or floating-point class probabilities, got ",

@@ -8,8 +8,6 @@ most twice the error of the same formula computed by PyTorch from the same low-p
 the dtype's epsilon times the largest magnitude (16 for float64, where the oracle's own error is 0).
 """
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -27,25 +25,17 @@ from test_sigmoid_reference import (
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedloss
+from _backends import available, requires_backend
 from fusedloss import _dispatch
 from fusedloss.bench import harness
 from fusedloss.reference import sigmoid as reference
 
-CPP_REASON = fusedloss.available_backends()["cpp"]
-IN_CI = bool(os.environ.get("CI"))
 CPP = "cpp"
 
+# Every test needs the extension: skipped without it, a failure in CI (tests/_backends.py).
+pytestmark = requires_backend("cpp")
 
-def test_cpp_backend_is_built():
-    """In CI the extension is built by ``pip install -e .``: a missing backend is a failure, not a skip."""
-    if CPP_REASON is not None and not IN_CI:
-        pytest.skip(f"cpp backend unavailable: {CPP_REASON}")
-    assert CPP_REASON is None, CPP_REASON
-
-
-pytestmark = pytest.mark.skipif(CPP_REASON is not None and not IN_CI, reason=f"cpp backend unavailable: {CPP_REASON}")
-
-if CPP_REASON is None or IN_CI:
+if available("cpp"):
     import fusedloss._ext.sigmoid  # noqa: F401  (the fake kernels of the device ops)
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

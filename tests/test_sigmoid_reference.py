@@ -107,14 +107,15 @@ def test_multilabel_soft_margin_equals_torch(reduction, with_weight):
     y = _binary((6, 4))
     weight = torch.tensor([0.5, 1.0, 2.0, 0.1], dtype=torch.float64) if with_weight else None
     _assert_same(
-        lambda v: fusedloss.multilabel_soft_margin_loss(v, y, weight, reduction, backend=REF),
+        lambda v: fusedloss.multilabel_soft_margin_loss(v, y, weight, reduction=reduction, backend=REF),
         lambda v: F.multilabel_soft_margin_loss(v, y, weight, reduction=reduction),
         x,
     )
     # (B, T, C) is rows of C: the same numbers in target's index shape; integer multi-hot targets as torch
     x3 = _randn((2, 3, 4))
     _assert_same(
-        lambda v: fusedloss.multilabel_soft_margin_loss(v, _binary((2, 3, 4)).long(), weight, reduction, backend=REF),
+        lambda v: fusedloss.multilabel_soft_margin_loss(v, _binary((2, 3, 4)).long(), weight, reduction=reduction,
+                                                        backend=REF),
         lambda v: F.multilabel_soft_margin_loss(v.reshape(6, 4), _binary((6, 4)), weight, reduction=reduction).reshape(
             (2, 3) if reduction == "none" else ()
         ),
@@ -384,7 +385,7 @@ def test_gradcheck_every_loss():
     weight = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
     labels = torch.tensor([0, 3, 1])
     losses = {
-        "bce": lambda v: fusedloss.binary_cross_entropy_with_logits(v, y, weight, 2 * weight, backend=REF),
+        "bce": lambda v: fusedloss.binary_cross_entropy_with_logits(v, y, weight, pos_weight=2 * weight, backend=REF),
         "sigmoid_focal": lambda v: fusedloss.sigmoid_focal_loss(v, y, 0.25, 1.5, "sum", backend=REF),
         "multilabel_soft_margin": lambda v: fusedloss.multilabel_soft_margin_loss(v, y, weight, backend=REF),
         "zlpr": lambda v: fusedloss.multilabel_categorical_crossentropy(v, y, "none", backend=REF),
@@ -447,7 +448,7 @@ def test_compiles_fullgraph():
 
 
 # ----------------------------------------------------------------------------------------------
-# Bad input (SPEC 7)
+# Bad input: ValueError / TypeError naming the argument
 # ----------------------------------------------------------------------------------------------
 
 X = torch.randn(3, 4)

@@ -253,6 +253,15 @@ def test_focal_loss_against_kornia(alpha, gamma):
     torch.testing.assert_close(mean, theirs.sum() / (target != -100).sum(), rtol=1e-12, atol=0)
 
 
+def test_focal_loss_mean_is_kornia_mean_times_classes():
+    """kornia's mean averages over N·C elements, ours over the N rows (the docstring names the difference)."""
+    logits = _logits((6, 4))
+    target = _hard_target((6,), 4)
+    ours = fusedloss.focal_loss(logits, target, 2.0, backend=REF)
+    theirs = kornia.losses.focal_loss(logits, target, None, 2.0, reduction="mean")
+    torch.testing.assert_close(ours, theirs * 4, rtol=1e-12, atol=0)
+
+
 def test_focal_loss_scalar_alpha_weights_every_class():
     logits = _logits((5, 3))
     target = _hard_target((5,), 3)

@@ -115,9 +115,13 @@ def check_class_target(input: torch.Tensor, target: object, ignore_index: int | 
                 f"target holds class probabilities ({target.dtype}) and must have input's shape {input_shape}, "
                 f"got {target_shape}"
             )
-        if ignore_index is not None and ignore_index != -100:  # as torch: probabilities have no index to ignore
+        # As torch: probabilities have no index to ignore, so any negative ignore_index (which no class index can
+        # equal) is accepted and has no effect; a class index raises (torch: "ignore_index is not supported for
+        # floating point target").
+        if ignore_index is not None and ignore_index >= 0:
             raise ValueError(
-                f"ignore_index must stay at its default -100 with class-probability targets, got {ignore_index}"
+                f"ignore_index must be negative with class-probability targets (it does not apply to them), "
+                f"got {ignore_index}"
             )
     elif target.dtype != torch.int64:
         raise TypeError(

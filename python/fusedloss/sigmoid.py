@@ -112,12 +112,14 @@ def binary_cross_entropy_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
-    pos_weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: str = "mean",
+    pos_weight: torch.Tensor | None = None,
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Exactly ``torch.nn.functional.binary_cross_entropy_with_logits``: elementwise
+    """Exactly ``torch.nn.functional.binary_cross_entropy_with_logits``, with torch's positional order: elementwise
 
         l = -w [P y log σ(x) + (1 - y) log σ(-x)]
 
@@ -125,13 +127,17 @@ def binary_cross_entropy_with_logits(
         input: logits of any shape, float16/bfloat16/float32/float64.
         target: floating tensor of ``input``'s shape, values in [0, 1].
         weight: w, floating, broadcastable to ``input``'s shape, or None.
+        size_average: torch's deprecated reduction flag, mapped as torch maps it (with torch's warning).
+        reduce: torch's deprecated reduction flag, see ``size_average``.
+        reduction: "none" (``input``'s shape), "sum", "mean" over every element.
         pos_weight: P, weight of the positive term, broadcastable to ``input`` (``(C,)`` for the class dimension,
             last), or None.
-        reduction: "none" (``input``'s shape), "sum", "mean" over every element.
         backend: see ``fusedloss.cross_entropy``.
 
     Returns the loss in ``input``'s dtype (computed in float32 for half types).
     """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     input = _check_elementwise_input(input)
     _check_same_shape_target(input, target, floating_only=True)
     _check_broadcast_weight("weight", weight, input)
@@ -150,7 +156,9 @@ def sigmoid_focal_loss(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Exactly ``torchvision.ops.sigmoid_focal_loss`` (Lin et al., 2017), elementwise with p = σ(x):
+    """The values and gradients of ``torchvision.ops.sigmoid_focal_loss`` (Lin et al., 2017), with the arguments
+    named ``input`` and ``target`` (torchvision: ``inputs`` and ``targets``; positional calls are the same).
+    Elementwise, with p = σ(x):
 
         p_t = p y + (1 - p)(1 - y),  α_t = α y + (1 - α)(1 - y),  l = α_t (1 - p_t)^γ BCE(x, y)
 
@@ -174,20 +182,27 @@ def multilabel_soft_margin_loss(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
     reduction: str = "mean",
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Exactly ``torch.nn.functional.multilabel_soft_margin_loss``, per row of ``(*, C)``:
+    """Exactly ``torch.nn.functional.multilabel_soft_margin_loss`` (torch's positional order), per row of
+    ``(*, C)``:
 
         l = -(1/C) Σ_c w_c [y_c log σ(x_c) + (1 - y_c) log σ(-x_c)]
 
     Args:
         input: logits ``(*, C)``; target: ``input``'s shape, values in [0, 1] (floating, integer or bool).
         weight: ``(C,)`` floating per-class weight, or None.
+        size_average: torch's deprecated reduction flag, mapped as torch maps it (with torch's warning).
+        reduce: torch's deprecated reduction flag, see ``size_average``.
         reduction: "none" -> ``input.shape[:-1]``, "sum", "mean" over rows.
         backend: see ``fusedloss.cross_entropy``.
     """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     input = check_class_input(input)
     _check_same_shape_target(input, target, floating_only=False)
     _check_class_weight(weight, input)

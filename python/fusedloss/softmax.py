@@ -141,7 +141,9 @@ def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -166,7 +168,11 @@ def cross_entropy(
         target: int64 class indices of shape ``input.shape[:-1]`` with values in ``[0, C)`` or ``ignore_index``,
             or class probabilities with ``input``'s shape (soft targets; ``ignore_index`` does not apply).
         weight: per-class weight ``(C,)`` or None.
-        ignore_index: target value whose rows contribute 0 and are left out of the ``mean`` divisor.
+        size_average: torch's deprecated reduction flag, mapped as torch maps it (with torch's warning); leave it
+            None and use ``reduction``.
+        ignore_index: target value whose rows contribute 0 and are left out of the ``mean`` divisor. With
+            probability targets it does not apply and must be negative, as in torch.
+        reduce: torch's deprecated reduction flag, see ``size_average``.
         reduction: ``"none"`` (loss of ``target``'s index shape, 0 at ignored positions), ``"sum"``, or
             ``"mean"``: sum / Σ_n w_{y_n} over non-ignored rows (torch's rule; NaN when every row is ignored,
             as torch), sum / N for soft targets.
@@ -182,10 +188,16 @@ def cross_entropy(
             tensor); ``input`` must not be used after the backward then.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpp"`` or ``"cuda"`` (SPEC 2).
 
+    The positional order is torch's own, ``(input, target, weight, size_average, ignore_index, reduce, reduction,
+    label_smoothing)``, so a call written for ``torch.nn.functional.cross_entropy`` runs unchanged; the fusedloss
+    options are keyword-only.
+
     Returns:
         The loss in ``input``'s dtype (computed in float32 for half types): a scalar, or ``target``'s index
         shape for ``reduction="none"``.
     """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     return _softmax_loss(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss,
                          softcap, False, inplace_backward, backend, token_weight)
 
@@ -223,8 +235,10 @@ def focal_loss(
         gamma: focusing parameter γ >= 0.
         alpha: None (every class 1), a float >= 0 for every class, or a floating ``(C,)`` tensor per class.
         ignore_index: target value whose rows contribute 0 and are not counted.
-        reduction: ``"none"``, ``"sum"``, or ``"mean"``: sum / number of non-ignored rows (a count, not Σα,
-            as kornia and torchvision do; NaN when every row is ignored).
+        reduction: ``"none"``, ``"sum"``, or ``"mean"``: sum / number of non-ignored rows (a count, not Σα as
+            ``cross_entropy``'s class weights would give; NaN when every row is ignored). kornia's
+            ``focal_loss`` averages over all N·C elements of its one-hot loss instead, so with no ignored row its
+            mean is this one divided by C; torchvision has no softmax focal loss (only :func:`sigmoid_focal_loss`).
         label_smoothing: ε in [0, 1].
         token_weight: None or a floating tensor of ``input.shape[:-1]``: row n's loss and gradient are multiplied
             by ``t_n`` and ``mean`` divides by ``Σ_n t_n`` over non-ignored rows. No gradient flows to it.
@@ -291,9 +305,9 @@ class CrossEntropyLoss(torch.nn.Module):
             input,
             target,
             self.weight,
-            self.ignore_index,
-            self.reduction,
-            self.label_smoothing,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
             focal_gamma=self.focal_gamma,
             z_loss=self.z_loss,
             softcap=self.softcap,
