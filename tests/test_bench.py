@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from _backends import expect_backend
 from fusedloss.bench import cases, cli, harness, report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -199,14 +200,10 @@ def test_module_and_console_entry_points(monkeypatch, capsys):
 
 
 def test_sigmoid_ops_run_on_every_backend_and_agree(tmp_path):
-    import fusedloss
-    from fusedloss.bench import cases
-
     cli.main(["--ops", ",".join(cases.SIGMOID_OPS), "--shapes", "16x7", "--repeats", "1", "--warmup", "0",
               "--threads", "1", "--out", str(tmp_path), "--no-progress", "--no-memory"])
     rows = report.read_csv(str(tmp_path / "bench.csv"))
-    expected = {"eager", "fusedloss-reference"} | ({"fusedloss-cpp"} if fusedloss.available_backends()["cpp"] is None
-                                                    else set())
+    expected = {"eager", "fusedloss-reference"} | ({"fusedloss-cpp"} if expect_backend("cpp") else set())
     for op in cases.SIGMOID_OPS:
         backends = {r["backend"] for r in rows if r["op"] == op and r["mode"] == "full"}
         assert expected | {cases.BASELINE[op]} <= backends, op
@@ -215,15 +212,12 @@ def test_sigmoid_ops_run_on_every_backend_and_agree(tmp_path):
 
 
 def test_linear_cross_entropy_op_runs_against_its_peers(tmp_path):
-    import fusedloss
-    from fusedloss.bench import cases
-
     cli.main(["--ops", "linear_cross_entropy", "--shapes", "24x8x300", "--repeats", "1", "--warmup", "0",
               "--threads", "1", "--out", str(tmp_path), "--no-progress"])
     rows = report.read_csv(str(tmp_path / "bench.csv"))
     backends = {r["backend"] for r in rows if r["mode"] == "full"}
     expected = {"eager", "torch-chunked", "fusedloss-reference"}
-    if fusedloss.available_backends()["cpp"] is None:
+    if expect_backend("cpp"):
         expected.add("fusedloss-cpp")
     assert expected <= backends
     assert all(r["rel_diff_vs_baseline"] <= 1e-5 for r in rows)

@@ -9,21 +9,18 @@ twice the error of the reference computed in that same precision, plus a few uni
 result's size (so that a reference that happens to be exact does not make the bound 0).
 """
 
-import os
-
 import pytest
 import torch
 
 import fusedloss
+from _backends import available, requires_backend
+from fusedloss.reference import crf as ref
 
-_CPP_REASON = fusedloss.available_backends()["cpp"]
-if _CPP_REASON is not None:
-    if os.environ.get("CI"):
-        pytest.fail(f"CI builds the extension, but the cpp backend is unavailable: {_CPP_REASON}", pytrace=False)
-    pytest.skip(f"cpp backend unavailable: {_CPP_REASON}", allow_module_level=True)
+# Every test needs the extension: skipped without it, a failure in CI (tests/_backends.py).
+pytestmark = requires_backend("cpp")
 
-from fusedloss._ext import crf as cpp  # noqa: E402
-from fusedloss.reference import crf as ref  # noqa: E402
+if available("cpp"):
+    from fusedloss._ext import crf as cpp
 
 torchcrf = pytest.importorskip("torchcrf")
 

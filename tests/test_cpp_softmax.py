@@ -7,30 +7,19 @@ the same low-precision input, plus one unit of the dtype's epsilon times the lar
 dtype cannot represent the answer more closely than that; 16 units for float64, see _assert_close_as_torch).
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fusedloss
+from _backends import available, requires_backend
 from fusedloss import _dispatch
 from fusedloss.reference import softmax as reference
 
-CPP_REASON = fusedloss.available_backends()["cpp"]
-IN_CI = bool(os.environ.get("CI"))
+# Every test needs the extension: skipped without it, a failure in CI (tests/_backends.py).
+pytestmark = requires_backend("cpp")
 
-
-def test_cpp_backend_is_built():
-    """In CI the extension is built by ``pip install -e .``: a missing backend is a failure, not a skip."""
-    if CPP_REASON is not None and not IN_CI:
-        pytest.skip(f"cpp backend unavailable: {CPP_REASON}")
-    assert CPP_REASON is None, CPP_REASON
-
-
-pytestmark = pytest.mark.skipif(CPP_REASON is not None and not IN_CI, reason=f"cpp backend unavailable: {CPP_REASON}")
-
-if CPP_REASON is None or IN_CI:
+if available("cpp"):
     from fusedloss._ext.softmax_loss import softmax_loss, softmax_loss_reasons
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fusedloss
+from _backends import require_backend
 
 NUM_CLASSES = 11
 LAYOUTS = {2: ([5, 6], [1, 10]), 3: ([3, 4, 4], [4, 1, 6])}  # uneven shards, and a rank with one class
@@ -472,10 +473,7 @@ def test_needs_an_initialized_process_group():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_cpp_local_kernels_match_pytorch_ops(dtype, softcap):
-    import fusedloss
-
-    if fusedloss.available_backends()["cpp"] is not None:
-        pytest.skip("the fusedloss._C extension is not built")
+    require_backend("cpp")
     g = torch.Generator().manual_seed(3)
     n, c = 9, 37
     x = (4 * torch.randn(n, c, generator=g, dtype=torch.float64)).to(dtype)

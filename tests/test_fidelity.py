@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
+from _backends import requires_backend
 
 _SPEC = importlib.util.spec_from_file_location(
     "fidelity", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py")
@@ -36,11 +37,6 @@ _EXTRA_SEEDS = os.environ.get("FUSEDLOSS_FIDELITY_SEEDS")
 
 def _seeds(default: int):
     return range(int(_EXTRA_SEEDS) if _EXTRA_SEEDS else default)
-
-
-def _needs(backend: str):
-    reason = fusedloss.available_backends()[backend]
-    return pytest.mark.skipif(reason is not None, reason=f"{backend} backend unavailable: {reason}")
 
 
 def _assert_rule(errors, names, outputs):
@@ -122,19 +118,19 @@ def _check_softmax(backend: str, seed: int, small: bool):
         raise AssertionError(f"{description}: {error}") from None
 
 
-@_needs("cpp")
+@requires_backend("cpp")
 @pytest.mark.parametrize("seed", _seeds(60))
 def test_cpp_softmax_random(seed):
     _check_softmax("cpp", seed, small=False)
 
 
-@_needs("triton")
+@requires_backend("triton")
 @pytest.mark.parametrize("seed", _seeds(24))
 def test_triton_softmax_random(seed):
     _check_softmax("triton", 1000 + seed, small=True)
 
 
-@_needs("triton")
+@requires_backend("triton")
 @pytest.mark.parametrize("seed", _seeds(6))
 def test_triton_softmax_random_blocks(seed, monkeypatch):
     """The online (several blocks per row) layout of the Triton kernel, forced with 16-class blocks."""
@@ -217,13 +213,13 @@ def _check_crf(backend: str, seed: int, small: bool):
         raise AssertionError(f"{description}: {error}") from None
 
 
-@_needs("cpp")
+@requires_backend("cpp")
 @pytest.mark.parametrize("seed", _seeds(24))
 def test_cpp_crf_random(seed):
     _check_crf("cpp", seed, small=False)
 
 
-@_needs("triton")
+@requires_backend("triton")
 @pytest.mark.parametrize("seed", _seeds(3))
 def test_triton_crf_random(seed):
     _check_crf("triton", 3000 + seed, small=True)
@@ -276,7 +272,7 @@ def _reported_softmax(backend, options, scale, n=257, c=9, seed=0):
         _assert_rule(errors, [backend], (f"{reduction} value", f"{reduction} gradient"))
 
 
-@_needs("triton")
+@requires_backend("triton")
 @pytest.mark.parametrize("options", [{"focal_gamma": 2.0}, {"focal_gamma": 0.5, "label_smoothing": 0.1}],
                          ids=["gamma2", "gamma0.5-smoothing"])
 def test_triton_focal_at_logit_scale_100(options):
@@ -284,23 +280,23 @@ def test_triton_focal_at_logit_scale_100(options):
     _reported_softmax("triton", options, 100.0)
 
 
-@_needs("triton")
+@requires_backend("triton")
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}], ids=["plain", "smoothing"])
 def test_triton_cross_entropy_gradient_at_logit_scale_100(options):
     """Was 4.7e-6 against the reference's 3.6e-7."""
     _reported_softmax("triton", options, 100.0)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=_needs("triton")),
-                                     pytest.param("cpp", marks=_needs("cpp"))])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=requires_backend("triton")),
+                                     pytest.param("cpp", marks=requires_backend("cpp"))])
 @pytest.mark.parametrize("scale", [1e3, 1e4])
 def test_softcap_at_large_logits(backend, scale):
     """Triton was 4.6e-3 (value) and 1.2e-2 (gradient) at scale 1000, cpp 2e-5 to 3e-4 (gradient)."""
     _reported_softmax(backend, {"softcap": 30.0}, scale, n=64, c=37)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=_needs("triton")),
-                                     pytest.param("cpp", marks=_needs("cpp"))])
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=requires_backend("triton")),
+                                     pytest.param("cpp", marks=requires_backend("cpp"))])
 def test_saturated_softcap_gradient_is_zero(backend):
     """At x = -1540 with softcap 30, ds/dx = 1 - tanh^2(51.3) ~ 1e-44: the gradient there is 0 to float32, not
     the -0.00999 that 1 - t^2 of a rounded (or subnormal-broken) tanh gave."""
@@ -312,7 +308,7 @@ def test_saturated_softcap_gradient_is_zero(backend):
     assert fidelity.rel_error(x.grad, exact.grad) < 1e-6
 
 
-@_needs("cpp")
+@requires_backend("cpp")
 @pytest.mark.parametrize("num_tags", [5, 73])
 def test_cpp_crf_at_emission_scale_1000(num_tags):
     """Was 1e-4 to 4.2e-4 (gradient): every step rounded the emission into the running scores."""

@@ -16,18 +16,13 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
+from _backends import expect_backend, require_backend
 from fusedloss import _dispatch
 from fusedloss.bench.harness import peak_memory
 from fusedloss.linear import default_chunk_size
 
 FUSED = ["cpp", "triton"]
 BACKENDS = ["reference"] + FUSED
-
-
-def _available(backend):
-    reason = fusedloss.available_backends()[backend]
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
 
 
 def _problem(n=23, h=12, v=37, *, dtype=torch.float64, soft=False, ignore_every=4, seed=0, bias=True):
@@ -73,7 +68,7 @@ TORCH_CASES = list(itertools.product(["none", "sum", "mean"], [False, True], [0.
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction,class_weight,smoothing,kind", TORCH_CASES)
 def test_matches_torch_linear_and_cross_entropy(backend, reduction, class_weight, smoothing, kind):
-    _available(backend)
+    require_backend(backend)
     dtype = _dtype(backend)
     # half of the cases without a bias
     x, w, b, target = _problem(dtype=dtype, soft=kind == "soft", bias=smoothing == 0.0)
@@ -94,7 +89,7 @@ def test_matches_torch_linear_and_cross_entropy(backend, reduction, class_weight
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_matches_torch_linear_cross_entropy(backend, reduction):
     """torch's own fused-head function (torch >= 2.13), no bias (it takes linear_bias too) and with."""
-    _available(backend)
+    require_backend(backend)
     if not hasattr(F, "linear_cross_entropy"):
         pytest.skip("torch has no F.linear_cross_entropy")
     x, w, b, target = _problem(dtype=_dtype(backend), ignore_every=3)
@@ -126,7 +121,7 @@ OPTIONS = [
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_options_match_reference_on_logits(backend, reduction, options, kind):
     """Focal, z-loss, softcap and token weights against the reference cross entropy of the materialized logits."""
-    _available(backend)
+    require_backend(backend)
     dtype = _dtype(backend)
     x, w, b, target = _problem(n=19, v=29, dtype=dtype, soft=kind == "soft", seed=2)
     options = dict(options)
@@ -151,7 +146,7 @@ def test_options_match_reference_on_logits(backend, reduction, options, kind):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_shape_and_module(backend):
     """(B, T, H) input, (B, T) targets and token weights; reduction none keeps (B, T); the module form."""
-    _available(backend)
+    require_backend(backend)
     dtype = _dtype(backend)
     x, w, b, target = _problem(n=24, dtype=dtype)
     x3, target3 = x.reshape(4, 6, -1), target.reshape(4, 6)
@@ -170,7 +165,7 @@ def test_token_shape_and_module(backend):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("chunk_size", [1, 3, 23, 100, None])
 def test_chunk_sizes_and_all_ignored(backend, chunk_size):
-    _available(backend)
+    require_backend(backend)
     x, w, b, target = _problem(dtype=_dtype(backend))
 
     def ours(x, w, b):
@@ -191,7 +186,7 @@ def test_chunk_sizes_and_all_ignored(backend, chunk_size):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_only_some_inputs_require_grad_and_no_grad(backend):
-    _available(backend)
+    require_backend(backend)
     x, w, b, target = _problem(dtype=_dtype(backend))
     w_leaf = w.clone().requires_grad_()
     loss = fusedloss.linear_cross_entropy(x, w_leaf, target, linear_bias=b, chunk_size=6, backend=backend)
@@ -220,7 +215,7 @@ def test_only_some_inputs_require_grad_and_no_grad(backend):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_bf16_within_derived_tolerance(backend, reduction):
-    _available(backend)
+    require_backend(backend)
     x, w, b, target = _problem(n=40, h=16, v=45, seed=4)
 
     def run(fn, dtype):
@@ -246,7 +241,7 @@ def test_bf16_weight_gradient_accumulates_in_float32(backend):
     """512 chunks of one row each add into grad_weight. A bf16 accumulator loses the small late contributions
     (its spacing near the running total exceeds them); the float32 accumulator stays within float32 error of the
     float64 sum of the same bf16 products."""
-    _available(backend)
+    require_backend(backend)
     n, h, v = 512, 4, 8
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, h, generator=g).to(torch.bfloat16)
@@ -274,7 +269,7 @@ def test_bf16_weight_gradient_accumulates_in_float32(backend):
 
 
 def test_cpp_peak_memory_is_gradients_plus_one_chunk():
-    _available("cpp")
+    require_backend("cpp")
     n, h, v, chunk = 512, 32, 8192, 32
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, h, generator=g).requires_grad_()
@@ -314,7 +309,7 @@ SOFTMAX_BACKENDS = ["reference", "cpp", "triton"]
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("class_weight", [False, True])
 def test_cross_entropy_token_weight(backend, reduction, class_weight):
-    _available(backend)
+    require_backend(backend)
     dtype = _dtype(backend)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 5, 7, generator=g, dtype=torch.float64).to(dtype)
@@ -348,7 +343,7 @@ def test_cross_entropy_token_weight(backend, reduction, class_weight):
 
 @pytest.mark.parametrize("backend", SOFTMAX_BACKENDS)
 def test_focal_loss_token_weight_and_all_ones(backend):
-    _available(backend)
+    require_backend(backend)
     dtype = _dtype(backend)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(17, 6, generator=g, dtype=torch.float64).to(dtype)
@@ -387,6 +382,7 @@ def test_token_weight_gets_no_gradient_and_all_ignored():
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_bad_inputs_name_the_argument(backend):
+    require_backend(backend)
     x, w, b, target = _problem(dtype=torch.float32)
     cases = [
         (dict(linear_weight=w[:, :-1]), ValueError, "linear_weight"),
@@ -419,12 +415,12 @@ def test_backend_reasons():
         fusedloss.linear_cross_entropy(x, w, target, backend="triton")
     name, _ = _dispatch.resolve("linear_cross_entropy", "auto", x.device, x, w, target, None, None, -100, "mean",
                                 0.0, 0.0, 0.0, None, None, 8)
-    assert name == ("cpp" if fusedloss.available_backends()["cpp"] is None else "reference")
+    assert name == ("cpp" if expect_backend("cpp") else "reference")
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_compile_fullgraph_model_head(backend):
-    _available(backend)
+    require_backend(backend)
 
     class Model(torch.nn.Module):
         def __init__(self):
