@@ -2,7 +2,7 @@
 
 Oracles: ``torch.nn.functional.cross_entropy`` (every argument combination, low precision),
 ``kornia.losses.focal_loss`` (where its alpha convention coincides), explicit transcriptions of the
-SPEC 3 formula for focal + smoothing + weights, z-loss and softcap, and ``torch.autograd.gradcheck``.
+per-row formula for focal + smoothing + weights, z-loss and softcap, and ``torch.autograd.gradcheck``.
 """
 
 import itertools
@@ -142,7 +142,8 @@ def test_low_precision_within_twice_torch_error(dtype, reduction):
 
 
 def _explicit_formula(logits, target, weight, smoothing, gamma, z_loss, softcap, ignore_index=-100):
-    """SPEC 3 written out with one-hot targets: -Σ_c q_c w_c (1 - p_c)^γ log p_c + z·logsumexp(s)², 0 if ignored."""
+    """The per-row loss written out with one-hot targets, 0 if ignored:
+    -Σ_c q_c w_c (1 - p_c)^γ log p_c + z·logsumexp(s)²."""
     num_classes = logits.shape[-1]
     capped = softcap * torch.tanh(logits / softcap) if softcap else logits
     log_probs = torch.log_softmax(capped, -1)  # exp(s) / Σ exp(s) overflows for the saturated rows tested below
@@ -341,7 +342,7 @@ def test_compiles_fullgraph_forward_and_backward():
 
 
 # ----------------------------------------------------------------------------------------------
-# Bad input (SPEC 7): exception type, and the message names the argument
+# Bad input: exception type, and the message names the argument
 # ----------------------------------------------------------------------------------------------
 
 X = torch.randn(2, 3, 4)
