@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fusedloss
+from _backends import expect_backend
 from fusedloss import _dispatch
 from fusedloss.reference.softmax import softmax_loss as reference_softmax_loss
 
@@ -67,23 +68,63 @@ def test_unknown_backend_name_is_a_value_error():
         _dispatch.resolve("softmax_loss", None, CPU, *_softmax_args())
 
 
-def _expected_auto_cpu(op, args):
-    """SPEC 2: cpp when the extension is built and its kernel accepts the call, else reference."""
-    if importlib.util.find_spec("fusedloss._C") is None:
-        return "reference"
-    return "reference" if _dispatch.why_not(op, "cpp", CPU, *args) else "cpp"
-
-
 def test_auto_on_cpu_picks_cpp_when_built_else_reference(monkeypatch):
+    """A float32 CPU call with default options, which the cpp kernel serves: cpp when the extension is built,
+    else the reference (written out, not asked of the dispatcher)."""
     monkeypatch.setattr(_dispatch, "_ENV_BACKEND", "auto")
     monkeypatch.setattr(_dispatch, "_RESOLVED", {})
     args = _softmax_args()
     name, impl = _dispatch.resolve("softmax_loss", "auto", CPU, *args)
-    assert name == _expected_auto_cpu("softmax_loss", args)
-    if fusedloss.available_backends()["cpp"] is None:
-        assert _dispatch.why_not("softmax_loss", "cpp", CPU, *args) == [] and name == "cpp"
+    assert name == ("cpp" if expect_backend("cpp") else "reference")
     # whatever auto picked computes the oracle's number
     torch.testing.assert_close(impl(*args), reference_softmax_loss(*args), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def fake_backends(monkeypatch):
+    """Every backend usable, each with a softmax_loss that returns its own name and declines the calls whose
+    last argument (an extra: the comma-separated names that decline, a string so that the decision cache keys
+    on it) names it."""
+    monkeypatch.setattr(_dispatch, "_IMPLS", {})
+    monkeypatch.setattr(_dispatch, "_RESOLVED", {})
+    monkeypatch.setattr(_dispatch, "_ENV_BACKEND", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton can serve CPU tensors too: auto must still skip it there
+    table = {}
+    for name in _dispatch.BACKEND_NAMES:
+        monkeypatch.setitem(_dispatch._BACKEND_REASONS, name, None)
+        module = types.SimpleNamespace(
+            softmax_loss=lambda *args, name=name: name,
+            softmax_loss_reasons=lambda *args, name=name: ["declines"] if name in args[-1].split(",") else [])
+        table[name] = lambda module=module: module
+    monkeypatch.setitem(_dispatch._OP_TABLE, "softmax_loss", table)
+
+    def auto(device, declined=()):
+        return _dispatch.resolve("softmax_loss", "auto", torch.device(device), *_softmax_args(), ",".join(declined))[0]
+
+    return auto
+
+
+def test_auto_order_on_cuda_tensors_is_triton_cuda_reference(fake_backends):
+    assert fake_backends("cuda") == "triton"
+    assert fake_backends("cuda", {"triton"}) == "cuda"
+    assert fake_backends("cuda", {"triton", "cuda"}) == "reference"
+    assert fake_backends("cuda", {"cuda"}) == "triton"
+
+
+def test_auto_order_on_cpu_tensors_is_cpp_reference(fake_backends):
+    assert fake_backends("cpu") == "cpp"
+    assert fake_backends("cpu", {"cpp"}) == "reference"  # not triton, although it would take the call
+    with pytest.raises(fusedloss.BackendUnavailable, match="(?s)cpp: declines.*reference: declines"):
+        fake_backends("cpu", {"cpp", "reference"})
+
+
+def test_environment_variable_overrides_the_auto_order(fake_backends, monkeypatch):
+    monkeypatch.setattr(_dispatch, "_ENV_BACKEND", "triton")
+    assert fake_backends("cpu") == "triton"
+    monkeypatch.setattr(_dispatch, "_ENV_BACKEND", "reference")
+    assert fake_backends("cuda") == "reference"
+    with pytest.raises(fusedloss.BackendUnavailable, match="reference: declines"):
+        fake_backends("cuda", {"reference"})  # the named backend only, no fallback
 
 
 def _set_env_backend(monkeypatch, value):
@@ -105,7 +146,7 @@ def test_environment_variable_overrides_auto(monkeypatch):
     with pytest.raises(ValueError, match="nonsense"):
         fusedloss.cross_entropy(args[0], args[1])
     _set_env_backend(monkeypatch, "")  # empty means auto
-    assert _dispatch.resolve("softmax_loss", "auto", CPU, *args)[0] == _expected_auto_cpu("softmax_loss", args)
+    assert _dispatch.resolve("softmax_loss", "auto", CPU, *args)[0] == ("cpp" if expect_backend("cpp") else "reference")
 
 
 def test_environment_variable_is_read_at_import():
