@@ -1,4 +1,4 @@
-"""Argument checks of the public functions (SPEC 7), for the backends that do not check their arguments
+"""Argument checks of the public functions (docs/errors.rst), for the backends that do not check their arguments
 themselves (the reference and Triton backends; the ``fusedloss._C`` ops check theirs in C++ with the same
 messages). Each check raises ``TypeError`` or ``ValueError`` naming the argument, what was expected and what
 came.

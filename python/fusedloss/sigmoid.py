@@ -1,7 +1,7 @@
-"""Sigmoid and multi-label losses, public API (SPEC 4): functions and modules.
+"""Sigmoid and multi-label losses, public API (docs/sigmoid.rst): functions and modules.
 
-Each function validates its arguments (SPEC 7) and runs its op through ``fusedloss._dispatch`` (SPEC 2;
-internal signatures in docs/BACKENDS.md). Elementwise losses (``binary_cross_entropy_with_logits``,
+Each function validates its arguments (docs/errors.rst) and runs its op through ``fusedloss._dispatch``
+(docs/backends.rst; internal signatures in docs/BACKENDS.md). Elementwise losses (``binary_cross_entropy_with_logits``,
 ``sigmoid_focal_loss``, ``ghmc_loss``) take any shape; the multi-label and multi-class ones take ``(*, C)``
 with the class dimension last and return ``input.shape[:-1]`` for ``reduction="none"``.
 Value checks (targets in range) run on CPU tensors only and never while ``torch.compile`` traces.
@@ -291,7 +291,7 @@ def ghmc_loss(
 ) -> torch.Tensor:
     """GHM-C loss (Li et al., AAAI 2019), the authors' reference (libuyu/GHM_Detection, mmdetection ``GHMC``).
 
-    With g = |σ(x) - y| (no gradient), the valid entries binned by g into ``bins`` equal intervals of [0, 1]
+    With ``g = |σ(x) - y|`` (no gradient), the valid entries binned by g into ``bins`` equal intervals of [0, 1]
     (last edge 1 + 1e-6), ``tot`` = max(#valid, 1), n = #non-empty bins, each entry weighs
     ``tot / count(its bin) / n`` and ``loss = Σ weight · BCE(x, y) / tot`` (a scalar).
 

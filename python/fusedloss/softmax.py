@@ -1,6 +1,6 @@
-"""Softmax losses, public API (SPEC 3): ``cross_entropy``, ``focal_loss`` and their modules.
+"""Softmax losses, public API (docs/softmax.rst): ``cross_entropy``, ``focal_loss`` and their modules.
 
-A call resolves its backend (SPEC 2, cached per call signature) and hands its arguments to the backend's
+A call resolves its backend (docs/backends.rst; cached per call signature) and hands its arguments to the backend's
 ``softmax_loss`` op (docs/BACKENDS.md). The ``fusedloss._C`` op (cpp, cuda) checks every argument itself, in
 C++, and flattens ``(*, C)`` to rows there: the eager path runs no Python beyond these functions. For the
 reference and Triton backends the arguments are checked here (:mod:`fusedloss._validation`, same messages)
