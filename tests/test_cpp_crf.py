@@ -249,17 +249,29 @@ def test_large_emissions_long_sequence():
 
 
 def test_nan_stays_in_its_sequence():
-    """NaN in an input propagates to the outputs it affects and no further: a NaN emission makes that sequence's
-    outputs NaN and no other's."""
-    emissions, tags, mask, transitions, start, end = make_case(3, 6, 4, seed=31, ragged=False)
-    emissions[0, 2, 1] = float("nan")
-    llh, d_emissions, d_transitions, _, _ = log_likelihood_and_grads(cpp.crf_log_likelihood, emissions, tags, mask,
-                                                                     transitions, start, end)
-    assert llh.isnan().tolist() == [True, False, False]
-    assert d_emissions.isnan().flatten(1).any(1).tolist() == [True, False, False]
-    assert cpp.crf_viterbi(emissions, mask, transitions, start, end)[1].isnan().tolist() == [True, False, False]
-    marginals = cpp.crf_marginals(emissions, mask, transitions, start, end)
-    assert marginals.isnan().flatten(1).any(1).tolist() == [True, False, False]
+    """NaN in an input propagates to the outputs it affects and no further: a NaN emission at an unmasked position
+    makes that sequence's outputs NaN (and the transition gradients, which every sequence adds to); every other
+    sequence's log-likelihood, emission gradient, Viterbi path and score and marginals are bit for bit what the same
+    call gives without the NaN. A NaN past a sequence's end changes nothing at all."""
+    clean, tags, mask, transitions, start, end = make_case(3, 6, 4, seed=31)
+    mask[2, 4:] = False
+    emissions = clean.clone()
+    emissions[2, 5, 0] = float("nan")  # masked
+    emissions[0, 2, 1] = float("nan")  # unmasked
+
+    def outputs(em):
+        llh, d_emissions, d_transitions, _, _ = log_likelihood_and_grads(cpp.crf_log_likelihood, em, tags, mask,
+                                                                         transitions, start, end)
+        paths, scores = cpp.crf_viterbi(em, mask, transitions, start, end)
+        return {"log-likelihood": llh, "emission gradient": d_emissions, "transition gradient": d_transitions,
+                "path": paths, "path score": scores, "marginals": cpp.crf_marginals(em, mask, transitions, start, end)}
+
+    got, want = outputs(emissions), outputs(clean)
+    assert got["log-likelihood"].isnan().tolist() == [True, False, False]
+    assert got["emission gradient"][0].isnan().any() and got["marginals"][0].isnan().any()
+    assert got["path score"][0].isnan() and got["transition gradient"].isnan().any()
+    for name in ("log-likelihood", "emission gradient", "path", "path score", "marginals"):
+        torch.testing.assert_close(got[name][1:], want[name][1:], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_thread_count_does_not_change_results():

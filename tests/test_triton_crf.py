@@ -252,7 +252,8 @@ def test_nan_stays_in_its_sequence_and_masked_positions_are_never_read():
     one past a sequence's end changes nothing at all."""
     emissions, tags, mask, transitions, start, end = make_inputs(3, 3, 4, seed=13)
     mask[1, 2] = False
-    clean_ll, clean_grads = triton_log_likelihood(emissions, tags, mask, transitions, start, end, torch.ones(3))
+    clean = emissions.clone()
+    clean_ll, clean_grads = triton_log_likelihood(clean, tags, mask, transitions, start, end, torch.ones(3))
     emissions[1, 2, 0] = float("nan")  # masked
     emissions[2, 1, 3] = float("nan")  # unmasked
     ll, grads = triton_log_likelihood(emissions, tags, mask, transitions, start, end, torch.ones(3))
@@ -260,9 +261,23 @@ def test_nan_stays_in_its_sequence_and_masked_positions_are_never_read():
     assert torch.isnan(grads[0][2]).any() and torch.equal(grads[0][:2], clean_grads[0][:2])
     tags_out, scores = triton_crf._viterbi_op(emissions, mask, transitions, start, end, None, None)
     marginals = triton_crf._marginals_op(emissions, mask, transitions, start, end, None, None)
-    clean_tags, clean_scores = triton_crf._viterbi_op(emissions[:2], mask[:2], transitions, start, end, None, None)
-    assert torch.equal(tags_out[:2], clean_tags) and torch.equal(scores[:2], clean_scores)
-    assert torch.isfinite(marginals[:2]).all() and torch.isnan(marginals[2]).any()
+    clean_tags, clean_scores = triton_crf._viterbi_op(clean, mask, transitions, start, end, None, None)
+    clean_marginals = triton_crf._marginals_op(clean, mask, transitions, start, end, None, None)
+    assert torch.equal(tags_out[:2], clean_tags[:2]) and torch.equal(scores[:2], clean_scores[:2])
+    assert torch.isnan(marginals[2]).any()
+    assert torch.equal(marginals[:2], clean_marginals[:2])
+
+
+@pytest.mark.xfail(strict=True, reason="the Triton Viterbi max skips NaN scores (tl.max / tl.maximum do not "
+                                       "propagate NaN): a sequence with a NaN emission gets a finite score and a "
+                                       "path, where the reference and cpp backends give NaN")
+def test_viterbi_score_of_a_sequence_with_a_nan_emission_is_nan():
+    emissions, tags, mask, transitions, start, end = make_inputs(3, 3, 4, seed=13)
+    emissions[2, 1, 3] = float("nan")
+    _, scores = triton_crf._viterbi_op(emissions, mask, transitions, start, end, None, None)
+    _, expected = reference.crf_viterbi(emissions.double(), mask, transitions.double(), start.double(), end.double())
+    assert expected.isnan().tolist() == [False, False, True]
+    assert scores.isnan().tolist() == [False, False, True]
 
 
 def test_float64_is_declined_with_reasons():
