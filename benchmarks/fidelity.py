@@ -2,7 +2,7 @@
 
 Each fused backend runs in float32 and is compared with a float64 evaluation of the reference backend; beside
 it stands the error of the float32 reference itself (PyTorch's own float32 computation of the same loss). The
-rule the tests apply (tests/test_fidelity.py and docs/fidelity.rst; flash-attention's test rule): a backend's error
+rule the tests apply (tests/test_fidelity.py and docs/fidelity.md; flash-attention's test rule): a backend's error
 is at most twice the float32 reference's error plus a floor of 1e-6.
 
 Error of an output against its float64 value: ``max |out - ref64| / max |ref64|`` over the whole tensor
@@ -17,7 +17,7 @@ gradient = of emissions and the three transition tensors (the largest of the fou
 score.
 
     python benchmarks/fidelity.py                  # full table, every usable backend of the device
-    python benchmarks/fidelity.py --markdown --seeds 2 --scales 1,100,1e4   # the README's table
+    python benchmarks/fidelity.py --markdown --seeds 2 --scales 1,100,1e4   # the table of docs/fidelity.md
 
 On CPU tensors the Triton kernels run under ``TRITON_INTERPRET=1`` (numerically what a GPU runs, except that
 the interpreter's exp/log are numpy's where a GPU uses its own approximations: on a GPU, run it there).
