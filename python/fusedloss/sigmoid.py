@@ -231,7 +231,8 @@ def multilabel_categorical_crossentropy(
     It pushes every positive score above 0 and every negative below: predict the labels with ``s > 0``.
 
     Args:
-        input: scores ``(*, C)``; target: multi-hot of ``input``'s shape (0/1, any real or bool dtype).
+        input: scores ``(*, C)``.
+        target: multi-hot of ``input``'s shape (0/1, any real or bool dtype).
         reduction: "none" -> ``input.shape[:-1]``, "sum", "mean" over rows.
         backend: see ``fusedloss.cross_entropy``.
     """
@@ -296,7 +297,8 @@ def ghmc_loss(
     ``tot / count(its bin) / n`` and ``loss = Σ weight · BCE(x, y) / tot`` (a scalar).
 
     Args:
-        input: logits of any shape (floating); target: ``input``'s shape, binary (or in [0, 1]), any real/bool dtype.
+        input: logits of any shape (floating).
+        target: ``input``'s shape, binary (or in [0, 1]), any real/bool dtype.
         label_weight: validity mask of ``input``'s shape: entries with ``label_weight > 0`` count, the others are
             left out; its values are not multiplied in (as the authors). None: every entry is valid.
         bins: number of bins >= 1.
@@ -334,8 +336,8 @@ def bi_tempered_logistic_loss(
     Args:
         input: logits ``(*, C)``.
         target: int64 indices of shape ``input.shape[:-1]`` or probabilities q of ``input``'s shape (no gradient).
-        t1: temperature of the log in [0, 1] (< 1 bounds the loss); t2: temperature of the softmax, > 0
-            (> 1 heavy tails).
+        t1: temperature of the log in [0, 1] (< 1 bounds the loss).
+        t2: temperature of the softmax, > 0 (> 1 heavy tails).
         label_smoothing: ε in [0, 1], the authors' rule: the true class gets 1 - ε, every other ε/(C - 1)
             (applied as ``q ← (1 - C/(C-1) ε) q + ε/(C-1)``; needs C >= 2).
         num_iters: normalization steps >= 1.
