@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import fusedloss
 from _backends import expect_backend, require_backend
+from _retain_graph import assert_backwards_match
 from fusedloss import _dispatch
 from fusedloss.bench.harness import peak_memory
 from fusedloss.linear import default_chunk_size
@@ -373,6 +374,84 @@ def test_token_weight_gets_no_gradient_and_all_ignored():
     assert torch.isnan(loss)
     loss.backward()
     assert t.grad is None and torch.equal(x.grad, torch.zeros_like(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# retain_graph and gradients of gradients
+# ----------------------------------------------------------------------------------------------
+#
+# For "mean" and "sum" the fused backends compute the gradients in the forward pass and save them; backward
+# scales them by grad_output (tests/_retain_graph.py says what a second backward must then do).
+
+_SECOND_BACKWARD_XFAIL = pytest.mark.xfail(
+    strict=True, reason="cpp: backward with grad_output 1 hands the saved gradient itself to .grad (no copy); a "
+                        "second backward with another grad_output scales it in place, and .grad with it: "
+                        "g + 3g comes out as 6g instead of 4g, with no error")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (3.0, 3.0), (1.0, 3.0), (3.0, 1.0), (1.0, 1.0, 1.0)], ids=str)
+def test_backward_twice_with_retain_graph(backend, reduction, scales, request):
+    """grad_output scales of successive backwards through one graph: the gradients of input, weight and bias after
+    each are F.linear + F.cross_entropy's (accumulated), or a backward raises where the cpp op says it may (it
+    scales the saved "mean"/"sum" gradients in place, csrc/op_utils.h)."""
+    require_backend(backend)
+    if backend == "cpp" and reduction != "none" and scales == (1.0, 3.0):
+        request.applymarker(_SECOND_BACKWARD_XFAIL)
+    x, w, b, target = _problem(n=9, h=4, v=11, dtype=_dtype(backend))
+
+    def ours(x, w, b):
+        return fusedloss.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction, label_smoothing=0.1,
+                                              chunk_size=4, backend=backend)
+
+    def torch_oracle(x, w, b):
+        return F.cross_entropy(F.linear(x, w, b), target, reduction=reduction, label_smoothing=0.1)
+
+    assert_backwards_match(ours, torch_oracle, (x, w, b), scales,
+                           may_raise=backend == "cpp" and reduction != "none",
+                           names=("input", "weight", "bias"), **_tol(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradient_of_the_gradient(backend, reduction):
+    """Second order, as F.linear + F.cross_entropy gives it, or a RuntimeError; never a wrong number. Two kinds:
+    with respect to grad_output (what the double-backward trick of torch.autograd.functional.jvp differentiates:
+    the fused backends keep the saved gradient out of place then), and with respect to input and weight (a
+    gradient penalty: the fused backends' saved gradient is a constant of the graph, so only the reference can
+    give it)."""
+    require_backend(backend)
+    x, w, b, target = _problem(n=9, h=4, v=11, dtype=_dtype(backend))
+    tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(x.dtype)
+
+    def ours(x, w):
+        return fusedloss.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction, chunk_size=4,
+                                              backend=backend)
+
+    def torch_oracle(x, w):
+        return F.cross_entropy(F.linear(x, w, b), target, reduction=reduction)
+
+    def jvp(loss_fn):
+        _, out = torch.autograd.functional.jvp(lambda x_: loss_fn(x_, w), x, tangent)
+        return [out.double()]
+
+    def gradient_penalty(loss_fn):
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        loss = loss_fn(*leaves)
+        grads = torch.autograd.grad(loss, leaves, torch.ones_like(loss), create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in grads)
+        return [g.double() for g in torch.autograd.grad(penalty, leaves)]
+
+    for name, second_order in (("jvp", jvp), ("gradient penalty", gradient_penalty)):
+        expected = second_order(torch_oracle)
+        try:
+            got = second_order(ours)
+        except RuntimeError as error:
+            assert backend != "reference", f"{name}: {error}"
+            assert not (name == "jvp" and reduction != "none"), f"{name}: {error}"
+            continue
+        _assert_all_close(got, expected, **_tol(backend), what=[f"{name} {i}" for i in range(len(expected))])
 
 
 # ----------------------------------------------------------------------------------------------

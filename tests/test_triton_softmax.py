@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import fusedloss
 from _backends import require_backend_for_module
+from _retain_graph import assert_backwards_match
 from fusedloss import _dispatch
 from fusedloss.reference.softmax import softmax_loss as reference_softmax_loss
 
@@ -339,6 +340,33 @@ def test_nan_row_stays_in_its_row(layout):
     loss, _ = _value_and_grad(
         lambda z: softmax_loss(z, target, None, -100, "none", 0.1, 2.0, 1e-3, 8.0, False, False), x)
     torch.testing.assert_close(loss[keep], oracle[0], rtol=1e-5, atol=1e-6)
+
+
+_TRITON_SECOND_BACKWARD = {
+    (3.0, 3.0): "backward scales the saved gradient in place with a Triton kernel, which does not bump its version "
+                "counter: a second backward scales it again instead of raising (and .grad, which kept the saved "
+                "tensor itself, with it)",
+    (1.0, 3.0): "backward with grad_output 1 returns the saved gradient itself, which .grad keeps (no copy); a second "
+                "backward with grad_output 3 scales it in place, .grad with it: g + 3g comes out as 6g, with no error",
+}
+
+
+@pytest.mark.parametrize("scales", [(3.0, 3.0), (1.0, 3.0), (1.0, 1.0, 1.0)], ids=str)
+def test_backwards_through_one_graph_match_torch_or_raise(scales, request):
+    """Successive backwards through one graph with these grad_output scales: after each, torch's accumulated
+    gradient, or a RuntimeError (a saved tensor modified in place); never another number."""
+    if scales in _TRITON_SECOND_BACKWARD:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=_TRITON_SECOND_BACKWARD[scales]))
+    x = torch.randn(4, 9, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([0, 1, 2, 3])
+
+    def ours(x):
+        return fusedloss.cross_entropy(x, target, label_smoothing=0.1, backend="triton")
+
+    def oracle(x):
+        return F.cross_entropy(x, target, label_smoothing=0.1)
+
+    assert_backwards_match(ours, oracle, (x,), scales, may_raise=True)
 
 
 @pytest.mark.parametrize("inplace_backward", [False, True])
