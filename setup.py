@@ -3,7 +3,8 @@
 The Python package lives in python/fusedloss; the Triton kernels in triton_kernels/ are installed
 as fusedloss.triton_kernels. The fusedloss._C extension is built from csrc/ (CppExtension, or
 CUDAExtension when torch has CUDA and nvcc is present). FUSEDLOSS_NO_EXT=1 skips it, and a failed
-build only warns: the pure-Python package stays importable (SPEC 1).
+build only warns: the pure-Python package stays importable (FUSEDLOSS_STRICT_BUILD=1 makes it fail).
+It needs torch 2.5 or later (python/fusedloss/_floor.py says why).
 
 Install into an environment that already has torch: pip install --no-build-isolation -e .
 """
@@ -125,7 +126,7 @@ setup(
     python_requires=">=3.9",
     packages=["fusedloss." + p for p in find_packages("python/fusedloss")] + ["fusedloss", "fusedloss.triton_kernels"],
     package_dir={"fusedloss": "python/fusedloss", "fusedloss.triton_kernels": "triton_kernels"},
-    install_requires=["torch>=2.1", "numpy"],
+    install_requires=["torch>=2.5", "numpy"],
     extras_require={"triton": ["triton"], "bench": ["matplotlib", "tqdm", "pytorch-crf"],
                     "transformers": ["transformers>=5,<6"]},
     entry_points={"console_scripts": ["fusedloss-bench=fusedloss.bench:main"]},

@@ -47,7 +47,7 @@ for an H100.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -492,7 +492,7 @@ def _crf_viterbi_kernel(
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def _tiling(batch: int, num_tags: int, block_b: Optional[int], block_k: Optional[int]) -> Tuple[int, int, bool]:
+def _tiling(batch: int, num_tags: int, block_b: Optional[int], block_k: Optional[int]) -> tuple[int, int, bool]:
     """``(BLOCK_B, BLOCK_K, USE_DOT)``.
 
     Defaults: one sequence per program (the time loop is serial, so parallelism comes from the batch) unless
@@ -520,7 +520,7 @@ def _num_warps(block_b: int, block_k: int, use_dot: bool = False) -> int:
     return max(1, min(16 if block_k >= 64 else 8, block_b * block_k * block_k // 256))
 
 
-def _viterbi_tiling(num_tags: int, block_b: Optional[int], block_k: Optional[int]) -> Tuple[int, int]:
+def _viterbi_tiling(num_tags: int, block_b: Optional[int], block_k: Optional[int]) -> tuple[int, int]:
     """``(BLOCK_B, BLOCK_K)`` of the Viterbi kernel: K in blocks of up to 64 tags; the max-plus step has no
     matrix-product form, so the batch tile keeps the (BLOCK_B, BLOCK_K, BLOCK_K) tile near 4096 values."""
     if block_k is None:
@@ -541,7 +541,7 @@ def _pointer_dtype(num_tags: int) -> torch.dtype:
     return torch.int32
 
 
-def _compute_dtypes_reason(emissions: torch.Tensor, transitions: torch.Tensor) -> List[str]:
+def _compute_dtypes_reason(emissions: torch.Tensor, transitions: torch.Tensor) -> list[str]:
     reasons = []
     for name, tensor in (("emissions", emissions), ("transitions", transitions)):
         if tensor.dtype == torch.float64:
@@ -550,7 +550,7 @@ def _compute_dtypes_reason(emissions: torch.Tensor, transitions: torch.Tensor) -
     return reasons
 
 
-def _transition_matrices(transitions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _transition_matrices(transitions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(A, exp(A - colmax), colmax)`` in float32, contiguous: the operands of the matrix-form step."""
     trans = transitions.to(torch.float32).contiguous()
     colmax = trans.amax(0)
@@ -645,7 +645,7 @@ def _viterbi(emissions, mask, transitions, start_transitions, end_transitions, b
     return tags, best
 
 
-def launch_configurations() -> List[dict]:
+def launch_configurations() -> list[dict]:
     """Every kernel build the launchers above can ask for, for offline compile checks (tests/test_triton_build.py).
 
     Each entry: ``name``, ``kernel``, ``signature`` (types of the non-constexpr arguments), ``constexprs`` and
@@ -712,7 +712,7 @@ def _log_likelihood_op(
     end_transitions: torch.Tensor,
     block_b: Optional[int] = None,
     block_k: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ll (B,) in the result dtype, alpha (B, T, K) float32, alpha_max (B, T) float32)``; the scaled
     forward variables are kept for the backward. ``block_b``/``block_k`` override the tiling (tests)."""
     ll, alpha, alpha_max = _forward(emissions, tags, mask, transitions, start_transitions, end_transitions,
@@ -744,7 +744,7 @@ def _log_likelihood_backward_op(
     alpha_max: torch.Tensor,
     block_b: Optional[int] = None,
     block_k: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``ll`` scaled by ``grad`` (B,): ``(∂emissions, ∂transitions, ∂start, ∂end)``, each in the
     dtype of its input."""
     return _log_likelihood_backward(grad, emissions, tags, mask, transitions, start_transitions, end_transitions,
@@ -800,7 +800,7 @@ def _viterbi_op(
     end_transitions: torch.Tensor,
     block_b: Optional[int] = None,
     block_k: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _viterbi_result(emissions, mask, transitions, start_transitions, end_transitions, block_b, block_k)
 
 
@@ -871,18 +871,18 @@ def crf_log_likelihood(emissions, tags, mask, transitions, start_transitions, en
     return _LogLikelihood.apply(emissions, tags, mask, transitions, start_transitions, end_transitions)
 
 
-def crf_log_likelihood_reasons(emissions, tags, mask, transitions, start_transitions, end_transitions) -> List[str]:
+def crf_log_likelihood_reasons(emissions, tags, mask, transitions, start_transitions, end_transitions) -> list[str]:
     return _compute_dtypes_reason(emissions, transitions)
 
 
-def crf_viterbi(emissions, mask, transitions, start_transitions, end_transitions) -> Tuple[torch.Tensor, torch.Tensor]:
+def crf_viterbi(emissions, mask, transitions, start_transitions, end_transitions) -> tuple[torch.Tensor, torch.Tensor]:
     """Best path per sequence: ``(tags (B, T) int64 padded with -1, scores (B,))``; ties take the lowest tag."""
     if torch.compiler.is_compiling():
         return _viterbi_op(emissions, mask, transitions, start_transitions, end_transitions)
     return _viterbi_result(emissions, mask, transitions, start_transitions, end_transitions)
 
 
-def crf_viterbi_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> List[str]:
+def crf_viterbi_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> list[str]:
     return _compute_dtypes_reason(emissions, transitions)
 
 
@@ -893,5 +893,5 @@ def crf_marginals(emissions, mask, transitions, start_transitions, end_transitio
     return _marginals_result(emissions, mask, transitions, start_transitions, end_transitions)
 
 
-def crf_marginals_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> List[str]:
+def crf_marginals_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> list[str]:
     return _compute_dtypes_reason(emissions, transitions)

@@ -18,7 +18,7 @@ The loop is registered as ``torch.library`` custom ops with their autograd, so `
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -31,7 +31,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _row_weights(target: torch.Tensor, num_rows: int, weight: Optional[torch.Tensor], ignore_index: int,
-                 token_weight: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                 token_weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(t, divisor)`` in float64: the token weights (ones when None), 0 on ignored rows, and the mean's divisor
     ``Σ_n t_n w_{y_n}`` (``Σ_n t_n`` without class weights or for soft targets). No host synchronization."""
     t = (token_weight.to(torch.float64) if token_weight is not None
@@ -85,8 +85,8 @@ def run_chunks(
     softcap: Optional[float],
     chunk_size: int,
     factors: Optional[torch.Tensor],
-    want: Tuple[bool, bool, bool],
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    want: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Runs every chunk; returns ``(row losses (N,) in the accumulation dtype, grad_input, grad_weight,
     grad_bias)`` for the loss ``Σ_n factors_n l_n`` (gradients None when not wanted or ``factors`` is None)."""
     num_rows = x.shape[0]
@@ -152,7 +152,7 @@ def _forward_op(
     grad_input: bool,
     grad_weight: bool,
     grad_bias: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, grad_input, grad_weight, grad_bias)``; the gradients (of the loss itself, for "mean" and "sum")
     are empty when not asked for. Weight and bias gradients are in the accumulation dtype."""
     x = input.contiguous()
@@ -197,7 +197,7 @@ def _backward_op(
     grad_input: bool,
     grad_weight: bool,
     grad_bias: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients for reduction "none": the chunks again, with ``f_n = grad_loss[n] t_n``."""
     x = input.contiguous()
     acc = _accumulation_dtype(x.dtype)
@@ -273,7 +273,7 @@ def linear_cross_entropy_reasons(
     softcap: Optional[float],
     token_weight: Optional[torch.Tensor],
     chunk_size: int,
-) -> List[str]:
+) -> list[str]:
     """Why this backend cannot serve the call: those of its row kernel (the logits have input's dtype)."""
     return softmax_loss_reasons(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma,
                                 z_loss, softcap, False, False)

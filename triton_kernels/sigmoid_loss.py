@@ -43,7 +43,7 @@ below) with fake implementations and registered autograd, so ``torch.compile(ful
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 import triton
@@ -605,7 +605,7 @@ def _broadcast_rows(weight: Optional[torch.Tensor], shape: torch.Size, n_rows: i
     return rows, rows.stride(0), rows.stride(1)
 
 
-def _element_tile(n_rows: int, n_cols: int) -> Tuple[int, int]:
+def _element_tile(n_rows: int, n_cols: int) -> tuple[int, int]:
     """``(ROWS, BLOCK_C)`` of the elementwise BCE / focal kernel: tiles of about ``_BLOCK`` elements."""
     block_c = min(max(triton.next_power_of_2(n_cols), 2), _BLOCK)
     return max(1, min(_BLOCK // block_c, triton.next_power_of_2(max(n_rows, 1)))), block_c
@@ -621,7 +621,7 @@ def _binary_loss(
     focal: bool,
     reduction: str,
     compute_grad: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BCE with logits (``focal=False``: weight, pos_weight) or sigmoid focal loss (alpha, gamma) of any shape."""
     x = _flat(input)
     n_elements = x.numel()
@@ -651,21 +651,21 @@ def _binary_loss(
     return total.to(input.dtype), grad
 
 
-def _row_launch(n_rows: int, n_cols: int, max_block_c: Optional[int] = None) -> Tuple[Tuple[int], int, int, int]:
+def _row_launch(n_rows: int, n_cols: int, max_block_c: Optional[int] = None) -> tuple[tuple[int], int, int, int]:
     """``(grid, ROWS, BLOCK_C, num_warps)`` of the softmax kernels' row layout, blocks capped at ``max_block_c``."""
     block_c = None if max_block_c is None else min(max(triton.next_power_of_2(n_cols), 2), max_block_c)
     rows, block, num_warps = _layout(n_rows, n_cols, block_c, None)
     return (triton.cdiv(n_rows, rows),), rows, block, num_warps
 
 
-def _bi_tempered_launch(n_rows: int, n_cols: int) -> Tuple[Tuple[int], int, int, int]:
+def _bi_tempered_launch(n_rows: int, n_cols: int) -> tuple[tuple[int], int, int, int]:
     grid, rows, block, num_warps = _row_launch(n_rows, n_cols, _BI_TEMPERED_MAX_BLOCK_C)
     return grid, rows, block, (num_warps if n_cols <= block else min(num_warps, _BI_TEMPERED_SWEEP_WARPS))
 
 
 def _multilabel_soft_margin_loss(
     input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], reduction: str, compute_grad: bool
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     x, t = _unit_columns(input), _unit_columns(target)
     n_rows, n_cols = x.shape
     grad = _grad_buffer(x, compute_grad)
@@ -683,7 +683,7 @@ def _multilabel_soft_margin_loss(
 
 def _multilabel_categorical_crossentropy(
     input: torch.Tensor, target: torch.Tensor, reduction: str, compute_grad: bool
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     x, t = _unit_columns(input), _unit_columns(target)
     n_rows, n_cols = x.shape
     grad = _grad_buffer(x, compute_grad)
@@ -698,7 +698,7 @@ def _multilabel_categorical_crossentropy(
     return _reduce_rows(row_loss, input, reduction), grad
 
 
-_EDGES: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+_EDGES: Dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _ghmc_edges(bins: int, device: torch.device) -> torch.Tensor:
@@ -717,7 +717,7 @@ def _ghmc_loss(
     momentum: float,
     acc_sum: torch.Tensor,
     compute_grad: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, t = _flat(input), _flat(target)
     valid = _flat(valid) if valid is not None else None
     n_elements = x.numel()
@@ -755,7 +755,7 @@ def _bi_tempered_logistic_loss(
     num_iters: int,
     reduction: str,
     compute_grad: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = _unit_columns(input)
     hard_target = not target.is_floating_point()
     t = target if hard_target else _unit_columns(target)
@@ -891,7 +891,7 @@ def _run(launcher, op, input: torch.Tensor, *args) -> tuple:
 # ----------------------------------------------------------------------------------------------
 
 
-def _common_reasons(input: torch.Tensor, **no_grad_for: Optional[torch.Tensor]) -> List[str]:
+def _common_reasons(input: torch.Tensor, **no_grad_for: Optional[torch.Tensor]) -> list[str]:
     reasons = []
     if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         reasons.append(f"computes in float32 for float32/float16/bfloat16 input, got {input.dtype} "
@@ -902,7 +902,7 @@ def _common_reasons(input: torch.Tensor, **no_grad_for: Optional[torch.Tensor]) 
     return reasons
 
 
-def binary_cross_entropy_with_logits_reasons(input, target, weight, pos_weight, reduction) -> List[str]:
+def binary_cross_entropy_with_logits_reasons(input, target, weight, pos_weight, reduction) -> list[str]:
     return _common_reasons(input, target=target, weight=weight, pos_weight=pos_weight)
 
 
@@ -917,7 +917,7 @@ def binary_cross_entropy_with_logits(
     return _run(_binary_loss, _binary_op, input, target, weight, pos_weight, -1.0, 0.0, False, reduction)[0]
 
 
-def sigmoid_focal_loss_reasons(input, target, alpha, gamma, reduction) -> List[str]:
+def sigmoid_focal_loss_reasons(input, target, alpha, gamma, reduction) -> list[str]:
     return _common_reasons(input, target=target)
 
 
@@ -928,7 +928,7 @@ def sigmoid_focal_loss(
     return _run(_binary_loss, _binary_op, input, target, None, None, alpha, gamma, True, reduction)[0]
 
 
-def multilabel_soft_margin_loss_reasons(input, target, weight, reduction) -> List[str]:
+def multilabel_soft_margin_loss_reasons(input, target, weight, reduction) -> list[str]:
     return _common_reasons(input, target=target, weight=weight)
 
 
@@ -939,7 +939,7 @@ def multilabel_soft_margin_loss(
     return _run(_multilabel_soft_margin_loss, _soft_margin_op, input, target, weight, reduction)[0]
 
 
-def multilabel_categorical_crossentropy_reasons(input, target, reduction) -> List[str]:
+def multilabel_categorical_crossentropy_reasons(input, target, reduction) -> list[str]:
     return _common_reasons(input)
 
 
@@ -948,7 +948,7 @@ def multilabel_categorical_crossentropy(input: torch.Tensor, target: torch.Tenso
     return _run(_multilabel_categorical_crossentropy, _zlpr_op, input, target, reduction)[0]
 
 
-def ghmc_loss_reasons(input, target, valid, bins, momentum, acc_sum) -> List[str]:
+def ghmc_loss_reasons(input, target, valid, bins, momentum, acc_sum) -> list[str]:
     return _common_reasons(input, target=target)
 
 
@@ -959,13 +959,13 @@ def ghmc_loss(
     bins: int,
     momentum: float,
     acc_sum: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract and result as ``fusedloss.reference.sigmoid.ghmc_loss``: ``(loss, new_acc_sum)``."""
     loss, new_acc_sum = _run(_ghmc_loss, _ghmc_op, input, target, valid, bins, momentum, acc_sum)
     return loss, new_acc_sum
 
 
-def bi_tempered_logistic_loss_reasons(input, target, t1, t2, label_smoothing, num_iters, reduction) -> List[str]:
+def bi_tempered_logistic_loss_reasons(input, target, t1, t2, label_smoothing, num_iters, reduction) -> list[str]:
     # t1 = t2 = 1 is cross entropy with autograd in the reference, which differentiates soft targets too.
     soft_target = target if target.is_floating_point() and t1 == 1.0 and t2 == 1.0 else None
     return _common_reasons(input, target=soft_target)
@@ -986,7 +986,7 @@ def bi_tempered_logistic_loss(
                 reduction)[0]
 
 
-def launch_configurations() -> List[dict]:
+def launch_configurations() -> list[dict]:
     """Every kernel build the launchers above can ask for, for offline compile checks (tests/test_triton_build.py):
     each entry ``name``, ``kernel``, ``signature`` (types of the non-constexpr arguments), ``constexprs`` and
     ``num_warps``. Row kernels at a tile of rows (80 columns), the widest single block, and several blocks; the

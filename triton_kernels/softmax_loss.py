@@ -56,7 +56,7 @@ leaf.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -377,7 +377,7 @@ def _scale_grad_kernel(GRAD, stride_g, GRAD_OUT, stride_go, n_rows, n_cols,
 # ----------------------------------------------------------------------------------------------
 
 
-def _layout(n_rows: int, n_cols: int, block_c: Optional[int], rows_per_program: Optional[int]) -> Tuple[int, int, int]:
+def _layout(n_rows: int, n_cols: int, block_c: Optional[int], rows_per_program: Optional[int]) -> tuple[int, int, int]:
     """``(ROWS, BLOCK_C, num_warps)``: a tile of rows for small C, one row and wide blocks for vocabularies.
 
     ``block_c`` / ``rows_per_program`` override the choice (tests force small blocks so that the multi-block
@@ -468,7 +468,7 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, *, block_c: Optio
     )
 
 
-def launch_configurations() -> List[dict]:
+def launch_configurations() -> list[dict]:
     """Every kernel build the launchers above can ask for, for offline compile checks (tests/test_triton_build.py).
 
     Each entry: ``name``, ``kernel``, ``signature`` (types of the non-constexpr arguments), ``constexprs`` and
@@ -527,7 +527,7 @@ def _softmax_loss_op(
     softcap: Optional[float],
     mean_by_count: bool,
     compute_grad: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, grad)``: ``grad`` is ``∂loss/∂input``, contiguous ``(N, C)``, or empty ``(0,)`` if not asked for."""
     if input.stride(-1) != 1:
         input = input.contiguous()
@@ -612,7 +612,7 @@ def softmax_loss_reasons(
     softcap: Optional[float],
     mean_by_count: bool,
     inplace_backward: bool,
-) -> List[str]:
+) -> list[str]:
     """Why the Triton kernels cannot serve this call (empty when they can)."""
     reasons = []
     if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):

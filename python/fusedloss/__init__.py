@@ -6,6 +6,7 @@ losses over torch.distributed and the Hugging Face transformers integration. The
 with ``make docs``) has one page per family.
 """
 
+from fusedloss import _floor  # noqa: F401  (first: an ImportError naming the floor on an older torch)
 from fusedloss._dispatch import BackendUnavailable, available_backends
 from fusedloss.softmax import cross_entropy, focal_loss
 from fusedloss.linear import linear_cross_entropy
