@@ -5,12 +5,15 @@ import csv
 import importlib.metadata
 import json
 import runpy
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
 import torch
 
+import fusedloss
 from _backends import expect_backend
 from fusedloss.bench import cases, cli, harness, report
 
@@ -118,10 +121,10 @@ def test_json_records_the_environment(bench_out):
     assert "profiler" in data["config"]["memory_method"]
     assert set(data["config"]["backends"]) == {"reference", "triton", "cpp", "cuda"}
     assert len(data["results"]) == len(_rows(bench_out)[1])
-    # A fusedloss backend may decline a call (BackendUnavailable, with its reasons); any other error
-    # is a bug that the run records instead of hiding.
+    # Only a backend that cannot serve a case is skipped (BackendUnavailable, or CaseUnavailable for a peer);
+    # any other error fails the run (test_a_backend_that_raises_fails_the_run).
     for item in data["skipped"]:
-        assert not item["backend"].startswith("fusedloss-") or item["reason"].startswith("BackendUnavailable"), item
+        assert item["reason"].startswith(("BackendUnavailable", "CaseUnavailable")), item
 
 
 def test_markdown_tables(bench_out):
@@ -188,6 +191,78 @@ def test_bad_shapes_are_rejected():
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(["--shapes", bad])
     assert cli.parse_shapes("4096x32000, 8x128x9") == [(4096, 32000), (8, 128, 9)]
+
+
+# ----------------------------------------------------------------------------------------------
+# What a backend that raises does to the run
+# ----------------------------------------------------------------------------------------------
+
+_TINY_RUN = ["--ops", "cross_entropy", "--shapes", "8x5", "--repeats", "1", "--warmup", "0", "--threads", "1",
+             "--device", "cpu", "--no-progress", "--no-memory"]
+
+
+def _break(monkeypatch, backend, exception, mode="forward"):
+    """``backend``'s workloads raise ``exception`` from ``mode`` (forward, or full: forward + backward)."""
+    make_workload = cases.make_workload
+
+    def broken(op, name, *args):
+        workload = make_workload(op, name, *args)
+        if name == backend:
+            def fail():
+                raise exception
+            setattr(workload, mode, fail)
+        return workload
+
+    monkeypatch.setattr(cases, "make_workload", broken)
+
+
+@pytest.mark.parametrize("mode", ["forward", "full"])
+@pytest.mark.parametrize("error", [RuntimeError, ValueError, TypeError, NotImplementedError, ImportError])
+def test_a_backend_that_raises_fails_the_run(tmp_path, monkeypatch, error, mode):
+    """A kernel's exception is a bug: the run stops with it (not a "skipped" line), naming the case."""
+    injected = error("injected kernel failure")
+    _break(monkeypatch, "fusedloss-reference", injected, mode)
+    with pytest.raises(cli.BenchmarkFailed, match="cross_entropy on fusedloss-reference.*8x5.*float32") as failed:
+        cli.main(_TINY_RUN + ["--out", str(tmp_path)])
+    assert failed.value.__cause__ is injected
+    assert not (tmp_path / "bench.json").exists()  # no report that looks like a complete run
+
+
+def test_a_backend_that_cannot_serve_the_case_is_skipped(tmp_path, monkeypatch):
+    _break(monkeypatch, "fusedloss-reference", fusedloss.BackendUnavailable("reference: pretends not to take this"))
+    assert cli.main(_TINY_RUN + ["--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert [(s["backend"], s["reason"]) for s in data["skipped"]] == [
+        ("fusedloss-reference", "BackendUnavailable: reference: pretends not to take this")]
+    assert {r["backend"] for r in data["results"]} >= {"eager"}
+    assert not any(r["backend"] == "fusedloss-reference" for r in data["results"])
+
+
+def test_the_command_exits_nonzero_with_the_traceback(tmp_path):
+    """``python -m fusedloss.bench`` as a user runs it, with one backend broken: exit status 1 and the kernel's own
+    traceback on stderr."""
+    code = textwrap.dedent(f"""
+        import runpy, sys
+        from fusedloss.bench import cases
+        make_workload = cases.make_workload
+
+        def broken(op, name, *args):
+            workload = make_workload(op, name, *args)
+            if name == "fusedloss-reference":
+                def fail():
+                    raise RuntimeError("injected kernel failure")
+                workload.forward = fail
+            return workload
+
+        cases.make_workload = broken
+        sys.argv = ["fusedloss-bench"] + {_TINY_RUN + ["--out", str(tmp_path)]!r}
+        runpy.run_module("fusedloss.bench", run_name="__main__")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" in done.stderr and "RuntimeError: injected kernel failure" in done.stderr, done.stderr
+    assert "BenchmarkFailed: cross_entropy on fusedloss-reference" in done.stderr, done.stderr
+    assert "skipped" not in done.stdout
 
 
 def test_module_and_console_entry_points(monkeypatch, capsys):

@@ -25,6 +25,10 @@ sustains, on any device.
 Outputs in ``--out``: ``<name>.csv`` (one row per op, mode, backend, shape, dtype, device),
 ``<name>.json`` (environment and skipped cases), ``<name>.md`` (the tables in Markdown),
 ``<name>_cross_entropy.png`` and ``<name>_crf.png``.
+Skipped: only a backend that cannot serve a case (a fusedloss backend raising
+:class:`fusedloss.BackendUnavailable`, with its reasons; a peer raising
+:class:`fusedloss.bench.cases.CaseUnavailable`). Any other exception a backend raises stops the run
+with a non-zero exit status and its traceback (:class:`fusedloss.bench.cli.BenchmarkFailed`).
 """
 
 from fusedloss.bench.cli import main

@@ -5,6 +5,10 @@ A :class:`Workload` holds the inputs of one (op, shape, dtype, device) bound to 
 ``reset()`` drops the gradients of the previous call. The fusedloss backends are named
 ``fusedloss-<backend>``; the peers ``eager``, ``torch.compile``, ``liger-kernel``, ``pytorch-crf``
 and ``torch-struct``. The first backend of every op is its baseline.
+
+A backend that cannot serve a case says so with an exception the run skips: a fusedloss backend with
+:class:`fusedloss.BackendUnavailable` (its reasons), a peer with :class:`CaseUnavailable`. Any other exception is a
+bug, and fails the run.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ BASELINE["linear_cross_entropy"] = "eager"
 # torch's own function where it has one, else the loss written in eager PyTorch ops.
 BASELINE.update({op: "torch" if op in ("bce_pos_weight", "multilabel_soft_margin") else "eager"
                  for op in SIGMOID_OPS})
+
+
+class CaseUnavailable(Exception):
+    """A peer cannot run this case (a shape or dtype it does not take): the run records it as skipped."""
 
 
 @dataclass
@@ -157,7 +165,7 @@ def _torch_struct_nll(emissions, tags, mask, transitions, start, end) -> torch.T
     import torch_struct
 
     if emissions.shape[1] < 2:
-        raise ValueError("the torch-struct adapter needs T >= 2 (it folds step 0 into the first edge)")
+        raise CaseUnavailable("the torch-struct adapter needs T >= 2 (it folds step 0 into the first edge)")
     edges = (emissions[:, 1:, :, None] + transitions.t()[None, None]).clone()
     edges[:, 0] += (start + emissions[:, 0])[:, None, :]
     edges[:, -1] += end[:, None]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -111,6 +112,27 @@ def _problems(args, device: torch.device) -> List[Tuple[str, Tuple[int, ...], to
     return problems
 
 
+class BenchmarkFailed(RuntimeError):
+    """A backend raised something other than "cannot serve this case" (the exception it raised is the cause)."""
+
+
+# The only exceptions that skip a (case, backend): the backend cannot serve the case, and says why.
+_UNAVAILABLE = (fusedloss.BackendUnavailable, cases.CaseUnavailable)
+
+
+@contextlib.contextmanager
+def _failing_loudly(op: str, backend: str, shape_text: str, dtype_name: str) -> Iterator[None]:
+    """Re-raise any exception (but the skips) as :class:`BenchmarkFailed` naming the case, with the original as
+    its cause: the run stops with a non-zero exit and both tracebacks."""
+    try:
+        yield
+    except _UNAVAILABLE:
+        raise
+    except Exception as exc:
+        raise BenchmarkFailed(f"{op} on {backend}, shape {shape_text}, {dtype_name}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
 def run(args, device: torch.device, environment: Dict) -> Tuple[List[Dict], List[Dict]]:
     """Measure every (op, shape, dtype) x backend x mode; returns (rows, skipped)."""
     from tqdm import tqdm
@@ -135,12 +157,13 @@ def run(args, device: torch.device, environment: Dict) -> Tuple[List[Dict], List
                 n_modes = 1 if op == "crf_decode" else 2
                 progress.set_description(f"{op} {shape_text} {backend}")
                 try:
-                    workload = cases.make_workload(op, backend, inputs, dtype, device)
-                    workload.reset()
-                    value = workload.forward()
-                except (RuntimeError, NotImplementedError, ValueError, TypeError, ImportError) as exc:
-                    # A backend that cannot serve this dtype or shape (BackendUnavailable is a
-                    # RuntimeError) is reported, not fatal.
+                    with _failing_loudly(op, backend, shape_text, dtype_name):
+                        workload = cases.make_workload(op, backend, inputs, dtype, device)
+                        workload.reset()
+                        value = workload.forward()
+                except _UNAVAILABLE as exc:
+                    # The backend cannot serve this dtype or shape: recorded with its reasons, not fatal. Anything
+                    # else a kernel raises is a bug and stops the run (_failing_loudly).
                     skipped.append({"op": op, "backend": backend, "shape": shape_text, "dtype": dtype_name,
                                     "reason": f"{type(exc).__name__}: {exc}"})
                     progress.update(n_modes)
@@ -149,8 +172,9 @@ def run(args, device: torch.device, environment: Dict) -> Tuple[List[Dict], List
                     baseline_value = value
                 diff = cases.difference(op, value, baseline_value) if baseline_value is not None else ""
                 for mode, fn in workload.modes().items():
-                    timing = harness.time_call(fn, workload.reset, device, warmup, repeats)
-                    memory = "" if args.no_memory else harness.peak_memory(fn, workload.reset, device)
+                    with _failing_loudly(op, f"{backend} ({mode})", shape_text, dtype_name):
+                        timing = harness.time_call(fn, workload.reset, device, warmup, repeats)
+                        memory = "" if args.no_memory else harness.peak_memory(fn, workload.reset, device)
                     row = {"op": op, "mode": mode, "backend": backend, "shape": shape_text,
                            **cases.shape_dims(op, shape), "dtype": dtype_name, "repeats": repeats,
                            "warmup": warmup, "baseline": cases.BASELINE[op], "peak_mem_mib": memory,
