@@ -1,9 +1,10 @@
-# The two commands of the README: `make bench` (main job) and `make test` (the test suite).
+# The two commands of the README: `make bench` (main job) and `make test` (the test suite); `make docs` builds
+# the documentation.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv bench test ctest lint clean cuda-build-check triton-build-check gpu-check
+.PHONY: venv bench test docs ctest lint clean cuda-build-check triton-build-check gpu-check
 
 $(VENV)/.installed: setup.py requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,12 @@ bench: venv
 test: venv
 	$(PY) -m pytest -q tests
 
+# The documentation (Sphinx: autodoc + napoleon, myst-parser for the Markdown pages) into docs/_build/html; every
+# warning is an error.
+docs: venv
+	$(PY) -m pip install -q -r docs/requirements.txt
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 ctest:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
 	cmake --build build/cmake -j2
@@ -37,7 +44,7 @@ triton-build-check: venv
 	FUSEDLOSS_GPU_COMPILE_CHECK=1 $(PY) -m pytest -q -s tests/test_triton_build.py
 
 # On a machine with one CUDA GPU (no network needed; its own Python with torch, PYTHON=...): builds the
-# extension, runs tests/test_gpu.py and the GPU benchmarks, writes everything to $OUT (README: GPU check).
+# extension, runs tests/test_gpu.py and the GPU benchmarks, writes everything to $OUT (docs/development.rst).
 gpu-check:
 	scripts/gpu_check.sh
 
