@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make gpu-check: everything this project can learn from one short session on a machine with one CUDA GPU and
-# no network (written for an H200: Python 3.12, torch 2.11+cu130, Triton 3.6, nvcc 13; about 8 minutes).
+# no network (written for an H200: Python 3.12, torch 2.11+cu130, Triton 3.6, nvcc 13; it has not run on a GPU
+# yet, so its run time there is unmeasured).
 #
 #   1. preflight: a CUDA device, torch, triton and nvcc; the device, versions and nvidia-smi go to the output;
 #   2. builds fusedloss._C with its CUDA kernels for this GPU's architecture (in place, nothing installed);

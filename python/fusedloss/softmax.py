@@ -186,7 +186,8 @@ def cross_entropy(
             flows to ``token_weight``.
         inplace_backward: let a fused backend write the gradient over ``input``'s storage (saves one ``(N, C)``
             tensor); ``input`` must not be used after the backward then.
-        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpp"`` or ``"cuda"`` (SPEC 2).
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpp"`` or ``"cuda"`` (docs/backends.rst: which
+            backend serves which call, and why one declines).
 
     The positional order is torch's own, ``(input, target, weight, size_average, ignore_index, reduce, reduction,
     label_smoothing)``, so a call written for ``torch.nn.functional.cross_entropy`` runs unchanged; the fusedloss
