@@ -383,22 +383,14 @@ def test_token_weight_gets_no_gradient_and_all_ignored():
 # For "mean" and "sum" the fused backends compute the gradients in the forward pass and save them; backward
 # scales them by grad_output (tests/_retain_graph.py says what a second backward must then do).
 
-_SECOND_BACKWARD_XFAIL = pytest.mark.xfail(
-    strict=True, reason="cpp: backward with grad_output 1 hands the saved gradient itself to .grad (no copy); a "
-                        "second backward with another grad_output scales it in place, and .grad with it: "
-                        "g + 3g comes out as 6g instead of 4g, with no error")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("scales", [(1.0, 1.0), (3.0, 3.0), (1.0, 3.0), (3.0, 1.0), (1.0, 1.0, 1.0)], ids=str)
-def test_backward_twice_with_retain_graph(backend, reduction, scales, request):
+def test_backward_twice_with_retain_graph(backend, reduction, scales):
     """grad_output scales of successive backwards through one graph: the gradients of input, weight and bias after
     each are F.linear + F.cross_entropy's (accumulated), or a backward raises where the cpp op says it may (it
     scales the saved "mean"/"sum" gradients in place, csrc/op_utils.h)."""
     require_backend(backend)
-    if backend == "cpp" and reduction != "none" and scales == (1.0, 3.0):
-        request.applymarker(_SECOND_BACKWARD_XFAIL)
     x, w, b, target = _problem(n=9, h=4, v=11, dtype=_dtype(backend))
 
     def ours(x, w, b):

@@ -342,21 +342,10 @@ def test_nan_row_stays_in_its_row(layout):
     torch.testing.assert_close(loss[keep], oracle[0], rtol=1e-5, atol=1e-6)
 
 
-_TRITON_SECOND_BACKWARD = {
-    (3.0, 3.0): "backward scales the saved gradient in place with a Triton kernel, which does not bump its version "
-                "counter: a second backward scales it again instead of raising (and .grad, which kept the saved "
-                "tensor itself, with it)",
-    (1.0, 3.0): "backward with grad_output 1 returns the saved gradient itself, which .grad keeps (no copy); a second "
-                "backward with grad_output 3 scales it in place, .grad with it: g + 3g comes out as 6g, with no error",
-}
-
-
 @pytest.mark.parametrize("scales", [(3.0, 3.0), (1.0, 3.0), (1.0, 1.0, 1.0)], ids=str)
-def test_backwards_through_one_graph_match_torch_or_raise(scales, request):
+def test_backwards_through_one_graph_match_torch_or_raise(scales):
     """Successive backwards through one graph with these grad_output scales: after each, torch's accumulated
     gradient, or a RuntimeError (a saved tensor modified in place); never another number."""
-    if scales in _TRITON_SECOND_BACKWARD:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_TRITON_SECOND_BACKWARD[scales]))
     x = torch.randn(4, 9, generator=torch.Generator().manual_seed(2))
     target = torch.tensor([0, 1, 2, 3])
 
