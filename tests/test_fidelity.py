@@ -27,10 +27,10 @@ import torch.nn.functional as F
 import fusedloss
 from _backends import requires_backend
 
-_SPEC = importlib.util.spec_from_file_location(
+_FIDELITY_MODULE = importlib.util.spec_from_file_location(
     "fidelity", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py")
-fidelity = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(fidelity)
+fidelity = importlib.util.module_from_spec(_FIDELITY_MODULE)
+_FIDELITY_MODULE.loader.exec_module(fidelity)
 
 _EXTRA_SEEDS = os.environ.get("FUSEDLOSS_FIDELITY_SEEDS")
 
