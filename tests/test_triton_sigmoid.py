@@ -156,7 +156,7 @@ def test_multilabel_soft_margin_equals_torch(layout, num_rows):
     weight = 0.5 + torch.rand(37, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     for reduction, w in [("none", weight), ("sum", None), ("mean", weight)]:
         _check(lambda v, w=w, r=reduction: fusedloss.multilabel_soft_margin_loss(
-                   v, y.bool(), None if w is None else w.to(v.dtype), r, backend=TRITON),
+                   v, y.bool(), None if w is None else w.to(v.dtype), reduction=r, backend=TRITON),
                lambda v, w=w, r=reduction: F.multilabel_soft_margin_loss(
                    v, y.to(v.dtype), None if w is None else w.to(v.dtype), reduction=r), x64, what=reduction)
 
