@@ -76,13 +76,16 @@ inline bool traced(const at::Tensor& t) {
 // grad · grad_output for the ops that compute their gradient in the forward pass and save it: grad_output
 // broadcast over the dimensions the loss reduced (a scalar, or one value per leading index of grad for
 // reduction none). The usual loss.backward() passes the scalar 1: then the saved gradient is the answer.
-// Otherwise it is scaled in place when it is a plain tensor (no second gradient-sized buffer; the version bump
-// makes a second backward through the same graph raise instead of scaling twice), out of place while tracing or
-// when a gradient of the gradient is wanted.
+// Otherwise it is scaled in place when it is a plain tensor (no second gradient-sized buffer), out of place while
+// tracing or when a gradient of the gradient is wanted. Either way the saved tensor leaves as (or becomes) the
+// returned gradient, which autograd may keep as a leaf's .grad and accumulate into: its version counter moves
+// in both cases, so a second backward through the same graph (retain_graph=True) raises ("modified by an
+// inplace operation") instead of scaling or returning a tensor that .grad already holds (g + 3g would be 6g).
 inline at::Tensor scale_saved_grad(at::Tensor grad, const at::Tensor& grad_output) {
   const bool is_traced = traced(grad) || traced(grad_output);
   if (!is_traced && grad_output.dim() == 0 && grad_output.device().is_cpu() && !grad_output.requires_grad() &&
       grad_output.item<double>() == 1.0) {
+    grad.unsafeGetTensorImpl()->bump_version();
     return grad;
   }
   at::Tensor scale = grad_output;

@@ -466,6 +466,9 @@ def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, *, block_c: Optio
         grad, grad.stride(0), grad_output, grad_output.stride(0) if per_row else 0, n_rows, n_cols,
         PER_ROW=per_row, ROWS=rows, BLOCK_C=block, num_warps=num_warps,
     )
+    # The kernel writes through a raw pointer: tell autograd, so that a second backward through the same graph
+    # (retain_graph=True) raises instead of scaling the buffer twice (and .grad, which may hold it, with it).
+    torch.autograd.graph.increment_version(grad)
 
 
 def launch_configurations() -> list[dict]:
