@@ -193,9 +193,9 @@ def _device_reason(name: str, device: torch.device) -> Optional[str]:
 
 
 _IMPLS: Dict[Tuple[str, str], Tuple[Callable, Optional[Callable]]] = {}
-# ids of the implementations whose module checks every argument itself (CHECKS_ARGUMENTS = True); the
-# implementations stay referenced by _IMPLS.
-_SELF_CHECKING: set = set()
+# The implementations whose module checks every argument itself (CHECKS_ARGUMENTS = True), compared by identity:
+# an op overload's __hash__ is Python code, and torch.compile (torch 2.5) cannot trace id().
+_SELF_CHECKING: List[Callable] = []
 
 
 def _load(op: str, name: str) -> Tuple[Callable, Optional[Callable]]:
@@ -204,14 +204,17 @@ def _load(op: str, name: str) -> Tuple[Callable, Optional[Callable]]:
         module = _OP_TABLE[op][name]()
         impl = getattr(module, op)
         if getattr(module, "CHECKS_ARGUMENTS", False):
-            _SELF_CHECKING.add(id(impl))  # by id: an op overload's __hash__ is Python code
+            _SELF_CHECKING.append(impl)
         _IMPLS[key] = (impl, getattr(module, op + "_reasons", None))
     return _IMPLS[key]
 
 
 def checks_arguments(impl: Callable) -> bool:
     """Whether ``impl`` checks its arguments itself (and takes them unflattened)."""
-    return id(impl) in _SELF_CHECKING
+    for checked in _SELF_CHECKING:
+        if impl is checked:
+            return True
+    return False
 
 
 def _reasons(
