@@ -191,8 +191,10 @@ def _run_plain(case: str, rank: int, world: int, counter: _Counter) -> dict:
     forward = counter.take()
     _backward(loss, grad_output, reduction)
     backward = counter.take()
-    shard_grad = shard.grad.to_local() if layout == "even" else base.grad[..., local] if name == "noncontiguous" \
-        else shard.grad
+    # A DTensor's gradient is compared through its global value: torch 2.5 and 2.6 give the gradient of a sharded
+    # leaf a Replicate placement (the full tensor on every rank), later releases keep its Shard placement.
+    shard_grad = shard.grad.full_tensor()[..., local] if layout == "even" else base.grad[..., local] \
+        if name == "noncontiguous" else shard.grad
 
     gathered = full.clone().requires_grad_()
     expected = fusedloss.cross_entropy(gathered, target, backend="reference", **options)
@@ -278,8 +280,9 @@ def _run_linear(case: str, rank: int, world: int, counter: _Counter) -> dict:
     forward = counter.take()
     _backward(loss, grad_output, reduction)
     backward = counter.take()
-    head_grad = head_shard.grad.to_local() if layout == "even" else head_shard.grad
-    bias_grad = None if bias is None else bias_shard.grad.to_local() if layout == "even" else bias_shard.grad
+    # Through the global value, as in _run_plain (a DTensor leaf's gradient placement depends on the torch release).
+    head_grad = head_shard.grad.full_tensor()[local] if layout == "even" else head_shard.grad
+    bias_grad = None if bias is None else bias_shard.grad.full_tensor()[local] if layout == "even" else bias_shard.grad
 
     x_full = inputs.clone().requires_grad_(input_grad)
     head_full = head.clone().requires_grad_()
