@@ -3,15 +3,20 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The torch a venv gets, and the requirements installed after it. CI makes a second venv with the oldest
+# supported torch: `make venv VENV=.venv-floor TORCH=torch==2.5.1 REQUIREMENTS=requirements-floor.txt`.
+TORCH ?= torch==2.13.0
+REQUIREMENTS ?= requirements-test.txt
 
 .PHONY: venv bench test docs ctest lint clean cuda-build-check triton-build-check gpu-check
 
-$(VENV)/.installed: setup.py requirements-test.txt
+# The extension's build log is shown (no -q); FUSEDLOSS_STRICT_BUILD=1 (CI) makes a failed compile an error.
+$(VENV)/.installed: setup.py $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements-test.txt
-	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r $(REQUIREMENTS)
+	$(PY) -m pip install --no-build-isolation -e .
 	touch $@
 
 venv: $(VENV)/.installed

@@ -48,6 +48,19 @@ def test_unavailable_backend_skips_locally_and_fails_in_ci(cpp_missing, monkeypa
     assert _backends.expect_backend("reference") is True
 
 
+def test_ci_requires_the_backends_it_names(cpp_missing, monkeypatch):
+    """FUSEDLOSS_CI_BACKENDS narrows what CI requires (the floor environment: cpp only, its Triton is too old)."""
+    monkeypatch.setattr(_backends, "IN_CI", True)
+    assert _backends.ci_requires("cpp", {}) and _backends.ci_requires("triton", {})
+    assert _backends.ci_requires("cpp", {"FUSEDLOSS_CI_BACKENDS": "cpp"})
+    assert not _backends.ci_requires("triton", {"FUSEDLOSS_CI_BACKENDS": "cpp"})
+    monkeypatch.setenv("FUSEDLOSS_CI_BACKENDS", "triton")
+    with pytest.raises(pytest.skip.Exception, match="not built"):
+        _backends.require_backend("cpp")
+    monkeypatch.setattr(_backends, "IN_CI", False)
+    assert not _backends.ci_requires("cpp", {})
+
+
 def test_triton_needs_the_interpreter_for_cpu_tensors(monkeypatch):
     monkeypatch.setattr(fusedloss, "available_backends", lambda: {"triton": None})
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -28,6 +28,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from fusedloss._floor import TRITON_FLOOR, major_minor
+
 BACKEND_NAMES = ("reference", "triton", "cpp", "cuda")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
 
@@ -157,9 +159,13 @@ def _compute_backend_reason(name: str) -> Optional[str]:
         return None
     if name == "triton":
         try:
-            importlib.import_module("triton")
+            triton = importlib.import_module("triton")
         except Exception as exc:  # ImportError, or a broken install
             return f"triton is not importable ({type(exc).__name__}: {exc})"
+        version = getattr(triton, "__version__", "0")
+        if major_minor(version) < TRITON_FLOOR:
+            return (f"needs triton >= {TRITON_FLOOR[0]}.{TRITON_FLOOR[1]}, found {version} (older releases, such as "
+                    "the 3.1 and 3.2 that torch 2.5 and 2.6 install, cannot run its kernels)")
         if not torch.cuda.is_available() and not _triton_interpret():
             return "no CUDA device (CPU tensors need TRITON_INTERPRET=1, set before triton is imported)"
         return None

@@ -188,7 +188,9 @@ def peer_backends(op: str, device: torch.device, compile_eager: bool) -> List[st
             peers.append("liger-kernel")
         return peers
     if op in LINEAR_OPS:
-        peers = ["eager", "torch-chunked"]
+        peers = ["eager"]
+        if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):  # torch >= 2.13
+            peers.append("torch-chunked")
         if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
             peers.append("liger-kernel")
         if importlib.util.find_spec("cut_cross_entropy") is not None:
