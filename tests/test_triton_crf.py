@@ -268,16 +268,26 @@ def test_nan_stays_in_its_sequence_and_masked_positions_are_never_read():
     assert torch.equal(marginals[:2], clean_marginals[:2])
 
 
-@pytest.mark.xfail(strict=True, reason="the Triton Viterbi max skips NaN scores (tl.max / tl.maximum do not "
-                                       "propagate NaN): a sequence with a NaN emission gets a finite score and a "
-                                       "path, where the reference and cpp backends give NaN")
-def test_viterbi_score_of_a_sequence_with_a_nan_emission_is_nan():
-    emissions, tags, mask, transitions, start, end = make_inputs(3, 3, 4, seed=13)
+@pytest.mark.parametrize("block_k", [None, 2], ids=["one-tile", "tiled"])
+def test_viterbi_score_of_a_sequence_with_a_nan_is_nan(block_k):
+    """tl.max skips NaN: the kernel flags a NaN that reaches a sequence's scores itself. A NaN emission at a masked
+    step is never read; a NaN in start, end or the transitions makes every sequence's score NaN (the transitions
+    only where a sequence has a second step), as in the reference."""
+    emissions, tags, mask, transitions, start, end = make_inputs(4, 3, 4, seed=13)
+    mask[3, 1:] = False
     emissions[2, 1, 3] = float("nan")
-    _, scores = triton_crf._viterbi_op(emissions, mask, transitions, start, end, None, None)
-    _, expected = reference.crf_viterbi(emissions.double(), mask, transitions.double(), start.double(), end.double())
-    assert expected.isnan().tolist() == [False, False, True]
-    assert scores.isnan().tolist() == [False, False, True]
+    emissions[3, 2, 0] = float("nan")  # masked
+    cases = [(emissions, transitions, start, end, [False, False, True, False])]
+    # sequence 3 has one step: it takes no transition
+    for name, expected in (("transitions", [True, True, True, False]), ("start", [True] * 4), ("end", [True] * 4)):
+        poisoned = {"transitions": transitions.clone(), "start": start.clone(), "end": end.clone()}
+        poisoned[name].view(-1)[1] = float("nan")
+        cases.append((emissions, poisoned["transitions"], poisoned["start"], poisoned["end"], expected))
+    for e, a, s, z, expected_nan in cases:
+        _, scores = triton_crf._viterbi_op(e, mask, a, s, z, None, block_k)
+        _, reference_scores = reference.crf_viterbi(e.double(), mask, a.double(), s.double(), z.double())
+        assert reference_scores.isnan().tolist() == expected_nan
+        assert scores.isnan().tolist() == expected_nan
 
 
 def test_float64_is_declined_with_reasons():

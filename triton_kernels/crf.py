@@ -420,6 +420,18 @@ def _crf_viterbi_kernel(
     lengths = tl.load(lengths_ptr + rows, mask=rows_ok, other=1)
     emission_rows = rows.to(tl.int64) * T * K
     score_rows = rows.to(tl.int64) * 2 * K
+    # tl.max and tl.argmax skip NaN, so a NaN score would vanish from the max-plus recursion: every NaN that reaches
+    # a sequence's scores (emissions at its unmasked steps, start, end, transitions when it has a second step) is
+    # flagged here, and that sequence's best score is NaN, as in the other backends.
+    has_nan = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    trans_nan = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    for y_tile in range(NUM_K_TILES):
+        ys = y_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        for x_tile in range(NUM_K_TILES):
+            cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            trans = tl.load(trans_ptr + ys[:, None] * K + cols[None, :], mask=(ys < K)[:, None] & (cols < K)[None, :],
+                            other=0.0)
+            trans_nan |= tl.max(tl.max(tl.where(trans != trans, 1, 0), axis=1), axis=0)
 
     for x_tile in range(NUM_K_TILES):
         cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -427,7 +439,9 @@ def _crf_viterbi_kernel(
         ok = rows_ok[:, None] & cols_ok[None, :]
         emission = tl.load(emissions_ptr + emission_rows[:, None] + cols[None, :], mask=ok, other=0.0)
         start = tl.load(start_ptr + cols, mask=cols_ok, other=0.0)
-        tl.store(score_ptr + score_rows[:, None] + cols[None, :], emission.to(tl.float32) + start[None, :], mask=ok)
+        first = emission.to(tl.float32) + start[None, :]
+        has_nan |= tl.max(tl.where(ok & (first != first), 1, 0), axis=1)
+        tl.store(score_ptr + score_rows[:, None] + cols[None, :], first, mask=ok)
     tl.debug_barrier()
 
     for t in range(1, T):
@@ -456,6 +470,7 @@ def _crf_viterbi_kernel(
             emission = tl.load(emissions_ptr + emission_rows[:, None] + t * K + cols[None, :], mask=ok, other=0.0)
             carried = tl.load(score_ptr + previous_offsets[:, None] + cols[None, :], mask=ok, other=0.0)
             score = tl.where(active[:, None], best + emission.to(tl.float32), carried)
+            has_nan |= tl.max(tl.where(ok & active[:, None] & (score != score), 1, 0), axis=1)
             tl.store(score_ptr + score_rows[:, None] + (t % 2) * K + cols[None, :], score, mask=ok)
             tl.store(backpointers_ptr + emission_rows[:, None] + t * K + cols[None, :],
                      best_previous.to(backpointers_ptr.dtype.element_ty), mask=ok)
@@ -470,13 +485,15 @@ def _crf_viterbi_kernel(
         ok = rows_ok[:, None] & cols_ok[None, :]
         final = tl.load(score_ptr + last_offsets[:, None] + cols[None, :], mask=ok, other=_NEG)
         final += tl.load(end_ptr + cols, mask=cols_ok, other=0.0)[None, :]
+        has_nan |= tl.max(tl.where(ok & (final != final), 1, 0), axis=1)
         final = tl.where(ok, final, _NEG)
         tile_best = tl.max(final, axis=1)
         tile_argbest = tl.argmax(final, axis=1, tie_break_left=True) + x_tile * BLOCK_K
         better = tile_best > best
         best = tl.where(better, tile_best, best)
         current = tl.where(better, tile_argbest, current)
-    tl.store(best_ptr + rows, best, mask=rows_ok)
+    has_nan |= tl.where(lengths > 1, trans_nan, 0)
+    tl.store(best_ptr + rows, tl.where(has_nan != 0, float("nan"), best), mask=rows_ok)
 
     tag_rows = rows.to(tl.int64) * T
     for step_index in range(T):
