@@ -409,3 +409,17 @@ def test_torch_compile_fullgraph_of_a_tagger_with_crf():
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=0, atol=0)
     for eager_grad, parameter in zip(eager_grads, model.parameters()):
         torch.testing.assert_close(parameter.grad, eager_grad, rtol=0, atol=0)
+
+
+def test_marginals_that_autograd_would_differentiate_are_declined():
+    """The marginals kernel has no backward: with an input that requires grad it declines (auto then takes the
+    reference) instead of returning a tensor without a gradient."""
+    emissions, tags, mask, transitions, start, end = make_inputs(2, 3, 4, seed=3)
+    assert triton_crf.crf_marginals_reasons(emissions, mask, transitions, start, end) == []
+    emissions.requires_grad_()
+    reasons = triton_crf.crf_marginals_reasons(emissions, mask, transitions, start, end)
+    assert any("requires grad" in reason for reason in reasons)
+    with torch.no_grad():
+        assert triton_crf.crf_marginals_reasons(emissions, mask, transitions, start, end) == []
+    with pytest.raises(fusedloss.BackendUnavailable, match="requires grad"):
+        fusedloss.crf_marginals(emissions, transitions, start, end, mask, backend="triton")

@@ -911,4 +911,11 @@ def crf_marginals(emissions, mask, transitions, start_transitions, end_transitio
 
 
 def crf_marginals_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> list[str]:
-    return _compute_dtypes_reason(emissions, transitions)
+    reasons = _compute_dtypes_reason(emissions, transitions)
+    # The marginals kernel has no backward: a call that autograd would differentiate goes to another backend
+    # instead of returning a tensor with no gradient.
+    if torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad
+            for x in (emissions, transitions, start_transitions, end_transitions)):
+        reasons.append("marginals are not differentiable here (an input requires grad)")
+    return reasons
