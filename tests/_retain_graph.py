@@ -46,3 +46,16 @@ def assert_backwards_match(ours: Callable, oracle: Callable, inputs: Sequence[to
         for name, a, b in zip(names, ours_after, oracle_after):
             torch.testing.assert_close(a, b, **tolerance, msg=lambda m, k=k, n=name: f"after backward {k + 1}, "
                                                                                      f"gradient of {n}: {m}")
+
+
+def assert_cross_entropy_backwards_match(backend: str, scales: Sequence[float]) -> None:
+    """:func:`assert_backwards_match` of ``fusedloss.cross_entropy`` on ``backend`` against torch's, on one small
+    problem with label smoothing."""
+    import torch.nn.functional as F
+
+    import fusedloss
+
+    x = torch.randn(4, 9, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([0, 1, 2, 3])
+    assert_backwards_match(lambda x: fusedloss.cross_entropy(x, target, label_smoothing=0.1, backend=backend),
+                           lambda x: F.cross_entropy(x, target, label_smoothing=0.1), (x,), scales, may_raise=True)
