@@ -60,7 +60,9 @@ def _extensions_and_cmdclass():
         # torch's CUDA flags define __CUDA_NO_HALF_CONVERSIONS__ and friends, which remove the conversions between
         # __half / __nv_bfloat16 and float that the shared kernels (csrc/kernels, written for any 16-bit type
         # convertible to float) rely on; undefine them, as the standalone compile of csrc/cuda (CMake) does.
-        nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-U__CUDA_NO_HALF_OPERATORS__",
+        # No --use_fast_math: it turns exp/log/pow/division into approximations with flush-to-zero, and the
+        # kernels promise torch-level error (docs/fidelity.md).
+        nvcc_flags = ["-O3", "-std=c++20", "-U__CUDA_NO_HALF_OPERATORS__",
                       "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                       "-U__CUDA_NO_HALF2_OPERATORS__"]
         ext = cpp_extension.CUDAExtension(

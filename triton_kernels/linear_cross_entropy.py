@@ -18,6 +18,7 @@ The loop is registered as ``torch.library`` custom ops with their autograd, so `
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -67,9 +68,29 @@ def _add_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
         try:  # a bf16/fp16 GEMM with a float32 output (torch >= 2.8 on CUDA): no widened copy of a
             torch.addmm(accumulator, a, b.to(a.dtype), out_dtype=accumulator.dtype, out=accumulator)
             return
-        except (RuntimeError, TypeError):
-            pass
+        except (RuntimeError, TypeError) as error:
+            _warn_widened_gemm(error)
     accumulator.addmm_(a.to(accumulator.dtype), b)
+
+
+_WIDENED_GEMM_WARNED = False
+
+
+def _warn_widened_gemm(error: BaseException) -> None:
+    """Once per process: the weight gradient's GEMM runs widened to float32 (no tensor cores for half inputs, up to
+    an order of magnitude slower) because this torch has no half-precision GEMM with a float32 output."""
+    global _WIDENED_GEMM_WARNED
+    if _WIDENED_GEMM_WARNED:
+        return
+    _WIDENED_GEMM_WARNED = True
+    warnings.warn(
+        "fusedloss.linear_cross_entropy (triton backend): torch.addmm(..., out_dtype=torch.float32) is not "
+        f"available here ({type(error).__name__}: {error}); the weight gradient is accumulated with a float32 GEMM "
+        "on widened inputs instead, which is correct but much slower for float16/bfloat16 on a GPU (torch >= 2.8 "
+        "has the half-precision GEMM with a float32 output)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def run_chunks(

@@ -78,8 +78,10 @@ __device__ FUSEDLOSS_INLINE acc_t load_logit(const scalar_t* x, int64_t c, const
   return prm.softcap != acc_t(0) ? softcap_value(v, prm.softcap, prm.inv_softcap) : v;
 }
 
+// input carries no __restrict__: with inplace_backward the gradient is written over input's own storage (grad may
+// equal input), and a no-alias promise would let the compiler reorder or cache loads across those stores.
 template <typename acc_t, typename scalar_t, typename target_t>
-__global__ void softmax_loss_kernel(const scalar_t* __restrict__ input, const int64_t* __restrict__ target,
+__global__ void softmax_loss_kernel(const scalar_t* input, const int64_t* __restrict__ target,
                                     const target_t* __restrict__ soft_target, const acc_t* __restrict__ weight,
                                     const acc_t* grad_scale_ptr, Params<acc_t> prm,
                                     scalar_t* grad, acc_t* __restrict__ row_loss) {
