@@ -14,6 +14,13 @@
 // Work per step: a lane computes its columns (forward, Viterbi) or rows (backward) of the K x K step from the
 // tables (e_col, e_row_t, transitions), which the caller may place in fast memory (CUDA shared memory);
 // each step costs one or two team.sync() plus one max reduction.
+//
+// Values nobody checked. On CUDA tensors the mask and the tags are not read back by the host (that would wait
+// for the device), so these functions take any length L >= 0 and any tag values, and never read or write outside
+// the sequence's rows [0, L) for them: an empty sequence (L = 0, an all-off mask) gets NaN from team_forward,
+// team_gold_score and team_viterbi, and nothing from team_backward; a tag outside [0, K) is never used as an
+// index: team_gold_score returns NaN and team_backward<true> writes a zero gradient for the sequence. (The
+// kernels write the rows past L: zeros, or NaN marginals for an empty sequence.)
 #pragma once
 
 #include <cmath>
@@ -108,6 +115,8 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T team_normalize(const Team& team, T* x, 
 template <typename E, typename T, typename Team>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_forward(const Team& team, const Tables<T>& tab, const E* emissions,
                                                            int64_t L, T* alpha, T* p, T* store, double* offsets) {
+  // An empty sequence has no log Z; it has no row to read nor to store either (uniform over the team: L is).
+  if (L <= 0) return static_cast<double>(NAN);
   const int K = tab.K;
   const int r = team.rank();
   const int n = team.size();
@@ -159,17 +168,25 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_forward(const Team& team, con
   return offset + static_cast<double>(m) + static_cast<double>(log(team.sum(s)));
 }
 
-// score(tags) of one sequence, or NaN when a tag lies outside [0, K) (*bad_tags is then true). Lanes split the
-// time steps; the float64 partial sums meet in one reduction.
+// Whether every tag of tags[0..L) lies in [0, K) (every lane gets the answer; true for L = 0).
+template <typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool team_tags_in_range(const Team& team, const int64_t* tags, int64_t L,
+                                                               int K) {
+  int bad = 0;
+  for (int64_t t = team.rank(); t < L; t += team.size()) bad |= (tags[t] < 0 || tags[t] >= K) ? 1 : 0;
+  return team.max(bad) == 0;
+}
+
+// score(tags) of one sequence, or NaN when a tag lies outside [0, K) (*bad_tags is then true) or the sequence is
+// empty (L = 0; *bad_tags false). A tag is used as an index only once all of them are known to be in range.
+// Lanes split the time steps; the float64 partial sums meet in one reduction.
 template <typename E, typename T, typename Team>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_gold_score(const Team& team, const Tables<T>& tab,
                                                               const E* emissions, const int64_t* tags, int64_t L,
                                                               bool* bad_tags) {
   const int K = tab.K;
-  int bad = 0;
-  for (int64_t t = team.rank(); t < L; t += team.size()) bad += (tags[t] < 0 || tags[t] >= K) ? 1 : 0;
-  *bad_tags = team.sum(bad) > 0;
-  if (*bad_tags) return static_cast<double>(NAN);
+  *bad_tags = !team_tags_in_range(team, tags, L, K);
+  if (*bad_tags || L <= 0) return static_cast<double>(NAN);
   double score = 0;
   for (int64_t t = team.rank(); t < L; t += team.size()) {
     score += static_cast<double>(static_cast<T>(emissions[t * K + tags[t]]));
@@ -193,15 +210,23 @@ struct TeamBackwardVectors {
 // grad_transitions_t (layout [j * K + i]): no atomics. Uses tab.e_row_t, row_max, transitions, end.
 // kGradient: out[t, k] = g (1[y_t = k] - u_t[k]), grad_transitions_t, grad_start, grad_end accumulate (+=).
 // Otherwise out[t, k] = u_t[k] and the gradient pointers are unused. Rows t >= L of out are not written.
+// L = 0 (an empty sequence) writes nothing at all and reads nothing. With kGradient, a tag outside [0, K) gives
+// the sequence a zero gradient: rows [0, L) of out are written as 0 and nothing is accumulated.
 template <bool kGradient, typename E, typename T, typename Out, typename Team>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void team_backward(const Team& team, const Tables<T>& tab, const E* emissions,
                                                           const int64_t* tags, int64_t L, const T* alpha,
                                                           const double* offsets, double log_z, T g, Out* out,
                                                           T* grad_transitions_t, T* grad_start, T* grad_end,
                                                           const TeamBackwardVectors<T>& vec) {
+  if (L <= 0) return;
   const int K = tab.K;
   const int r = team.rank();
   const int n = team.size();
+  if (kGradient && !team_tags_in_range(team, tags, L, K)) {
+    for (int64_t t = 0; t < L; ++t)
+      for (int k = r; k < K; k += n) out[t * K + k] = static_cast<Out>(T(0));
+    return;
+  }
   for (int k = r; k < K; k += n) vec.beta[k] = tab.end[k];
   double beta_offset = static_cast<double>(team_normalize(team, vec.beta, K));
   auto write_row = [&](int64_t t, int k, T u) {
@@ -276,13 +301,15 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void team_backward(const Team& team, cons
 }
 
 // Viterbi over one sequence: writes the best path to path[0..L) and returns its score (lane 0 does the
-// backtrace; the returned score is meaningful on lane 0). Lane r takes the best predecessor of its columns
+// backtrace; the returned score is meaningful on lane 0). An empty sequence (L = 0) returns NaN on every lane
+// and touches no memory. Lane r takes the best predecessor of its columns
 // (lowest index on ties; a NaN candidate wins, as in crf.h), scores normalized per step with a float64 offset.
 // score: (2, K) shared; backpointers: (L, K) of uint8_t or int16_t, written by every lane and read by lane 0
 // (shared or global memory). Uses tab.transitions, start, end.
 template <typename E, typename T, typename BP, typename Team>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_viterbi(const Team& team, const Tables<T>& tab, const E* emissions,
                                                            int64_t L, T* score, BP* backpointers, int64_t* path) {
+  if (L <= 0) return static_cast<double>(NAN);
   const int K = tab.K;
   const int r = team.rank();
   const int n = team.size();

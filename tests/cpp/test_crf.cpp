@@ -3,9 +3,13 @@
 // for tiny K and L; with forbidden transitions (-1e4), emissions in the hundreds (the underflow guard), and
 // float32 against float64 at long sequences; plus the accuracy of fast_exp and fast_log. The team form of the
 // same math (csrc/kernels/crf_team.h, which the CUDA kernels run with a thread block as the team) runs here
-// with one lane through every check.
+// with one lane through every check, and through the values the CUDA kernels must survive unchecked: an empty
+// sequence (all-off mask) and tags outside [0, K). Those run on buffers of exactly the sequence's size, so the
+// AddressSanitizer build of this file (test_crf_asan, CMakeLists.txt) fails on any access outside them.
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -332,21 +336,132 @@ void test_forbidden_gold_path() {
   check(got.grad_transitions[0 * 3 + 1] == 1.0f, "forbidden transition: marginal exactly 0");
 }
 
-// A tag outside [0, K) is reported (and never used as an index) by the team gold score.
+// A heap buffer of exactly n values, filled with `fill`. n = 0 is a zero-size allocation: a valid pointer with no
+// element behind it, so that under AddressSanitizer any read or write through it (tags[-1], out[(L-1)*K + k],
+// path[L-1] for L = 0) is a reported heap-buffer-overflow rather than a silent read of a neighbour's memory.
+template <typename V>
+struct Exact {
+  std::unique_ptr<V[]> buffer;
+  int64_t size;
+  explicit Exact(int64_t n, V fill = V(0)) : buffer(new V[static_cast<size_t>(n)]), size(n) {
+    for (int64_t i = 0; i < n; ++i) buffer[i] = fill;
+  }
+  template <typename W>
+  explicit Exact(const std::vector<W>& values) : Exact(static_cast<int64_t>(values.size())) {
+    for (int64_t i = 0; i < size; ++i) buffer[i] = static_cast<V>(values[i]);
+  }
+  V* get() const { return buffer.get(); }
+  bool all(V value) const {
+    for (int64_t i = 0; i < size; ++i)
+      if (!(buffer[i] == value)) return false;
+    return true;
+  }
+};
+
+// The parameters and tables of a problem, each in its own exact buffer.
+template <typename T>
+struct ExactTables {
+  Exact<T> transitions, start, end, tables;
+  Tables<T> tab;
+  explicit ExactTables(const Problem& p)
+      : transitions(p.transitions), start(p.start), end(p.end), tables(2 * p.K + 2 * p.K * p.K),
+        tab{p.K, transitions.get(), start.get(), end.get(), tables.get(), tables.get() + p.K,
+            tables.get() + 2 * p.K, tables.get() + 2 * p.K + p.K * p.K} {
+    fusedloss::crf::team_make_tables(fusedloss::crf::SerialTeam{}, tab);
+  }
+};
+
+// An empty sequence (L = 0: an all-off mask, which nothing checks on CUDA tensors) through every team function:
+// log Z, the gold score, the log-likelihood and the Viterbi score are NaN, the gradients are zero, nothing is
+// written to its (empty) outputs and nothing outside its buffers is touched.
+template <typename T>
+void check_team_empty_sequence(int K, const std::string& name) {
+  using fusedloss::crf::SerialTeam;
+  std::mt19937 rng(17 + K);
+  const Problem p = random_problem(rng, K, 0, 1.0, false);
+  const ExactTables<T> t(p);
+  const SerialTeam team;
+  Exact<T> emissions(0), alpha(0), out(0), vectors(4 * K), score(2 * K);
+  Exact<int64_t> tags(0), path(0);
+  Exact<double> offsets(0);
+  Exact<uint8_t> backpointers(0);
+  const double log_z = fusedloss::crf::team_forward(team, t.tab, emissions.get(), 0, vectors.get(),
+                                                    vectors.get() + 2 * K, alpha.get(), offsets.get());
+  check(std::isnan(log_z), name + ": log Z is NaN");
+  const double log_z_unstored = fusedloss::crf::team_forward(team, t.tab, emissions.get(), 0, vectors.get(),
+                                                             vectors.get() + 2 * K, static_cast<T*>(nullptr),
+                                                             static_cast<double*>(nullptr));
+  check(std::isnan(log_z_unstored), name + ": log Z without stored alpha is NaN");
+  bool bad_tags = true;
+  const double gold = fusedloss::crf::team_gold_score(team, t.tab, emissions.get(), tags.get(), 0, &bad_tags);
+  check(std::isnan(gold) && std::isnan(gold - log_z) && !bad_tags, name + ": gold score and log-likelihood NaN");
+  Exact<T> grad_t(K * K, T(0)), grad_start(K, T(0)), grad_end(K, T(0));
+  const fusedloss::crf::TeamBackwardVectors<T> vec{vectors.get(), vectors.get() + K, vectors.get() + 2 * K,
+                                                   vectors.get() + 3 * K};
+  fusedloss::crf::team_backward<true>(team, t.tab, emissions.get(), tags.get(), 0, alpha.get(), offsets.get(), log_z,
+                                      T(0.75), out.get(), grad_t.get(), grad_start.get(), grad_end.get(), vec);
+  check(grad_t.all(T(0)) && grad_start.all(T(0)) && grad_end.all(T(0)), name + ": zero transition gradients");
+  fusedloss::crf::team_backward<false>(team, t.tab, emissions.get(), static_cast<const int64_t*>(nullptr), 0,
+                                       alpha.get(), offsets.get(), log_z, T(1), out.get(), static_cast<T*>(nullptr),
+                                       static_cast<T*>(nullptr), static_cast<T*>(nullptr), vec);
+  const double best = fusedloss::crf::team_viterbi(team, t.tab, emissions.get(), 0, score.get(), backpointers.get(),
+                                                   path.get());
+  check(std::isnan(best), name + ": Viterbi score is NaN");
+}
+
+void test_team_empty_sequence() {
+  for (int K : {1, 3, 5}) {
+    check_team_empty_sequence<float>(K, "empty sequence K=" + std::to_string(K) + " float");
+    check_team_empty_sequence<double>(K, "empty sequence K=" + std::to_string(K) + " double");
+  }
+}
+
+// A tag outside [0, K) at any step (the first, a middle one, the last) is reported and never used as an index:
+// the team gold score is NaN and flags it, and the team backward gives the sequence a zero gradient (every
+// emission row written as 0, nothing added to the transition, start and end gradients), all on exact buffers.
+template <typename T>
+void check_team_bad_tags(const Problem& p, const std::string& name) {
+  using fusedloss::crf::SerialTeam;
+  const int K = p.K;
+  const int64_t L = p.L;
+  const ExactTables<T> t(p);
+  const SerialTeam team;
+  const Exact<T> emissions(p.emissions);
+  Exact<T> alpha(L * K), vectors(4 * K);
+  Exact<double> offsets(L);
+  const double log_z = fusedloss::crf::team_forward(team, t.tab, emissions.get(), L, vectors.get(),
+                                                    vectors.get() + 2 * K, alpha.get(), offsets.get());
+  check(std::isfinite(log_z), name + ": log Z finite (it reads no tag)");
+  const fusedloss::crf::TeamBackwardVectors<T> vec{vectors.get(), vectors.get() + K, vectors.get() + 2 * K,
+                                                   vectors.get() + 3 * K};
+  for (int64_t at : {int64_t(0), L / 2, L - 1}) {
+    for (int64_t bad : {int64_t(-1), int64_t(K), int64_t(K) + 7, int64_t(-1000000)}) {
+      std::vector<int64_t> values = p.tags;
+      values[at] = bad;
+      const Exact<int64_t> tags(values);
+      const std::string what = name + " tag " + std::to_string(bad) + " at " + std::to_string(at);
+      bool bad_tags = false;
+      const double gold = fusedloss::crf::team_gold_score(team, t.tab, emissions.get(), tags.get(), L, &bad_tags);
+      check(bad_tags && std::isnan(gold) && std::isnan(gold - log_z), what + ": gold score flags it, NaN");
+      Exact<T> out(L * K, T(7)), grad_t(K * K, T(0)), grad_start(K, T(0)), grad_end(K, T(0));
+      fusedloss::crf::team_backward<true>(team, t.tab, emissions.get(), tags.get(), L, alpha.get(), offsets.get(),
+                                          log_z, T(0.75), out.get(), grad_t.get(), grad_start.get(), grad_end.get(),
+                                          vec);
+      check(out.all(T(0)), what + ": emission gradient written as zero");
+      check(grad_t.all(T(0)) && grad_start.all(T(0)) && grad_end.all(T(0)), what + ": zero transition gradients");
+    }
+  }
+}
+
 void test_team_bad_tags() {
   std::mt19937 rng(11);
-  const Problem p = random_problem(rng, 3, 4, 1.0, false);
-  std::vector<float> emissions(p.emissions.begin(), p.emissions.end());
-  std::vector<float> transitions(p.transitions.begin(), p.transitions.end());
-  std::vector<float> start(p.start.begin(), p.start.end()), end(p.end.begin(), p.end.end());
-  const Tables<float> tab{3, transitions.data(), start.data(), end.data(), nullptr, nullptr, nullptr, nullptr};
-  for (int64_t bad : {-1, 3}) {
-    std::vector<int64_t> tags = p.tags;
-    tags[2] = bad;
-    bool bad_tags = false;
-    const double gold = fusedloss::crf::team_gold_score(fusedloss::crf::SerialTeam{}, tab, emissions.data(),
-                                                        tags.data(), p.L, &bad_tags);
-    check(bad_tags && std::isnan(gold), "team gold score flags tag " + std::to_string(bad));
+  for (int K : {1, 3}) {
+    for (int64_t L : {1, 2, 4}) {
+      const Problem p = random_problem(rng, K, L, 1.0, false);
+      const std::string name = "K=" + std::to_string(K) + " L=" + std::to_string(L);
+      check_team_bad_tags<float>(p, name + " float");
+      check_team_bad_tags<double>(p, name + " double");
+    }
   }
 }
 
@@ -376,6 +491,7 @@ int main() {
   test_large_emissions();
   test_long_sequence();
   test_forbidden_gold_path();
+  test_team_empty_sequence();
   test_team_bad_tags();
   test_fast_math();
   return fusedloss_test::report();
