@@ -8,6 +8,14 @@
 // the backward's per-sequence transition-gradient accumulator and Viterbi's backpointers too when they fit;
 // otherwise from global memory (same code, other pointers). The time loop is serial, so a block does
 // O(K^2 / threads) work per step and the batch fills the GPU.
+//
+// Masks and tags are not checked on CUDA tensors (the host would have to wait for the device), so every kernel
+// takes each sequence's length from the mask as it comes, 0 included, and any tag value, with defined results
+// and no access outside the sequence's own rows, never a device-side assert: an empty sequence (all-off mask)
+// gets a NaN log-likelihood and a zero gradient, NaN marginals at every position, a path of -1 and a NaN score;
+// a tag outside [0, K) at an unmasked position a NaN log-likelihood and a zero gradient (crf_team.h). Other
+// sequences are unaffected: each block reads and writes only its own sequence's rows and its own slot. These
+// kernels have been compiled for sm_80/sm_90 but have not yet run on a GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -116,11 +124,13 @@ bool fits_shared(Kernel kernel, int64_t bytes) {
   return true;
 }
 
-// Forward + gold score. Global workspace per sequence (used when !in_shared): alpha (2K), p (K).
+// Forward + gold score. Global workspace per sequence (used when !in_shared): alpha (2K), p (K). The
+// log-likelihood is NaN for an empty sequence (log Z and the gold score are) and for one with a tag outside
+// [0, K) (the gold score is).
 template <typename E, typename T>
 __global__ void forward_kernel(Tables<T> tab, const E* emissions, const int64_t* tags, const int64_t* lengths,
                                int64_t T_len, bool in_shared, T* workspace, int64_t workspace_stride, T* alpha,
-                               double* offsets, T* log_likelihood, double* log_partition, uint8_t* bad_tags) {
+                               double* offsets, T* log_likelihood, double* log_partition) {
   extern __shared__ double shared[];
   __shared__ double scratch[32];
   const BlockTeam team{scratch};
@@ -144,16 +154,13 @@ __global__ void forward_kernel(Tables<T> tab, const E* emissions, const int64_t*
   const double gold = team_gold_score(team, tab, em, tags + b * T_len, L, &bad);
   if (threadIdx.x == 0) {
     log_partition[b] = log_z;
-    if (bad) {
-      bad_tags[b] = 1;
-    } else {
-      log_likelihood[b] = static_cast<T>(gold - log_z);
-    }
+    log_likelihood[b] = static_cast<T>(gold - log_z);  // NaN when bad or L == 0
   }
 }
 
 // Backward: emission gradients (rows past the sequence's end are zeroed) and the sequence's transition
-// gradient (K^2 transposed, then start, end) written to its slot of slot_grads (zeroed by the caller).
+// gradient (K^2 transposed, then start, end) written to its slot of slot_grads (zeroed by the caller). An empty
+// sequence or one with a tag outside [0, K) gets zeros everywhere (team_backward adds nothing for it).
 // Global workspace per sequence (when !in_shared): beta, v, w, u.
 template <typename E, typename T>
 __global__ void backward_kernel(Tables<T> tab, const E* emissions, const int64_t* tags, const int64_t* lengths,
@@ -193,6 +200,7 @@ __global__ void backward_kernel(Tables<T> tab, const E* emissions, const int64_t
 
 // Tag marginals: the forward (alpha stored in global memory) then the backward without gradients. Global
 // workspace per sequence (when !in_shared): 4K (the backward's vectors; the forward's alpha and p alias them).
+// Rows past the sequence's end are 0; an empty sequence has no distribution at all: NaN at every position.
 template <typename E, typename T>
 __global__ void marginals_kernel(Tables<T> tab, const E* emissions, const int64_t* lengths, int64_t T_len,
                                  bool in_shared, T* workspace, int64_t workspace_stride, T* alpha, double* offsets,
@@ -223,11 +231,13 @@ __global__ void marginals_kernel(Tables<T> tab, const E* emissions, const int64_
   const TeamBackwardVectors<T> vectors{vec, vec + K, vec + 2 * K, vec + 3 * K};
   team_backward<false>(team, tab, em, static_cast<const int64_t*>(nullptr), L, alpha_b, offsets_b, log_z, T(1), out,
                        static_cast<T*>(nullptr), static_cast<T*>(nullptr), static_cast<T*>(nullptr), vectors);
-  for (int64_t i = L * K + threadIdx.x; i < T_len * K; i += blockDim.x) out[i] = T(0);
+  const T past_end = L > 0 ? T(0) : static_cast<T>(NAN);
+  for (int64_t i = L * K + threadIdx.x; i < T_len * K; i += blockDim.x) out[i] = past_end;
 }
 
 // Viterbi. Shared memory: scores (2K), transitions (K^2), start, end; then the backpointers (T_len * K of BP)
-// when bp_in_shared. Global workspace per sequence (when !in_shared): scores (2K).
+// when bp_in_shared. Global workspace per sequence (when !in_shared): scores (2K). An empty sequence gets a
+// NaN score (team_viterbi) and -1 at every step.
 template <typename E, typename T, typename BP>
 __global__ void viterbi_kernel(Tables<T> tab, const E* emissions, const int64_t* lengths, int64_t T_len,
                                bool in_shared, bool bp_in_shared, T* workspace, int64_t workspace_stride,
@@ -258,7 +268,7 @@ template <typename E, typename T>
 void forward_typed(const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B, int64_t T_len,
                    int K, const void* transitions, const void* start, const void* end, void* tables, void* workspace,
                    int64_t workspace_stride, void* alpha, double* offsets, void* log_likelihood,
-                   double* log_partition, uint8_t* bad_tags, cudaStream_t stream) {
+                   double* log_partition, cudaStream_t stream) {
   if (B == 0) return;
   const Tables<T> tab = carve_tables(static_cast<const T*>(transitions), static_cast<const T*>(start),
                                      static_cast<const T*>(end), static_cast<T*>(tables), K);
@@ -267,7 +277,7 @@ void forward_typed(const void* emissions, const int64_t* tags, const int64_t* le
   const bool in_shared = fits_shared(forward_kernel<E, T>, bytes);
   forward_kernel<E, T><<<static_cast<unsigned>(B), threads_for(K), in_shared ? bytes : 0, stream>>>(
       tab, static_cast<const E*>(emissions), tags, lengths, T_len, in_shared, static_cast<T*>(workspace),
-      workspace_stride, static_cast<T*>(alpha), offsets, static_cast<T*>(log_likelihood), log_partition, bad_tags);
+      workspace_stride, static_cast<T*>(alpha), offsets, static_cast<T*>(log_likelihood), log_partition);
 }
 
 template <typename E, typename T>
@@ -358,10 +368,9 @@ void viterbi_typed(const void* emissions, const int64_t* lengths, int64_t B, int
 void launch_forward(int dtype_code, const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B,
                     int64_t T_len, int K, const void* transitions, const void* start, const void* end, void* tables,
                     void* workspace, int64_t workspace_stride, void* alpha, double* offsets, void* log_likelihood,
-                    double* log_partition, uint8_t* bad_tags, cudaStream_t stream) {
+                    double* log_partition, cudaStream_t stream) {
   FUSEDLOSS_CRF_DISPATCH(dtype_code, forward_typed, emissions, tags, lengths, B, T_len, K, transitions, start, end,
-                         tables, workspace, workspace_stride, alpha, offsets, log_likelihood, log_partition, bad_tags,
-                         stream)
+                         tables, workspace, workspace_stride, alpha, offsets, log_likelihood, log_partition, stream)
 }
 
 void launch_backward(int dtype_code, const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B,

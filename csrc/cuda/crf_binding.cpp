@@ -2,8 +2,9 @@
 // per-sequence transition gradients) around the torch-free kernels of csrc/cuda/crf.cu. Compiled only when
 // torch has CUDA (setup.py). Same contract and dtype rules as the CPU kernels in csrc/cpu/crf.cpp.
 //
-// Sequence lengths come from the mask by a sum on the device (no host sync); tags out of range are reported
-// by a per-sequence flag that is checked on the host, which syncs once per forward.
+// Nothing here waits for the device: sequence lengths come from the mask by a sum on the device, and mask and
+// tag values are not read back. The kernels give an all-off mask or a tag outside [0, K) defined results (NaN
+// log-likelihood with a zero gradient, NaN marginals, a path of -1 with a NaN score; csrc/cuda/crf.cu).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,7 +25,7 @@ namespace cuda {
 void launch_forward(int dtype_code, const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B,
                     int64_t T_len, int K, const void* transitions, const void* start, const void* end, void* tables,
                     void* workspace, int64_t workspace_stride, void* alpha, double* offsets, void* log_likelihood,
-                    double* log_partition, uint8_t* bad_tags, cudaStream_t stream);
+                    double* log_partition, cudaStream_t stream);
 void launch_backward(int dtype_code, const void* emissions, const int64_t* tags, const int64_t* lengths, int64_t B,
                      int64_t T_len, int K, const void* transitions, const void* start, const void* end, void* tables,
                      void* workspace, int64_t workspace_stride, const void* alpha, const double* offsets,
@@ -102,7 +103,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_fo
   at::Tensor log_partition = at::empty({in.B}, opts64);
   at::Tensor alpha = save_for_backward ? at::empty({in.B, in.T_len, in.K}, opts) : at::empty({0}, opts);
   at::Tensor offsets = save_for_backward ? at::empty({in.B, in.T_len}, opts64) : at::empty({0}, opts64);
-  at::Tensor bad_tags = at::zeros({in.B}, in.emissions.options().dtype(at::kByte));
   at::Tensor tables = make_tables(in);
   at::Tensor workspace = at::empty({in.B, 3 * static_cast<int64_t>(in.K)}, opts);
   crf::cuda::launch_forward(in.dtype_code, in.emissions.const_data_ptr(), tags.const_data_ptr<int64_t>(),
@@ -110,10 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_fo
                             in.start.const_data_ptr(), in.end.const_data_ptr(), tables.data_ptr(), workspace.data_ptr(),
                             workspace.size(1), save_for_backward ? alpha.data_ptr() : nullptr,
                             save_for_backward ? offsets.data_ptr<double>() : nullptr, log_likelihood.data_ptr(),
-                            log_partition.data_ptr<double>(), bad_tags.data_ptr<uint8_t>(),
-                            c10::cuda::getCurrentCUDAStream());
+                            log_partition.data_ptr<double>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  TORCH_CHECK_VALUE(!bad_tags.any().item<bool>(), "tags must be in [0, ", in.K, ") at unmasked positions");
   return {log_likelihood.to(in.result_dtype), log_partition, alpha, offsets};
 }
 
