@@ -290,6 +290,86 @@ def test_viterbi_score_of_a_sequence_with_a_nan_is_nan(block_k):
         assert scores.isnan().tolist() == expected_nan
 
 
+# ------------------------------------------ values the public layer does not check on CUDA tensors (docs/crf.rst)
+
+# The ops are called directly, as the public layer calls them on CUDA tensors, where it reads no mask or tag value
+# (that would wait for the device): an all-off mask and a tag outside [0, K) get the documented values, and every
+# other sequence is bit for bit what a clean run gives it. Sequence 1 is the bad one; in the dot tile it shares a
+# tile with fifteen good ones.
+UNCHECKED_CASES = [
+    pytest.param(4, 3, 5, None, None, id="one-tile"),
+    pytest.param(4, 3, 5, 1, 2, id="K-tiled"),
+    pytest.param(17, 3, 20, 16, 16, id="dot-tile-partial-batch"),
+]
+BAD = 1
+
+
+def with_arbitrary_tags_past_the_end(tags, mask, num_tags):
+    """``tags`` with values outside [0, K) past each sequence's end (-100 and K + 3), which a direct call may pass
+    (the public layer writes 0 there): they must never be read as tags."""
+    junk = torch.where(torch.arange(tags.size(1)) % 2 == 0, -100, num_tags + 3).expand_as(tags)
+    return torch.where(mask, tags, junk)
+
+
+def assert_other_sequences_exact(ll, grads, clean_ll, clean_grads):
+    """The bad sequence's log-likelihood is NaN and its emission gradient zero; every other value, the summed
+    transition gradients included, equals the clean run's bit for bit (the clean run gives the bad sequence
+    grad_output 0, so it adds exactly zero to the sums too)."""
+    others = torch.arange(ll.size(0)) != BAD
+    assert torch.isnan(ll[BAD]) and torch.equal(ll[others], clean_ll[others])
+    assert torch.equal(grads[0][BAD], torch.zeros_like(grads[0][BAD]))
+    for name, grad, clean in zip(GRAD_NAMES, grads, clean_grads):
+        assert torch.equal(grad, clean), f"grad of {name}"  # == compares values: -0.0 == 0.0
+
+
+@pytest.mark.parametrize("batch, seq_len, num_tags, block_b, block_k", UNCHECKED_CASES)
+def test_an_all_off_mask_gives_nan_and_leaves_the_other_sequences_exact(batch, seq_len, num_tags, block_b, block_k):
+    """Length 0: NaN log-likelihood with a zero gradient, NaN marginals at every position, a path of -1 and a NaN
+    score; the kernels read no tag of it (there is none: tags[-1] would be the previous sequence's)."""
+    emissions, tags, mask, transitions, start, end = make_inputs(batch, seq_len, num_tags, seed=21)
+    bad_mask = mask.clone()
+    bad_mask[BAD] = False
+    bad_tags = with_arbitrary_tags_past_the_end(tags, bad_mask, num_tags)
+    clean_grad_output = torch.ones(batch)
+    clean_grad_output[BAD] = 0.0
+    ll, grads = triton_log_likelihood(emissions, bad_tags, bad_mask, transitions, start, end, torch.ones(batch),
+                                      block_b, block_k)
+    clean_ll, clean_grads = triton_log_likelihood(emissions, tags, mask, transitions, start, end, clean_grad_output,
+                                                  block_b, block_k)
+    assert_other_sequences_exact(ll, grads, clean_ll, clean_grads)
+
+    others = torch.arange(batch) != BAD
+    paths, scores = triton_crf._viterbi_op(emissions, bad_mask, transitions, start, end, block_b, block_k)
+    clean_paths, clean_scores = triton_crf._viterbi_op(emissions, mask, transitions, start, end, block_b, block_k)
+    assert paths[BAD].tolist() == [-1] * seq_len and torch.isnan(scores[BAD])
+    assert torch.equal(paths[others], clean_paths[others]) and torch.equal(scores[others], clean_scores[others])
+    marginals = triton_crf._marginals_op(emissions, bad_mask, transitions, start, end, block_b, block_k)
+    clean_marginals = triton_crf._marginals_op(emissions, mask, transitions, start, end, block_b, block_k)
+    assert torch.isnan(marginals[BAD]).all()
+    assert torch.equal(marginals[others], clean_marginals[others])
+
+
+@pytest.mark.parametrize("batch, seq_len, num_tags, block_b, block_k", UNCHECKED_CASES)
+@pytest.mark.parametrize("position, value", [(0, "-1"), (1, "K"), (2, "2**40")], ids=["first", "middle", "last"])
+def test_a_tag_out_of_range_gives_nan_and_leaves_the_other_sequences_exact(batch, seq_len, num_tags, block_b, block_k,
+                                                                           position, value):
+    """A tag outside [0, K) at the first, a middle or the last step: NaN log-likelihood and a zero gradient for its
+    sequence (nothing of it in the transition gradients), and it indexes nothing (2**40 would be far out of any
+    buffer)."""
+    emissions, tags, mask, transitions, start, end = make_inputs(batch, seq_len, num_tags, seed=22)
+    mask[BAD] = True  # three steps: the last is position 2
+    tags[BAD] = torch.randint(0, num_tags, (seq_len,), generator=torch.Generator().manual_seed(23))
+    bad_tags = with_arbitrary_tags_past_the_end(tags, mask, num_tags)
+    bad_tags[BAD, position] = {"-1": -1, "K": num_tags, "2**40": 2 ** 40}[value]
+    clean_grad_output = torch.ones(batch)
+    clean_grad_output[BAD] = 0.0
+    ll, grads = triton_log_likelihood(emissions, bad_tags, mask, transitions, start, end, torch.ones(batch),
+                                      block_b, block_k)
+    clean_ll, clean_grads = triton_log_likelihood(emissions, tags, mask, transitions, start, end, clean_grad_output,
+                                                  block_b, block_k)
+    assert_other_sequences_exact(ll, grads, clean_ll, clean_grads)
+
+
 def test_float64_is_declined_with_reasons():
     emissions, tags, mask, transitions, start, end = make_inputs(2, 2, 3)
     assert triton_crf.crf_log_likelihood_reasons(emissions, tags, mask, transitions, start, end) == []

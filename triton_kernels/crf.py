@@ -40,7 +40,15 @@ move it to tensor cores at an accuracy cost to be measured on a GPU). Where a co
 column is recomputed exactly as an online logsumexp. The backward step is the same operation with ``Aᵀ``.
 
 Viterbi is the max-plus recursion (no exp) with backpointers in int8/uint8/int16 by K, backtracked inside the
-kernel. GPU performance is unmeasured (no GPU was available when this was written): the block sizes are those
+kernel.
+
+Values nobody checked: on CUDA tensors the public layer does not read masks and tags back (that would wait for
+the device), so the kernels give defined results for any of them and never form an address outside a sequence's
+own rows. A sequence whose mask is all off (length 0) gets a NaN log-likelihood and a zero gradient, NaN
+marginals at every position, a path of -1 and a NaN score; a tag outside [0, K) at one of its steps a NaN
+log-likelihood and a zero gradient (a bad tag is replaced by 0 before it indexes anything, and the backward
+launcher gives the sequence length 0). The other sequences' values are exactly those of a batch without the bad
+one. GPU performance is unmeasured (no GPU was available when this was written): the block sizes are those
 that compile for sm_90 without register spills (make triton-build-check), the batch tile threshold a first guess
 for an H100.
 """
@@ -174,10 +182,17 @@ def _crf_forward_kernel(
         row_max = tl.maximum(row_max, tl.max(tl.where(ok, alpha, _NEG), axis=1))
     tl.store(alpha_max_ptr + tag_rows, row_max, mask=rows_ok)
     offset = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    nonempty = rows_ok & (lengths > 0)
     if HAS_TAGS:
+        # Tags are unchecked on CUDA tensors: one outside [0, K) at a step of the sequence marks it `bad` (its
+        # log-likelihood is NaN) and is replaced by 0 before it indexes anything. An empty sequence has no step.
+        # In range, a tag fits int32, which keeps the loop-carried tag off the stack on sm_90.
         tag = tl.load(tags_ptr + tag_rows, mask=rows_ok, other=0)
-        gold = tl.load(start_ptr + tag, mask=rows_ok, other=0.0)
-        gold += tl.load(emissions_ptr + emission_rows + tag, mask=rows_ok, other=0.0).to(tl.float32)
+        tag_ok = (tag >= 0) & (tag < K)
+        bad = tl.where(nonempty & ~tag_ok, 1, 0)
+        tag = tl.where(tag_ok, tag, 0).to(tl.int32)
+        gold = tl.load(start_ptr + tag, mask=nonempty, other=0.0)
+        gold += tl.load(emissions_ptr + emission_rows + tag, mask=nonempty, other=0.0).to(tl.float32)
     tl.debug_barrier()
 
     for t in range(1, T):
@@ -185,6 +200,9 @@ def _crf_forward_kernel(
         if HAS_TAGS:
             previous_tag = tag
             tag = tl.load(tags_ptr + tag_rows + t, mask=rows_ok, other=0)
+            tag_ok = (tag >= 0) & (tag < K)
+            bad |= tl.where(active & ~tag_ok, 1, 0)
+            tag = tl.where(tag_ok, tag, 0).to(tl.int32)
             step_score = tl.load(emissions_ptr + emission_rows + t * K + tag, mask=active, other=0.0).to(tl.float32)
             step_score += tl.load(trans_ptr + previous_tag * K + tag, mask=active, other=0.0)
             gold += tl.where(active, step_score, 0.0)
@@ -222,9 +240,12 @@ def _crf_forward_kernel(
             z_sum = z_sum * tl.exp(z_max - tile_max) + tl.sum(tl.exp(final - tile_max[:, None]), axis=1)
             z_max = tile_max
         log_z = offset + z_max + tl.log(tl.where(rows_ok, z_sum, 1.0))
-        last_tag = tl.load(tags_ptr + tag_rows + lengths - 1, mask=rows_ok, other=0)
-        gold += tl.load(end_ptr + last_tag, mask=rows_ok, other=0.0)
-        tl.store(ll_ptr + rows, gold - log_z, mask=rows_ok)
+        # The last step's tag (none for an empty sequence: no read at tags[-1]); its range was checked above.
+        last_tag = tl.load(tags_ptr + tag_rows + tl.maximum(lengths - 1, 0), mask=nonempty, other=0)
+        last_tag = tl.where((last_tag >= 0) & (last_tag < K), last_tag, 0)
+        gold += tl.load(end_ptr + last_tag, mask=nonempty, other=0.0)
+        ll = tl.where((bad != 0) | ~nonempty, float("nan"), gold - log_z)
+        tl.store(ll_ptr + rows, ll, mask=rows_ok)
 
 
 @triton.jit
@@ -267,9 +288,12 @@ def _crf_backward_kernel(
     the size of one step however long the sequence (no cancellation of α + β against log Z), and a peaked
     distribution gives probabilities of exactly 1.
 
-    With ``MARGINALS``: ``out[b, t, j] = P(y_t = j)`` (0 past the end). Otherwise
+    With ``MARGINALS``: ``out[b, t, j] = P(y_t = j)`` (0 past the end; NaN everywhere for an empty sequence, which
+    has no distribution). Otherwise
     ``out[b, t, j] = g_b (1[y_t = j] - P(y_t = j))`` and the pair marginals ``g_b P(y_{t-1} = i, y_t = j)``,
-    summed over the tile's sequences and over t, are added to ``pair[pid % NUM_PAIR_GROUPS]`` (K, K).
+    summed over the tile's sequences and over t, are added to ``pair[pid % NUM_PAIR_GROUPS]`` (K, K); a sequence of
+    length 0 gets zeros and adds nothing (the launcher gives length 0 to sequences with a tag out of range).
+    Tags are only compared, never used as an index.
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -338,6 +362,7 @@ def _crf_backward_kernel(
             joint = tl.load(out_ptrs, mask=ok, other=_NEG)
             marginal = tl.where(in_sequence, tl.exp(joint - log_norm[:, None]), 0.0)
             if MARGINALS:
+                marginal = tl.where((lengths > 0)[:, None], marginal, float("nan"))
                 tl.store(out_ptrs, marginal, mask=ok)
             else:
                 residual = tl.where(tag[:, None] == cols[None, :], gold_residual[:, None], -marginal)
@@ -412,7 +437,8 @@ def _crf_viterbi_kernel(
     backtrace inside the kernel.
 
     ``score (B, 2, K)`` float32 scratch holds δ_{t-1} and δ_t; ``backpointers (B, T, K)`` int8/uint8/int16/int32;
-    writes ``tags_out (B, T)`` int64 padded with -1 and ``best (B,)`` float32. Ties take the lowest index.
+    writes ``tags_out (B, T)`` int64 padded with -1 and ``best (B,)`` float32 (-1 everywhere and NaN for an empty
+    sequence). Ties take the lowest index.
     """
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -493,6 +519,7 @@ def _crf_viterbi_kernel(
         best = tl.where(better, tile_best, best)
         current = tl.where(better, tile_argbest, current)
     has_nan |= tl.where(lengths > 1, trans_nan, 0)
+    has_nan |= tl.where(lengths <= 0, 1, 0)  # an empty sequence has no path (all -1 below) and a NaN score
     tl.store(best_ptr + rows, tl.where(has_nan != 0, float("nan"), best), mask=rows_ok)
 
     tag_rows = rows.to(tl.int64) * T
@@ -535,6 +562,24 @@ def _num_warps(block_b: int, block_k: int, use_dot: bool = False) -> int:
     if use_dot:
         return 4
     return max(1, min(16 if block_k >= 64 else 8, block_b * block_k * block_k // 256))
+
+
+def _launch_options(block_b: int, block_k: int, use_dot: bool) -> dict:
+    """``num_warps`` and, on the ``tl.dot`` path, ``num_stages=1`` for the forward and backward kernels.
+
+    Each time step loads the state of the previous step (α_{t-1}, or v_t) from the global buffer the same program
+    stored it to one step before, with only ``tl.debug_barrier`` between the store and the load. With the default
+    num_stages the software pipeliner may turn loads that feed a ``tl.dot`` into asynchronous copies issued ahead
+    of their place in the loop, and nothing makes it keep them after a store to global memory: such a copy could
+    read the previous step's state before it is written. One stage keeps every load where the program has it.
+    (Triton 3.9 pipelines none of these loads for sm_90 with the default either, no ``cp.async`` in the PTX, so
+    this costs nothing today; it keeps the kernels right under a compiler that would.) The other paths have no
+    ``tl.dot`` and keep the default.
+    """
+    options = dict(num_warps=_num_warps(block_b, block_k, use_dot))
+    if use_dot:
+        options["num_stages"] = 1
+    return options
 
 
 def _viterbi_tiling(num_tags: int, block_b: Optional[int], block_k: Optional[int]) -> tuple[int, int]:
@@ -593,7 +638,7 @@ def _forward(emissions, tags, mask, transitions, start_transitions, end_transiti
         start_transitions.to(torch.float32).contiguous(), end_transitions.to(torch.float32).contiguous(),
         alpha, alpha_max, ll, batch, seq_len, num_tags,
         HAS_TAGS=tags is not None, NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k, BLOCK_B=block_b,
-        USE_DOT=use_dot, num_warps=_num_warps(block_b, block_k, use_dot),
+        USE_DOT=use_dot, **_launch_options(block_b, block_k, use_dot),
     )
     return ll, alpha, alpha_max
 
@@ -614,6 +659,13 @@ def _backward(grad, emissions, tags, mask, transitions, end_transitions, alpha, 
     num_groups = max(1, min(num_programs, _PAIR_ACCUMULATOR_FLOATS // (num_tags * num_tags)))
     pair = torch.zeros((0 if marginals_only else num_groups, num_tags, num_tags), dtype=torch.float32, device=device)
     lengths = mask.sum(1, dtype=torch.int32)
+    if not marginals_only:
+        # Tags are unchecked on CUDA tensors (reading them back would wait for the device): a sequence with a tag
+        # outside [0, K) at one of its steps gets a zero gradient, as an empty one does. The kernel sees it as
+        # empty (length 0), its gold counts get weight 0, and no tag out of range is used as an index below.
+        tag_ok = (tags >= 0) & (tags < num_tags)
+        steps = torch.arange(seq_len, device=device) < lengths[:, None]
+        lengths = torch.where((tag_ok | ~steps).all(1), lengths, 0)
     if batch > 0:
         trans, exptrans, colmax = _transition_matrices(transitions)
         trans_t, exptrans_t, rowmax = _transition_matrices(trans.t())
@@ -625,19 +677,22 @@ def _backward(grad, emissions, tags, mask, transitions, end_transitions, alpha, 
             colmax, trans_t, exptrans_t, rowmax, end_transitions.to(torch.float32).contiguous(), alpha, alpha_max,
             grad32, scratch, out, pair if not marginals_only else scratch, batch, seq_len, num_tags, num_groups,
             MARGINALS=marginals_only, NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k,
-            BLOCK_B=block_b, USE_DOT=use_dot, num_warps=_num_warps(block_b, block_k, use_dot),
+            BLOCK_B=block_b, USE_DOT=use_dot, **_launch_options(block_b, block_k, use_dot),
         )
     if marginals_only:
         return out
-    # Gold-path counts of the transitions, scaled per sequence, minus the expected counts from the kernel.
-    weights = torch.where(mask[:, 1:], grad.to(torch.float32)[:, None], 0.0)
-    flat_pairs = tags[:, :-1] * num_tags + tags[:, 1:]
+    # Gold-path counts of the transitions, scaled per sequence, minus the expected counts from the kernel (steps
+    # 1 to L-1 of each sequence; none for the sequences given length 0 above).
+    weights = torch.where(torch.arange(1, seq_len, device=device) < lengths[:, None], grad.to(torch.float32)[:, None],
+                          0.0)
+    safe_tags = torch.where(tag_ok, tags, 0)
+    flat_pairs = safe_tags[:, :-1] * num_tags + safe_tags[:, 1:]
     grad_trans = torch.zeros(num_tags * num_tags, dtype=torch.float32, device=device)
     grad_trans.index_add_(0, flat_pairs.reshape(-1), weights.reshape(-1))
     grad_trans = grad_trans.view(num_tags, num_tags) - pair.sum(0)
     # ∂s is ∂e at t = 0 and ∂f is ∂e at each sequence's last position, summed over the batch.
     grad_start = out[:, 0].sum(0)
-    grad_end = out[torch.arange(batch, device=device), lengths.long() - 1].sum(0)
+    grad_end = out[torch.arange(batch, device=device), (lengths.long() - 1).clamp(min=0)].sum(0)
     return out, grad_trans, grad_start, grad_end
 
 
@@ -665,11 +720,11 @@ def _viterbi(emissions, mask, transitions, start_transitions, end_transitions, b
 def launch_configurations() -> list[dict]:
     """Every kernel build the launchers above can ask for, for offline compile checks (tests/test_triton_build.py).
 
-    Each entry: ``name``, ``kernel``, ``signature`` (types of the non-constexpr arguments), ``constexprs`` and
-    ``num_warps``. The tilings come from :func:`_tiling` and :func:`_viterbi_tiling` over tag counts that reach
-    every block size (one tile and several) and every backpointer type, and batches below and above the
-    ``tl.dot`` threshold; each with and without tags (marginals), emissions in bfloat16, and float16/float32 at
-    the largest tiles.
+    Each entry: ``name``, ``kernel``, ``signature`` (types of the non-constexpr arguments), ``constexprs``,
+    ``num_warps`` and, where the launcher sets it (the ``tl.dot`` path), ``num_stages``. The tilings come from
+    :func:`_tiling` and :func:`_viterbi_tiling` over tag counts that reach every block size (one tile and
+    several) and every backpointer type, and batches below and above the ``tl.dot`` threshold; each with and
+    without tags (marginals), emissions in bfloat16, and float16/float32 at the largest tiles.
     """
     tag_counts = (1, 2, 3, 5, 9, 16, 17, 33, 64, 73, 100, 133, 200, 300, 40000)
     tilings, viterbi_tilings = set(), set()
@@ -695,7 +750,7 @@ def launch_configurations() -> list[dict]:
                              "B": "i32", "T": "i32", "K": "i32"}
                 builds.append(dict(name=f"forward {label} tags={has_tags}", kernel=_crf_forward_kernel,
                                    signature=signature, constexprs=dict(HAS_TAGS=has_tags, **layout),
-                                   num_warps=_num_warps(block_b, block_k, use_dot)))
+                                   **_launch_options(block_b, block_k, use_dot)))
             for marginals in (False, True):
                 signature = {"emissions_ptr": f"*{dtype}", "tags_ptr": "*i32" if marginals else "*i64",
                              "lengths_ptr": "*i32", "trans_ptr": f32, "exptrans_ptr": f32, "colmax_ptr": f32,
@@ -704,7 +759,7 @@ def launch_configurations() -> list[dict]:
                              "pair_ptr": f32, "B": "i32", "T": "i32", "K": "i32", "NUM_PAIR_GROUPS": "i32"}
                 builds.append(dict(name=f"backward {label} marginals={marginals}", kernel=_crf_backward_kernel,
                                    signature=signature, constexprs=dict(MARGINALS=marginals, **layout),
-                                   num_warps=_num_warps(block_b, block_k, use_dot)))
+                                   **_launch_options(block_b, block_k, use_dot)))
     for block_b, block_k, tiles, pointer_dtype in sorted(viterbi_tilings, key=str):
         signature = {"emissions_ptr": "*bf16", "lengths_ptr": "*i32", "trans_ptr": f32, "start_ptr": f32,
                      "end_ptr": f32, "score_ptr": f32, "backpointers_ptr": pointer_types[pointer_dtype],
