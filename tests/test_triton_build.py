@@ -43,7 +43,11 @@ def build(job):
     constexprs = {(fn.arg_names.index(k),): v for k, v in entry["constexprs"].items()}
     src = ASTSource(fn, signature, constexprs=constexprs)
     try:
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": entry["num_warps"]})
+        # The launch options the launcher uses: num_warps, and num_stages where it sets one (the CRF's tl.dot path).
+        options = {"num_warps": entry["num_warps"]}
+        if entry.get("num_stages") is not None:
+            options["num_stages"] = entry["num_stages"]
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as exc:  # noqa: BLE001 (any compiler error is the result)
         return dict(module=module_name, name=entry["name"], error=f"{type(exc).__name__}: {exc}"[-2000:])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -69,7 +73,7 @@ if __name__ == "__main__":
             if only and not any(part in f"{name} {entry['name']}" for part in only.split(",")):
                 continue
             key = (entry["kernel"].__name__, repr(sorted(entry["signature"].items())),
-                   repr(sorted(entry["constexprs"].items())), entry["num_warps"])
+                   repr(sorted(entry["constexprs"].items())), entry["num_warps"], entry.get("num_stages"))
             if key not in seen:
                 seen.add(key)
                 jobs.append((name, index))
