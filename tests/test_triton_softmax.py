@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import fusedloss
 from _backends import require_backend_for_module
-from _retain_graph import assert_cross_entropy_backwards_match
+from _retain_graph import assert_backwards_match, assert_cross_entropy_backwards_match, grads_after_backwards
 from fusedloss import _dispatch
 from fusedloss.reference.softmax import softmax_loss as reference_softmax_loss
 
@@ -403,10 +403,284 @@ def test_reasons_in_words():
 
 
 def test_no_gradient_buffer_without_autograd():
-    """Without requires_grad the op returns an empty gradient buffer (the kernel skips the gradient pass)."""
+    """Without a gradient wanted the op returns empty statistics (the kernel only computes the loss)."""
     x = _logits(3, 5).float()
     target = _target(3, 5, ignore_every=0)
-    loss, grad = torch.ops.fusedloss.triton_softmax_loss(x, target, None, -100, "sum", 0.0, 0.0, 0.0, None, False,
-                                                         False)
-    assert grad.numel() == 0
+    loss, stats = torch.ops.fusedloss.triton_softmax_loss_stats(x, target, None, -100, "sum", 0.0, 0.0, 0.0, None,
+                                                                False, False)
+    assert stats.numel() == 0
     assert math.isclose(loss.item(), F.cross_entropy(x, target, reduction="sum").item(), rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients for every grad_output, and what each pass reads and writes
+# ----------------------------------------------------------------------------------------------
+
+GRAD_OUTPUTS = ["1", "3.5", "per-row"]
+
+
+def _grad_output_for(kind, loss):
+    """1 or 3.5 (a scalar loss), or fixed random per-row values (reduction='none')."""
+    if kind == "per-row":
+        generator = torch.Generator().manual_seed(13)
+        return (torch.rand(loss.shape, generator=generator, dtype=torch.float64) * 4 - 1).to(loss.dtype)
+    return torch.tensor(float(kind), dtype=loss.dtype)
+
+
+@pytest.mark.parametrize("grad_output", GRAD_OUTPUTS)
+def test_gradient_for_each_grad_output_matches_torch(layout, grad_output):
+    """∂(grad_output · loss)/∂x against F.cross_entropy in float64, for every option torch has, with grad_output
+    1, 3.5 and per row (reduction='none'); no scaling pass exists to get any of them wrong."""
+    num_classes = 9 if layout == "tile" else 40
+    n = 7
+    x64 = _logits(n, num_classes, seed=21)
+    reductions = ("none",) if grad_output == "per-row" else ("sum", "mean")
+    for (use_weight, smoothing, kind), reduction in itertools.product(TORCH_OPTIONS, reductions):
+        target = _target(n, num_classes, soft=kind == "soft")
+        weight = _weight(num_classes) if use_weight else None
+
+        def grad_of(fn, x, target=target, weight=weight, kind=kind, smoothing=smoothing, reduction=reduction):
+            x = x.detach().clone().requires_grad_()
+            w = None if weight is None else weight.to(x.dtype)
+            t = target.to(x.dtype) if kind == "soft" else target
+            loss = fn(x, t, w, reduction, smoothing)
+            (grad,) = torch.autograd.grad(loss, x, _grad_output_for(grad_output, loss))
+            return grad.double()
+
+        def torch_ce(x, t, w, reduction, smoothing):
+            return F.cross_entropy(x, t, w, reduction=reduction, label_smoothing=smoothing)
+
+        def ours(x, t, w, reduction, smoothing):
+            return softmax_loss(x, t, w, -100, reduction, smoothing, 0.0, 0.0, None, False, False)
+
+        what = f"gradient (weight={use_weight} smoothing={smoothing} {kind} {reduction} grad_output={grad_output})"
+        _assert_close_derived(grad_of(ours, x64.float()), grad_of(torch_ce, x64), grad_of(torch_ce, x64.float()),
+                              torch.float32, x64.numel(), what)
+
+
+@pytest.mark.parametrize("grad_output", GRAD_OUTPUTS)
+@pytest.mark.parametrize("options", REFERENCE_OPTIONS[2:5], ids=["focal-smooth-z", "focal-soft-cap", "z-cap"])
+def test_gradient_for_each_grad_output_matches_reference(layout, options, grad_output):
+    """The options torch lacks (focal factor, z-loss, softcap) with grad_output 1, 3.5 and per row."""
+    use_weight, smoothing, soft, gamma, z_loss, softcap, by_count = options
+    num_classes = 9 if layout == "tile" else 40
+    x64 = _logits(7, num_classes, seed=22)
+    target = _target(7, num_classes, soft=soft)
+    weight = _weight(num_classes) if use_weight else None
+    reduction = "none" if grad_output == "per-row" else "mean"
+
+    def grad_of(fn, x):
+        x = x.detach().clone().requires_grad_()
+        t = target.to(x.dtype) if soft else target
+        w = None if weight is None else weight.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        loss = fn(x, t, w, -100, reduction, smoothing, gamma, z_loss, softcap, by_count, False)
+        (grad,) = torch.autograd.grad(loss, x, _grad_output_for(grad_output, loss))
+        return grad.double()
+
+    _assert_close_derived(grad_of(softmax_loss, x64.float()), grad_of(reference_softmax_loss, x64),
+                          grad_of(reference_softmax_loss, x64.float()), torch.float32, x64.numel(), "gradient")
+
+
+class _Traffic:
+    """Counts, under the interpreter, every kernel launch and the elements each launch loads and stores (masked-off
+    lanes excluded), so a test can say which tensor's bytes a pass moved and how often."""
+
+    def __init__(self, monkeypatch):
+        from triton.runtime import interpreter
+
+        self.launches = []
+        builder = interpreter.interpreter_builder
+        original_call = interpreter.GridExecutor.__call__
+        original_load, original_store = builder.create_masked_load, builder.create_masked_store
+        traffic = self
+
+        def call(executor, *args, **kwargs):
+            traffic.launches.append(dict(kernel=executor.fn.__name__, loads=[], stores=[]))
+            return original_call(executor, *args, **kwargs)
+
+        def load(ptrs, mask, *args):
+            traffic.launches[-1]["loads"].append(ptrs.data[mask.data].astype("int64").ravel())
+            return original_load(ptrs, mask, *args)
+
+        def store(ptrs, value, mask, *args):
+            traffic.launches[-1]["stores"].append(ptrs.data[mask.data].astype("int64").ravel())
+            return original_store(ptrs, value, mask, *args)
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", call)
+        monkeypatch.setattr(builder, "create_masked_load", load)
+        monkeypatch.setattr(builder, "create_masked_store", store)
+
+    def take(self):
+        launches, self.launches = self.launches, []
+        return launches
+
+    @staticmethod
+    def addresses(launch, kind, tensor):
+        """Sorted element addresses of ``tensor``'s storage range that ``launch`` loaded or stored."""
+        import numpy as np
+
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        hits = [a[(a >= start) & (a < end)] for a in launch[kind]]
+        return np.sort(np.concatenate(hits)) if hits else np.zeros(0, dtype="int64")
+
+    @staticmethod
+    def element_addresses(tensor, rows):
+        """Sorted addresses of every element of ``tensor``'s given rows."""
+        import numpy as np
+
+        cols = torch.arange(tensor.shape[1]) * tensor.stride(1)
+        offsets = rows[:, None] * tensor.stride(0) + cols[None, :]
+        return np.sort((tensor.data_ptr() + offsets.flatten() * tensor.element_size()).numpy().astype("int64"))
+
+
+# (name, layout overrides, options): a tile of rows in registers; vocabulary rows swept in 3 blocks; the one forward
+# that reads twice (γ > 0 with smoothing on a row wider than a block).
+TRAFFIC_CASES = {
+    "tile": ({}, dict(label_smoothing=0.1, focal_gamma=2.0, z_loss=1e-3, softcap=5.0), 1),
+    "vocabulary": ({"_MAX_BLOCK_C": 16, "_TILE_ELEMENTS": 16}, dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0), 1),
+    "vocabulary-focal-smoothing": ({"_MAX_BLOCK_C": 16, "_TILE_ELEMENTS": 16},
+                                   dict(label_smoothing=0.1, focal_gamma=2.0), 2),
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["buffer", "inplace"])
+@pytest.mark.parametrize("grad_output", GRAD_OUTPUTS)
+@pytest.mark.parametrize("case", list(TRAFFIC_CASES))
+def test_each_pass_moves_the_logits_once(monkeypatch, case, grad_output, inplace):
+    """Forward with a gradient wanted: one launch that reads every kept logit once (twice in the focal + spread
+    case on vocabulary rows; plus the target logit) and writes no (N, C) tensor. Backward, for grad_output 1, 3.5
+    and per row: exactly one launch, which reads every kept logit once and writes every gradient element once
+    (over the logits with inplace_backward). A scaling pass over the gradient would show up as a second launch."""
+    overrides, options, forward_reads = TRAFFIC_CASES[case]
+    for name, value in overrides.items():
+        monkeypatch.setattr(triton_softmax, name, value)
+    n, c = 6, 40
+    target = _target(n, c)  # rows 1 and 4 ignored
+    kept_rows = torch.nonzero(target != -100).flatten()
+    x = _logits(n, c, seed=23).float().requires_grad_()
+    reduction = "none" if grad_output == "per-row" else "mean"
+    args = dict(ignore_index=-100, reduction=reduction, label_smoothing=0.0, focal_gamma=0.0, z_loss=0.0,
+                softcap=None, mean_by_count=False, inplace_backward=inplace)
+    args.update(options)
+    x_ref = x.detach().double().requires_grad_()
+    loss_ref = reference_softmax_loss(x_ref, target, None, **args)
+    (expected_grad,) = torch.autograd.grad(loss_ref, x_ref, _grad_output_for(grad_output, loss_ref))
+
+    traffic = _Traffic(monkeypatch)
+    leaf = x.detach().clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf the in-place backward may overwrite
+    loss = softmax_loss(logits, target, None, **args)
+    (forward,) = traffic.take()
+    assert forward["kernel"] == "_softmax_loss_fwd_kernel"
+    reads = _Traffic.addresses(forward, "loads", logits)
+    assert len(reads) == forward_reads * len(kept_rows) * c + len(kept_rows), case
+    assert set(reads) == set(_Traffic.element_addresses(logits, kept_rows))
+    assert len(_Traffic.addresses(forward, "stores", logits)) == 0
+    stored = sum(len(a) for a in forward["stores"])
+    assert stored <= n * (triton_softmax.NUM_STATS + 1), f"the forward stored {stored} elements"
+
+    (grad,) = torch.autograd.grad(loss, logits, _grad_output_for(grad_output, loss))
+    (backward,) = traffic.take()
+    assert backward["kernel"] == "_softmax_loss_bwd_kernel"
+    reads = _Traffic.addresses(backward, "loads", logits)
+    assert list(reads) == list(_Traffic.element_addresses(logits, kept_rows))  # each kept logit once
+    writes = _Traffic.addresses(backward, "stores", grad)
+    assert list(writes) == list(_Traffic.element_addresses(grad, torch.arange(n)))  # each element once
+    assert len(_Traffic.addresses(backward, "loads", grad)) == (len(reads) if inplace else 0)
+    assert (grad.data_ptr() == logits.data_ptr()) == inplace
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-6)
+
+
+class _LargeAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every new tensor (not a view or in-place result of an argument) of at least ``min_numel`` elements."""
+
+    def __init__(self, min_numel):
+        super().__init__()
+        self.min_numel = min_numel
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        storages = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.numel() >= self.min_numel
+                    and t.untyped_storage().data_ptr() not in storages):
+                self.found.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("how", ["no_grad", "requires_grad=False", "requires_grad"])
+def test_forward_launches_one_kernel_and_allocates_no_gradient(monkeypatch, how):
+    """A forward reads the logits once in one launch and makes no (N, C) buffer: without a gradient nothing else
+    is written than the row losses; with one, the row statistics (the gradient is written by backward)."""
+    monkeypatch.setattr(triton_softmax, "_MAX_BLOCK_C", 16)
+    monkeypatch.setattr(triton_softmax, "_TILE_ELEMENTS", 16)
+    n, c = 5, 40
+    target = _target(n, c)
+    kept_rows = torch.nonzero(target != -100).flatten()
+    x = _logits(n, c, seed=24).float().requires_grad_(how == "requires_grad")
+    traffic = _Traffic(monkeypatch)
+    allocations = _LargeAllocations(n * c)
+    with torch.set_grad_enabled(how != "no_grad"), allocations:
+        loss = softmax_loss(x, target, None, -100, "none", 0.1, 0.0, 1e-3, 4.0, False, False)
+    (forward,) = traffic.take()
+    assert allocations.found == []
+    assert forward["kernel"] == "_softmax_loss_fwd_kernel"
+    reads = _Traffic.addresses(forward, "loads", x)
+    assert len(reads) == len(kept_rows) * c + len(kept_rows)  # each kept logit once, plus the target logit
+    assert set(reads) == set(_Traffic.element_addresses(x, kept_rows))
+    stored = sum(len(a) for a in forward["stores"])
+    assert stored == (n * (1 + triton_softmax.NUM_STATS) if how == "requires_grad" else n)
+    expected = F.cross_entropy(x.detach().double(), target, reduction="none", label_smoothing=0.1)
+    assert loss.requires_grad == (how == "requires_grad")
+    assert torch.isfinite(loss).all() and loss.shape == expected.shape
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (3.5, 1.0), (1.0, 3.5, 2.0)], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_retained_graph_backwards_accumulate_like_torch(reduction, scales):
+    """Without inplace_backward the logits survive backward, so every further backward through the same graph
+    recomputes from them and .grad accumulates exactly as torch's (scalar and per-row grad_output)."""
+    x = _logits(6, 11, seed=25).float()
+    target = _target(6, 11)
+    assert_backwards_match(
+        lambda z: softmax_loss(z, target, None, -100, reduction, 0.1, 0.0, 0.0, None, False, False),
+        lambda z: F.cross_entropy(z, target, reduction=reduction, label_smoothing=0.1), (x,), scales,
+        may_raise=False, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_retained_graph_with_inplace_backward_raises(reduction):
+    """With inplace_backward the first backward overwrites the logits: the second must raise (the saved input's
+    version moved), never recompute from the gradient."""
+    x = _logits(6, 11, seed=26).float()
+    target = _target(6, 11)
+
+    def ours(z):
+        logits = z * 1.0  # the in-place backward overwrites this non-leaf, not the leaf
+        return softmax_loss(logits, target, None, -100, reduction, 0.1, 0.0, 0.0, None, False, True)
+
+    got, error = grads_after_backwards(ours, (x,), (1.0, 3.5))
+    assert len(got) == 1 and error is not None and "modified by an inplace operation" in str(error)
+    assert_backwards_match(ours, lambda z: F.cross_entropy(z, target, reduction=reduction, label_smoothing=0.1),
+                           (x,), (1.0, 3.5), may_raise=True, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake implementations and registered autograd of the forward (loss + statistics) and backward ops
+    agree with the kernels, for hard and soft targets, scalar and per-row grad_output."""
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    x = _logits(5, 7, seed=27).float()
+    hard, soft = _target(5, 7), _target(5, 7, soft=True).float()
+    weight = _weight(7).float()
+    for target, reduction in ((hard, "mean"), (soft, "none")):
+        args = (target, weight, -100, reduction, 0.1, 2.0, 1e-3, 5.0, False)
+        torch.library.opcheck(triton_softmax._softmax_loss_op, (x.clone().requires_grad_(), *args, True),
+                              test_utils=checks)
+        torch.library.opcheck(triton_softmax._softmax_loss_op, (x, *args, False), test_utils=checks)
+        _, stats = triton_softmax._softmax_loss_op(x, *args, True)
+        grad_output = torch.rand(5) if reduction == "none" else torch.tensor(3.5)
+        torch.library.opcheck(triton_softmax._softmax_loss_backward_op,
+                              (grad_output, x, target, weight, stats, -100, 0.1, 2.0, 1e-3, 5.0), test_utils=checks)
