@@ -18,10 +18,11 @@ fusedloss backend that can serve it on the device, on the baseline, and on the o
 (Liger-Kernel on CUDA, ``torch.compile`` of the eager code with ``--compile``, torch-struct when
 importable). Timing: warmup calls, then ``--repeats`` timed calls; median, 20% and 80% quantiles
 (CUDA events on the GPU). Peak extra memory: see :func:`fusedloss.bench.harness.peak_memory`.
-Bandwidth (cross-entropy rows): the bytes the fused kernels move (the logits read twice and the gradient
-written once, as the gradient is computed in the forward pass; the targets), the GB/s that makes at the
-median time, and its fraction of the GB/s of a plain copy of the logits' bytes timed in the same run:
-the distance to what the memory system sustains, on any device.
+Bandwidth (cross-entropy rows): the bytes the fused kernels move (forward + backward: the logits read twice
+and the gradient written once; the forward alone: the same for cpp and cuda, which compute the gradient in the
+forward pass, one read for Triton; the targets), the GB/s that makes at the median time, and its fraction
+of the GB/s of a plain copy of the logits' bytes timed in the same run: the distance to what the memory
+system sustains, on any device.
 Outputs in ``--out``: ``<name>.csv`` (one row per op, mode, backend, shape, dtype, device),
 ``<name>.json`` (environment and skipped cases), ``<name>.md`` (the tables in Markdown),
 ``<name>_cross_entropy.png`` and ``<name>_crf.png``.

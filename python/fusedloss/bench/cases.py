@@ -288,14 +288,17 @@ def _linear_workload(backend: str, hidden: torch.Tensor, head: torch.Tensor, tar
                     reset=reset)
 
 
-def cross_entropy_bytes(mode: str, shape: Tuple[int, ...], dtype: torch.dtype) -> int:
+def cross_entropy_bytes(mode: str, shape: Tuple[int, ...], dtype: torch.dtype, backend: str = "") -> int:
     """The bytes the fused cross-entropy kernels move for one call of the bench, and the int64 targets: the logits
-    read twice (a statistics pass, then a gradient pass) and the gradient written once, in both modes (the bench's
-    logits require grad, and these kernels compute the gradient in the forward pass). Rows that fit in a cache
-    may be read once from memory; the count is the design's traffic, not a minimum (that would be one read and
-    one write), so the fraction of a copy is not flattered."""
+    read twice and the gradient written once for forward + backward. The forward alone (the bench's logits
+    require grad) moves the same with the cpp and cuda kernels, which write the gradient in the forward pass, and
+    one read with the Triton kernels, which save per-row statistics and leave the gradient to the backward. Rows
+    that fit in a cache may be read once from memory; the count is the design's traffic, not a minimum (one
+    read and one write), so the fraction of a copy is not flattered. Other backends are counted like cpp."""
     n, c = shape
     logits = n * c * torch.empty((), dtype=dtype).element_size()
+    if mode == "forward" and backend == "fusedloss-triton":
+        return logits + 8 * n
     return 3 * logits + 8 * n
 
 

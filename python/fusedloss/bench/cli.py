@@ -180,7 +180,7 @@ def run(args, device: torch.device, environment: Dict) -> Tuple[List[Dict], List
                            "warmup": warmup, "baseline": cases.BASELINE[op], "peak_mem_mib": memory,
                            "rel_diff_vs_baseline": diff, **timing, **environment}
                     if op in cases.CROSS_ENTROPY_OPS:
-                        row.update(report.bandwidth(cases.cross_entropy_bytes(mode, shape, dtype),
+                        row.update(report.bandwidth(cases.cross_entropy_bytes(mode, shape, dtype, backend),
                                                     timing["median_ms"], copy_gbps[(shape, dtype)]))
                     rows.append(row)
                     progress.update(1)
