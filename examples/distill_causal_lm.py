@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> Dict[str, Dict]:
             synchronize(device)
             times.append(time.perf_counter() - start)
         # one more step on the first batch, with the memory trace (parameters and optimizer state exist already)
-        mib = peak_memory(lambda: step(batches[0]), lambda: None, device)
+        mib = peak_memory(lambda step=step: step(batches[0]), lambda: None, device)
         results[how] = {"losses": losses, "ms": 1e3 * statistics.median(times[1:] or times), "mib": mib}
     return results
 

@@ -15,13 +15,14 @@ with fake kernels and autograd (``torch.compile(fullgraph=True)`` sees one op ea
 
 - ``distillation_loss``: the gradient is computed in the forward pass, already multiplied by ``d(loss)/d(l_n)``
   (``t_n / Σ t`` for "mean", ``t_n`` for "sum" and "none"); backward multiplies it by ``grad_output`` (a scalar, or
-  per row), out of place, so that a second backward through the same graph gives the same numbers.
+  per row) in place (:func:`scale_saved_grad`), so that a second backward through the same graph raises instead of
+  giving another number.
 - ``linear_distillation_loss``: the chunk loop of the fused linear head. Per chunk of rows, the student's logits
   ``x_S W_Sᵀ (+ b_S)`` and the teacher's ``x_T W_Tᵀ (+ b_T)`` go into one reused ``(chunk, V)`` buffer each, the
   row kernel writes the student's gradient over its buffer, and that gradient is folded into ``grad_input`` and
   the float32 (float64) accumulators of ``grad_weight`` and ``grad_bias``. For "mean" and "sum" the gradients are
-  computed in forward (backward scales them by ``grad_output``); for "none" backward runs the chunks again with
-  ``f_n = grad_output[n] t_n``. The teacher's head gets no gradient.
+  computed in forward (backward scales them by ``grad_output``, in place as above); for "none" backward runs the
+  chunks again with ``f_n = grad_output[n] t_n``. The teacher's head gets no gradient.
 """
 
 from __future__ import annotations
@@ -78,6 +79,21 @@ def _add_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
     accumulator.addmm_(a, b)
 
 
+def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """``grad · grad_output`` for a gradient saved by the forward pass, without a second gradient-sized buffer in
+    eager mode: the usual ``loss.backward()`` passes the scalar 1 and gets the saved tensor itself; another
+    ``grad_output`` scales it in place. Either way its version counter moves, so that a second backward through the
+    same graph (``retain_graph=True``) raises ("modified by an inplace operation") instead of returning a tensor
+    that ``.grad`` already holds or scaling it twice. Out of place while ``torch.compile`` traces or when a
+    gradient of the gradient is wanted."""
+    if torch.compiler.is_compiling() or grad_output.requires_grad or grad.requires_grad:
+        return grad * grad_output
+    if grad_output.dim() == 0 and grad_output.device.type == "cpu" and float(grad_output) == 1.0:
+        torch.autograd.graph.increment_version(grad)
+        return grad
+    return grad.mul_(grad_output)
+
+
 def _empty(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
@@ -128,8 +144,7 @@ def make_backend(prefix: str, rows: Callable) -> tuple[Callable, Callable]:
         (grad,) = ctx.saved_tensors
         if not grad.numel() or not ctx.needs_input_grad[0]:
             return (None,) * 9
-        scale = grad_loss.reshape(-1, 1) if ctx.none else grad_loss
-        return (grad * scale,) + (None,) * 8
+        return (scale_saved_grad(grad, grad_loss.reshape(-1, 1) if ctx.none else grad_loss),) + (None,) * 8
 
     loss_op.register_autograd(loss_backward, setup_context=loss_setup_context)
 
@@ -286,7 +301,7 @@ def make_backend(prefix: str, rows: Callable) -> tuple[Callable, Callable]:
                                             temperature, ignore_index, chunk_size, ctx.needs_input_grad[0],
                                             ctx.needs_input_grad[1], want_bias)
         else:
-            gx, gw, gb = (g * grad_loss if g.numel() else g for g in ctx.saved_tensors)
+            gx, gw, gb = (scale_saved_grad(g, grad_loss) if g.numel() else g for g in ctx.saved_tensors)
             gw, gb = gw.to(ctx.weight_dtype), gb.to(ctx.weight_dtype)
         grads[0] = gx if ctx.needs_input_grad[0] else None
         grads[1] = gw if ctx.needs_input_grad[1] else None
