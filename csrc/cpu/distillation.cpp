@@ -8,6 +8,7 @@
 #include <torch/types.h>
 
 #include <cmath>
+#include <tuple>
 
 #include "cpu/isa.h"
 #include "distillation_checks.h"
@@ -65,8 +66,21 @@ at::Tensor distillation_rows_cpu(const at::Tensor& student, const at::Tensor& te
   return losses;
 }
 
+std::tuple<at::Tensor, at::Tensor> distillation_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                            const at::Tensor& factors, double beta,
+                                                            double temperature, bool compute_grad) {
+  at::Tensor grad = compute_grad ? at::empty_like(student, at::MemoryFormat::Contiguous)
+                                 : at::empty({0}, student.options());
+  at::Tensor losses = distillation_rows_cpu(student, teacher, factors, beta, temperature,
+                                            compute_grad ? c10::optional<at::Tensor>(grad) : c10::nullopt);
+  return {losses, grad};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedloss, CPU, m) { m.impl("distillation_rows", &distillation_rows_cpu); }
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("distillation_rows", &distillation_rows_cpu);
+  m.impl("distillation_forward", &distillation_forward_cpu);
+}
 
 }  // namespace fusedloss

@@ -11,7 +11,9 @@ reads a row's logits before it writes its gradient). Rows whose factor is exactl
 ignored rows; the kernel may skip them). The teacher is read in its own dtype and never differentiated.
 
 :func:`make_backend` builds, around that kernel, the two ops of docs/BACKENDS.md as ``torch.library`` custom ops
-with fake kernels and autograd (``torch.compile(fullgraph=True)`` sees one op each):
+with fake kernels and autograd (``torch.compile(fullgraph=True)`` sees one op each); the cpp backend takes only the
+linear one, its ``distillation_loss`` being a C++ op with C++ autograd (csrc/distillation_ops.cpp) that follows the
+same rules:
 
 - ``distillation_loss``: the gradient is computed in the forward pass, already multiplied by ``d(loss)/d(l_n)``
   (``t_n / Σ t`` for "mean", ``t_n`` for "sum" and "none"); backward multiplies it by ``grad_output`` (a scalar, or
@@ -98,13 +100,16 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
-def make_backend(prefix: str, rows: Callable) -> tuple[Callable, Callable]:
-    """Registers ``fusedloss::<prefix>_distillation_loss`` and ``fusedloss::<prefix>_linear_distillation_loss`` (with
-    their fake kernels and autograd) around the row kernel ``rows``; returns the two ops of docs/BACKENDS.md."""
+def make_backend(prefix: str, rows: Callable, logits_op: bool = True) -> tuple[Optional[Callable], Callable]:
+    """Registers ``fusedloss::<prefix>_distillation_loss`` (unless ``logits_op`` is False: the cpp backend has that op
+    in C++) and ``fusedloss::<prefix>_linear_distillation_loss`` (with their fake kernels and autograd) around the
+    row kernel ``rows``; returns the two ops of docs/BACKENDS.md (None for the first without ``logits_op``)."""
+    linear = _make_linear(prefix, rows)
+    return (_make_logits(prefix, rows) if logits_op else None), linear
 
-    # ------------------------------------------------------------------------------------------
-    # distillation_loss
-    # ------------------------------------------------------------------------------------------
+
+def _make_logits(prefix: str, rows: Callable) -> Callable:
+    """``distillation_loss`` as the custom op ``fusedloss::<prefix>_distillation_loss``."""
 
     @torch.library.custom_op(f"fusedloss::{prefix}_distillation_loss", mutates_args=())
     def loss_op(
@@ -154,9 +159,12 @@ def make_backend(prefix: str, rows: Callable) -> tuple[Callable, Callable]:
                           compute_grad)
         return loss
 
-    # ------------------------------------------------------------------------------------------
-    # linear_distillation_loss
-    # ------------------------------------------------------------------------------------------
+    return distillation_loss
+
+
+def _make_linear(prefix: str, rows: Callable) -> Callable:
+    """``linear_distillation_loss`` as the custom op ``fusedloss::<prefix>_linear_distillation_loss`` (and its
+    backward for "none")."""
 
     def run_chunks(x_s, w_s, b_s, x_t, w_t, b_t, beta, temperature, chunk_size, factors, want):
         """Every chunk; ``(row losses (N,) in the accumulation dtype, grad_input, grad_weight, grad_bias)`` of the
@@ -321,4 +329,4 @@ def make_backend(prefix: str, rows: Callable) -> tuple[Callable, Callable]:
         )
         return loss
 
-    return distillation_loss, linear_distillation_loss
+    return linear_distillation_loss

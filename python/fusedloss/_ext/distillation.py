@@ -1,12 +1,17 @@
 """``distillation_loss`` and ``linear_distillation_loss`` on the ``fusedloss._C`` extension: the ``cpp`` backend
-(CPU kernel). The ``cuda`` backend shares this module and declines: there is no CUDA kernel for distillation.
+(CPU kernels). The ``cuda`` backend shares this module and declines: there is no CUDA kernel for distillation.
 
-The row kernel is the extension's op ``fusedloss::distillation_rows`` (schema in csrc/distillation_ops.cpp, checks
-in csrc/distillation_checks.h, CPU kernel csrc/cpu/distillation.cpp, math csrc/kernels/distillation.h): per row,
-the divergence and, in the same sweep, the student's gradient times the row's factor. The reductions, the chunk
-loop of the linear form and the autograd are the ``torch.library`` custom ops of
-:mod:`fusedloss._distillation_ops` (``fusedloss::cpp_distillation_loss``, ``fusedloss::cpp_linear_distillation_loss``),
-so ``torch.compile(fullgraph=True)`` traces through them; only the fake kernel of the row op is registered here.
+- ``distillation_loss`` is the extension's op ``fusedloss::distillation_loss`` itself (csrc/distillation_ops.cpp),
+  with its autograd registered in C++ as softmax_loss's is: its forward runs the device kernel
+  ``fusedloss::distillation_forward`` (csrc/cpu/distillation.cpp, math csrc/kernels/distillation.h), which returns
+  each row's divergence and, in the same sweeps, the student's gradient times the row's factor; backward scales
+  that gradient by ``grad_output`` in place. Without a gradient to compute, none is computed.
+- ``linear_distillation_loss`` is the chunk loop of :mod:`fusedloss._distillation_ops` over the row op
+  ``fusedloss::distillation_rows``, which writes the gradient over the chunk's student logits; it is registered as
+  the ``torch.library`` custom op ``fusedloss::cpp_linear_distillation_loss`` with its autograd.
+
+Only the fake kernels of the extension's ops are registered here, so ``torch.compile(fullgraph=True)`` traces
+through them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,17 @@ def _distillation_rows_fake(student, teacher, factors, beta, temperature, grad):
     return student.new_empty((student.shape[0],), dtype=accumulation_dtype(student.dtype))
 
 
+@torch.library.register_fake("fusedloss::distillation_forward")
+def _distillation_forward_fake(student, teacher, factors, beta, temperature, compute_grad):
+    losses = student.new_empty((student.shape[0],), dtype=accumulation_dtype(student.dtype))
+    return losses, student.new_empty(student.shape) if compute_grad else student.new_empty((0,))
+
+
+@torch.library.register_fake("fusedloss::distillation_loss")
+def _distillation_loss_fake(student, teacher, target, token_weight, beta, temperature, ignore_index, reduction):
+    return student.new_empty((student.shape[0],) if reduction == "none" else ())
+
+
 _rows_op = torch.ops.fusedloss.distillation_rows.default
 
 
@@ -32,7 +48,10 @@ def _rows(student: torch.Tensor, teacher: torch.Tensor, factors: torch.Tensor, b
     return _rows_op(student, teacher, factors, beta, temperature, grad)
 
 
-distillation_loss, linear_distillation_loss = make_backend("cpp", _rows)
+# distillation_loss(student (N, V), teacher (N, V), target (N,) or None, token_weight (N,) or None, beta,
+# temperature, ignore_index, reduction) -> (N,) or a scalar, in student's dtype (docs/BACKENDS.md).
+distillation_loss = torch.ops.fusedloss.distillation_loss.default
+_, linear_distillation_loss = make_backend("cpp", _rows, logits_op=False)
 
 
 def _reasons(device: torch.device) -> List[str]:
