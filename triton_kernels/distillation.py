@@ -172,3 +172,23 @@ def linear_distillation_loss(student_input, student_weight, teacher_input, teach
     return _linear_distillation_loss(student_input, student_weight, teacher_input, teacher_weight, target,
                                      student_bias, teacher_bias, token_weight, beta, temperature, ignore_index,
                                      reduction, chunk_size)
+
+
+def launch_configurations() -> list[dict]:
+    """Every kernel build the launcher above can ask for, for offline compile checks (tests/test_triton_build.py):
+    the three modes with and without the gradient, at the widest block (vocabulary rows, 16 warps) and a small one;
+    bfloat16 rows (the float32 math is the same for every dtype)."""
+    types = dict(S="*bf16", T="*bf16", FACTORS="*fp32", GRAD="*bf16", LOSS="*fp32", V="i32", stride_s="i64",
+                 stride_t="i64", stride_g="i64", inv_tau="fp32", beta="fp32", log_beta="fp32", log_1m_beta="fp32")
+    configurations = []
+    for block in (_MAX_BLOCK, 128):
+        warps = 16 if block >= 4096 else 4
+        for mode in (0, 1, 2):
+            for write_grad in (True, False):
+                constexprs = dict(MODE=mode, WRITE_GRAD=write_grad, BLOCK=block)
+                signature = {name: types[name] for name in _distillation_rows_kernel.arg_names
+                             if name not in constexprs}
+                configurations.append(dict(
+                    name=f"_distillation_rows_kernel MODE={mode} WRITE_GRAD={write_grad} BLOCK={block}",
+                    kernel=_distillation_rows_kernel, signature=signature, constexprs=constexprs, num_warps=warps))
+    return configurations
