@@ -10,6 +10,7 @@ from fusedloss import _floor  # noqa: F401  (first: an ImportError naming the fl
 from fusedloss._dispatch import BackendUnavailable, available_backends
 from fusedloss.softmax import cross_entropy, focal_loss
 from fusedloss.linear import linear_cross_entropy
+from fusedloss.distillation import distillation_loss, linear_distillation_loss
 from fusedloss.sigmoid import (
     GHMCLoss,
     bi_tempered_logistic_loss,
@@ -32,6 +33,8 @@ __all__ = [
     "cross_entropy",
     "focal_loss",
     "linear_cross_entropy",
+    "distillation_loss",
+    "linear_distillation_loss",
     "binary_cross_entropy_with_logits",
     "sigmoid_focal_loss",
     "multilabel_soft_margin_loss",

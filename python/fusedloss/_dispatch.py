@@ -89,6 +89,24 @@ def _ext_linear():
     return linear
 
 
+def _reference_distillation():
+    from fusedloss.reference import distillation
+
+    return distillation
+
+
+def _triton_distillation():
+    from fusedloss.triton_kernels import distillation
+
+    return distillation
+
+
+def _ext_distillation():
+    from fusedloss._ext import distillation
+
+    return distillation
+
+
 def _ext_softmax():
     from fusedloss._ext import softmax_loss
 
@@ -122,6 +140,8 @@ def _family(reference, triton=None, ext=None) -> Dict[str, Callable]:
 _OP_TABLE: Dict[str, Dict[str, Callable]] = {
     "softmax_loss": _family(_reference_softmax, _triton_softmax, _ext_softmax),
     "linear_cross_entropy": _family(_reference_linear, _triton_linear, _ext_linear),
+    "distillation_loss": _family(_reference_distillation, _triton_distillation, _ext_distillation),
+    "linear_distillation_loss": _family(_reference_distillation, _triton_distillation, _ext_distillation),
     "crf_log_likelihood": _family(_reference_crf, _triton_crf, _ext_crf),
     "crf_viterbi": _family(_reference_crf, _triton_crf, _ext_crf),
     "crf_marginals": _family(_reference_crf, _triton_crf, _ext_crf),

@@ -2,6 +2,7 @@
 
 from fusedloss.softmax import CrossEntropyLoss, FocalLoss
 from fusedloss.linear import LinearCrossEntropyLoss
+from fusedloss.distillation import DistillationLoss, LinearDistillationLoss
 from fusedloss.sigmoid import (
     BiTemperedLogisticLoss,
     GHMCLoss,
@@ -14,6 +15,8 @@ __all__ = [
     "CrossEntropyLoss",
     "FocalLoss",
     "LinearCrossEntropyLoss",
+    "DistillationLoss",
+    "LinearDistillationLoss",
     "SigmoidFocalLoss",
     "MultilabelCategoricalCrossEntropy",
     "BiTemperedLogisticLoss",
