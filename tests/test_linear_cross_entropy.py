@@ -524,14 +524,14 @@ def test_compile_fullgraph_model_head(backend):
 def test_widened_weight_gradient_gemm_warns_once(monkeypatch):
     """Where torch has no half-precision GEMM with a float32 output, the Triton head's weight gradient falls back to
     a float32 GEMM on widened inputs: correct, but much slower on a GPU, so it says so once instead of silently."""
-    from fusedloss.triton_kernels import linear_cross_entropy as head
+    from fusedloss import _chunking as head
 
     monkeypatch.setattr(head, "_WIDENED_GEMM_WARNED", False)
     a = torch.randn(3, 4, dtype=torch.bfloat16)
     b = torch.randn(4, 5)
     accumulator = torch.zeros(3, 5)
 
-    class _FakeCuda:  # _add_product tries the out_dtype GEMM only for CUDA tensors; make it fail like an old torch
+    class _FakeCuda:  # add_product tries the out_dtype GEMM only for CUDA tensors; make it fail like an old torch
         is_cuda = True
         dtype = a.dtype
 
@@ -543,9 +543,9 @@ def test_widened_weight_gradient_gemm_warns_once(monkeypatch):
 
     monkeypatch.setattr(torch, "addmm", failing_addmm)
     with pytest.warns(RuntimeWarning, match="float32 GEMM on widened inputs"):
-        head._add_product(accumulator, _FakeCuda(), b)
+        head.add_product(accumulator, _FakeCuda(), b)
     torch.testing.assert_close(accumulator, a.float() @ b)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        head._add_product(accumulator, _FakeCuda(), b)  # the second time: no warning
+        head.add_product(accumulator, _FakeCuda(), b)  # the second time: no warning
     torch.testing.assert_close(accumulator, 2 * (a.float() @ b))

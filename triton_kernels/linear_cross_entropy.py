@@ -18,11 +18,11 @@ The loop is registered as ``torch.library`` custom ops with their autograd, so `
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 
+from fusedloss._chunking import add_product, reduce_rows, reduction_factors
 from fusedloss.reference.softmax import kept_weights_and_divisor
 from fusedloss.triton_kernels.softmax_loss import softmax_loss_forward, softmax_loss_reasons
 
@@ -38,59 +38,6 @@ def _row_weights(target: torch.Tensor, num_rows: int, weight: Optional[torch.Ten
     t = (token_weight.to(torch.float64) if token_weight is not None
          else torch.ones(num_rows, dtype=torch.float64, device=target.device))
     return kept_weights_and_divisor(t, target, weight, ignore_index)
-
-
-def _reduction_factors(t: torch.Tensor, divisor: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    """d(loss)/d(l_n) for "mean" and "sum" (0 on ignored rows, also when every row is ignored)."""
-    if reduction != "mean":
-        return t.to(dtype)
-    return torch.where(t != 0, t / divisor, 0.0).to(dtype)
-
-
-def _reduce(losses: torch.Tensor, t: torch.Tensor, divisor: torch.Tensor, reduction: str,
-            dtype: torch.dtype) -> torch.Tensor:
-    weighted = losses.to(torch.float64) * t
-    if reduction == "none":
-        return weighted.to(dtype)
-    total = weighted.sum()
-    if reduction == "mean":
-        total = total / divisor  # 0/0 = NaN when every row is ignored, as torch
-    return total.to(dtype)
-
-
-def _add_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``accumulator += a @ b`` for ``a`` in the input dtype and ``b`` in the accumulator's (float32/float64): the
-    product is formed in the accumulator's dtype, never rounded to bf16/fp16 first."""
-    if a.dtype == accumulator.dtype:
-        accumulator.addmm_(a, b)
-        return
-    if a.is_cuda:
-        try:  # a bf16/fp16 GEMM with a float32 output (torch >= 2.8 on CUDA): no widened copy of a
-            torch.addmm(accumulator, a, b.to(a.dtype), out_dtype=accumulator.dtype, out=accumulator)
-            return
-        except (RuntimeError, TypeError) as error:
-            _warn_widened_gemm(error)
-    accumulator.addmm_(a.to(accumulator.dtype), b)
-
-
-_WIDENED_GEMM_WARNED = False
-
-
-def _warn_widened_gemm(error: BaseException) -> None:
-    """Once per process: the weight gradient's GEMM runs widened to float32 (no tensor cores for half inputs, up to
-    an order of magnitude slower) because this torch has no half-precision GEMM with a float32 output."""
-    global _WIDENED_GEMM_WARNED
-    if _WIDENED_GEMM_WARNED:
-        return
-    _WIDENED_GEMM_WARNED = True
-    warnings.warn(
-        "fusedloss.linear_cross_entropy (triton backend): torch.addmm(..., out_dtype=torch.float32) is not "
-        f"available here ({type(error).__name__}: {error}); the weight gradient is accumulated with a float32 GEMM "
-        "on widened inputs instead, which is correct but much slower for float16/bfloat16 on a GPU (torch >= 2.8 "
-        "has the half-precision GEMM with a float32 output)",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 def run_chunks(
@@ -140,7 +87,7 @@ def run_chunks(
             torch.mm(logits, linear_weight, out=grad_input[start:end])
             grad_input[start:end] *= f
         if grad_weight is not None:
-            _add_product(grad_weight, logits.t(), x_chunk.to(acc) * f)
+            add_product(grad_weight, logits.t(), x_chunk.to(acc) * f)
         if grad_bias is not None:
             grad_bias.addmv_(logits.t().to(acc), f[:, 0])
     return losses, grad_input, grad_weight, grad_bias
@@ -180,10 +127,10 @@ def _forward_op(
     acc = _accumulation_dtype(x.dtype)
     t, divisor = _row_weights(target, x.shape[0], weight, ignore_index, token_weight)
     want = (grad_input, grad_weight, grad_bias)
-    factors = _reduction_factors(t, divisor, reduction, acc) if any(want) else None
+    factors = reduction_factors(t, divisor, reduction, acc) if any(want) else None
     losses, gx, gw, gb = run_chunks(x, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
                                     focal_gamma, z_loss, softcap, chunk_size, factors, want)
-    loss = _reduce(losses, t, divisor, reduction, x.dtype)
+    loss = reduce_rows(losses, t, divisor, reduction, x.dtype)
     return (loss, _empty(x) if gx is None else gx, _empty(x) if gw is None else gw,
             _empty(x) if gb is None else gb)
 

@@ -33,6 +33,8 @@ from typing import Callable, Optional
 
 import torch
 
+from fusedloss._chunking import add_product, reduce_rows, reduction_factors
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -49,36 +51,9 @@ def row_weights(target: Optional[torch.Tensor], token_weight: Optional[torch.Ten
     return t, t.sum()
 
 
-def reduction_factors(t: torch.Tensor, divisor: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    """``d(loss)/d(l_n)`` (0 on ignored rows, also when every row is ignored); per row ``t_n`` for "none"."""
-    if reduction != "mean":
-        return t.to(dtype)
-    return torch.where(t != 0, t / divisor, 0.0).to(dtype)
-
-
-def reduce(losses: torch.Tensor, t: torch.Tensor, divisor: torch.Tensor, reduction: str,
-           dtype: torch.dtype) -> torch.Tensor:
-    weighted = torch.where(t != 0, losses.to(torch.float64) * t, 0.0)
-    if reduction == "none":
-        return weighted.to(dtype)
-    total = weighted.sum()
-    if reduction == "mean":
-        total = total / divisor  # 0/0 = NaN when every row is ignored, as cross_entropy
-    return total.to(dtype)
-
-
 def _kept_factors(target, token_weight, num_rows, ignore_index, device, reduction, acc):
     t, divisor = row_weights(target, token_weight, num_rows, ignore_index, device)
     return t, divisor, reduction_factors(t, divisor, reduction, acc)
-
-
-def _add_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``accumulator += a @ b``, formed in the accumulator's dtype."""
-    if a.dtype != accumulator.dtype:
-        a = a.to(accumulator.dtype)
-    if b.dtype != accumulator.dtype:
-        b = b.to(accumulator.dtype)
-    accumulator.addmm_(a, b)
 
 
 def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
@@ -131,7 +106,7 @@ def _make_logits(prefix: str, rows: Callable) -> Callable:
                                             reduction, acc)
         grad = torch.empty_like(student) if compute_grad else None
         losses = rows(student, teacher, factors, beta, temperature, grad)
-        loss = reduce(losses, t, divisor, reduction, student.dtype)
+        loss = reduce_rows(losses, t, divisor, reduction, student.dtype)
         return loss, _empty(student) if grad is None else grad
 
     @loss_op.register_fake
@@ -198,7 +173,7 @@ def _make_linear(prefix: str, rows: Callable) -> Callable:
             if grad_input is not None:
                 torch.mm(s_logits, w_s, out=grad_input[start:end])
             if grad_weight is not None:
-                _add_product(grad_weight, s_logits.t(), xs_chunk)
+                add_product(grad_weight, s_logits.t(), xs_chunk)
             if grad_bias is not None:
                 grad_bias += s_logits.sum(0, dtype=acc)
         return losses, grad_input, grad_weight, grad_bias
@@ -231,7 +206,7 @@ def _make_linear(prefix: str, rows: Callable) -> Callable:
                                             reduction, acc)
         losses, gx, gw, gb = run_chunks(x_s, student_weight, student_bias, x_t, teacher_weight, teacher_bias,
                                         beta, temperature, chunk_size, factors, want)
-        loss = reduce(losses, t, divisor, reduction, x_s.dtype)
+        loss = reduce_rows(losses, t, divisor, reduction, x_s.dtype)
         return (loss, _empty(x_s) if gx is None else gx, _empty(x_s) if gw is None else gw,
                 _empty(x_s) if gb is None else gb)
 
