@@ -56,6 +56,17 @@ def _kept_factors(target, token_weight, num_rows, ignore_index, device, reductio
     return t, divisor, reduction_factors(t, divisor, reduction, acc)
 
 
+def _traced(*tensors: torch.Tensor) -> bool:
+    """Whether a tracer sees these tensors, so their values cannot be read and nothing may be done in place (the
+    C++ ops' rule, csrc/op_utils.h): torch.compile's Dynamo, or a dispatch mode or fake tensors, which is how
+    AOTAutograd traces a backward (on torch 2.5 ``is_compiling()`` is False there)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(t, FakeTensor) for t in tensors)
+
+
 def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """``grad · grad_output`` for a gradient saved by the forward pass, without a second gradient-sized buffer in
     eager mode: the usual ``loss.backward()`` passes the scalar 1 and gets the saved tensor itself; another
@@ -63,7 +74,7 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
     same graph (``retain_graph=True``) raises ("modified by an inplace operation") instead of returning a tensor
     that ``.grad`` already holds or scaling it twice. Out of place while ``torch.compile`` traces or when a
     gradient of the gradient is wanted."""
-    if torch.compiler.is_compiling() or grad_output.requires_grad or grad.requires_grad:
+    if _traced(grad, grad_output) or grad_output.requires_grad or grad.requires_grad:
         return grad * grad_output
     if grad_output.dim() == 0 and grad_output.device.type == "cpu" and float(grad_output) == 1.0:
         torch.autograd.graph.increment_version(grad)
