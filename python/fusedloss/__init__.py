@@ -20,7 +20,14 @@ from fusedloss.sigmoid import (
     multilabel_soft_margin_loss,
     sigmoid_focal_loss,
 )
-from fusedloss.crf import CRF, allowed_transitions, crf_log_likelihood, crf_marginals, crf_viterbi
+from fusedloss.crf import (
+    CRF,
+    allowed_transitions,
+    crf_log_likelihood,
+    crf_log_partition,
+    crf_marginals,
+    crf_viterbi,
+)
 from fusedloss import nn  # noqa: E402  (modules re-exported under fusedloss.nn)
 # Vocabulary-parallel losses and the Hugging Face integration (which imports without transformers installed).
 from fusedloss import distributed, transformers  # noqa: E402
@@ -46,6 +53,7 @@ __all__ = [
     "crf_log_likelihood",
     "crf_viterbi",
     "crf_marginals",
+    "crf_log_partition",
     "allowed_transitions",
     "nn",
     "distributed",

@@ -195,12 +195,19 @@ def _validate(
 
     if tags is not None:
         _check_tensor("tags", tags)
-        if _shape(tags) != (batch_size, seq_len):
+        if tags.dtype == torch.bool:
+            if _shape(tags) != (batch_size, seq_len, num_tags):
+                raise ValueError(
+                    f"tags must have shape (batch, seq_len, num_tags) = {(batch_size, seq_len, num_tags)} like "
+                    f"emissions, got {_shape(tags)}"
+                )
+        elif tags.dtype != torch.int64:
+            raise ValueError(f"tags must be int64 (batch, seq_len) tag indices or a bool (batch, seq_len, num_tags) "
+                             f"tensor of allowed tags, got {tags.dtype}")
+        elif _shape(tags) != (batch_size, seq_len):
             raise ValueError(
                 f"tags must have shape (batch, seq_len) = {(batch_size, seq_len)} like emissions, got {_shape(tags)}"
             )
-        if tags.dtype != torch.int64:
-            raise ValueError(f"tags must be int64, got {tags.dtype}")
         _check_device("tags", tags, device)
 
     if mask is None:
@@ -221,7 +228,13 @@ def _validate(
             if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
                 raise ValueError("mask must be left-aligned: a prefix of ones per sequence, got a 0 followed by a 1")
 
-    if tags is not None and _inspect_values(emissions):
+    if tags is not None and tags.dtype == torch.bool and _inspect_values(emissions):
+        empty = mask & ~tags.any(2)
+        if bool(empty.any()):
+            sequence, position = (int(i) for i in empty.nonzero()[0])
+            raise ValueError("tags (allowed tag sets) must allow at least one tag at every unmasked position, got an "
+                             f"empty set at sequence {sequence}, position {position}")
+    elif tags is not None and _inspect_values(emissions):
         out_of_range = mask & ((tags < 0) | (tags >= num_tags))
         if bool(out_of_range.any()):
             bad = tags[out_of_range][0]
@@ -230,9 +243,10 @@ def _validate(
     return mask, start_transitions.to(transitions.dtype), end_transitions.to(transitions.dtype)
 
 
-def _run(op: str, backend: str, emissions, tags, mask, transitions, start_transitions, end_transitions):
+def _run(op: str, backend: str, emissions, tags, mask, transitions, start_transitions, end_transitions, *extra):
     """Resolves the backend of ``op`` and runs it; the arguments are checked once, by the op itself
-    (fusedloss._C) or here. ``tags`` is None for the ops that take none."""
+    (fusedloss._C) or here. ``tags`` is None for the ops that take none; ``extra`` (k of the k-best Viterbi)
+    goes last, already checked."""
     with_tags = () if tags is None else (tags,)
     if not (
         isinstance(emissions, torch.Tensor)
@@ -240,10 +254,10 @@ def _run(op: str, backend: str, emissions, tags, mask, transitions, start_transi
         and isinstance(start_transitions, torch.Tensor)
         and isinstance(end_transitions, torch.Tensor)
         and (mask is None or isinstance(mask, torch.Tensor))
-        and (op != "crf_log_likelihood" or isinstance(tags, torch.Tensor))
+        and (tags is None or isinstance(tags, torch.Tensor))
     ):
         _validate(emissions, tags, mask, transitions, start_transitions, end_transitions)  # raises TypeError
-    args = (emissions, *with_tags, mask, transitions, start_transitions, end_transitions)
+    args = (emissions, *with_tags, mask, transitions, start_transitions, end_transitions, *extra)
     device = emissions.device
     try:
         if type(backend) is not str or torch.compiler.is_compiling():
@@ -252,7 +266,7 @@ def _run(op: str, backend: str, emissions, tags, mask, transitions, start_transi
             # What the backends' crf_*_reasons read (docs/BACKENDS.md): dtypes, K, requires_grad.
             key = (op, backend, device.type, torch.is_grad_enabled(), emissions.dtype, transitions.dtype,
                    emissions.shape[-1] if emissions.dim() else 0, emissions.requires_grad, transitions.requires_grad,
-                   start_transitions.requires_grad, end_transitions.requires_grad)
+                   start_transitions.requires_grad, end_transitions.requires_grad, *extra)
             _, impl = _dispatch.resolve_keyed(key, op, backend, device, args)
     except _dispatch.BackendUnavailable:
         _validate(emissions, tags, mask, transitions, start_transitions, end_transitions)
@@ -262,10 +276,13 @@ def _run(op: str, backend: str, emissions, tags, mask, transitions, start_transi
     mask, start_transitions, end_transitions = _validate(
         emissions, tags, mask, transitions, start_transitions, end_transitions
     )
-    if tags is not None:
+    if tags is not None and tags.dtype == torch.bool:
+        # Past each sequence's end every tag is allowed, so that no kernel meets an empty set there.
+        with_tags = (tags | ~mask.unsqueeze(2),)
+    elif tags is not None:
         # Backends may index with every tag, so the (arbitrary) tags past each sequence's end become 0.
         with_tags = (tags.masked_fill(~mask, 0),)
-    return impl(emissions, *with_tags, mask, transitions, start_transitions, end_transitions)
+    return impl(emissions, *with_tags, mask, transitions, start_transitions, end_transitions, *extra)
 
 
 def crf_log_likelihood(
@@ -286,10 +303,18 @@ def crf_log_likelihood(
     ``sum``, ``mean`` (over sequences), ``token_mean`` (sum / number of unmasked positions). The dtype is
     ``promote_types(emissions.dtype, transitions.dtype)``; half types accumulate in float32. Differentiable
     w.r.t. the emissions and the three transition tensors. Tags past each sequence's end are not read.
+
+    Partial labels: ``tags`` may instead be a bool ``(B, T, K)`` tensor, the set of tags the annotation
+    allows at each position (all true: unlabeled). The log-likelihood is then the marginal over every path
+    inside the sets, ``logsumexp`` of their scores minus ``log Z`` (the "fuzzy CRF" of incompletely annotated
+    data); one-hot sets give exactly the ordinary log-likelihood. An empty set at an unmasked position raises
+    ``ValueError`` (checked on CPU tensors).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    llh = _run("crf_log_likelihood", backend, emissions, tags, mask, transitions, start_transitions, end_transitions)
+    _check_tensor("tags", tags)
+    op = "crf_partial_log_likelihood" if tags.dtype == torch.bool else "crf_log_likelihood"
+    llh = _run(op, backend, emissions, tags, mask, transitions, start_transitions, end_transitions)
     if reduction == "none":
         return llh
     if reduction == "sum":
@@ -308,14 +333,43 @@ def crf_viterbi(
     end_transitions: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
     *,
+    k: int = 1,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Most likely tag path of each sequence, batch first: ``(tags (B, T) int64, scores (B,))``.
 
     Tags are padded with -1 after each sequence's end; ``scores`` is the best path's ``score(y)`` (dtype
     ``promote_types(emissions.dtype, transitions.dtype)``). Ties go to the lowest tag index.
+
+    ``k > 1``: the k best distinct paths, ``(paths (B, k, T), scores (B, k))`` sorted by score (``paths[:, 0]``
+    is the best path). A sequence of length L has K^L paths; when that is fewer than k, the remaining ranks are
+    -1 with score ``-inf``. ``exp(score - crf_log_partition(...))`` is a path's probability. Ties go to the lower
+    previous tag, then its lower rank.
     """
-    return _run("crf_viterbi", backend, emissions, None, mask, transitions, start_transitions, end_transitions)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k == 1:
+        return _run("crf_viterbi", backend, emissions, None, mask, transitions, start_transitions, end_transitions)
+    return _run("crf_kbest_viterbi", backend, emissions, None, mask, transitions, start_transitions,
+                end_transitions, k)
+
+
+def crf_log_partition(
+    emissions: torch.Tensor,
+    transitions: torch.Tensor,
+    start_transitions: torch.Tensor,
+    end_transitions: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``log Z = logsumexp_y score(y)`` of each sequence, ``(B,)``, batch first; differentiable w.r.t. the
+    emissions and the three transition tensors (its gradient is the marginals). ``exp(score(y) - log Z)`` is
+    the probability of a path, for instance of each path :func:`crf_viterbi` returns."""
+    return _run("crf_log_partition", backend, emissions, None, mask, transitions, start_transitions,
+                end_transitions)
 
 
 def crf_marginals(
@@ -426,7 +480,13 @@ class CRF(nn.Module):
             raise ValueError(f"expected last dimension of emissions is {self.num_tags}, got {emissions.size(2)}")
         if tags is not None:
             _check_tensor("tags", tags)
-            if emissions.shape[:2] != tags.shape:
+            if tags.dtype == torch.bool and tags.dim() == 3:  # partial labels: allowed tag sets
+                if emissions.shape != tags.shape:
+                    raise ValueError(
+                        "the shape of a bool tags (allowed tag sets) tensor must match emissions, "
+                        f"got {tuple(emissions.shape)} and {tuple(tags.shape)}"
+                    )
+            elif emissions.shape[:2] != tags.shape:
                 raise ValueError(
                     "the first two dimensions of emissions and tags must match, "
                     f"got {tuple(emissions.shape[:2])} and {tuple(tags.shape)}"
@@ -452,7 +512,11 @@ class CRF(nn.Module):
         reduction: str = "sum",
     ) -> torch.Tensor:
         """Log-likelihood of ``tags`` given ``emissions`` (``(T, B, K)``, or ``(B, T, K)`` if batch_first);
-        reductions ``none`` (``(B,)``), ``sum``, ``mean``, ``token_mean`` exactly as pytorch-crf."""
+        reductions ``none`` (``(B,)``), ``sum``, ``mean``, ``token_mean`` exactly as pytorch-crf.
+
+        ``tags`` is ``(T, B)`` (``(B, T)``) int64, or for partial labels a bool ``(T, B, K)`` (``(B, T, K)``)
+        tensor of the tags allowed at each position: the marginal log-likelihood of every path inside the sets
+        (see :func:`crf_log_likelihood`)."""
         self._validate(emissions, tags=tags, mask=mask)
         if reduction not in _REDUCTIONS:
             raise ValueError(f"invalid reduction: {reduction}")
@@ -462,15 +526,28 @@ class CRF(nn.Module):
         )
 
     def viterbi(
-        self, emissions: torch.Tensor, mask: Optional[torch.Tensor] = None
+        self, emissions: torch.Tensor, mask: Optional[torch.Tensor] = None, k: int = 1
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Best paths as a tensor in the module's layout (``(T, B)``, or ``(B, T)`` if batch_first), padded
-        with -1 after each sequence's end, and their scores ``(B,)``."""
+        with -1 after each sequence's end, and their scores ``(B,)``.
+
+        ``k > 1``: the k best paths, ``(T, B, k)`` (``(B, k, T)`` if batch_first), and their scores ``(B, k)``,
+        sorted; ranks a sequence does not have (K^L < k) are -1 with score ``-inf`` (see :func:`crf_viterbi`)."""
         self._validate(emissions, mask=mask)
         tags, scores = crf_viterbi(
+            self._batch_first(emissions), *self._scores(), mask=self._batch_first(mask), k=k, backend=self.backend
+        )
+        if k > 1 and not self.batch_first:
+            return tags.permute(2, 0, 1), scores
+        return self._batch_first(tags), scores
+
+    def log_partition(self, emissions: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``log Z`` of each sequence, ``(B,)``, differentiable; ``exp(score - log Z)`` of a path's score (from
+        :meth:`viterbi`) is its probability."""
+        self._validate(emissions, mask=mask)
+        return crf_log_partition(
             self._batch_first(emissions), *self._scores(), mask=self._batch_first(mask), backend=self.backend
         )
-        return self._batch_first(tags), scores
 
     def decode(self, emissions: torch.Tensor, mask: Optional[torch.Tensor] = None) -> List[List[int]]:
         """Best tag path of each sequence as lists, like pytorch-crf; one device-to-host copy for the batch."""

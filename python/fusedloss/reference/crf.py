@@ -203,3 +203,124 @@ def crf_viterbi(
         best_path = torch.cat(path, 1)
     score = _gold_score(emissions, best_path, mask, transitions, start_transitions, end_transitions)
     return best_path.masked_fill(~mask, -1), score.to(result_dtype)
+
+
+# Emission score of a tag outside a position's allowed set (partial labels): a large finite negative whose exp is
+# exactly 0 in float32 and float64, so that no recursion sees -inf (and nothing becomes NaN).
+PARTIAL_LABEL_SCORE = -1e30
+
+
+def _log_partition(emissions: torch.Tensor, mask: torch.Tensor, transitions: torch.Tensor,
+                   start_transitions: torch.Tensor, end_transitions: torch.Tensor) -> torch.Tensor:
+    """``log Z`` per sequence, ``(B,)``, in the compute dtype, from prepared arguments."""
+    alphas = _forward_algorithm(emissions, transitions, start_transitions)
+    return torch.logsumexp(_at_last_position(alphas, mask) + end_transitions, dim=1)
+
+
+def crf_log_partition(
+    emissions: torch.Tensor,
+    mask: torch.Tensor,
+    transitions: torch.Tensor,
+    start_transitions: torch.Tensor,
+    end_transitions: torch.Tensor,
+) -> torch.Tensor:
+    """``log Z = logsumexp_y score(y)`` per sequence, ``(B,)``; differentiable (its gradient is the tag and
+    pairwise marginals)."""
+    result_dtype, emissions, transitions, start_transitions, end_transitions = _prepare(
+        emissions, mask, transitions, start_transitions, end_transitions
+    )
+    return _log_partition(emissions, mask, transitions, start_transitions, end_transitions).to(result_dtype)
+
+
+def crf_partial_log_likelihood(
+    emissions: torch.Tensor,
+    allowed: torch.Tensor,
+    mask: torch.Tensor,
+    transitions: torch.Tensor,
+    start_transitions: torch.Tensor,
+    end_transitions: torch.Tensor,
+) -> torch.Tensor:
+    """Marginal log-likelihood of partial labels, ``(B,)``: ``log Z_allowed - log Z``, where ``log Z_allowed``
+    sums over the paths whose tag at every unmasked position lies in ``allowed (B, T, K)`` (the "fuzzy CRF").
+
+    ``log Z_allowed`` is the forward algorithm with the emissions outside the allowed sets at
+    ``PARTIAL_LABEL_SCORE``. A sequence whose sets hold one tag each takes the gold-score path instead, so that
+    one-hot sets give exactly :func:`crf_log_likelihood`.
+    """
+    result_dtype, emissions, transitions, start_transitions, end_transitions = _prepare(
+        emissions, mask, transitions, start_transitions, end_transitions
+    )
+    allowed = allowed | ~mask.unsqueeze(2)
+    constrained = torch.where(allowed, emissions, PARTIAL_LABEL_SCORE)
+    log_partition = _log_partition(emissions, mask, transitions, start_transitions, end_transitions)
+    numerator = _log_partition(constrained, mask, transitions, start_transitions, end_transitions)
+    # One-hot sets (past the end every set is full: only unmasked positions count).
+    one_hot = ((allowed.sum(2) == 1) | ~mask).all(1)
+    tags = allowed.to(torch.uint8).argmax(2).masked_fill(~mask, 0)
+    gold = _gold_score(emissions, tags, mask, transitions, start_transitions, end_transitions)
+    numerator = torch.where(one_hot, gold, numerator)
+    return (numerator - log_partition).to(result_dtype)
+
+
+def crf_kbest_viterbi(
+    emissions: torch.Tensor,
+    mask: torch.Tensor,
+    transitions: torch.Tensor,
+    start_transitions: torch.Tensor,
+    end_transitions: torch.Tensor,
+    k: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k best distinct paths per sequence (list Viterbi): ``(paths (B, k, T) int64, scores (B, k))``, sorted
+    by score, paths padded with -1 past each sequence's end; where a sequence has fewer than k paths (K^L < k)
+    the remaining ranks are -1 with score -inf.
+
+    Per step and tag the recursion keeps the k best partial scores ``δ_t[j, r]`` with backpointers (previous
+    tag, previous rank); the candidates for tag j are ``δ_{t-1}[i, r] + A[i, j]`` over every (i, r), ranked by
+    score, then by the lower i, then by the lower r (a stable descending sort of the candidates in (i, r)
+    order), and the final k by ``δ[j, r] + f[j]``, then the lower j, then the lower r. Slots with no partial
+    path hold -inf. The scores are those of the returned paths, ``score(y)``, so they are differentiable.
+    """
+    result_dtype, emissions, transitions, start_transitions, end_transitions = _prepare(
+        emissions, mask, transitions, start_transitions, end_transitions
+    )
+    batch_size, seq_len, num_tags = emissions.shape
+    with torch.no_grad():
+        emissions_at = emissions.transpose(0, 1).unbind(0)
+        mask_at = mask.t().unbind(0)
+        delta = emissions.new_full((batch_size, num_tags, k), float("-inf"))
+        delta[:, :, 0] = start_transitions + emissions_at[0]
+        tags_grid = torch.arange(num_tags, device=emissions.device).view(1, num_tags, 1).expand(batch_size, -1, k)
+        ranks_grid = torch.arange(k, device=emissions.device).view(1, 1, k).expand(batch_size, num_tags, -1)
+        backpointers = []  # backpointers[t - 1]: (previous tag, previous rank) of each (tag, rank) at step t
+        for t in range(1, seq_len):
+            # candidates[b, j, i * k + r] = δ[b, i, r] + A[i, j]
+            candidates = (delta.unsqueeze(3) + transitions.view(1, num_tags, 1, num_tags)).permute(0, 3, 1, 2)
+            candidates = candidates.reshape(batch_size, num_tags, num_tags * k)
+            best, index = candidates.sort(dim=2, descending=True, stable=True)
+            best, index = best[:, :, :k], index[:, :, :k]
+            inside = mask_at[t].view(batch_size, 1, 1)
+            delta = torch.where(inside, best + emissions_at[t].unsqueeze(2), delta)
+            # Past the end the state stays: each (tag, rank) points at itself.
+            backpointers.append((torch.where(inside, index // k, tags_grid), torch.where(inside, index % k, ranks_grid)))
+        final = (delta + end_transitions.view(1, num_tags, 1)).reshape(batch_size, num_tags * k)
+        final_scores, final_index = final.sort(dim=1, descending=True, stable=True)
+        final_scores, final_index = final_scores[:, :k], final_index[:, :k]
+        tag, rank = final_index // k, final_index % k  # (B, k)
+        path = [tag]
+        for t in range(seq_len - 1, 0, -1):
+            previous_tag, previous_rank = backpointers[t - 1]
+            flat = tag * k + rank
+            tag = previous_tag.reshape(batch_size, -1).gather(1, flat)
+            rank = previous_rank.reshape(batch_size, -1).gather(1, flat)
+            path.append(tag)
+        path.reverse()
+        paths = torch.stack(path, 2)  # (B, k, T)
+        valid = final_scores > float("-inf")
+    # Scores of the returned paths (differentiable, like crf_viterbi's), -inf for the missing ranks.
+    flat_paths = paths.masked_fill(~valid.unsqueeze(2), 0).reshape(batch_size * k, seq_len)
+    flat_mask = mask.repeat_interleave(k, dim=0)
+    scores = _gold_score(emissions.repeat_interleave(k, dim=0), flat_paths, flat_mask, transitions,
+                         start_transitions, end_transitions).view(batch_size, k)
+    scores = torch.where(valid, scores, float("-inf"))
+    paths = paths.masked_fill(~(valid.unsqueeze(2) & mask.unsqueeze(1)), -1)
+    return paths, scores.to(result_dtype)
