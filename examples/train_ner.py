@@ -17,10 +17,22 @@ emissions ``(B, T, K)`` over the K BIO tags.
   of the per-token log-probabilities (``fusedloss.crf_viterbi`` with zero transitions and the
   constraints).
 
+- ``fuzzy``: the same CRF learning from partial labels (``--hide-entities``): the tokens of hidden
+  training entities are unlabeled, their allowed tag set is every tag (``tags`` as a bool ``(B, T, K)``
+  tensor), and the loss is the marginal likelihood of every path through the sets.
+
+Partial annotation (``--hide-entities P``): a fraction P of the training entities, drawn from the seed,
+lose their tags, as in a corpus whose annotators (or dictionary) missed them. ``crf`` and ``softmax`` then
+train on those tokens tagged O, what a tagger without partial labels has to do; ``fuzzy`` treats them as
+unlabeled. Dev and test keep every entity. Compare the entity F1 of ``crf`` and ``fuzzy``::
+
+    python examples/train_ner.py --hide-entities 0.5 --models crf,fuzzy --backends fusedloss
+
 Backends (``--backends``): ``fusedloss`` (``backend="auto"``: the C++ kernels on CPU when built,
 Triton on CUDA) and ``eager``: pytorch-crf's ``torchcrf.CRF`` with the same constraints (a
 ``torch.nn.utils.parametrize`` parametrization writes the forbidden score into its parameters) and
-the focal loss written in eager PyTorch. Both start from the same seed and initial weights and
+the focal loss written in eager PyTorch (for ``fuzzy``, which pytorch-crf cannot train:
+fusedloss's pure-PyTorch reference backend). Both start from the same seed and initial weights and
 see the same batches, so they train the same model; what differs is the time per epoch.
 
 Reported: entity-level precision/recall/F1 on dev and test (seqeval-compatible, ``ner_metrics.py``),
@@ -52,7 +64,7 @@ from fusedloss.bench.cases import eager_focal_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ner_corpus import Sentence, read_corpus, write_corpus  # noqa: E402
-from ner_metrics import entity_scores  # noqa: E402
+from ner_metrics import entity_scores, get_entities  # noqa: E402
 
 PAD, UNK = 0, 1
 SHAPES = ("pad", "lower", "Title", "UPPER", "digits", "punct", "other")
@@ -106,6 +118,20 @@ class Encoded:
             self.shapes[n, : len(tokens)] = torch.tensor([word_shape(t) for t in tokens])
             self.tags[n, : len(tokens)] = torch.tensor([label_index[t] for t in tags])
 
+    def hide_entities(self, labels: Sequence[str], fraction: float, seed: int) -> int:
+        """Drop a ``fraction`` of the entities (each with that probability, from ``seed``): their tokens become
+        unlabeled (``self.hidden``). Returns how many were hidden."""
+        self.hidden = torch.zeros_like(self.tags, dtype=torch.bool)
+        generator = torch.Generator().manual_seed(seed + 1)
+        count = 0
+        for n, (_, tags) in enumerate(self.sentences):
+            for _, begin, end in get_entities(tags):
+                if float(torch.rand((), generator=generator)) < fraction:
+                    self.hidden[n, begin: end + 1] = True
+                    count += 1
+        self.outside = labels.index("O")
+        return count
+
     def batch(self, index: torch.Tensor, device: torch.device):
         """(words, shapes, tags, mask, lengths) of the sentences in ``index``, trimmed to their longest."""
         lengths = self.lengths[index]
@@ -113,6 +139,13 @@ class Encoded:
         mask = torch.arange(width)[None, :] < lengths[:, None]
         return (self.words[index, :width].to(device), self.shapes[index, :width].to(device),
                 self.tags[index, :width].to(device), mask.to(device), lengths)
+
+    def hidden_batch(self, index: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        """The unlabeled tokens of the sentences in ``index`` (None when nothing was hidden)."""
+        hidden = getattr(self, "hidden", None)
+        if hidden is None:
+            return None
+        return hidden[index, : int(self.lengths[index].max())].to(device)
 
 
 class Encoder(nn.Module):
@@ -157,7 +190,8 @@ def constrained_torchcrf(num_tags: int, constraints) -> nn.Module:
 
 
 class Tagger(nn.Module):
-    """Encoder + a CRF (``kind="crf"``) or per-token focal loss (``kind="softmax"``) on one backend."""
+    """Encoder + a CRF (``kind="crf"``; ``"fuzzy"`` learns from partial labels) or per-token focal loss
+    (``kind="softmax"``) on one backend."""
 
     def __init__(self, kind: str, backend: str, vocab_size: int, labels: Sequence[str], seed: int):
         super().__init__()
@@ -169,11 +203,12 @@ class Tagger(nn.Module):
         self.register_buffer("allowed", allowed)
         self.register_buffer("allowed_start", allowed_start)
         self.register_buffer("allowed_end", allowed_end)
-        if kind != "crf":
+        if kind not in ("crf", "fuzzy"):
             self.crf = None
             return
-        if backend == "fusedloss":
-            self.crf = fusedloss.CRF(num_tags, batch_first=True, constraints=(allowed, allowed_start, allowed_end))
+        if backend == "fusedloss" or kind == "fuzzy":
+            self.crf = fusedloss.CRF(num_tags, batch_first=True, constraints=(allowed, allowed_start, allowed_end),
+                                     backend="auto" if backend == "fusedloss" else "reference")
             raw = self.crf
         else:
             self.crf = constrained_torchcrf(num_tags, (allowed, allowed_start, allowed_end))
@@ -186,8 +221,12 @@ class Tagger(nn.Module):
                 target = target if isinstance(target, torch.Tensor) else target.original
                 target.copy_(torch.empty(target.shape).uniform_(-0.1, 0.1, generator=generator))
 
-    def loss(self, words, shapes, tags, mask, lengths) -> torch.Tensor:
+    def loss(self, words, shapes, tags, mask, lengths, hidden=None) -> torch.Tensor:
         emissions = self.encoder(words, shapes, lengths)
+        if self.kind == "fuzzy" and hidden is not None:
+            # Partial labels: a labeled token allows its tag, an unlabeled one every tag.
+            allowed = torch.nn.functional.one_hot(tags, emissions.shape[-1]).bool() | hidden.unsqueeze(-1)
+            return -self.crf(emissions, allowed, mask, reduction="mean")
         if self.crf is not None:
             # cached(): pytorch-crf reads the transitions at every time step; the constrained ones
             # are computed once per call, as fusedloss does.
@@ -254,7 +293,10 @@ def train_one(kind: str, backend: str, splits: Dict[str, Encoded], vocab_size: i
         for index in batches:
             words, shapes, tags, mask, lengths = train.batch(index, device)
             words = torch.where(dropped[index, : words.shape[1]].to(device) & mask, UNK, words)
-            loss = model.loss(words, shapes, tags, mask, lengths)
+            hidden = train.hidden_batch(index, device)
+            if hidden is not None and kind != "fuzzy":
+                tags = torch.where(hidden, train.outside, tags)  # no partial labels: a missing entity is O
+            loss = model.loss(words, shapes, tags, mask, lengths, hidden)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -279,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-sentences", type=int, default=None, help="generated training sentences (default 2000)")
     parser.add_argument("--eval-sentences", type=int, default=None,
                         help="generated dev and test sentences each (default 400)")
-    parser.add_argument("--models", default="crf,softmax", help="comma-separated: crf, softmax")
+    parser.add_argument("--models", default="crf,softmax", help="comma-separated: crf, softmax, fuzzy")
+    parser.add_argument("--hide-entities", type=float, default=0.0,
+                        help="fraction of training entities left unlabeled (partial annotation; default 0)")
     parser.add_argument("--backends", default="fusedloss,eager", help="comma-separated: fusedloss, eager")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 6, quick 3)")
     parser.add_argument("--quick", action="store_true", help="smaller corpus and fewer epochs (about a minute)")
@@ -310,6 +354,10 @@ def run(args, log=print) -> Dict:
     labels = bio_labels(splits_text["train"])
     vocab = build_vocab(splits_text["train"])
     splits = {name: Encoded(sentences, vocab, labels) for name, sentences in splits_text.items()}
+    if args.hide_entities > 0:
+        hidden = splits["train"].hide_entities(labels, args.hide_entities, args.seed)
+        total = sum(len(get_entities(tags)) for _, tags in splits_text["train"])
+        log(f"partial annotation: {hidden} of {total} training entities unlabeled")
     log(f"data: {', '.join(f'{k} {len(v)} sentences' for k, v in splits_text.items())}; "
         f"{len(labels)} tags; vocabulary {len(vocab)}; device {device}; fusedloss backends "
         f"{[k for k, v in fusedloss.available_backends().items() if v is None]}")

@@ -146,3 +146,26 @@ def test_data_directory_and_constrained_decoding(tmp_path):
             tags = [labels[i] for i in path]
             for previous, tag in zip(["O"] + tags, tags):
                 assert not tag.startswith("I-") or previous[2:] == tag[2:], tags
+
+
+def test_partial_annotation_experiment(tmp_path):
+    """--hide-entities: the fuzzy CRF trains on partial labels (hidden entities unlabeled), the plain CRF on the
+    same entities tagged O; the fused and the pure-PyTorch fuzzy CRF train the same model; hiding every entity
+    unlabels exactly the entity tokens."""
+    args = _args(tmp_path, "--epochs", "1", "--max-steps", "2", "--models", "crf,fuzzy", "--backends",
+                 "fusedloss,eager", "--hide-entities", "0.5")
+    logged = []
+    result = train_ner.run(args, log=logged.append)
+    assert any(line.startswith("partial annotation: ") for line in logged)
+    runs = {(r["model"], r["backend"]): r for r in result["results"]}
+    assert set(runs) == {(m, b) for m in ("crf", "fuzzy") for b in ("fusedloss", "eager")}
+    for r in runs.values():
+        assert all(math.isfinite(v) and v > 0 for v in r["losses"])
+    # The fused fuzzy CRF and its pure-PyTorch reference train the same model.
+    assert runs[("fuzzy", "fusedloss")]["losses"] == pytest.approx(runs[("fuzzy", "eager")]["losses"], rel=1e-4)
+    splits = ner_corpus.read_corpus(str(tmp_path))
+    labels = train_ner.bio_labels(splits["train"])
+    data = train_ner.Encoded(splits["train"], train_ner.build_vocab(splits["train"]), labels)
+    hidden = data.hide_entities(labels, 1.0, seed=0)
+    assert hidden == sum(len(get_entities(tags)) for _, tags in splits["train"])
+    assert bool((data.hidden == (data.tags != labels.index("O"))).all())
