@@ -22,15 +22,20 @@ import csv
 import json
 import math
 import os
-import statistics
-import time
 from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 
 import fusedloss
-from fusedloss.bench.harness import device_name, device_slug, environment, peak_memory, synchronize
+from fusedloss.bench.harness import (
+    device_name,
+    device_slug,
+    environment,
+    interleaved_medians,
+    peak_memory,
+    synchronize,
+)
 
 COLUMNS = ["case", "shape", "beta", "what", "median_ms", "speedup", "peak_mem_mib", "mem_ratio"]
 
@@ -51,15 +56,8 @@ def eager_formula(student_logits, teacher_logits, beta: float, temperature: floa
 
 def _measure(calls: Dict[str, Callable[[], None]], reset: Callable[[], None], repeats: int,
              device: torch.device) -> Dict[str, Dict]:
-    for call in calls.values():  # warm-up
-        call()
-    times: Dict[str, List[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: {"median_ms": statistics.median(times[name]), "peak_mem_mib": peak_memory(call, reset, device)}
+    medians = interleaved_medians(calls, repeats, device)
+    return {name: {"median_ms": medians[name], "peak_mem_mib": peak_memory(call, reset, device)}
             for name, call in calls.items()}
 
 

@@ -67,6 +67,24 @@ def time_call(fn: Callable[[], object], reset: Callable[[], None], device: torch
     }
 
 
+def interleaved_medians(calls: Dict[str, Callable[[], object]], repeats: int,
+                        device: torch.device) -> Dict[str, float]:
+    """Median milliseconds per call of each of ``calls``, timed interleaved: every call once per round, for
+    ``repeats`` rounds after one warm-up round, so that a change in the machine's load (other processes, clock
+    changes) reaches every candidate alike and their ratios stay meaningful on a noisy machine."""
+    for call in calls.values():
+        call()
+    synchronize(device)
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> float:
     """GB/s of ``dst.copy_(src)`` over ``numel`` elements of ``dtype`` (read once, written once: 2 x numel x size
     bytes in the fastest of the timed copies): what the memory system of ``device`` sustains for a plain stream of
