@@ -432,16 +432,15 @@ struct KBestJob {
 
   FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
     const int K = tab->K;
-    std::vector<T> scratch((2 * static_cast<size_t>(k) + 1) * K);
-    std::vector<int32_t> heads(K);
+    std::vector<T> scratch(crf::KBestWorkspace<T>::size(K, k));
+    std::vector<int32_t> index_scratch(crf::KBestWorkspace<T>::index_size(K));
+    const auto ws = crf::KBestWorkspace<T>::carve(scratch.data(), index_scratch.data(), K, k);
     std::vector<int32_t> backpointers(max_length * K * k);
     std::vector<double> best(k);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t L = lengths[b];
       int64_t* paths_b = paths + b * k * T_len;
-      crf::kbest_viterbi(*tab, emissions + b * T_len * K, L, k, scratch.data(),
-                         scratch.data() + 2 * static_cast<int64_t>(k) * K, heads.data(), backpointers.data(), paths_b,
-                         T_len, best.data());
+      crf::kbest_viterbi(*tab, emissions + b * T_len * K, L, k, ws, backpointers.data(), paths_b, T_len, best.data());
       for (int r = 0; r < k; ++r) {
         scores[b * k + r] = static_cast<T>(best[r]);
         std::fill(paths_b + r * T_len + L, paths_b + (r + 1) * T_len, int64_t(-1));

@@ -530,23 +530,48 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void constrain_emissions(const E* emissio
   }
 }
 
+// Workspace of kbest_viterbi: the running scores (2, K, k), the merge's list heads (K, K), an emission row and
+// the best head per tag (K each) in T; the heads' ranks (K, K) and the best head's list per tag (K) in int32.
+template <typename T>
+struct KBestWorkspace {
+  T* score;
+  T* head;
+  T* emission;
+  T* best;
+  int32_t* rank;
+  int32_t* arg;
+  FUSEDLOSS_HOST_DEVICE static int64_t size(int K, int k) {
+    return 2 * static_cast<int64_t>(K) * k + static_cast<int64_t>(K) * K + 2 * K;
+  }
+  FUSEDLOSS_HOST_DEVICE static int64_t index_size(int K) { return static_cast<int64_t>(K) * K + K; }
+  FUSEDLOSS_HOST_DEVICE static KBestWorkspace carve(T* buffer, int32_t* index_buffer, int K, int k) {
+    T* head = buffer + 2 * static_cast<int64_t>(K) * k;
+    T* emission = head + static_cast<int64_t>(K) * K;
+    int32_t* arg = index_buffer + static_cast<int64_t>(K) * K;
+    return KBestWorkspace{buffer, head, emission, emission + K, index_buffer, arg};
+  }
+};
+
 // k-best Viterbi (list Viterbi) over one sequence. For each step and tag it keeps the k best partial paths,
-// scores sorted descending in score (K, k) with backpointers (previous tag * k + previous rank) in
-// backpointers (L, K, k); after t steps a tag has min(K^t, k) of them (count below), so ranks past it are never
-// read. The candidates for tag j are the K sorted lists score[i, :] + A[i, j]: the merge takes the best head k
-// times, strictly greater winning, so ties go to the lower previous tag and, within a list, to the lower rank;
-// the final k are merged from the lists score[j, :] + end[j] the same way. With k = 1 every operation is the
-// one viterbi does, in the same order, so the path and score are the same bits.
-// Writes the r-th best path to paths[r * path_stride + t] for t < L and its score to scores[r]; ranks past K^L
-// get -1 at t < L and -inf. score: (2, K, k); emission: (K,); heads: (K,) int32 scratch.
+// scores sorted descending (K, k) with backpointers (previous tag * k + previous rank) in backpointers (L, K, k);
+// after t steps a tag has min(K^t, k) of them (count below), so ranks past that are never read. The candidates
+// for tag j are the K sorted lists score[i, :] + A[i, j]; the merge keeps each list's head, head[i, j], and takes
+// the best head k times, strictly greater winning, so ties go to the lower previous tag and, within a list, to
+// the lower rank. All tags are merged at once with the loop of viterbi (vectorized along j), so with k = 1 every
+// operation is viterbi's, in the same order: the same path and score bits. The final k are merged from the lists
+// score[j, :] + end[j] the same way.
+// Writes the r-th best path to paths[r * path_stride + t] for t < L and its score to scores[r]; ranks from K^L on
+// get -1 at t < L and -inf.
 template <typename E, typename T>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void kbest_viterbi(const Tables<T>& tab, const E* emissions, int64_t L, int k,
-                                                          T* score, T* emission, int32_t* heads,
-                                                          int32_t* backpointers, int64_t* paths, int64_t path_stride,
-                                                          double* scores) {
+                                                          const KBestWorkspace<T>& ws, int32_t* backpointers,
+                                                          int64_t* paths, int64_t path_stride, double* scores) {
   const int K = tab.K;
-  T* cur = score;
-  T* nxt = score + static_cast<int64_t>(K) * k;
+  const int64_t KK = static_cast<int64_t>(K) * K;
+  const T exhausted = static_cast<T>(-INFINITY);  // the head of a list with nothing left: never taken
+  T* cur = ws.score;
+  T* nxt = ws.score + static_cast<int64_t>(K) * k;
+  T* emission = ws.emission;
   load_row(emissions, 0, K, emission);
   for (int j = 0; j < K; ++j) cur[static_cast<int64_t>(j) * k] = tab.start[j] + emission[j];
   // The running scores are normalized like viterbi's: the best (rank 0 of some tag) moves into a float64 offset.
@@ -562,25 +587,40 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void kbest_viterbi(const Tables<T>& tab, 
   double offset = static_cast<double>(normalize_ranks(cur, count));
   for (int64_t t = 1; t < L; ++t) {
     const int64_t next_count = count * K < k ? count * K : k;
+    for (int i = 0; i < K; ++i) {
+      const T c = cur[static_cast<int64_t>(i) * k];
+      const T* __restrict__ row = tab.transitions + static_cast<int64_t>(i) * K;
+      T* __restrict__ head = ws.head + static_cast<int64_t>(i) * K;
+      for (int j = 0; j < K; ++j) head[j] = c + row[j];
+    }
+    for (int64_t i = 0; i < KK; ++i) ws.rank[i] = 0;
     load_row(emissions, t, K, emission);
     int32_t* bp = backpointers + t * K * k;
-    for (int j = 0; j < K; ++j) {
-      for (int i = 0; i < K; ++i) heads[i] = 0;
-      for (int64_t r = 0; r < next_count; ++r) {
-        int best_i = -1;
-        T best = 0;
-        for (int i = 0; i < K; ++i) {
-          if (heads[i] >= count) continue;
-          const T cand = cur[static_cast<int64_t>(i) * k + heads[i]] + tab.transitions[static_cast<int64_t>(i) * K + j];
-          // A NaN candidate wins (once), so NaN reaches the scores as in viterbi.
-          if (best_i < 0 || cand > best || (cand != cand && best == best)) {
-            best = cand;
-            best_i = i;
-          }
+    for (int64_t r = 0; r < next_count; ++r) {
+      T* __restrict__ best = ws.best;
+      int32_t* __restrict__ arg = ws.arg;
+      for (int j = 0; j < K; ++j) {
+        best[j] = ws.head[j];
+        arg[j] = 0;
+      }
+      for (int i = 1; i < K; ++i) {
+        const T* __restrict__ head = ws.head + static_cast<int64_t>(i) * K;
+        for (int j = 0; j < K; ++j) {
+          // A NaN candidate wins, so NaN reaches the score (as in viterbi).
+          const T cand = head[j];
+          const bool take = cand > best[j] || cand != cand;
+          best[j] = take ? cand : best[j];
+          arg[j] = take ? i : arg[j];
         }
-        nxt[static_cast<int64_t>(j) * k + r] = best + emission[j];
-        bp[static_cast<int64_t>(j) * k + r] = best_i * k + heads[best_i];
-        ++heads[best_i];
+      }
+      for (int j = 0; j < K; ++j) {
+        const int i = arg[j];
+        const int64_t at = static_cast<int64_t>(i) * K + j;
+        const int32_t taken = ws.rank[at]++;
+        nxt[static_cast<int64_t>(j) * k + r] = best[j] + emission[j];
+        bp[static_cast<int64_t>(j) * k + r] = i * k + taken;
+        const T* list = cur + static_cast<int64_t>(i) * k;
+        ws.head[at] = taken + 1 < count ? list[taken + 1] + tab.transitions[at] : exhausted;
       }
     }
     count = next_count;
@@ -590,6 +630,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void kbest_viterbi(const Tables<T>& tab, 
     nxt = swap;
   }
   const int64_t total = count * K < k ? count * K : k;
+  int32_t* heads = ws.rank;
   for (int j = 0; j < K; ++j) heads[j] = 0;
   for (int64_t q = 0; q < total; ++q) {
     int best_j = -1;
@@ -597,6 +638,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void kbest_viterbi(const Tables<T>& tab, 
     for (int j = 0; j < K; ++j) {
       if (heads[j] >= count) continue;
       const T s = cur[static_cast<int64_t>(j) * k + heads[j]] + tab.end[j];
+      // As viterbi's final choice: the first NaN wins.
       if (best_j < 0 || s > best || (s != s && best == best)) {
         best = s;
         best_j = j;
@@ -615,7 +657,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void kbest_viterbi(const Tables<T>& tab, 
     }
   }
   for (int64_t q = total; q < k; ++q) {
-    scores[q] = -__builtin_huge_val();
+    scores[q] = -static_cast<double>(INFINITY);
     for (int64_t t = 0; t < L; ++t) paths[q * path_stride + t] = -1;
   }
 }

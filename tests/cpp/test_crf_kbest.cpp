@@ -16,6 +16,7 @@
 
 namespace {
 
+using fusedloss::crf::KBestWorkspace;
 using fusedloss::crf::Tables;
 using fusedloss::crf::Workspace;
 using fusedloss_test::check;
@@ -90,12 +91,13 @@ void test_kbest(const Case& c, const std::string& name, double atol, double rtol
   const std::vector<Path> want = enumerate(c);
   const Model<T> model(c);
   const int k = static_cast<int>(want.size()) + 2;
-  std::vector<T> score(2 * K * k), emission(K);
-  std::vector<int32_t> heads(K), backpointers(L * K * k);
+  std::vector<T> scratch(KBestWorkspace<T>::size(K, k));
+  std::vector<int32_t> index_scratch(KBestWorkspace<T>::index_size(K)), backpointers(L * K * k);
+  const auto ws = KBestWorkspace<T>::carve(scratch.data(), index_scratch.data(), K, k);
   std::vector<int64_t> paths(k * L, 7);
   std::vector<double> scores(k);
-  fusedloss::crf::kbest_viterbi(model.tab, model.emissions.data(), L, k, score.data(), emission.data(), heads.data(),
-                                backpointers.data(), paths.data(), L, scores.data());
+  fusedloss::crf::kbest_viterbi(model.tab, model.emissions.data(), L, k, ws, backpointers.data(), paths.data(), L,
+                                scores.data());
   bool paths_ok = true, scores_ok = true;
   for (int r = 0; r < k; ++r) {
     const std::vector<int64_t> got(paths.begin() + r * L, paths.begin() + (r + 1) * L);
@@ -125,8 +127,10 @@ void test_kbest(const Case& c, const std::string& name, double atol, double rtol
                                                best_prev.data(), vbp.data(), vpath.data());
   std::vector<int64_t> path1(L);
   double score1;
-  fusedloss::crf::kbest_viterbi(model.tab, model.emissions.data(), L, 1, score.data(), emission.data(), heads.data(),
-                                backpointers.data(), path1.data(), L, &score1);
+  std::vector<T> scratch1(KBestWorkspace<T>::size(K, 1));
+  const auto ws1 = KBestWorkspace<T>::carve(scratch1.data(), index_scratch.data(), K, 1);
+  fusedloss::crf::kbest_viterbi(model.tab, model.emissions.data(), L, 1, ws1, backpointers.data(), path1.data(), L,
+                                &score1);
   check(path1 == vpath && score1 == vbest, name + ": 1-best equals viterbi");
 }
 
@@ -137,12 +141,13 @@ void test_ties() {
   const std::vector<Path> want = enumerate(c);
   const Model<float> model(c);
   const int k = 27;
-  std::vector<float> score(2 * 3 * k), emission(3);
-  std::vector<int32_t> heads(3), backpointers(3 * 3 * k);
+  std::vector<float> scratch(KBestWorkspace<float>::size(3, k));
+  std::vector<int32_t> index_scratch(KBestWorkspace<float>::index_size(3)), backpointers(3 * 3 * k);
+  const auto ws = KBestWorkspace<float>::carve(scratch.data(), index_scratch.data(), 3, k);
   std::vector<int64_t> paths(k * 3);
   std::vector<double> scores(k);
-  fusedloss::crf::kbest_viterbi(model.tab, model.emissions.data(), 3, k, score.data(), emission.data(), heads.data(),
-                                backpointers.data(), paths.data(), 3, scores.data());
+  fusedloss::crf::kbest_viterbi(model.tab, model.emissions.data(), 3, k, ws, backpointers.data(), paths.data(), 3,
+                                scores.data());
   bool ok = true;
   for (int r = 0; r < k; ++r) {
     ok = ok && std::vector<int64_t>(paths.begin() + 3 * r, paths.begin() + 3 * r + 3) == want[r].tags;
