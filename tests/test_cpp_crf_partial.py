@@ -2,7 +2,8 @@
 ``crf_log_partition`` and ``crf_kbest_viterbi`` against brute-force enumeration of every tag path in float64
 (values, and gradients of all four inputs by torch.autograd through the enumeration), single-tag sets against
 ``crf_log_likelihood`` bit for bit, k = 1 against ``crf_viterbi``, ragged masks, forbidden transitions, large
-emissions, float32/float64/bfloat16, bad inputs, gradcheck, opcheck and ``torch.compile``.
+emissions, float32/float64/bfloat16, long sequences against float64, determinism across thread counts, bad
+inputs, gradcheck, opcheck and ``torch.compile``.
 """
 
 import itertools
@@ -338,3 +339,28 @@ def test_torch_compile_fullgraph():
         results.append((value.detach(), em.grad, trans.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def test_long_sequences_float32_against_float64():
+    """T = 500 with emissions in the hundreds and half the positions labelled: float32 (float16 emissions too)
+    stays close to the float64 computation, and the result is the same bits at 1 and 2 threads."""
+    emissions, allowed, mask, transitions, start, end = make_case(4, 500, 5, seed=43, scale=100.0, singles=0.5)
+    args = (emissions, allowed, mask, transitions, start, end)
+    want = value_and_grads(cpp.crf_partial_log_likelihood, as64(*args))
+    got = value_and_grads(cpp.crf_partial_log_likelihood, args)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=0.05)
+    half = value_and_grads(cpp.crf_partial_log_likelihood, (emissions.half(),) + args[1:])
+    half_want = value_and_grads(cpp.crf_partial_log_likelihood, as64(emissions.half(), *args[1:]))
+    torch.testing.assert_close(half[0].double(), half_want[0], rtol=1e-4, atol=0.05)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = value_and_grads(cpp.crf_partial_log_likelihood, args)
+        torch.set_num_threads(2)
+        two = value_and_grads(cpp.crf_partial_log_likelihood, args)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
