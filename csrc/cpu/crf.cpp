@@ -4,8 +4,9 @@
 // Compute dtype: float32 for float16/bfloat16/float32 emissions (16-bit emissions are read as they are and
 // converted one row at a time), float64 when emissions or transitions are float64; log Z, the gold score and
 // the per-step offsets of the normalized forward variables in float64. Extra memory: the forward variables
-// alpha (B, T, K) in the compute dtype and their offsets (B, T), only when the backward will need them; per-thread
-// workspace of O(T K) otherwise, and for the transition gradient one (K, K) accumulator per slot of
+// alpha (B, T, K) in the compute dtype and their offsets (B, T), only when the backward will need them (twice for
+// the partial-label log-likelihood: the constrained and the free model); per-thread workspace of O(T K) otherwise
+// (the k-best Viterbi: O(T K k) backpointers), and for the transition gradient one (K, K) accumulator per slot of
 // sequences.
 //
 // Determinism: every result is a function of one sequence, except the transition gradients, which are
