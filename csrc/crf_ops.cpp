@@ -6,11 +6,14 @@
 //
 // fusedloss::crf_log_likelihood is what the public functions call; its autograd is registered here, in C++,
 // so that an eager call runs no Python between the public function and the kernel, and its arguments are
-// checked here once (crf_viterbi and crf_marginals check theirs in their device kernels, with the same
-// check_crf_args). Without a gradient to compute nothing is kept for backward.
+// checked here once (crf_viterbi, crf_marginals and crf_kbest_viterbi check theirs in their device kernels, with
+// the same check_crf_args). Without a gradient to compute nothing is kept for backward. crf_partial_log_likelihood
+// and crf_log_partition follow the same pattern.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "crf_checks.h"
 #include "op_utils.h"
@@ -46,6 +49,37 @@ TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
   m.def(
       "crf_marginals(Tensor emissions, Tensor mask, Tensor transitions, Tensor start_transitions, "
       "Tensor end_transitions) -> Tensor");
+  // Partial labels: log Z_allowed - log Z per sequence, (B,), where allowed (B, T, K) bool is the set of tags
+  // the annotation allows at each position; differentiable like crf_log_likelihood. mask None: all on.
+  m.def(
+      "crf_partial_log_likelihood(Tensor emissions, Tensor allowed, Tensor? mask, Tensor transitions, "
+      "Tensor start_transitions, Tensor end_transitions) -> Tensor");
+  // Its device kernels, on checked arguments. The forward returns the value and what its device's backward
+  // needs (a list private to the device; empty without save_for_backward, and a device may always return it
+  // empty and recompute). The backward returns the gradients of sum_b grad[b] * value[b] w.r.t. emissions (0 at
+  // masked positions), transitions, start and end transitions, each in its input's dtype.
+  m.def(
+      "crf_partial_log_likelihood_forward(Tensor emissions, Tensor allowed, Tensor mask, Tensor transitions, "
+      "Tensor start_transitions, Tensor end_transitions, bool save_for_backward) -> (Tensor, Tensor[])");
+  m.def(
+      "crf_partial_log_likelihood_backward(Tensor grad, Tensor emissions, Tensor allowed, Tensor mask, "
+      "Tensor transitions, Tensor start_transitions, Tensor end_transitions, Tensor[] saved) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // log Z per sequence, (B,), differentiable (its gradient: the marginals); device kernels as above.
+  m.def(
+      "crf_log_partition(Tensor emissions, Tensor? mask, Tensor transitions, Tensor start_transitions, "
+      "Tensor end_transitions) -> Tensor");
+  m.def(
+      "crf_log_partition_forward(Tensor emissions, Tensor mask, Tensor transitions, Tensor start_transitions, "
+      "Tensor end_transitions, bool save_for_backward) -> (Tensor, Tensor[])");
+  m.def(
+      "crf_log_partition_backward(Tensor grad, Tensor emissions, Tensor mask, Tensor transitions, "
+      "Tensor start_transitions, Tensor end_transitions, Tensor[] saved) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The k best paths per sequence: paths (B, k, T) int64 (-1 past each sequence's end, and everywhere for
+  // ranks past the sequence's K^L paths) and their scores (B, k) (-inf past K^L).
+  m.def(
+      "crf_kbest_viterbi(Tensor emissions, Tensor mask, Tensor transitions, Tensor start_transitions, "
+      "Tensor end_transitions, int k) -> (Tensor, Tensor)");
 }
 
 namespace fusedloss {
@@ -114,6 +148,41 @@ void check_crf_args(const at::Tensor& emissions, const at::Tensor* tags, const a
                         "mask must be left-aligned: a prefix of ones per sequence, got a 0 followed by a 1");
     }
   }
+}
+
+void check_crf_allowed(const at::Tensor& emissions, const at::Tensor& allowed, const at::Tensor* mask) {
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  // The words of the public layer, whose tags argument is either tag indices or these sets.
+  TORCH_CHECK_VALUE(allowed.scalar_type() == at::kBool,
+                    "tags must be int64 (batch, seq_len) tag indices or a bool (batch, seq_len, num_tags) tensor of "
+                    "allowed tags, got ",
+                    dtype_str(allowed.scalar_type()));
+  TORCH_CHECK_VALUE(allowed.dim() == 3 && allowed.size(0) == B && allowed.size(1) == T && allowed.size(2) == K,
+                    "tags must have shape (batch, seq_len, num_tags) = ", shape_str({B, T, K}),
+                    " like emissions, got ", shape_str(allowed.sizes()));
+  check_device("allowed", allowed, emissions);
+  if (!allowed.device().is_cpu() || traced(allowed) || (mask != nullptr && traced(*mask))) return;
+  const at::Tensor a = allowed.contiguous();
+  const uint8_t* on = static_cast<const uint8_t*>(a.const_data_ptr());
+  const at::Tensor m = mask != nullptr ? mask->contiguous() : at::Tensor();
+  const uint8_t* unmasked = mask != nullptr ? static_cast<const uint8_t*>(m.const_data_ptr()) : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T; ++t) {
+      if (unmasked != nullptr && unmasked[b * T + t] == 0) continue;
+      const uint8_t* row = on + (b * T + t) * K;
+      bool any = false;
+      for (int64_t k = 0; k < K && !any; ++k) any = row[k] != 0;
+      TORCH_CHECK_VALUE(any, "tags (allowed tag sets) must allow at least one tag at every unmasked position, got "
+                        "an empty set at sequence ", b, ", position ", t);
+    }
+  }
+}
+
+void check_kbest_k(int64_t k, int64_t num_tags) {
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK_VALUE(num_tags * k <= std::numeric_limits<int32_t>::max(),
+                    "crf_kbest_viterbi: backpointers are int32 (tag * k + rank), so num_tags * k must be at most ",
+                    std::numeric_limits<int32_t>::max(), ", got ", num_tags, " * ", k);
 }
 
 namespace {
@@ -187,17 +256,159 @@ at::Tensor crf_log_likelihood_no_grad(const at::Tensor& emissions, const at::Ten
   return std::get<0>(crf_forward(emissions, tags, mask_or_ones(mask_arg, emissions), transitions, start, end, false));
 }
 
+using SavedList = std::vector<at::Tensor>;
+using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+std::tuple<at::Tensor, SavedList> partial_forward(const at::Tensor& emissions, const at::Tensor& allowed,
+                                                  const at::Tensor& mask, const at::Tensor& transitions,
+                                                  const at::Tensor& start, const at::Tensor& end,
+                                                  bool save_for_backward) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedloss::crf_partial_log_likelihood_forward", "")
+                       .typed<std::tuple<at::Tensor, SavedList>(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&, bool)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(emissions, allowed, mask, transitions, start, end, save_for_backward);
+}
+
+std::tuple<at::Tensor, SavedList> log_partition_forward(const at::Tensor& emissions, const at::Tensor& mask,
+                                                        const at::Tensor& transitions, const at::Tensor& start,
+                                                        const at::Tensor& end, bool save_for_backward) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedloss::crf_log_partition_forward", "")
+                       .typed<std::tuple<at::Tensor, SavedList>(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, bool)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(emissions, mask, transitions, start, end, save_for_backward);
+}
+
+// Saved variables: the op's six (partial) or five (log partition) tensor inputs, then the device's list.
+class CrfPartialFunction : public torch::autograd::Function<CrfPartialFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& emissions, const at::Tensor& allowed,
+                            const at::Tensor& mask, const at::Tensor& transitions, const at::Tensor& start,
+                            const at::Tensor& end) {
+    auto [value, saved] = partial_forward(emissions, allowed, mask, transitions, start, end, true);
+    variable_list to_save = {emissions, allowed, mask, transitions, start, end};
+    to_save.insert(to_save.end(), saved.begin(), saved.end());
+    ctx->save_for_backward(to_save);
+    return value;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fusedloss::crf_partial_log_likelihood_backward", "")
+                         .typed<Gradients(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList)>();
+    const variable_list saved = ctx->get_saved_variables();
+    if (!grad_outputs[0].defined()) return variable_list(6);
+    const SavedList device_saved(saved.begin() + 6, saved.end());
+    auto [grad_emissions, grad_transitions, grad_start, grad_end] =
+        op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], device_saved);
+    return {grad_emissions, at::Tensor(), at::Tensor(), grad_transitions, grad_start, grad_end};
+  }
+};
+
+class CrfLogPartitionFunction : public torch::autograd::Function<CrfLogPartitionFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& emissions, const at::Tensor& mask,
+                            const at::Tensor& transitions, const at::Tensor& start, const at::Tensor& end) {
+    auto [value, saved] = log_partition_forward(emissions, mask, transitions, start, end, true);
+    variable_list to_save = {emissions, mask, transitions, start, end};
+    to_save.insert(to_save.end(), saved.begin(), saved.end());
+    ctx->save_for_backward(to_save);
+    return value;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fusedloss::crf_log_partition_backward", "")
+                         .typed<Gradients(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, const at::Tensor&, at::TensorList)>();
+    const variable_list saved = ctx->get_saved_variables();
+    if (!grad_outputs[0].defined()) return variable_list(5);
+    const SavedList device_saved(saved.begin() + 5, saved.end());
+    auto [grad_emissions, grad_transitions, grad_start, grad_end] =
+        op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], device_saved);
+    return {grad_emissions, at::Tensor(), grad_transitions, grad_start, grad_end};
+  }
+};
+
+bool any_requires_grad(const at::Tensor& emissions, const at::Tensor& transitions, const at::Tensor& start,
+                       const at::Tensor& end) {
+  return at::GradMode::is_enabled() && (emissions.requires_grad() || transitions.requires_grad() ||
+                                        start.requires_grad() || end.requires_grad());
+}
+
+const at::Tensor* mask_pointer(const c10::optional<at::Tensor>& mask) {
+  return mask.has_value() && mask->defined() ? &*mask : nullptr;
+}
+
+at::Tensor crf_partial_log_likelihood_autograd(const at::Tensor& emissions, const at::Tensor& allowed,
+                                               const c10::optional<at::Tensor>& mask_arg,
+                                               const at::Tensor& transitions, const at::Tensor& start,
+                                               const at::Tensor& end) {
+  check_crf_args(emissions, nullptr, mask_pointer(mask_arg), transitions, start, end);
+  check_crf_allowed(emissions, allowed, mask_pointer(mask_arg));
+  const at::Tensor mask = mask_or_ones(mask_arg, emissions);
+  if (any_requires_grad(emissions, transitions, start, end)) {
+    return CrfPartialFunction::apply(emissions, allowed, mask, transitions, start, end);
+  }
+  return std::get<0>(partial_forward(emissions, allowed, mask, transitions, start, end, false));
+}
+
+at::Tensor crf_partial_log_likelihood_no_grad(const at::Tensor& emissions, const at::Tensor& allowed,
+                                              const c10::optional<at::Tensor>& mask_arg,
+                                              const at::Tensor& transitions, const at::Tensor& start,
+                                              const at::Tensor& end) {
+  check_crf_args(emissions, nullptr, mask_pointer(mask_arg), transitions, start, end);
+  check_crf_allowed(emissions, allowed, mask_pointer(mask_arg));
+  return std::get<0>(
+      partial_forward(emissions, allowed, mask_or_ones(mask_arg, emissions), transitions, start, end, false));
+}
+
+at::Tensor crf_log_partition_autograd(const at::Tensor& emissions, const c10::optional<at::Tensor>& mask_arg,
+                                      const at::Tensor& transitions, const at::Tensor& start, const at::Tensor& end) {
+  check_crf_args(emissions, nullptr, mask_pointer(mask_arg), transitions, start, end);
+  const at::Tensor mask = mask_or_ones(mask_arg, emissions);
+  if (any_requires_grad(emissions, transitions, start, end)) {
+    return CrfLogPartitionFunction::apply(emissions, mask, transitions, start, end);
+  }
+  return std::get<0>(log_partition_forward(emissions, mask, transitions, start, end, false));
+}
+
+at::Tensor crf_log_partition_no_grad(const at::Tensor& emissions, const c10::optional<at::Tensor>& mask_arg,
+                                     const at::Tensor& transitions, const at::Tensor& start, const at::Tensor& end) {
+  check_crf_args(emissions, nullptr, mask_pointer(mask_arg), transitions, start, end);
+  return std::get<0>(log_partition_forward(emissions, mask_or_ones(mask_arg, emissions), transitions, start, end,
+                                           false));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
   m.impl("crf_log_likelihood", &crf_log_likelihood_autograd);
+  m.impl("crf_partial_log_likelihood", &crf_partial_log_likelihood_autograd);
+  m.impl("crf_log_partition", &crf_log_partition_autograd);
   // Not differentiable by themselves (the device kernels of crf_log_likelihood; Viterbi paths; marginals).
   for (const char* name : {"crf_log_likelihood_forward", "crf_log_likelihood_backward", "crf_viterbi",
-                           "crf_marginals"}) {
+                           "crf_marginals", "crf_partial_log_likelihood_forward",
+                           "crf_partial_log_likelihood_backward", "crf_log_partition_forward",
+                           "crf_log_partition_backward", "crf_kbest_viterbi"}) {
     m.impl(name, torch::CppFunction::makeFallthrough());
   }
 }
-TORCH_LIBRARY_IMPL(fusedloss, CPU, m) { m.impl("crf_log_likelihood", &crf_log_likelihood_no_grad); }
-TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) { m.impl("crf_log_likelihood", &crf_log_likelihood_no_grad); }
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("crf_log_likelihood", &crf_log_likelihood_no_grad);
+  m.impl("crf_partial_log_likelihood", &crf_partial_log_likelihood_no_grad);
+  m.impl("crf_log_partition", &crf_log_partition_no_grad);
+}
+TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
+  m.impl("crf_log_likelihood", &crf_log_likelihood_no_grad);
+  m.impl("crf_partial_log_likelihood", &crf_partial_log_likelihood_no_grad);
+  m.impl("crf_log_partition", &crf_log_partition_no_grad);
+}
 
 }  // namespace fusedloss

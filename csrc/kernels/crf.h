@@ -347,13 +347,20 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool tags_in_range(const int64_t* tags, i
 //   transition gradients are accumulated: grad_transitions_t[j * K + i] += g * (gold count - sum_t P_t(i, j))
 //   (transposed), grad_start[k] += g * (1[y_0 = k] - u_0[k]), grad_end[k] += g * (1[y_{L-1} = k] - u_{L-1}[k]).
 // kGradient = false (marginals): out[t, k] = u_t[k]; tags and the gradient pointers are unused.
+// kGradient = kAccumulate = true (gradient of g * log Z, no gold path): out[t, k] += g * u_t[k],
+//   grad_transitions_t[j * K + i] += g * sum_t P_t(i, j), grad_start += g * u_0, grad_end += g * u_{L-1}; tags
+//   are unused. Two calls with +g and -g on two models give the gradient of a difference of log partitions.
 // Rows t >= L of out are not written.
-template <bool kGradient, typename E, typename T, typename Out>
+template <bool kGradient, bool kAccumulate = false, typename E, typename T, typename Out>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const E* emissions, const int64_t* tags,
                                                      int64_t L, const T* alpha, const double* offsets,
                                                      double log_z, T g, Out* out, T* grad_transitions_t,
                                                      T* grad_start, T* grad_end, const Workspace<T>& ws) {
+  static_assert(kGradient || !kAccumulate, "the accumulate mode is a gradient mode");
   const int K = tab.K;
+  // The transition gradient below is written as "minus gm times the pairwise marginals": gm = g for the
+  // log-likelihood, -g for the accumulate mode.
+  const T gm = kAccumulate ? -g : g;
   T* beta = ws.beta;
   T* u = ws.scale;  // u_t of the row being written; F is computed into the same vector below
   const T* alpha_last = alpha + (L - 1) * K;
@@ -373,7 +380,9 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
   };
   auto write_row = [&](int64_t t, const T* marginals) {
     Out* row = out + t * K;
-    if (kGradient) {
+    if (kAccumulate) {
+      for (int k = 0; k < K; ++k) row[k] = static_cast<Out>(row[k] + g * marginals[k]);
+    } else if (kGradient) {
       for (int k = 0; k < K; ++k) row[k] = static_cast<Out>(-g * marginals[k]);
       row[tags[t]] = static_cast<Out>(g * residual(marginals, tags[t]));
     } else {
@@ -381,7 +390,9 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
     }
   };
   write_row(L - 1, u);
-  if (kGradient) {
+  if (kAccumulate) {
+    for (int k = 0; k < K; ++k) grad_end[k] += g * u[k];
+  } else if (kGradient) {
     for (int k = 0; k < K; ++k) grad_end[k] -= k == tags[L - 1] ? T(0) : g * u[k];
     grad_end[tags[L - 1]] += g * residual(u, tags[L - 1]);
   }
@@ -402,7 +413,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
     // ws.emission is free in this sweep: it holds g * F_i for the rows swept in the matrix form.
     T* g_scale = ws.emission;
     if (kGradient) {
-      for (int i = 0; i < K; ++i) g_scale[i] = scale[i] <= Guard<T>::max_scale ? g * scale[i] : T(0);
+      for (int i = 0; i < K; ++i) g_scale[i] = scale[i] <= Guard<T>::max_scale ? gm * scale[i] : T(0);
       const T* __restrict__ gs = g_scale;
       T* __restrict__ acc = sums;
       for (int j = 0; j < K; ++j) {
@@ -416,7 +427,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
           grad[i] -= gs[i] * ew;
         }
       }
-      grad_transitions_t[tags[t] * K + tags[t - 1]] += g;
+      if (!kAccumulate) grad_transitions_t[tags[t] * K + tags[t - 1]] += g;
     } else {
       T* __restrict__ acc = sums;
       int j = 0;
@@ -449,7 +460,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
       if (exact_row) beta[i] = logsumexp_sum(a_row, v, K);
       if (exact_pairs) {
         for (int j = 0; j < K; ++j) {
-          grad_transitions_t[static_cast<int64_t>(j) * K + i] -= g * exp(alpha_prev[i] + a_row[j] + v[j] + shift);
+          grad_transitions_t[static_cast<int64_t>(j) * K + i] -= gm * exp(alpha_prev[i] + a_row[j] + v[j] + shift);
         }
       }
       u[i] = exact_row ? exp(alpha_prev[i] + beta[i] + shift) : scale[i] * sums[i];
@@ -470,16 +481,184 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void backward(const Tables<T>& tab, const
         const T* a_row = tab.transitions + static_cast<int64_t>(i) * K;
         for (int j = 0; j < K; ++j) {
           grad_transitions_t[static_cast<int64_t>(j) * K + i] -=
-              correction * g * exp(alpha_prev[i] + a_row[j] + v[j] + shift);
+              correction * gm * exp(alpha_prev[i] + a_row[j] + v[j] + shift);
         }
       }
     }
     beta_offset += mv + static_cast<double>(normalize(beta, K));
     write_row(t - 1, u);
   }
-  if (kGradient) {
+  if (kAccumulate) {
+    for (int k = 0; k < K; ++k) grad_start[k] += g * u[k];
+  } else if (kGradient) {
     for (int k = 0; k < K; ++k) grad_start[k] -= k == tags[0] ? T(0) : g * u[k];
     grad_start[tags[0]] += g * residual(u, tags[0]);
+  }
+}
+
+// Partial labels: allowed (L, K) holds one flag per tag (the bytes of a bool tensor), the set of tags the
+// annotation allows at each position. log Z_allowed is the forward algorithm on the emissions with every tag
+// outside the set at kPartialLabelScore: its exp is exactly 0 in float32 and float64, and unlike -inf it keeps
+// every difference of scores finite (no NaN from -inf - -inf in the normalized recursions).
+constexpr double kPartialLabelScore = -1e30;
+
+// Whether every position of the sequence allows exactly one tag; if so, that tag path is written to tags (L,).
+// Such a sequence takes the log-likelihood path (gold score − log Z), so one-hot sets give exactly what
+// crf_log_likelihood gives.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool single_tags(const uint8_t* allowed, int64_t L, int K, int64_t* tags) {
+  for (int64_t t = 0; t < L; ++t) {
+    const uint8_t* row = allowed + t * K;
+    int count = 0;
+    int64_t tag = 0;
+    for (int k = 0; k < K; ++k) {
+      if (row[k] == 0) continue;
+      ++count;
+      tag = k;
+    }
+    if (count != 1) return false;
+    tags[t] = tag;
+  }
+  return true;
+}
+
+// The constrained model's emissions (L, K) in T: the emission where allowed, kPartialLabelScore elsewhere.
+template <typename E, typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void constrain_emissions(const E* emissions, const uint8_t* allowed,
+                                                                int64_t L, int K, T* out) {
+  for (int64_t i = 0; i < L * K; ++i) {
+    out[i] = allowed[i] != 0 ? static_cast<T>(emissions[i]) : static_cast<T>(kPartialLabelScore);
+  }
+}
+
+// Workspace of kbest_viterbi: the running scores (2, K, k), the merge's list heads (K, K), an emission row and
+// the best head per tag (K each) in T; the heads' ranks (K, K) and the best head's list per tag (K) in int32.
+template <typename T>
+struct KBestWorkspace {
+  T* score;
+  T* head;
+  T* emission;
+  T* best;
+  int32_t* rank;
+  int32_t* arg;
+  FUSEDLOSS_HOST_DEVICE static int64_t size(int K, int k) {
+    return 2 * static_cast<int64_t>(K) * k + static_cast<int64_t>(K) * K + 2 * K;
+  }
+  FUSEDLOSS_HOST_DEVICE static int64_t index_size(int K) { return static_cast<int64_t>(K) * K + K; }
+  FUSEDLOSS_HOST_DEVICE static KBestWorkspace carve(T* buffer, int32_t* index_buffer, int K, int k) {
+    T* head = buffer + 2 * static_cast<int64_t>(K) * k;
+    T* emission = head + static_cast<int64_t>(K) * K;
+    int32_t* arg = index_buffer + static_cast<int64_t>(K) * K;
+    return KBestWorkspace{buffer, head, emission, emission + K, index_buffer, arg};
+  }
+};
+
+// k-best Viterbi (list Viterbi) over one sequence. For each step and tag it keeps the k best partial paths,
+// scores sorted descending (K, k) with backpointers (previous tag * k + previous rank) in backpointers (L, K, k);
+// after t steps a tag has min(K^t, k) of them (count below), so ranks past that are never read. The candidates
+// for tag j are the K sorted lists score[i, :] + A[i, j]; the merge keeps each list's head, head[i, j], and takes
+// the best head k times, strictly greater winning, so ties go to the lower previous tag and, within a list, to
+// the lower rank. All tags are merged at once with the loop of viterbi (vectorized along j), so with k = 1 every
+// operation is viterbi's, in the same order: the same path and score bits. The final k are merged from the lists
+// score[j, :] + end[j] the same way.
+// Writes the r-th best path to paths[r * path_stride + t] for t < L and its score to scores[r]; ranks from K^L on
+// get -1 at t < L and -inf.
+template <typename E, typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void kbest_viterbi(const Tables<T>& tab, const E* emissions, int64_t L, int k,
+                                                          const KBestWorkspace<T>& ws, int32_t* backpointers,
+                                                          int64_t* paths, int64_t path_stride, double* scores) {
+  const int K = tab.K;
+  const int64_t KK = static_cast<int64_t>(K) * K;
+  const T exhausted = static_cast<T>(-INFINITY);  // the head of a list with nothing left: never taken
+  T* cur = ws.score;
+  T* nxt = ws.score + static_cast<int64_t>(K) * k;
+  T* emission = ws.emission;
+  load_row(emissions, 0, K, emission);
+  for (int j = 0; j < K; ++j) cur[static_cast<int64_t>(j) * k] = tab.start[j] + emission[j];
+  // The running scores are normalized like viterbi's: the best (rank 0 of some tag) moves into a float64 offset.
+  auto normalize_ranks = [&](T* x, int64_t count) {
+    T m = x[0];
+    for (int j = 1; j < K; ++j) m = max_of(m, x[static_cast<int64_t>(j) * k]);
+    for (int j = 0; j < K; ++j) {
+      for (int64_t r = 0; r < count; ++r) x[static_cast<int64_t>(j) * k + r] -= m;
+    }
+    return m;
+  };
+  int64_t count = 1;  // paths per tag so far: min(K^t, k)
+  double offset = static_cast<double>(normalize_ranks(cur, count));
+  for (int64_t t = 1; t < L; ++t) {
+    const int64_t next_count = count * K < k ? count * K : k;
+    for (int i = 0; i < K; ++i) {
+      const T c = cur[static_cast<int64_t>(i) * k];
+      const T* __restrict__ row = tab.transitions + static_cast<int64_t>(i) * K;
+      T* __restrict__ head = ws.head + static_cast<int64_t>(i) * K;
+      for (int j = 0; j < K; ++j) head[j] = c + row[j];
+    }
+    for (int64_t i = 0; i < KK; ++i) ws.rank[i] = 0;
+    load_row(emissions, t, K, emission);
+    int32_t* bp = backpointers + t * K * k;
+    for (int64_t r = 0; r < next_count; ++r) {
+      T* __restrict__ best = ws.best;
+      int32_t* __restrict__ arg = ws.arg;
+      for (int j = 0; j < K; ++j) {
+        best[j] = ws.head[j];
+        arg[j] = 0;
+      }
+      for (int i = 1; i < K; ++i) {
+        const T* __restrict__ head = ws.head + static_cast<int64_t>(i) * K;
+        for (int j = 0; j < K; ++j) {
+          // A NaN candidate wins, so NaN reaches the score (as in viterbi).
+          const T cand = head[j];
+          const bool take = cand > best[j] || cand != cand;
+          best[j] = take ? cand : best[j];
+          arg[j] = take ? i : arg[j];
+        }
+      }
+      for (int j = 0; j < K; ++j) {
+        const int i = arg[j];
+        const int64_t at = static_cast<int64_t>(i) * K + j;
+        const int32_t taken = ws.rank[at]++;
+        nxt[static_cast<int64_t>(j) * k + r] = best[j] + emission[j];
+        bp[static_cast<int64_t>(j) * k + r] = i * k + taken;
+        const T* list = cur + static_cast<int64_t>(i) * k;
+        ws.head[at] = taken + 1 < count ? list[taken + 1] + tab.transitions[at] : exhausted;
+      }
+    }
+    count = next_count;
+    offset += static_cast<double>(normalize_ranks(nxt, count));
+    T* swap = cur;
+    cur = nxt;
+    nxt = swap;
+  }
+  const int64_t total = count * K < k ? count * K : k;
+  int32_t* heads = ws.rank;
+  for (int j = 0; j < K; ++j) heads[j] = 0;
+  for (int64_t q = 0; q < total; ++q) {
+    int best_j = -1;
+    T best = 0;
+    for (int j = 0; j < K; ++j) {
+      if (heads[j] >= count) continue;
+      const T s = cur[static_cast<int64_t>(j) * k + heads[j]] + tab.end[j];
+      // As viterbi's final choice: the first NaN wins.
+      if (best_j < 0 || s > best || (s != s && best == best)) {
+        best = s;
+        best_j = j;
+      }
+    }
+    scores[q] = offset + static_cast<double>(best);
+    int64_t* path = paths + q * path_stride;
+    int64_t tag = best_j;
+    int64_t rank = heads[best_j]++;
+    path[L - 1] = tag;
+    for (int64_t t = L - 1; t >= 1; --t) {
+      const int32_t code = backpointers[(t * K + tag) * k + rank];
+      tag = code / k;
+      rank = code % k;
+      path[t - 1] = tag;
+    }
+  }
+  for (int64_t q = total; q < k; ++q) {
+    scores[q] = -static_cast<double>(INFINITY);
+    for (int64_t t = 0; t < L; ++t) paths[q * path_stride + t] = -1;
   }
 }
 

@@ -16,6 +16,13 @@ is float64). The math is in ``csrc/kernels/crf.h``:
   the emissions and the three transition tensors.
 - ``crf_viterbi``: best path per sequence, tags ``(B, T)`` int64 padded with -1, and its score ``(B,)``.
 - ``crf_marginals``: ``P(y_t = k)``, ``(B, T, K)``, 0 at masked positions (not differentiable).
+- ``crf_partial_log_likelihood``: ``log Z_allowed − log Z`` for allowed tag sets ``(B, T, K)`` bool (emissions
+  outside a set at -1e30), both recursions in one op and both sets of forward variables kept for backward, whose
+  gradient is the constrained model's marginals minus the free one's; a sequence of single-tag sets takes the
+  ``crf_log_likelihood`` path (the same bits).
+- ``crf_log_partition``: ``log Z``, differentiable (its gradient is the marginals).
+- ``crf_kbest_viterbi``: the k best paths ``(B, k, T)`` int64 (−1 past each sequence's end and for ranks past
+  its K^L paths) and their scores ``(B, k)`` (−inf past K^L); ``k = 1`` is ``crf_viterbi``'s result.
 
 The ops check their arguments themselves (csrc/crf_ops.cpp, with the messages of the public layer's checks),
 and the autograd of ``crf_log_likelihood`` is registered in C++: an eager call runs no Python beyond this module's
@@ -39,6 +46,11 @@ _FORWARD = "fusedloss::crf_log_likelihood_forward"
 _log_likelihood_op = torch.ops.fusedloss.crf_log_likelihood.default
 _viterbi_op = torch.ops.fusedloss.crf_viterbi.default
 _marginals_op = torch.ops.fusedloss.crf_marginals.default
+_partial_op = torch.ops.fusedloss.crf_partial_log_likelihood.default
+_log_partition_op = torch.ops.fusedloss.crf_log_partition.default
+_kbest_op = torch.ops.fusedloss.crf_kbest_viterbi.default
+# k-best backpointers are int32 codes tag * k + rank.
+_MAX_KBEST_CODES = 2**31 - 1
 
 
 def _dtypes(emissions: torch.Tensor, transitions: torch.Tensor) -> Tuple[torch.dtype, torch.dtype]:
@@ -84,6 +96,71 @@ def _log_likelihood_fake(emissions, tags, mask, transitions, start_transitions, 
     return emissions.new_empty((emissions.shape[0],), dtype=result)
 
 
+def _saved_fake(emissions, transitions, save_for_backward, models):
+    """The list the CPU forward keeps for backward, per model (free, then constrained): log Z (B,) float64, alpha
+    (B, T, K) in the compute dtype, offsets (B, T) float64. Other devices keep nothing (they recompute)."""
+    if not save_for_backward or emissions.device.type != "cpu":
+        return []
+    _, compute = _dtypes(emissions, transitions)
+    batch, length = emissions.shape[:2]
+    saved = []
+    for _ in range(models):
+        saved += [emissions.new_empty((batch,), dtype=torch.float64),
+                  emissions.new_empty(emissions.shape, dtype=compute),
+                  emissions.new_empty((batch, length), dtype=torch.float64)]
+    return saved
+
+
+def _value_fake(emissions, transitions):
+    result, _ = _dtypes(emissions, transitions)
+    return emissions.new_empty((emissions.shape[0],), dtype=result)
+
+
+def _gradients_fake(emissions, transitions, start_transitions, end_transitions):
+    return (torch.empty_like(emissions), torch.empty_like(transitions), torch.empty_like(start_transitions),
+            torch.empty_like(end_transitions))
+
+
+@torch.library.register_fake("fusedloss::crf_partial_log_likelihood_forward")
+def _partial_forward_fake(emissions, allowed, mask, transitions, start_transitions, end_transitions,
+                          save_for_backward):
+    return _value_fake(emissions, transitions), _saved_fake(emissions, transitions, save_for_backward, 2)
+
+
+@torch.library.register_fake("fusedloss::crf_partial_log_likelihood_backward")
+def _partial_backward_fake(grad, emissions, allowed, mask, transitions, start_transitions, end_transitions, saved):
+    return _gradients_fake(emissions, transitions, start_transitions, end_transitions)
+
+
+@torch.library.register_fake("fusedloss::crf_log_partition_forward")
+def _log_partition_forward_fake(emissions, mask, transitions, start_transitions, end_transitions,
+                                save_for_backward):
+    return _value_fake(emissions, transitions), _saved_fake(emissions, transitions, save_for_backward, 1)
+
+
+@torch.library.register_fake("fusedloss::crf_log_partition_backward")
+def _log_partition_backward_fake(grad, emissions, mask, transitions, start_transitions, end_transitions, saved):
+    return _gradients_fake(emissions, transitions, start_transitions, end_transitions)
+
+
+@torch.library.register_fake("fusedloss::crf_kbest_viterbi")
+def _kbest_fake(emissions, mask, transitions, start_transitions, end_transitions, k):
+    result, _ = _dtypes(emissions, transitions)
+    batch, length = emissions.shape[:2]
+    return (emissions.new_empty((batch, k, length), dtype=torch.int64),
+            emissions.new_empty((batch, k), dtype=result))
+
+
+@torch.library.register_fake("fusedloss::crf_partial_log_likelihood")
+def _partial_fake(emissions, allowed, mask, transitions, start_transitions, end_transitions):
+    return _value_fake(emissions, transitions)
+
+
+@torch.library.register_fake("fusedloss::crf_log_partition")
+def _log_partition_fake(emissions, mask, transitions, start_transitions, end_transitions):
+    return _value_fake(emissions, transitions)
+
+
 # Per-sequence log-likelihood score(tags) − log Z, (B,), differentiable w.r.t. the emissions and the three
 # transition tensors (hand-written backward, autograd in C++); mask None: every position on. The op of
 # docs/BACKENDS.md is the C++ op itself: no Python frame between the public function and it.
@@ -126,4 +203,44 @@ def crf_marginals_reasons(emissions, mask, transitions, start_transitions, end_t
             isinstance(x, torch.Tensor) and x.requires_grad
             for x in (emissions, transitions, start_transitions, end_transitions)):
         return ["marginals are not differentiable here (an input requires grad)"]
+    return []
+
+
+def crf_partial_log_likelihood(emissions: torch.Tensor, allowed: torch.Tensor, mask, transitions: torch.Tensor,
+                               start_transitions: torch.Tensor, end_transitions: torch.Tensor) -> torch.Tensor:
+    """Partial-label log-likelihood ``log Z_allowed − log Z`` per sequence, ``(B,)``, for allowed tag sets
+    ``(B, T, K)`` bool; differentiable w.r.t. the emissions and the three transition tensors. mask None: all on."""
+    return _partial_op(emissions, allowed, mask, transitions, start_transitions, end_transitions)
+
+
+def crf_log_partition(emissions: torch.Tensor, mask, transitions: torch.Tensor, start_transitions: torch.Tensor,
+                      end_transitions: torch.Tensor) -> torch.Tensor:
+    """``log Z`` per sequence, ``(B,)``, differentiable w.r.t. the emissions and the three transition tensors."""
+    return _log_partition_op(emissions, mask, transitions, start_transitions, end_transitions)
+
+
+def crf_kbest_viterbi(emissions: torch.Tensor, mask, transitions: torch.Tensor, start_transitions: torch.Tensor,
+                      end_transitions: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k best tag paths per sequence and their scores: ``(paths (B, k, T) int64, scores (B, k))``, paths
+    padded with −1 (entirely for ranks past the sequence's K^L paths, whose scores are −inf)."""
+    return _kbest_op(emissions, _ones_if_none(mask, emissions), transitions, start_transitions, end_transitions, k)
+
+
+def crf_partial_log_likelihood_reasons(emissions, allowed, mask, transitions, start_transitions,
+                                       end_transitions) -> List[str]:
+    """Why the extension's kernels cannot serve this call (empty when they can)."""
+    return []
+
+
+def crf_log_partition_reasons(emissions, mask, transitions, start_transitions, end_transitions) -> List[str]:
+    """Why the extension's kernels cannot serve this call (empty when they can)."""
+    return []
+
+
+def crf_kbest_viterbi_reasons(emissions, mask, transitions, start_transitions, end_transitions, k) -> List[str]:
+    """Why the extension's kernels cannot serve this call (empty when they can)."""
+    if (isinstance(emissions, torch.Tensor) and emissions.dim() == 3 and isinstance(k, int) and k >= 1
+            and emissions.shape[2] * k > _MAX_KBEST_CODES):
+        return [f"k-best backpointers are int32 (tag * k + rank): num_tags * k must be at most {_MAX_KBEST_CODES}, "
+                f"got {emissions.shape[2]} * {k}"]
     return []
