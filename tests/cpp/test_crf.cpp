@@ -11,10 +11,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "check.h"
@@ -374,6 +377,76 @@ struct ExactTables {
   }
 };
 
+// A team of real lanes: one thread each, sharing every buffer (as a thread block shares its shared memory), with
+// a barrier for sync() and reductions through a shared slot per lane, so the lane splits and the synchronization
+// of the team functions (lane r owns tags r, r + n, ...; every lane's merge heads at [i * n + r]) run here as on
+// a GPU, under AddressSanitizer too.
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int64_t generation = generation_;
+    if (++waiting_ == n_) {
+      waiting_ = 0;
+      ++generation_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return generation_ != generation; });
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int n_, waiting_ = 0;
+  int64_t generation_ = 0;
+};
+
+struct ThreadTeamState {
+  Barrier barrier;
+  std::vector<double> slots;
+  explicit ThreadTeamState(int n) : barrier(n), slots(n) {}
+};
+
+struct ThreadTeam {
+  ThreadTeamState* state;
+  int lane, lanes;
+  int rank() const { return lane; }
+  int size() const { return lanes; }
+  void sync() const { state->barrier.wait(); }
+  template <typename V, typename Op>
+  V reduce(V x, Op op) const {
+    state->slots[lane] = static_cast<double>(x);
+    sync();
+    V y = static_cast<V>(state->slots[0]);
+    for (int r = 1; r < lanes; ++r) y = op(y, static_cast<V>(state->slots[r]));
+    sync();  // every lane has read the slots before the next reduction writes them
+    return y;
+  }
+  template <typename V>
+  V max(V x) const {
+    return reduce(x, [](V a, V b) { return fusedloss::crf::nan_max(a, b); });
+  }
+  template <typename V>
+  V sum(V x) const {
+    return reduce(x, [](V a, V b) { return a + b; });
+  }
+};
+
+// Runs body(team) on a one-lane SerialTeam (lanes = 1) or on `lanes` threads of a ThreadTeam.
+template <typename Body>
+void run_team(int lanes, const Body& body) {
+  if (lanes == 1) {
+    body(fusedloss::crf::SerialTeam{}, 0);
+    return;
+  }
+  ThreadTeamState state(lanes);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < lanes; ++r) threads.emplace_back([&, r] { body(ThreadTeam{&state, r, lanes}, r); });
+  for (auto& thread : threads) thread.join();
+}
+
 // An empty sequence (L = 0: an all-off mask, which nothing checks on CUDA tensors) through every team function:
 // log Z, the gold score, the log-likelihood and the Viterbi score are NaN, the gradients are zero, nothing is
 // written to its (empty) outputs and nothing outside its buffers is touched.
@@ -533,38 +606,43 @@ struct PartialRun {
 };
 
 template <typename T>
-PartialRun<T> run_team_partial(const Problem& p, const std::vector<uint8_t>* allowed_values, T g) {
+PartialRun<T> run_team_partial(const Problem& p, const std::vector<uint8_t>* allowed_values, T g_in, int lanes = 1) {
   using fusedloss::crf::EmissionSource;
-  using fusedloss::crf::SerialTeam;
-  const SerialTeam team;
   const int K = p.K;
   const int64_t L = p.L;
   const ExactTables<T> t(p);
   const Exact<T> emissions(p.emissions);
+  const Exact<uint8_t> allowed(allowed_values != nullptr ? *allowed_values : std::vector<uint8_t>());
   Exact<T> alpha(L * K), vectors(4 * K), out(L * K, T(0)), grad_t(K * K, T(0)), grad_start(K, T(0)),
       grad_end(K, T(0));
   Exact<double> offsets(L);
   const fusedloss::crf::TeamBackwardVectors<T> vec{vectors.get(), vectors.get() + K, vectors.get() + 2 * K,
                                                    vectors.get() + 3 * K};
-  double value = 0;
-  if (allowed_values != nullptr) {
-    const Exact<uint8_t> allowed(*allowed_values);
-    const double empty = fusedloss::crf::team_empty_rows(team, allowed.get(), L, K);
-    const EmissionSource<T, T> source{emissions.get(), allowed.get(), K, empty > 0};
-    const double log_z_allowed = fusedloss::crf::team_forward(team, t.tab, source, L, vectors.get(),
-                                                              vectors.get() + 2 * K, alpha.get(), offsets.get());
-    fusedloss::crf::team_backward_accumulate(team, t.tab, source, L, alpha.get(), offsets.get(), log_z_allowed, g,
-                                             out.get(), grad_t.get(), grad_start.get(), grad_end.get(), vec);
-    value = log_z_allowed + empty * fusedloss::crf::kPartialLabelScore;
-    g = -g;
-  }
-  const auto free = fusedloss::crf::free_source<T, T>(emissions.get(), K);
-  const double log_z = fusedloss::crf::team_forward(team, t.tab, free, L, vectors.get(), vectors.get() + 2 * K,
-                                                    alpha.get(), offsets.get());
-  fusedloss::crf::team_backward_accumulate(team, t.tab, free, L, alpha.get(), offsets.get(), log_z, g, out.get(),
-                                           grad_t.get(), grad_start.get(), grad_end.get(), vec);
-  value = allowed_values != nullptr ? value - log_z : log_z;
-  PartialRun<T> r{value, {}, std::vector<T>(K * K), {}, {}};
+  double result = 0;
+  run_team(lanes, [&](const auto& team, int lane) {
+    double value = 0;
+    T g = g_in;
+    if (allowed_values != nullptr) {
+      const double empty = fusedloss::crf::team_empty_rows(team, allowed.get(), L, K);
+      const EmissionSource<T, T> source{emissions.get(), allowed.get(), K, empty > 0};
+      const double log_z_allowed = fusedloss::crf::team_forward(team, t.tab, source, L, vectors.get(),
+                                                                vectors.get() + 2 * K, alpha.get(), offsets.get());
+      team.sync();
+      fusedloss::crf::team_backward_accumulate(team, t.tab, source, L, alpha.get(), offsets.get(), log_z_allowed, g,
+                                               out.get(), grad_t.get(), grad_start.get(), grad_end.get(), vec);
+      team.sync();
+      value = log_z_allowed + empty * fusedloss::crf::kPartialLabelScore;
+      g = -g;
+    }
+    const auto free = fusedloss::crf::free_source<T, T>(emissions.get(), K);
+    const double log_z = fusedloss::crf::team_forward(team, t.tab, free, L, vectors.get(), vectors.get() + 2 * K,
+                                                      alpha.get(), offsets.get());
+    team.sync();
+    fusedloss::crf::team_backward_accumulate(team, t.tab, free, L, alpha.get(), offsets.get(), log_z, g, out.get(),
+                                             grad_t.get(), grad_start.get(), grad_end.get(), vec);
+    if (lane == 0) result = allowed_values != nullptr ? value - log_z : log_z;
+  });
+  PartialRun<T> r{result, {}, std::vector<T>(K * K), {}, {}};
   r.grad_emissions.assign(out.get(), out.get() + L * K);
   for (int i = 0; i < K; ++i)
     for (int j = 0; j < K; ++j) r.grad_transitions[i * K + j] = grad_t.get()[j * K + i];
@@ -603,11 +681,11 @@ std::vector<double> difference(const std::vector<double>& a, const std::vector<d
 
 template <typename T>
 void check_partial(const Problem& p, const std::vector<uint8_t>& allowed, const std::string& name, double atol,
-                   double rtol) {
+                   double rtol, int lanes = 1) {
   const BruteForce free = brute_force(p);
   const ConstrainedBruteForce c = constrained_brute_force(p, allowed);
   const double g = 0.75;
-  const PartialRun<T> got = run_team_partial<T>(p, &allowed, static_cast<T>(g));
+  const PartialRun<T> got = run_team_partial<T>(p, &allowed, static_cast<T>(g), lanes);
   const double want = c.log_z + c.empty_rows * fusedloss::crf::kPartialLabelScore - free.log_z;
   // When the allowed sets leave only paths through forbidden transitions, log Z_allowed is about -1e4 and the
   // marginals come from exponents that cancel terms of that size: float32 rounds them to eps * |log Z|.
@@ -618,10 +696,10 @@ void check_partial(const Problem& p, const std::vector<uint8_t>& allowed, const 
 }
 
 template <typename T>
-void check_log_partition(const Problem& p, const std::string& name, double atol, double rtol) {
+void check_log_partition(const Problem& p, const std::string& name, double atol, double rtol, int lanes = 1) {
   const BruteForce free = brute_force(p);
   const double g = -1.25;
-  const PartialRun<T> got = run_team_partial<T>(p, nullptr, static_cast<T>(g));
+  const PartialRun<T> got = run_team_partial<T>(p, nullptr, static_cast<T>(g), lanes);
   check_partial_run(got, free.log_z, free.unary, free.pairwise, free.first, free.last, g, name + " log Z", atol, rtol);
 }
 
@@ -747,17 +825,19 @@ struct KBestRun {
 };
 
 template <typename T>
-KBestRun<T> run_team_kbest(const Problem& p, int k) {
+KBestRun<T> run_team_kbest(const Problem& p, int k, int lanes = 1) {
   const int K = p.K;
   const int64_t L = p.L;
   const ExactTables<T> t(p);
   const Exact<T> emissions(p.emissions);
   Exact<T> score(2 * K * k);
-  Exact<int32_t> heads(K), backpointers(L * K * k);
+  Exact<int32_t> heads(lanes * K), backpointers(L * K * k);
   Exact<int64_t> paths(k * L, int64_t(-7));
   Exact<double> scores(k);
-  fusedloss::crf::team_kbest_viterbi(fusedloss::crf::SerialTeam{}, t.tab, emissions.get(), L, k, score.get(),
-                                     heads.get(), backpointers.get(), paths.get(), L, scores.get());
+  run_team(lanes, [&](const auto& team, int) {
+    fusedloss::crf::team_kbest_viterbi(team, t.tab, emissions.get(), L, k, score.get(), heads.get(),
+                                       backpointers.get(), paths.get(), L, scores.get());
+  });
   return KBestRun<T>{std::vector<int64_t>(paths.get(), paths.get() + k * L),
                      std::vector<double>(scores.get(), scores.get() + k)};
 }
@@ -784,9 +864,10 @@ std::vector<std::pair<double, std::vector<int64_t>>> ranked_paths(const Problem&
 // exact: the paths must be the brute force's (float64, no near ties); otherwise each rank's score must match the
 // brute force's at that rank and the returned path must have that score, distinct paths.
 template <typename T>
-void check_kbest(const Problem& p, int k, const std::string& name, double atol, double rtol, bool exact) {
+void check_kbest(const Problem& p, int k, const std::string& name, double atol, double rtol, bool exact,
+                 int lanes = 1) {
   const auto want = ranked_paths(p);
-  const KBestRun<T> got = run_team_kbest<T>(p, k);
+  const KBestRun<T> got = run_team_kbest<T>(p, k, lanes);
   const int64_t L = p.L;
   bool paths_ok = true, scores_ok = true, padding_ok = true;
   for (int q = 0; q < k; ++q) {
@@ -864,6 +945,39 @@ void test_team_kbest() {
   check(ok, "k-best T=300 float32 scores against float64");
 }
 
+// The same checks on teams of 2 and 3 threads (lanes owning several tags, and lanes without a tag when K is
+// smaller than the team): partial log-likelihood, log Z, k-best, including empty allowed sets and L = 0.
+void test_thread_team() {
+  std::mt19937 rng(8642);
+  for (int lanes : {2, 3}) {
+    for (int K : {1, 2, 5}) {
+      for (int64_t L : {0, 1, 4}) {
+        const Problem p = random_problem(rng, K, L, 1.0, true);
+        const std::string name = std::to_string(lanes) + " lanes K=" + std::to_string(K) + " L=" +
+                                 std::to_string(L);
+        if (L == 0) {
+          const std::vector<uint8_t> none;
+          check(std::isnan(run_team_partial<float>(p, &none, 1.0f, lanes).value) &&
+                    std::isnan(run_team_partial<float>(p, nullptr, 1.0f, lanes).value),
+                name + ": NaN values");
+          const KBestRun<double> got = run_team_kbest<double>(p, 3, lanes);
+          check(std::isnan(got.scores[0]) && std::isnan(got.scores[2]), name + ": NaN k-best scores");
+          continue;
+        }
+        std::vector<uint8_t> allowed = random_allowed(rng, K, L);
+        check_partial<double>(p, allowed, name + " double", 1e-9, 1e-10, lanes);
+        check_partial<float>(p, allowed, name + " float", 2e-5, 2e-5, lanes);
+        check_log_partition<double>(p, name + " double", 1e-9, 1e-10, lanes);
+        for (int k = 0; k < K; ++k) allowed[(L - 1) * K + k] = 0;
+        check_partial<double>(p, allowed, name + " empty last set double", 1e-9, 1e-10, lanes);
+        for (int k : {1, 4, 700}) {
+          check_kbest<double>(p, k, name + " k=" + std::to_string(k) + " double", 1e-9, 1e-12, true, lanes);
+        }
+      }
+    }
+  }
+}
+
 // L = 0: NaN scores for every rank, no row touched.
 void test_team_kbest_empty_sequence() {
   for (int K : {1, 3}) {
@@ -910,6 +1024,7 @@ int main() {
   test_team_partial_empty_sequence();
   test_team_kbest();
   test_team_kbest_empty_sequence();
+  test_thread_team();
   test_fast_math();
   return fusedloss_test::report();
 }
