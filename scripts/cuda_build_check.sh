@@ -61,7 +61,8 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 assert module.WITH_CUDA, "fusedloss._C was built without CUDA"
 ops = ["softmax_loss_forward", "crf_log_likelihood_forward", "crf_log_likelihood_backward", "crf_viterbi",
-       "crf_marginals"]
+       "crf_marginals", "crf_partial_log_likelihood_forward", "crf_partial_log_likelihood_backward",
+       "crf_log_partition_forward", "crf_log_partition_backward", "crf_kbest_viterbi"]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedloss::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 # cuobjdump of the toolkit, or the one the triton wheel bundles (a minimal toolkit may lack it).

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <tuple>
+#include <vector>
 
 #include "crf_checks.h"
 
@@ -37,6 +38,20 @@ void launch_marginals(int dtype_code, const void* emissions, const int64_t* leng
 void launch_viterbi(int dtype_code, const void* emissions, const int64_t* lengths, int64_t B, int64_t T_len, int K,
                     const void* transitions, const void* start, const void* end, void* workspace,
                     int64_t workspace_stride, void* backpointers, int64_t* paths, void* scores, cudaStream_t stream);
+void launch_partial_forward(int dtype_code, const void* emissions, const uint8_t* allowed, const int64_t* lengths,
+                            int64_t B, int64_t T_len, int K, const void* transitions, const void* start,
+                            const void* end, void* tables, void* workspace, int64_t workspace_stride, void* value,
+                            cudaStream_t stream);
+void launch_partial_backward(int dtype_code, const void* emissions, const uint8_t* allowed, const int64_t* lengths,
+                             int64_t B, int64_t T_len, int K, const void* transitions, const void* start,
+                             const void* end, void* tables, void* workspace, int64_t workspace_stride, void* alpha,
+                             double* offsets, const void* grad, void* grad_emissions, void* slot_grads,
+                             cudaStream_t stream);
+int kbest_threads(int K);
+void launch_kbest_viterbi(int dtype_code, const void* emissions, const int64_t* lengths, int64_t B, int64_t T_len,
+                          int K, int k, const void* transitions, const void* start, const void* end,
+                          void* score_workspace, int32_t* heads_workspace, int32_t* backpointers, int64_t* paths,
+                          double* scores, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace crf
 
@@ -200,9 +215,140 @@ at::Tensor crf_marginals_cuda(const at::Tensor& emissions_arg, const at::Tensor&
   return marginals.to(in.result_dtype);
 }
 
+// allowed (B, T, K) bool or uint8 as bytes (bool is stored as 0/1 bytes: no conversion kernel), or an undefined
+// tensor for log Z. Its values are not read here (that would wait for the device): an empty allowed set at an
+// unmasked position gives a very negative value (csrc/cuda/crf.cu), not an error.
+at::Tensor allowed_bytes(const at::Tensor& allowed, const at::Tensor& emissions) {
+  TORCH_CHECK_VALUE(allowed.sizes() == emissions.sizes(), "allowed must have the shape of emissions ",
+                    emissions.sizes(), ", got ", allowed.sizes());
+  TORCH_CHECK_VALUE(allowed.scalar_type() == at::kBool || allowed.scalar_type() == at::kByte,
+                    "allowed must be bool or uint8, got ", allowed.scalar_type());
+  TORCH_CHECK_VALUE(allowed.device() == emissions.device(), "allowed must be on the device of emissions (",
+                    emissions.device(), "), got ", allowed.device());
+  return allowed.contiguous();
+}
+
+// The value of log Z_allowed - log Z (allowed defined) or log Z, (B,) in the result dtype.
+at::Tensor partial_value(const Inputs& in, const at::Tensor& allowed) {
+  const auto opts = in.emissions.options().dtype(in.dtype);
+  at::Tensor value = at::empty({in.B}, opts);
+  at::Tensor tables = make_tables(in);
+  at::Tensor workspace = at::empty({in.B, 3 * static_cast<int64_t>(in.K)}, opts);
+  crf::cuda::launch_partial_forward(
+      in.dtype_code, in.emissions.const_data_ptr(),
+      allowed.defined() ? static_cast<const uint8_t*>(allowed.const_data_ptr()) : nullptr,
+      in.lengths.const_data_ptr<int64_t>(), in.B, in.T_len, in.K, in.transitions.const_data_ptr(),
+      in.start.const_data_ptr(), in.end.const_data_ptr(), tables.data_ptr(), workspace.data_ptr(), workspace.size(1),
+      value.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return value.to(in.result_dtype);
+}
+
+// Gradients of sum_b grad[b] * partial_value[b]; the kernel runs the forward recursions again (the forward saves
+// nothing on CUDA), so alpha and its offsets are scratch here.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> partial_gradients(
+    const Inputs& in, const at::Tensor& allowed, const at::Tensor& grad_arg, const at::Tensor& emissions_arg,
+    const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg) {
+  const auto opts = in.emissions.options().dtype(in.dtype);
+  const at::Tensor grad = grad_arg.to(in.dtype).contiguous();
+  const int64_t slot_size = static_cast<int64_t>(in.K) * in.K + 2 * in.K;
+  at::Tensor slot_grads = at::zeros({in.B, slot_size}, opts);
+  // In the compute dtype: the constrained and free passes add up there before one rounding to the input dtype.
+  at::Tensor grad_emissions = at::empty({in.B, in.T_len, in.K}, opts);
+  at::Tensor alpha = at::empty({in.B, in.T_len, in.K}, opts);
+  at::Tensor offsets = at::empty({in.B, in.T_len}, in.emissions.options().dtype(at::kDouble));
+  at::Tensor tables = make_tables(in);
+  at::Tensor workspace = at::empty({in.B, 4 * static_cast<int64_t>(in.K)}, opts);
+  crf::cuda::launch_partial_backward(
+      in.dtype_code, in.emissions.const_data_ptr(),
+      allowed.defined() ? static_cast<const uint8_t*>(allowed.const_data_ptr()) : nullptr,
+      in.lengths.const_data_ptr<int64_t>(), in.B, in.T_len, in.K, in.transitions.const_data_ptr(),
+      in.start.const_data_ptr(), in.end.const_data_ptr(), tables.data_ptr(), workspace.data_ptr(), workspace.size(1),
+      alpha.data_ptr(), offsets.data_ptr<double>(), grad.const_data_ptr(), grad_emissions.data_ptr(),
+      slot_grads.data_ptr(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t K = in.K;
+  const at::Tensor total = slot_grads.sum(0);
+  const at::Tensor grad_transitions = total.narrow(0, 0, K * K).view({K, K}).t().contiguous();
+  return {grad_emissions.to(emissions_arg.scalar_type()), grad_transitions.to(transitions_arg.scalar_type()),
+          total.narrow(0, K * K, K).to(start_arg.scalar_type()),
+          total.narrow(0, K * K + K, K).to(end_arg.scalar_type())};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> crf_partial_log_likelihood_forward_cuda(
+    const at::Tensor& emissions_arg, const at::Tensor& allowed_arg, const at::Tensor& mask,
+    const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
+    bool /*save_for_backward*/) {
+  const c10::cuda::CUDAGuard device_guard(emissions_arg.device());
+  const at::Tensor allowed = allowed_bytes(allowed_arg, emissions_arg);
+  const Inputs in = prepare(emissions_arg, mask, transitions_arg, start_arg, end_arg);
+  return {partial_value(in, allowed), {}};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_partial_log_likelihood_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& emissions_arg, const at::Tensor& allowed_arg, const at::Tensor& mask,
+    const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
+    at::TensorList /*saved*/) {
+  const c10::cuda::CUDAGuard device_guard(emissions_arg.device());
+  const at::Tensor allowed = allowed_bytes(allowed_arg, emissions_arg);
+  const Inputs in = prepare(emissions_arg, mask, transitions_arg, start_arg, end_arg);
+  return partial_gradients(in, allowed, grad, emissions_arg, transitions_arg, start_arg, end_arg);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> crf_log_partition_forward_cuda(
+    const at::Tensor& emissions_arg, const at::Tensor& mask, const at::Tensor& transitions_arg,
+    const at::Tensor& start_arg, const at::Tensor& end_arg, bool /*save_for_backward*/) {
+  const c10::cuda::CUDAGuard device_guard(emissions_arg.device());
+  const Inputs in = prepare(emissions_arg, mask, transitions_arg, start_arg, end_arg);
+  return {partial_value(in, at::Tensor()), {}};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_partition_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& emissions_arg, const at::Tensor& mask,
+    const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
+    at::TensorList /*saved*/) {
+  const c10::cuda::CUDAGuard device_guard(emissions_arg.device());
+  const Inputs in = prepare(emissions_arg, mask, transitions_arg, start_arg, end_arg);
+  return partial_gradients(in, at::Tensor(), grad, emissions_arg, transitions_arg, start_arg, end_arg);
+}
+
+std::tuple<at::Tensor, at::Tensor> crf_kbest_viterbi_cuda(const at::Tensor& emissions_arg, const at::Tensor& mask,
+                                                          const at::Tensor& transitions_arg,
+                                                          const at::Tensor& start_arg, const at::Tensor& end_arg,
+                                                          int64_t k) {
+  check_crf_args(emissions_arg, nullptr, &mask, transitions_arg, start_arg, end_arg);  // called directly
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  const c10::cuda::CUDAGuard device_guard(emissions_arg.device());
+  const Inputs in = prepare(emissions_arg, mask, transitions_arg, start_arg, end_arg);
+  // Backpointers hold prev_tag * k + prev_rank in int32.
+  TORCH_CHECK_VALUE(static_cast<int64_t>(in.K) * k < (int64_t(1) << 31),
+                    "crf_kbest_viterbi: num_tags * k must be below 2^31, got ", in.K, " * ", k);
+  const auto opts = in.emissions.options().dtype(in.dtype);
+  const auto opts32 = in.emissions.options().dtype(at::kInt);
+  at::Tensor paths = at::empty({in.B, k, in.T_len}, in.emissions.options().dtype(at::kLong));
+  at::Tensor scores = at::empty({in.B, k}, in.emissions.options().dtype(at::kDouble));
+  at::Tensor score_workspace = at::empty({in.B, 2 * static_cast<int64_t>(in.K) * k}, opts);
+  at::Tensor heads_workspace =
+      at::empty({in.B, static_cast<int64_t>(crf::cuda::kbest_threads(in.K)) * in.K}, opts32);
+  at::Tensor backpointers = at::empty({in.B, in.T_len, in.K, k}, opts32);
+  crf::cuda::launch_kbest_viterbi(in.dtype_code, in.emissions.const_data_ptr(), in.lengths.const_data_ptr<int64_t>(),
+                                  in.B, in.T_len, in.K, static_cast<int>(k), in.transitions.const_data_ptr(),
+                                  in.start.const_data_ptr(), in.end.const_data_ptr(), score_workspace.data_ptr(),
+                                  heads_workspace.data_ptr<int32_t>(), backpointers.data_ptr<int32_t>(),
+                                  paths.data_ptr<int64_t>(), scores.data_ptr<double>(),
+                                  c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {paths, scores.to(in.result_dtype)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
+  m.impl("crf_partial_log_likelihood_forward", &crf_partial_log_likelihood_forward_cuda);
+  m.impl("crf_partial_log_likelihood_backward", &crf_partial_log_likelihood_backward_cuda);
+  m.impl("crf_log_partition_forward", &crf_log_partition_forward_cuda);
+  m.impl("crf_log_partition_backward", &crf_log_partition_backward_cuda);
+  m.impl("crf_kbest_viterbi", &crf_kbest_viterbi_cuda);
   m.impl("crf_log_likelihood_forward", &crf_log_likelihood_forward_cuda);
   m.impl("crf_log_likelihood_backward", &crf_log_likelihood_backward_cuda);
   m.impl("crf_viterbi", &crf_viterbi_cuda);

@@ -20,7 +20,9 @@
 // the sequence's rows [0, L) for them: an empty sequence (L = 0, an all-off mask) gets NaN from team_forward,
 // team_gold_score and team_viterbi, and nothing from team_backward; a tag outside [0, K) is never used as an
 // index: team_gold_score returns NaN and team_backward<true> writes a zero gradient for the sequence. (The
-// kernels write the rows past L: zeros, or NaN marginals for an empty sequence.)
+// kernels write the rows past L: zeros, or NaN marginals for an empty sequence.) The same holds for the partial-
+// label recursions (an allowed set that is empty reads as constants: a very negative finite log Z, never NaN;
+// EmissionSource) and team_kbest_viterbi (NaN scores for L = 0).
 #pragma once
 
 #include <cmath>
@@ -52,23 +54,73 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T nan_max(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
+// The value of a replaced emission outside a position's allowed set (partial labels): a large finite negative
+// whose exp is exactly 0, so that no recursion ever sees -inf.
+constexpr double kPartialLabelScore = -1e30;
+
+// Where the recursions read their emissions. With allowed (L, K) bool/uint8 (partial labels; null: every tag),
+// an entry outside the allowed set reads as kPartialLabelScore, a constant. A row with no allowed tag at all
+// (nothing checks for it on CUDA tensors) replaces every emission of the row by that constant: its paths all
+// shift by kPartialLabelScore, so the row reads 0 here and the caller adds kPartialLabelScore to log Z once per
+// such row (team_empty_rows). Reading -1e30 directly would round every other score of the row away in float32
+// and leave offsets too coarse for the backward. any_empty: whether the sequence has such a row (only then is
+// a row scanned).
+template <typename E, typename T>
+struct EmissionSource {
+  const E* emissions;
+  const uint8_t* allowed;
+  int K;
+  bool any_empty;
+
+  FUSEDLOSS_HOST_DEVICE bool row_empty(int64_t t) const {
+    for (int k = 0; k < K; ++k)
+      if (allowed[t * K + k] != 0) return false;
+    return true;
+  }
+  // Whether e[t, j] is replaced by a constant (its gradient is then 0).
+  FUSEDLOSS_HOST_DEVICE bool constant(int64_t t, int j) const {
+    return allowed != nullptr && allowed[t * K + j] == 0;
+  }
+  FUSEDLOSS_HOST_DEVICE T read(int64_t t, int j) const {
+    if (constant(t, j)) return (any_empty && row_empty(t)) ? T(0) : static_cast<T>(kPartialLabelScore);
+    return static_cast<T>(emissions[t * K + j]);
+  }
+};
+
+template <typename E, typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE EmissionSource<E, T> free_source(const E* emissions, int K) {
+  return EmissionSource<E, T>{emissions, nullptr, K, false};
+}
+
+// The number of rows in [0, L) of allowed (L, K) without any allowed tag (every lane gets it; lanes split the
+// rows, so the pass costs L * K / n reads).
+template <typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_empty_rows(const Team& team, const uint8_t* allowed, int64_t L,
+                                                              int K) {
+  double count = 0;
+  for (int64_t t = team.rank(); t < L; t += team.size()) {
+    bool any = false;
+    for (int k = 0; k < K && !any; ++k) any = allowed[t * K + k] != 0;
+    count += any ? 0.0 : 1.0;
+  }
+  return team.sum(count);
+}
+
 // The emission of the lane's first tag at step t, read one step ahead: a lane issues the load of step t + 1 (or
 // t - 1 going backward) at the top of step t, so the memory latency hides behind the step's synchronizations
 // and its K-term sums instead of stalling the next step. Tags past the first of a lane are read when used.
 template <typename E, typename T>
 struct EmissionPrefetch {
-  const E* emissions;
+  EmissionSource<E, T> source;
   int64_t L;
-  int K, lane;
+  int lane;
   T value;
   // Holds e[t, lane] (0 outside the sequence or for lanes without a tag).
   FUSEDLOSS_HOST_DEVICE void load(int64_t t) {
-    value = (t >= 0 && t < L && lane < K) ? static_cast<T>(emissions[t * K + lane]) : T(0);
+    value = (t >= 0 && t < L && lane < source.K) ? source.read(t, lane) : T(0);
   }
   // e[t, j] for a tag j of this lane, when `value` holds step t.
-  FUSEDLOSS_HOST_DEVICE T get(int64_t t, int j, T current) const {
-    return j == lane ? current : static_cast<T>(emissions[t * K + j]);
-  }
+  FUSEDLOSS_HOST_DEVICE T get(int64_t t, int j, T current) const { return j == lane ? current : source.read(t, j); }
 };
 
 // make_tables, with the K^2 exps split over the team: lane r computes the column maxima of its columns, the
@@ -112,21 +164,23 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T team_normalize(const Team& team, T* x, 
 // exact columns of the guard), start, end. alpha: (2, K) shared scratch (ping-pong of the normalized
 // alpha_t); p: (K,) shared. With store (non-null), store (L, K) and offsets (L,) receive alpha_t =
 // store[t] + offsets[t] for the backward sweep (each lane writes its own tags; lane 0 the offsets).
+// The source form reads the emissions through an EmissionSource (partial labels: the constrained recursion).
 template <typename E, typename T, typename Team>
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_forward(const Team& team, const Tables<T>& tab, const E* emissions,
-                                                           int64_t L, T* alpha, T* p, T* store, double* offsets) {
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_forward(const Team& team, const Tables<T>& tab,
+                                                           const EmissionSource<E, T>& source, int64_t L, T* alpha,
+                                                           T* p, T* store, double* offsets) {
   // An empty sequence has no log Z; it has no row to read nor to store either (uniform over the team: L is).
   if (L <= 0) return static_cast<double>(NAN);
   const int K = tab.K;
   const int r = team.rank();
   const int n = team.size();
-  for (int k = r; k < K; k += n) alpha[k] = tab.start[k] + static_cast<T>(emissions[k]);
+  for (int k = r; k < K; k += n) alpha[k] = tab.start[k] + source.read(0, k);
   double offset = static_cast<double>(team_normalize(team, alpha, K));
   if (store != nullptr) {
     for (int k = r; k < K; k += n) store[k] = alpha[k];
     if (r == 0) offsets[0] = offset;
   }
-  EmissionPrefetch<E, T> ahead{emissions, L, K, r, T(0)};
+  EmissionPrefetch<E, T> ahead{source, L, r, T(0)};
   ahead.load(1);
   for (int64_t t = 1; t < L; ++t) {
     const T* prev = alpha + ((t - 1) & 1) * K;
@@ -168,6 +222,12 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_forward(const Team& team, con
   return offset + static_cast<double>(m) + static_cast<double>(log(team.sum(s)));
 }
 
+template <typename E, typename T, typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_forward(const Team& team, const Tables<T>& tab, const E* emissions,
+                                                           int64_t L, T* alpha, T* p, T* store, double* offsets) {
+  return team_forward(team, tab, free_source<E, T>(emissions, tab.K), L, alpha, p, store, offsets);
+}
+
 // Whether every tag of tags[0..L) lies in [0, K) (every lane gets the answer; true for L = 0).
 template <typename Team>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool team_tags_in_range(const Team& team, const int64_t* tags, int64_t L,
@@ -204,35 +264,51 @@ struct TeamBackwardVectors {
   T* u;     // u_t, the tag marginals of the row just written (own entries)
 };
 
+// What team_backward_sweep computes: the tag marginals; the log-likelihood gradient (gold indicators minus
+// marginals); or, accumulating, g times the marginals (the gradient of g * log Z).
+enum class BackwardMode { kMarginals, kGradient, kAccumulate };
+
 // Backward sweep over one sequence from the stored alpha (L, K) with its offsets (L,) and log Z: crf.h's
 // backward<kGradient> with the K rows of each step split over the team. Lane r computes S'_i, beta_{t-1}[i],
-// u_{t-1}[i] and (kGradient) the pairwise terms P_t(i, j) of its rows i, so it alone writes the column i of
-// grad_transitions_t (layout [j * K + i]): no atomics. Uses tab.e_row_t, row_max, transitions, end.
-// kGradient: out[t, k] = g (1[y_t = k] - u_t[k]), grad_transitions_t, grad_start, grad_end accumulate (+=).
-// Otherwise out[t, k] = u_t[k] and the gradient pointers are unused. Rows t >= L of out are not written.
-// L = 0 (an empty sequence) writes nothing at all and reads nothing. With kGradient, a tag outside [0, K) gives
-// the sequence a zero gradient: rows [0, L) of out are written as 0 and nothing is accumulated.
-template <bool kGradient, typename E, typename T, typename Out, typename Team>
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void team_backward(const Team& team, const Tables<T>& tab, const E* emissions,
-                                                          const int64_t* tags, int64_t L, const T* alpha,
-                                                          const double* offsets, double log_z, T g, Out* out,
-                                                          T* grad_transitions_t, T* grad_start, T* grad_end,
-                                                          const TeamBackwardVectors<T>& vec) {
+// u_{t-1}[i] and (gradient modes) the pairwise terms P_t(i, j) of its rows i, so it alone writes the column i
+// of grad_transitions_t (layout [j * K + i]): no atomics. Uses tab.e_row_t, row_max, transitions, end.
+// kGradient: out[t, k] = g (1[y_t = k] - u_t[k]); grad_transitions_t, grad_start, grad_end accumulate (+=)
+//   g (gold count - pairwise / tag marginals).
+// kAccumulate: out[t, k] += g u_t[k] (0 where the source reads a constant), grad_transitions_t += g P_t,
+//   grad_start += g u_0, grad_end += g u_{L-1}; tags unused. Two calls (+g on the constrained model, -g on the
+//   free one) give the partial-label log-likelihood gradient.
+// kMarginals: out[t, k] = u_t[k]; tags and the gradient pointers are unused.
+// Rows t >= L of out are not touched. L = 0 (an empty sequence) writes nothing at all and reads nothing. With
+// kGradient, a tag outside [0, K) gives the sequence a zero gradient: rows [0, L) of out are written as 0 and
+// nothing is accumulated.
+template <BackwardMode kMode, typename E, typename T, typename Out, typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void team_backward_sweep(const Team& team, const Tables<T>& tab,
+                                                                const EmissionSource<E, T>& source,
+                                                                const int64_t* tags, int64_t L, const T* alpha,
+                                                                const double* offsets, double log_z, T g, Out* out,
+                                                                T* grad_transitions_t, T* grad_start, T* grad_end,
+                                                                const TeamBackwardVectors<T>& vec) {
+  constexpr bool kGold = kMode == BackwardMode::kGradient;
+  constexpr bool kGrad = kMode != BackwardMode::kMarginals;
   if (L <= 0) return;
   const int K = tab.K;
   const int r = team.rank();
   const int n = team.size();
-  if (kGradient && !team_tags_in_range(team, tags, L, K)) {
+  if (kGold && !team_tags_in_range(team, tags, L, K)) {
     for (int64_t t = 0; t < L; ++t)
       for (int k = r; k < K; k += n) out[t * K + k] = static_cast<Out>(T(0));
     return;
   }
+  // The sweep below subtracts g times the marginals (the log-likelihood's sign); accumulating adds them.
+  const T c = kMode == BackwardMode::kAccumulate ? -g : g;
   for (int k = r; k < K; k += n) vec.beta[k] = tab.end[k];
   double beta_offset = static_cast<double>(team_normalize(team, vec.beta, K));
+  auto gold = [&](int64_t t, int k) { return (kGold && tags[t] == k) ? c : T(0); };
   auto write_row = [&](int64_t t, int k, T u) {
-    if (kGradient) {
-      const T gold = tags[t] == k ? g : T(0);
-      out[t * K + k] = static_cast<Out>(gold - g * u);
+    if (kMode == BackwardMode::kGradient) {
+      out[t * K + k] = static_cast<Out>(gold(t, k) - c * u);
+    } else if (kMode == BackwardMode::kAccumulate) {
+      if (!source.constant(t, k)) out[t * K + k] = static_cast<Out>(static_cast<T>(out[t * K + k]) - c * u);
     } else {
       out[t * K + k] = static_cast<Out>(u);
     }
@@ -244,10 +320,10 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void team_backward(const Team& team, cons
       const T u = exp(alpha_last[k] + vec.beta[k] + shift);
       vec.u[k] = u;
       write_row(L - 1, k, u);
-      if (kGradient) grad_end[k] += (tags[L - 1] == k ? g : T(0)) - g * u;
+      if (kGrad) grad_end[k] += gold(L - 1, k) - c * u;
     }
   }
-  EmissionPrefetch<E, T> ahead{emissions, L, K, r, T(0)};
+  EmissionPrefetch<E, T> ahead{source, L, r, T(0)};
   ahead.load(L - 1);
   for (int64_t t = L - 1; t >= 1; --t) {
     const T* alpha_prev = alpha + (t - 1) * K;
@@ -268,21 +344,21 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void team_backward(const Team& team, cons
     local = Limits<T>::large_negative;
     for (int i = r; i < K; i += n) {
       const T scale = fast_exp(alpha_prev[i] + tab.row_max[i] + mv + shift);  // F_i
-      const bool exact_pairs = kGradient && !(scale <= Guard<T>::max_scale);
-      const T g_scale = exact_pairs ? T(0) : g * scale;
+      const bool exact_pairs = kGrad && !(scale <= Guard<T>::max_scale);
+      const T g_scale = exact_pairs ? T(0) : c * scale;
       T s = 0;
       for (int j = 0; j < K; ++j) {
         const T ew = tab.e_row_t[static_cast<int64_t>(j) * K + i] * vec.w[j];
         s += ew;
-        if (kGradient) grad_transitions_t[static_cast<int64_t>(j) * K + i] -= g_scale * ew;
+        if (kGrad) grad_transitions_t[static_cast<int64_t>(j) * K + i] -= g_scale * ew;
       }
       const T* a_row = tab.transitions + static_cast<int64_t>(i) * K;
       if (exact_pairs) {
         for (int j = 0; j < K; ++j) {
-          grad_transitions_t[static_cast<int64_t>(j) * K + i] -= g * exp(alpha_prev[i] + a_row[j] + vec.v[j] + shift);
+          grad_transitions_t[static_cast<int64_t>(j) * K + i] -= c * exp(alpha_prev[i] + a_row[j] + vec.v[j] + shift);
         }
       }
-      if (kGradient && tags[t - 1] == i) grad_transitions_t[tags[t] * K + i] += g;
+      if (kGold && tags[t - 1] == i) grad_transitions_t[tags[t] * K + i] += c;
       const bool exact_row = !(s >= Guard<T>::min_sum);
       const T beta = exact_row ? logsumexp_sum(a_row, vec.v, K) : fast_log(s) + mv + tab.row_max[i];
       const T u = exact_row ? exp(alpha_prev[i] + beta + shift) : scale * s;
@@ -295,9 +371,36 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void team_backward(const Team& team, cons
     for (int i = r; i < K; i += n) vec.beta[i] -= m;
     beta_offset += static_cast<double>(m);
   }
-  if (kGradient) {
-    for (int k = r; k < K; k += n) grad_start[k] += (tags[0] == k ? g : T(0)) - g * vec.u[k];
+  if (kGrad) {
+    for (int k = r; k < K; k += n) grad_start[k] += gold(0, k) - c * vec.u[k];
   }
+}
+
+// kGradient = true: team_backward_sweep's kGradient (tags given); false: its kMarginals.
+template <bool kGradient, typename E, typename T, typename Out, typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void team_backward(const Team& team, const Tables<T>& tab, const E* emissions,
+                                                          const int64_t* tags, int64_t L, const T* alpha,
+                                                          const double* offsets, double log_z, T g, Out* out,
+                                                          T* grad_transitions_t, T* grad_start, T* grad_end,
+                                                          const TeamBackwardVectors<T>& vec) {
+  constexpr BackwardMode kMode = kGradient ? BackwardMode::kGradient : BackwardMode::kMarginals;
+  team_backward_sweep<kMode>(team, tab, free_source<E, T>(emissions, tab.K), tags, L, alpha, offsets, log_z, g, out,
+                             grad_transitions_t, grad_start, grad_end, vec);
+}
+
+// The gradient of g * log Z (log Z of the model the source reads: free, or constrained to the allowed sets)
+// added to out (L, K) and the transition gradients (team_backward_sweep's kAccumulate). alpha, offsets and log_z
+// come from team_forward on the same source (log_z without the kPartialLabelScore of empty rows).
+template <typename E, typename T, typename Out, typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void team_backward_accumulate(const Team& team, const Tables<T>& tab,
+                                                                     const EmissionSource<E, T>& source, int64_t L,
+                                                                     const T* alpha, const double* offsets,
+                                                                     double log_z, T g, Out* out,
+                                                                     T* grad_transitions_t, T* grad_start,
+                                                                     T* grad_end, const TeamBackwardVectors<T>& vec) {
+  team_backward_sweep<BackwardMode::kAccumulate>(team, tab, source, static_cast<const int64_t*>(nullptr), L, alpha,
+                                                 offsets, log_z, g, out, grad_transitions_t, grad_start, grad_end,
+                                                 vec);
 }
 
 // Viterbi over one sequence: writes the best path to path[0..L) and returns its score (lane 0 does the
@@ -315,7 +418,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_viterbi(const Team& team, con
   const int n = team.size();
   for (int k = r; k < K; k += n) score[k] = tab.start[k] + static_cast<T>(emissions[k]);
   double offset = static_cast<double>(team_normalize(team, score, K));
-  EmissionPrefetch<E, T> ahead{emissions, L, K, r, T(0)};
+  EmissionPrefetch<E, T> ahead{free_source<E, T>(emissions, K), L, r, T(0)};
   ahead.load(1);
   for (int64_t t = 1; t < L; ++t) {
     const T* cur = score + ((t - 1) & 1) * K;
@@ -357,6 +460,129 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double team_viterbi(const Team& team, con
     path[t - 1] = best;
   }
   return offset + static_cast<double>(best_score);
+}
+
+// The k-best order of crf_kbest_viterbi: a higher score first; a NaN before any number (as team_viterbi lets a
+// NaN win); equal scores keep the earlier candidate (the lower tag, then the lower rank), so callers scan in
+// that order.
+template <typename T>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool kbest_before(T a, T b) {
+  return a > b || (a != a && b == b);
+}
+
+// The number of valid ranks per tag after a step with `count` before it: min(k, K * count). Every tag has
+// K^t partial paths at step t (forbidden transitions are paths too), so this is the same for every tag.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE int kbest_count(int count, int K, int k) {
+  const int64_t c = static_cast<int64_t>(count) * K;
+  return c < k ? static_cast<int>(c) : k;
+}
+
+// List Viterbi over one sequence: the k highest-scoring distinct paths, written to paths[q * path_stride + t]
+// for ranks q < k and t < L, with their scores to scores[q] (lane 0 writes both). Per step and tag the k best
+// partial scores are kept sorted descending (normalized per step with a float64 offset, as team_viterbi), with
+// backpointers prev_tag * k + prev_rank. Lane r takes tags j = r, r + n, ...: the candidates of tag j are the K
+// sorted lists score[i, :] + A[i, j], merged by scanning their K heads once per output rank (ties: the lower
+// previous tag, then the lower rank, by kbest_before and the scan order). The final ranks merge the lists
+// score[j, :] + end[j] the same way (ties: the lower last tag, then the lower rank). A sequence with fewer than k
+// paths (K^L < k) gets path -1 at every step and score -inf for the ranks past K^L. An empty sequence (L = 0)
+// gets NaN scores for every rank and touches no row.
+// Workspace: score (2, K, k) shared; heads (K, n) int32, lane r's merge positions at heads[i * n + r] (lane 0
+// reuses its column for the final merge); backpointers (L, K, k) int32 (row 0 unused), written by every lane and
+// read by lane 0. Needs K * k < 2^31. Uses tab.transitions, start, end.
+template <typename E, typename T, typename Team>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void team_kbest_viterbi(const Team& team, const Tables<T>& tab,
+                                                               const E* emissions, int64_t L, int k, T* score,
+                                                               int32_t* heads, int32_t* backpointers, int64_t* paths,
+                                                               int64_t path_stride, double* scores) {
+  const int K = tab.K;
+  const int r = team.rank();
+  const int n = team.size();
+  if (L <= 0) {
+    for (int q = r; q < k; q += n) scores[q] = static_cast<double>(NAN);
+    return;
+  }
+  const int64_t Kk = static_cast<int64_t>(K) * k;
+  // Subtracts the maximum over the tags' best scores (every valid rank lies below its tag's rank 0).
+  auto normalize = [&](T* x, int count) {
+    T local = Limits<T>::large_negative;
+    for (int j = r; j < K; j += n) local = nan_max(x[static_cast<int64_t>(j) * k], local);
+    const T m = team.max(local);
+    for (int j = r; j < K; j += n)
+      for (int q = 0; q < count; ++q) x[static_cast<int64_t>(j) * k + q] -= m;
+    return m;
+  };
+  int32_t* head = heads + r;
+  for (int j = r; j < K; j += n) score[static_cast<int64_t>(j) * k] = tab.start[j] + static_cast<T>(emissions[j]);
+  int count = 1;  // valid ranks per tag
+  double offset = static_cast<double>(normalize(score, count));
+  EmissionPrefetch<E, T> ahead{free_source<E, T>(emissions, K), L, r, T(0)};
+  ahead.load(1);
+  for (int64_t t = 1; t < L; ++t) {
+    const T* cur = score + ((t - 1) & 1) * Kk;
+    T* nxt = score + (t & 1) * Kk;
+    const T e_lane = ahead.value;
+    ahead.load(t + 1);
+    const int next_count = kbest_count(count, K, k);
+    team.sync();  // cur complete
+    for (int j = r; j < K; j += n) {
+      const T e = ahead.get(t, j, e_lane);
+      for (int i = 0; i < K; ++i) head[static_cast<int64_t>(i) * n] = 0;
+      T* out = nxt + static_cast<int64_t>(j) * k;
+      int32_t* bp = backpointers + (t * K + j) * k;
+      for (int q = 0; q < next_count; ++q) {
+        int arg = -1;
+        T best = T(0);
+        for (int i = 0; i < K; ++i) {
+          const int h = head[static_cast<int64_t>(i) * n];
+          if (h >= count) continue;
+          const T cand = cur[static_cast<int64_t>(i) * k + h] + tab.transitions[static_cast<int64_t>(i) * K + j];
+          if (arg < 0 || kbest_before(cand, best)) {
+            best = cand;
+            arg = i;
+          }
+        }
+        // next_count <= K * count, so some head is left: arg >= 0.
+        const int h = head[static_cast<int64_t>(arg) * n]++;
+        out[q] = best + e;
+        bp[q] = arg * k + h;
+      }
+    }
+    count = next_count;
+    offset += static_cast<double>(normalize(nxt, count));
+  }
+  team.sync();  // the last scores and every backpointer complete
+  if (r != 0) return;
+  const T* cur = score + ((L - 1) & 1) * Kk;
+  const int total = kbest_count(count, K, k);
+  for (int j = 0; j < K; ++j) head[static_cast<int64_t>(j) * n] = 0;
+  for (int q = 0; q < k; ++q) {
+    int64_t* path = paths + q * path_stride;
+    if (q >= total) {
+      scores[q] = -static_cast<double>(INFINITY);
+      for (int64_t t = 0; t < L; ++t) path[t] = -1;
+      continue;
+    }
+    int tag = -1;
+    T best = T(0);
+    for (int j = 0; j < K; ++j) {
+      const int h = head[static_cast<int64_t>(j) * n];
+      if (h >= count) continue;
+      const T cand = cur[static_cast<int64_t>(j) * k + h] + tab.end[j];
+      if (tag < 0 || kbest_before(cand, best)) {
+        best = cand;
+        tag = j;
+      }
+    }
+    int rank = head[static_cast<int64_t>(tag) * n]++;
+    scores[q] = offset + static_cast<double>(best);
+    path[L - 1] = tag;
+    for (int64_t t = L - 1; t >= 1; --t) {
+      const int32_t code = backpointers[(t * K + tag) * k + rank];
+      tag = code / k;
+      rank = code - tag * k;
+      path[t - 1] = tag;
+    }
+  }
 }
 
 }  // namespace crf

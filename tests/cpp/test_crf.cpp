@@ -5,13 +5,19 @@
 // same math (csrc/kernels/crf_team.h, which the CUDA kernels run with a thread block as the team) runs here
 // with one lane through every check, and through the values the CUDA kernels must survive unchecked: an empty
 // sequence (all-off mask) and tags outside [0, K). Those run on buffers of exactly the sequence's size, so the
-// AddressSanitizer build of this file (test_crf_asan, CMakeLists.txt) fails on any access outside them.
+// AddressSanitizer build of this file (test_crf_asan, CMakeLists.txt) fails on any access outside them. The team
+// functions of the partial-label log-likelihood, log Z and the k-best Viterbi are checked the same way against
+// brute force over the allowed paths and over every path ranked.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "check.h"
@@ -371,6 +377,76 @@ struct ExactTables {
   }
 };
 
+// A team of real lanes: one thread each, sharing every buffer (as a thread block shares its shared memory), with
+// a barrier for sync() and reductions through a shared slot per lane, so the lane splits and the synchronization
+// of the team functions (lane r owns tags r, r + n, ...; every lane's merge heads at [i * n + r]) run here as on
+// a GPU, under AddressSanitizer too.
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int64_t generation = generation_;
+    if (++waiting_ == n_) {
+      waiting_ = 0;
+      ++generation_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return generation_ != generation; });
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int n_, waiting_ = 0;
+  int64_t generation_ = 0;
+};
+
+struct ThreadTeamState {
+  Barrier barrier;
+  std::vector<double> slots;
+  explicit ThreadTeamState(int n) : barrier(n), slots(n) {}
+};
+
+struct ThreadTeam {
+  ThreadTeamState* state;
+  int lane, lanes;
+  int rank() const { return lane; }
+  int size() const { return lanes; }
+  void sync() const { state->barrier.wait(); }
+  template <typename V, typename Op>
+  V reduce(V x, Op op) const {
+    state->slots[lane] = static_cast<double>(x);
+    sync();
+    V y = static_cast<V>(state->slots[0]);
+    for (int r = 1; r < lanes; ++r) y = op(y, static_cast<V>(state->slots[r]));
+    sync();  // every lane has read the slots before the next reduction writes them
+    return y;
+  }
+  template <typename V>
+  V max(V x) const {
+    return reduce(x, [](V a, V b) { return fusedloss::crf::nan_max(a, b); });
+  }
+  template <typename V>
+  V sum(V x) const {
+    return reduce(x, [](V a, V b) { return a + b; });
+  }
+};
+
+// Runs body(team) on a one-lane SerialTeam (lanes = 1) or on `lanes` threads of a ThreadTeam.
+template <typename Body>
+void run_team(int lanes, const Body& body) {
+  if (lanes == 1) {
+    body(fusedloss::crf::SerialTeam{}, 0);
+    return;
+  }
+  ThreadTeamState state(lanes);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < lanes; ++r) threads.emplace_back([&, r] { body(ThreadTeam{&state, r, lanes}, r); });
+  for (auto& thread : threads) thread.join();
+}
+
 // An empty sequence (L = 0: an all-off mask, which nothing checks on CUDA tensors) through every team function:
 // log Z, the gold score, the log-likelihood and the Viterbi score are NaN, the gradients are zero, nothing is
 // written to its (empty) outputs and nothing outside its buffers is touched.
@@ -465,6 +541,455 @@ void test_team_bad_tags() {
   }
 }
 
+// Partial labels: allowed (L, K) as 0/1 bytes. The brute force sums over the paths whose every tag is allowed
+// (the others carry a -1e30 emission, whose exp is exactly 0 in float64); a row with no allowed tag has every
+// emission replaced by that constant, so its paths read 0 there and log Z_allowed gains -1e30 once.
+struct ConstrainedBruteForce {
+  double log_z;  // without the -1e30 of empty rows
+  int empty_rows;
+  std::vector<double> unary, pairwise, first, last;
+};
+
+ConstrainedBruteForce constrained_brute_force(const Problem& p, const std::vector<uint8_t>& allowed) {
+  const int K = p.K;
+  const int64_t L = p.L;
+  Problem q = p;
+  int empty = 0;
+  std::vector<bool> row_empty(L, true);
+  for (int64_t t = 0; t < L; ++t) {
+    for (int k = 0; k < K; ++k) row_empty[t] = row_empty[t] && allowed[t * K + k] == 0;
+    if (row_empty[t]) {
+      ++empty;
+      for (int k = 0; k < K; ++k) q.emissions[t * K + k] = 0;
+    }
+  }
+  std::vector<double> scores;
+  std::vector<std::vector<int64_t>> paths;
+  std::vector<int64_t> y(L, 0);
+  while (true) {
+    bool ok = true;
+    for (int64_t t = 0; t < L; ++t) ok = ok && (row_empty[t] || allowed[t * K + y[t]] != 0);
+    if (ok) {
+      paths.push_back(y);
+      scores.push_back(path_score(q, y));
+    }
+    int64_t t = L - 1;
+    while (t >= 0 && y[t] == K - 1) y[t--] = 0;
+    if (t < 0) break;
+    ++y[t];
+  }
+  double m = -INFINITY;
+  for (double s : scores) m = std::max(m, s);
+  double z = 0;
+  for (double s : scores) z += std::exp(s - m);
+  ConstrainedBruteForce r{m + std::log(z), empty, std::vector<double>(L * K, 0), std::vector<double>(K * K, 0),
+                          std::vector<double>(K, 0), std::vector<double>(K, 0)};
+  for (size_t n = 0; n < paths.size(); ++n) {
+    const double prob = std::exp(scores[n] - r.log_z);
+    const auto& path = paths[n];
+    for (int64_t t = 0; t < L; ++t)
+      if (!row_empty[t]) r.unary[t * K + path[t]] += prob;  // an empty row's emissions are constants: no gradient
+    for (int64_t t = 1; t < L; ++t) r.pairwise[path[t - 1] * K + path[t]] += prob;
+    r.first[path[0]] += prob;
+    r.last[path[L - 1]] += prob;
+  }
+  return r;
+}
+
+// The value and gradients of one sequence as a CUDA kernel computes them from the team functions: with allowed
+// (partial labels) log Z_allowed - log Z, by the constrained recursion accumulating +g and the free one -g;
+// without, log Z accumulating +g. Every buffer has exactly the sequence's size.
+template <typename T>
+struct PartialRun {
+  double value;
+  std::vector<T> grad_emissions, grad_transitions, grad_start, grad_end;
+};
+
+template <typename T>
+PartialRun<T> run_team_partial(const Problem& p, const std::vector<uint8_t>* allowed_values, T g_in, int lanes = 1) {
+  using fusedloss::crf::EmissionSource;
+  const int K = p.K;
+  const int64_t L = p.L;
+  const ExactTables<T> t(p);
+  const Exact<T> emissions(p.emissions);
+  const Exact<uint8_t> allowed(allowed_values != nullptr ? *allowed_values : std::vector<uint8_t>());
+  Exact<T> alpha(L * K), vectors(4 * K), out(L * K, T(0)), grad_t(K * K, T(0)), grad_start(K, T(0)),
+      grad_end(K, T(0));
+  Exact<double> offsets(L);
+  const fusedloss::crf::TeamBackwardVectors<T> vec{vectors.get(), vectors.get() + K, vectors.get() + 2 * K,
+                                                   vectors.get() + 3 * K};
+  double result = 0;
+  run_team(lanes, [&](const auto& team, int lane) {
+    double value = 0;
+    T g = g_in;
+    if (allowed_values != nullptr) {
+      const double empty = fusedloss::crf::team_empty_rows(team, allowed.get(), L, K);
+      const EmissionSource<T, T> source{emissions.get(), allowed.get(), K, empty > 0};
+      const double log_z_allowed = fusedloss::crf::team_forward(team, t.tab, source, L, vectors.get(),
+                                                                vectors.get() + 2 * K, alpha.get(), offsets.get());
+      team.sync();
+      fusedloss::crf::team_backward_accumulate(team, t.tab, source, L, alpha.get(), offsets.get(), log_z_allowed, g,
+                                               out.get(), grad_t.get(), grad_start.get(), grad_end.get(), vec);
+      team.sync();
+      value = log_z_allowed + empty * fusedloss::crf::kPartialLabelScore;
+      g = -g;
+    }
+    const auto free = fusedloss::crf::free_source<T, T>(emissions.get(), K);
+    const double log_z = fusedloss::crf::team_forward(team, t.tab, free, L, vectors.get(), vectors.get() + 2 * K,
+                                                      alpha.get(), offsets.get());
+    team.sync();
+    fusedloss::crf::team_backward_accumulate(team, t.tab, free, L, alpha.get(), offsets.get(), log_z, g, out.get(),
+                                             grad_t.get(), grad_start.get(), grad_end.get(), vec);
+    if (lane == 0) result = allowed_values != nullptr ? value - log_z : log_z;
+  });
+  PartialRun<T> r{result, {}, std::vector<T>(K * K), {}, {}};
+  r.grad_emissions.assign(out.get(), out.get() + L * K);
+  for (int i = 0; i < K; ++i)
+    for (int j = 0; j < K; ++j) r.grad_transitions[i * K + j] = grad_t.get()[j * K + i];
+  r.grad_start.assign(grad_start.get(), grad_start.get() + K);
+  r.grad_end.assign(grad_end.get(), grad_end.get() + K);
+  return r;
+}
+
+// want_* are the gradient of the value (before g).
+template <typename T>
+void check_partial_run(const PartialRun<T>& got, double want_value, const std::vector<double>& want_unary,
+                       const std::vector<double>& want_pairwise, const std::vector<double>& want_first,
+                       const std::vector<double>& want_last, double g, const std::string& name, double atol,
+                       double rtol) {
+  check(close(got.value, want_value, atol, rtol), name + ": value");
+  bool ok = true;
+  for (size_t i = 0; i < want_unary.size(); ++i) ok = ok && close(got.grad_emissions[i], g * want_unary[i], atol, rtol);
+  check(ok, name + ": emission gradient");
+  ok = true;
+  for (size_t i = 0; i < want_pairwise.size(); ++i)
+    ok = ok && close(got.grad_transitions[i], g * want_pairwise[i], atol, rtol);
+  check(ok, name + ": transition gradient");
+  ok = true;
+  for (size_t i = 0; i < want_first.size(); ++i) {
+    ok = ok && close(got.grad_start[i], g * want_first[i], atol, rtol);
+    ok = ok && close(got.grad_end[i], g * want_last[i], atol, rtol);
+  }
+  check(ok, name + ": start and end gradients");
+}
+
+std::vector<double> difference(const std::vector<double>& a, const std::vector<double>& b) {
+  std::vector<double> d(a.size());
+  for (size_t i = 0; i < a.size(); ++i) d[i] = a[i] - b[i];
+  return d;
+}
+
+template <typename T>
+void check_partial(const Problem& p, const std::vector<uint8_t>& allowed, const std::string& name, double atol,
+                   double rtol, int lanes = 1) {
+  const BruteForce free = brute_force(p);
+  const ConstrainedBruteForce c = constrained_brute_force(p, allowed);
+  const double g = 0.75;
+  const PartialRun<T> got = run_team_partial<T>(p, &allowed, static_cast<T>(g), lanes);
+  const double want = c.log_z + c.empty_rows * fusedloss::crf::kPartialLabelScore - free.log_z;
+  // When the allowed sets leave only paths through forbidden transitions, log Z_allowed is about -1e4 and the
+  // marginals come from exponents that cancel terms of that size: float32 rounds them to eps * |log Z|.
+  if (sizeof(T) == 4) atol = std::max(atol, 1.2e-7 * std::max(std::abs(c.log_z), std::abs(free.log_z)));
+  check_partial_run(got, want, difference(c.unary, free.unary), difference(c.pairwise, free.pairwise),
+                    difference(c.first, free.first), difference(c.last, free.last), g, name + " partial", atol,
+                    rtol);
+}
+
+template <typename T>
+void check_log_partition(const Problem& p, const std::string& name, double atol, double rtol, int lanes = 1) {
+  const BruteForce free = brute_force(p);
+  const double g = -1.25;
+  const PartialRun<T> got = run_team_partial<T>(p, nullptr, static_cast<T>(g), lanes);
+  check_partial_run(got, free.log_z, free.unary, free.pairwise, free.first, free.last, g, name + " log Z", atol, rtol);
+}
+
+std::vector<uint8_t> random_allowed(std::mt19937& rng, int K, int64_t L) {
+  std::uniform_int_distribution<int> kind(0, 2), tag(0, K - 1), bit(0, 1);
+  std::vector<uint8_t> allowed(L * K, 1);
+  for (int64_t t = 0; t < L; ++t) {
+    const int what = kind(rng);  // 0: unannotated (all tags), 1: one tag, 2: a random non-empty subset
+    if (what == 0) continue;
+    const int keep = tag(rng);
+    for (int k = 0; k < K; ++k) allowed[t * K + k] = (k == keep || (what == 2 && bit(rng))) ? 1 : 0;
+  }
+  return allowed;
+}
+
+// Partial-label log-likelihood and log Z through the team functions against brute force, with random allowed
+// sets (unannotated rows, single tags, subsets), forbidden transitions and large emissions (the guard).
+void test_team_partial() {
+  std::mt19937 rng(4321);
+  for (int K : {1, 2, 3, 4}) {
+    for (int64_t L : {1, 2, 3, 5}) {
+      for (bool constrained : {false, true}) {
+        for (double scale : {1.0, 200.0}) {
+          const Problem p = random_problem(rng, K, L, scale, constrained);
+          const std::vector<uint8_t> allowed = random_allowed(rng, K, L);
+          const std::string name = "K=" + std::to_string(K) + " L=" + std::to_string(L) +
+                                   (constrained ? " constrained" : "") + (scale > 1 ? " x200" : "");
+          const double float_atol = scale > 1 ? 2e-3 : 2e-5;
+          check_partial<double>(p, allowed, name + " double", 1e-9, 1e-10);
+          check_partial<float>(p, allowed, name + " float", float_atol, 2e-5);
+          check_log_partition<double>(p, name + " double", 1e-9, 1e-10);
+          check_log_partition<float>(p, name + " float", float_atol, 2e-5);
+        }
+      }
+    }
+  }
+}
+
+// One allowed tag per position is the ordinary log-likelihood of that path (value and gradient).
+void test_team_partial_single_tags() {
+  std::mt19937 rng(77);
+  for (int K : {2, 4}) {
+    const Problem p = random_problem(rng, K, 4, 1.0, true);
+    std::vector<uint8_t> allowed(p.L * K, 0);
+    for (int64_t t = 0; t < p.L; ++t) allowed[t * K + p.tags[t]] = 1;
+    const PartialRun<double> got = run_team_partial<double>(p, &allowed, 1.0);
+    const Run<double> want = run_kernels<double>(p, 1.0);
+    const std::string name = "single tags K=" + std::to_string(K);
+    check(close(got.value, want.gold - want.log_z, 1e-10, 1e-10), name + ": log-likelihood");
+    bool ok = true;
+    for (size_t i = 0; i < want.grad_emissions.size(); ++i)
+      ok = ok && close(got.grad_emissions[i], want.grad_emissions[i], 1e-10, 1e-10);
+    for (size_t i = 0; i < want.grad_transitions.size(); ++i)
+      ok = ok && close(got.grad_transitions[i], want.grad_transitions[i], 1e-10, 1e-10);
+    for (int k = 0; k < K; ++k) {
+      ok = ok && close(got.grad_start[k], want.grad_start[k], 1e-10, 1e-10);
+      ok = ok && close(got.grad_end[k], want.grad_end[k], 1e-10, 1e-10);
+    }
+    check(ok, name + ": gradients equal the log-likelihood's");
+  }
+}
+
+// A position with no allowed tag (unchecked on CUDA tensors): a very negative finite value (-1e30 per such
+// row), finite gradients, equal to the model where that row's emissions are constants; also every row empty.
+void test_team_partial_empty_sets() {
+  std::mt19937 rng(31);
+  for (int K : {1, 3}) {
+    for (int64_t L : {1, 3, 4}) {
+      const Problem p = random_problem(rng, K, L, 1.0, true);
+      for (int64_t at : {int64_t(0), L - 1, int64_t(-1)}) {
+        std::vector<uint8_t> allowed = random_allowed(rng, K, L);
+        if (at >= 0) {
+          for (int k = 0; k < K; ++k) allowed[at * K + k] = 0;
+        } else {
+          allowed.assign(L * K, 0);
+        }
+        const std::string name = "empty allowed set K=" + std::to_string(K) + " L=" + std::to_string(L) + " at " +
+                                 (at >= 0 ? std::to_string(at) : std::string("every row"));
+        check_partial<double>(p, allowed, name + " double", 1e-9, 1e-10);
+        check_partial<float>(p, allowed, name + " float", 2e-5, 2e-5);
+        const PartialRun<float> got = run_team_partial<float>(p, &allowed, 1.0f);
+        bool finite = std::isfinite(static_cast<float>(got.value)) && got.value < -1e29;
+        for (float v : got.grad_emissions) finite = finite && std::isfinite(v);
+        for (float v : got.grad_transitions) finite = finite && std::isfinite(v);
+        check(finite, name + ": very negative finite float32 value, finite gradients");
+      }
+    }
+  }
+}
+
+// L = 0 through the partial and log-partition functions: NaN values, nothing read or written (exact buffers of
+// size 0, AddressSanitizer).
+template <typename T>
+void check_team_partial_empty_sequence(int K, const std::string& name) {
+  std::mt19937 rng(3 + K);
+  const Problem p = random_problem(rng, K, 0, 1.0, false);
+  const std::vector<uint8_t> allowed;
+  const PartialRun<T> partial = run_team_partial<T>(p, &allowed, T(1));
+  check(std::isnan(partial.value), name + ": partial log-likelihood NaN");
+  const PartialRun<T> log_z = run_team_partial<T>(p, nullptr, T(1));
+  check(std::isnan(log_z.value), name + ": log Z NaN");
+  bool zero = true;
+  for (T v : partial.grad_transitions) zero = zero && v == T(0);
+  for (int k = 0; k < K; ++k) zero = zero && partial.grad_start[k] == T(0) && partial.grad_end[k] == T(0);
+  check(zero, name + ": zero gradients");
+  const Exact<uint8_t> empty(0);
+  check(fusedloss::crf::team_empty_rows(fusedloss::crf::SerialTeam{}, empty.get(), 0, K) == 0,
+        name + ": no empty rows");
+}
+
+void test_team_partial_empty_sequence() {
+  for (int K : {1, 4}) {
+    check_team_partial_empty_sequence<float>(K, "partial L=0 K=" + std::to_string(K) + " float");
+    check_team_partial_empty_sequence<double>(K, "partial L=0 K=" + std::to_string(K) + " double");
+  }
+}
+
+// k-best Viterbi through team_kbest_viterbi with a one-lane team, on exact buffers; paths (k, L).
+template <typename T>
+struct KBestRun {
+  std::vector<int64_t> paths;
+  std::vector<double> scores;
+};
+
+template <typename T>
+KBestRun<T> run_team_kbest(const Problem& p, int k, int lanes = 1) {
+  const int K = p.K;
+  const int64_t L = p.L;
+  const ExactTables<T> t(p);
+  const Exact<T> emissions(p.emissions);
+  Exact<T> score(2 * K * k);
+  Exact<int32_t> heads(lanes * K), backpointers(L * K * k);
+  Exact<int64_t> paths(k * L, int64_t(-7));
+  Exact<double> scores(k);
+  run_team(lanes, [&](const auto& team, int) {
+    fusedloss::crf::team_kbest_viterbi(team, t.tab, emissions.get(), L, k, score.get(), heads.get(),
+                                       backpointers.get(), paths.get(), L, scores.get());
+  });
+  return KBestRun<T>{std::vector<int64_t>(paths.get(), paths.get() + k * L),
+                     std::vector<double>(scores.get(), scores.get() + k)};
+}
+
+// Every path by brute force, best first; equal scores in the order of their reversed tag sequences (the lower
+// last tag, then the lower previous tag...), which is the list-Viterbi order when every partial score ties too.
+std::vector<std::pair<double, std::vector<int64_t>>> ranked_paths(const Problem& p) {
+  std::vector<std::pair<double, std::vector<int64_t>>> all;
+  std::vector<int64_t> y(p.L, 0);
+  while (true) {
+    all.emplace_back(path_score(p, y), y);
+    int64_t t = p.L - 1;
+    while (t >= 0 && y[t] == p.K - 1) y[t--] = 0;
+    if (t < 0) break;
+    ++y[t];
+  }
+  std::stable_sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
+    if (a.first != b.first) return a.first > b.first;
+    return std::lexicographical_compare(a.second.rbegin(), a.second.rend(), b.second.rbegin(), b.second.rend());
+  });
+  return all;
+}
+
+// exact: the paths must be the brute force's (float64, no near ties); otherwise each rank's score must match the
+// brute force's at that rank and the returned path must have that score, distinct paths.
+template <typename T>
+void check_kbest(const Problem& p, int k, const std::string& name, double atol, double rtol, bool exact,
+                 int lanes = 1) {
+  const auto want = ranked_paths(p);
+  const KBestRun<T> got = run_team_kbest<T>(p, k, lanes);
+  const int64_t L = p.L;
+  bool paths_ok = true, scores_ok = true, padding_ok = true;
+  for (int q = 0; q < k; ++q) {
+    const std::vector<int64_t> path(got.paths.begin() + q * L, got.paths.begin() + (q + 1) * L);
+    if (q >= static_cast<int>(want.size())) {
+      padding_ok = padding_ok && std::isinf(got.scores[q]) && got.scores[q] < 0;
+      for (int64_t v : path) padding_ok = padding_ok && v == -1;
+      continue;
+    }
+    scores_ok = scores_ok && close(got.scores[q], want[q].first, atol, rtol);
+    if (exact) {
+      paths_ok = paths_ok && path == want[q].second;
+    } else {
+      bool valid = true;
+      for (int64_t v : path) valid = valid && v >= 0 && v < p.K;
+      paths_ok = paths_ok && valid && close(path_score(p, path), got.scores[q], atol, rtol);
+      for (int o = 0; o < q && valid; ++o)
+        paths_ok = paths_ok && !std::equal(path.begin(), path.end(), got.paths.begin() + o * L);
+    }
+  }
+  check(paths_ok, name + ": k-best paths");
+  check(scores_ok, name + ": k-best scores");
+  check(padding_ok, name + ": ranks past K^L padded with -1 and -inf");
+}
+
+void test_team_kbest() {
+  std::mt19937 rng(2468);
+  for (int K : {1, 2, 3, 4}) {
+    for (int64_t L : {1, 2, 3, 5}) {
+      for (bool constrained : {false, true}) {
+        const Problem p = random_problem(rng, K, L, 1.0, constrained);
+        const std::string base = "K=" + std::to_string(K) + " L=" + std::to_string(L) +
+                                 (constrained ? " constrained" : "");
+        for (int k : {1, 2, 3, 7, 40}) {
+          const std::string name = base + " k=" + std::to_string(k);
+          check_kbest<double>(p, k, name + " double", 1e-9, 1e-12, true);
+          check_kbest<float>(p, k, name + " float", 2e-3, 2e-6, false);
+        }
+        // k = 1 is team_viterbi, bit for bit.
+        for (bool as_double : {false, true}) {
+          bool same = true;
+          if (as_double) {
+            const KBestRun<double> one = run_team_kbest<double>(p, 1);
+            const Run<double> v = run_team_kernels<double>(p, 1.0);
+            same = one.paths == v.viterbi_path && one.scores[0] == v.viterbi_score;
+          } else {
+            const KBestRun<float> one = run_team_kbest<float>(p, 1);
+            const Run<float> v = run_team_kernels<float>(p, 1.0f);
+            same = one.paths == v.viterbi_path && one.scores[0] == v.viterbi_score;
+          }
+          check(same, base + (as_double ? " double" : " float") + ": k=1 equals team_viterbi");
+        }
+      }
+    }
+  }
+  // Every score tied (all zeros): the order of ties is the contract's (lower previous tag, then lower rank;
+  // finally the lower last tag), over all K^L paths and the padding after them.
+  for (int K : {2, 3}) {
+    for (int64_t L : {1, 2, 3}) {
+      Problem p{K, L, std::vector<double>(L * K, 0), std::vector<double>(K * K, 0), std::vector<double>(K, 0),
+                std::vector<double>(K, 0), std::vector<int64_t>(L, 0)};
+      int paths = 1;
+      for (int64_t t = 0; t < L; ++t) paths *= K;
+      const std::string name = "ties K=" + std::to_string(K) + " L=" + std::to_string(L);
+      check_kbest<double>(p, paths + 3, name + " double", 0, 0, true);
+      check_kbest<float>(p, paths + 3, name + " float", 0, 0, true);
+    }
+  }
+  // A long sequence (the per-step normalization): float32 against float64 at rank 0..4.
+  const Problem p = random_problem(rng, 5, 300, 1.0, true);
+  const KBestRun<double> want = run_team_kbest<double>(p, 5);
+  const KBestRun<float> got = run_team_kbest<float>(p, 5);
+  bool ok = true;
+  for (int q = 0; q < 5; ++q) ok = ok && close(got.scores[q], want.scores[q], 0, 1e-6);
+  check(ok, "k-best T=300 float32 scores against float64");
+}
+
+// The same checks on teams of 2 and 3 threads (lanes owning several tags, and lanes without a tag when K is
+// smaller than the team): partial log-likelihood, log Z, k-best, including empty allowed sets and L = 0.
+void test_thread_team() {
+  std::mt19937 rng(8642);
+  for (int lanes : {2, 3}) {
+    for (int K : {1, 2, 5}) {
+      for (int64_t L : {0, 1, 4}) {
+        const Problem p = random_problem(rng, K, L, 1.0, true);
+        const std::string name = std::to_string(lanes) + " lanes K=" + std::to_string(K) + " L=" +
+                                 std::to_string(L);
+        if (L == 0) {
+          const std::vector<uint8_t> none;
+          check(std::isnan(run_team_partial<float>(p, &none, 1.0f, lanes).value) &&
+                    std::isnan(run_team_partial<float>(p, nullptr, 1.0f, lanes).value),
+                name + ": NaN values");
+          const KBestRun<double> got = run_team_kbest<double>(p, 3, lanes);
+          check(std::isnan(got.scores[0]) && std::isnan(got.scores[2]), name + ": NaN k-best scores");
+          continue;
+        }
+        std::vector<uint8_t> allowed = random_allowed(rng, K, L);
+        check_partial<double>(p, allowed, name + " double", 1e-9, 1e-10, lanes);
+        check_partial<float>(p, allowed, name + " float", 2e-5, 2e-5, lanes);
+        check_log_partition<double>(p, name + " double", 1e-9, 1e-10, lanes);
+        for (int k = 0; k < K; ++k) allowed[(L - 1) * K + k] = 0;
+        check_partial<double>(p, allowed, name + " empty last set double", 1e-9, 1e-10, lanes);
+        for (int k : {1, 4, 700}) {
+          check_kbest<double>(p, k, name + " k=" + std::to_string(k) + " double", 1e-9, 1e-12, true, lanes);
+        }
+      }
+    }
+  }
+}
+
+// L = 0: NaN scores for every rank, no row touched.
+void test_team_kbest_empty_sequence() {
+  for (int K : {1, 3}) {
+    std::mt19937 rng(9 + K);
+    const Problem p = random_problem(rng, K, 0, 1.0, false);
+    const KBestRun<float> got = run_team_kbest<float>(p, 4);
+    bool nan = true;
+    for (double s : got.scores) nan = nan && std::isnan(s);
+    check(nan && got.paths.empty(), "k-best L=0 K=" + std::to_string(K) + ": NaN scores");
+  }
+}
+
 void test_fast_math() {
   double exp_error = 0, log_error = 0;
   for (double x = -87.0; x <= 87.0; x += 0.01) {
@@ -493,6 +1018,13 @@ int main() {
   test_forbidden_gold_path();
   test_team_empty_sequence();
   test_team_bad_tags();
+  test_team_partial();
+  test_team_partial_single_tags();
+  test_team_partial_empty_sets();
+  test_team_partial_empty_sequence();
+  test_team_kbest();
+  test_team_kbest_empty_sequence();
+  test_thread_team();
   test_fast_math();
   return fusedloss_test::report();
 }
