@@ -123,10 +123,14 @@ void check_crf_args(const at::Tensor& emissions, const at::Tensor* tags, const a
     check_device(name, *value, emissions);
   }
   if (tags != nullptr) {
+    // The dtype first, as the public layer checks: a bool (B, T, K) tensor is the other kind of tags (partial
+    // labels, crf_partial_log_likelihood), so anything else hears of both.
+    TORCH_CHECK_VALUE(tags->scalar_type() == at::kLong,
+                      "tags must be int64 (batch, seq_len) tag indices or a bool (batch, seq_len, num_tags) tensor of "
+                      "allowed tags, got ", dtype_str(tags->scalar_type()));
     TORCH_CHECK_VALUE(tags->dim() == 2 && tags->size(0) == B && tags->size(1) == T,
                       "tags must have shape (batch, seq_len) = ", shape_str({B, T}), " like emissions, got ",
                       shape_str(tags->sizes()));
-    TORCH_CHECK_VALUE(tags->scalar_type() == at::kLong, "tags must be int64, got ", dtype_str(tags->scalar_type()));
     check_device("tags", *tags, emissions);
   }
   if (mask == nullptr) return;
