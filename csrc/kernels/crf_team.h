@@ -54,9 +54,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T nan_max(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
-// The value of a replaced emission outside a position's allowed set (partial labels): a large finite negative
-// whose exp is exactly 0, so that no recursion ever sees -inf.
-constexpr double kPartialLabelScore = -1e30;
+// kPartialLabelScore (crf.h) is the value of a replaced emission outside a position's allowed set.
 
 // Where the recursions read their emissions. With allowed (L, K) bool/uint8 (partial labels; null: every tag),
 // an entry outside the allowed set reads as kPartialLabelScore, a constant. A row with no allowed tag at all
