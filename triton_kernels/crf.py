@@ -1,7 +1,8 @@
-"""Triton kernels of the linear-chain CRF: log-likelihood with a hand-written backward, Viterbi, marginals.
+"""Triton kernels of the linear-chain CRF: log-likelihood with a hand-written backward, Viterbi, marginals, and
+for partial annotation the partial-label log-likelihood, log Z and the k best paths.
 
-The ``triton`` backend of the internal ops ``crf_log_likelihood``, ``crf_viterbi`` and ``crf_marginals``
-(docs/BACKENDS.md). Arguments are batch first and already validated by the public layer: emissions
+The ``triton`` backend of the internal ops ``crf_log_likelihood``, ``crf_viterbi``, ``crf_marginals``,
+``crf_partial_log_likelihood``, ``crf_log_partition`` and ``crf_kbest_viterbi`` (docs/BACKENDS.md). Arguments are batch first and already validated by the public layer: emissions
 ``(B, T, K)`` float16/bfloat16/float32, tags ``(B, T)`` int64 in [0, K), mask ``(B, T)`` bool left-aligned with
 ``mask[:, 0]`` all true, transitions ``A (K, K)`` (``A[i, j]`` scores i -> j), start ``s (K,)`` and end
 ``f (K,)`` transitions, constraints already folded in as ``-1e4`` entries. Everything is computed in float32;
@@ -41,6 +42,15 @@ column is recomputed exactly as an online logsumexp. The backward step is the sa
 
 Viterbi is the max-plus recursion (no exp) with backpointers in int8/uint8/int16 by K, backtracked inside the
 kernel.
+
+The partial-label log-likelihood ``log Z_allowed - log Z`` is the forward kernel run twice in one program (the
+recursion with the emissions outside each position's allowed set at ``-1e30``, then the free one), and its
+gradient, the constrained minus the free marginals, the backward kernel run twice in one program, the second pass
+subtracting from the first's output. log Z is the forward kernel without the gold path, and its gradient the
+backward kernel's marginals times the incoming gradient. The k best paths come from the list-Viterbi kernel, one
+sequence per program: per step and tag the k best partial scores with backpointers (previous tag, rank) in a
+(B, T, K, k) int16/int32 buffer, selected in k rounds of max over the (previous tag, rank) candidates, and
+backtracked inside the kernel.
 
 Values nobody checked: on CUDA tensors the public layer does not read masks and tags back (that would wait for
 the device), so the kernels give defined results for any of them and never form an address outside a sequence's
@@ -187,11 +197,20 @@ def _crf_forward_kernel(
     emission_rows = rows.to(tl.int64) * T * K
     tag_rows = rows.to(tl.int64) * T
     nonempty = rows_ok & (lengths > 0)
+    log_z = tl.zeros((BLOCK_B,), dtype=tl.float32)
     log_z_allowed = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    if HAS_TAGS:
+        gold = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        bad = tl.zeros((BLOCK_B,), dtype=tl.int32)
 
-    # The two recursions of the partial-label likelihood run one after the other in the same program: they share
-    # the emission reads' locality and need no second launch.
-    for p in tl.static_range(NUM_PASSES):
+    # The two recursions of the partial-label likelihood run one after the other in the same program: one launch,
+    # and the second pass reads the emissions the first brought into the cache. A loop, not unrolled: unrolled,
+    # the compiler keeps values of the first pass live into the second, which spills with several tag tiles
+    # (make triton-build-check); with one pass it is the plain body.
+    for p in range(NUM_PASSES):
+        # Pass 0 of two is the constrained one (p as a vector: the interpreter rejects a load mask combined from a
+        # Python bool).
+        constrained = (tl.full((BLOCK_B,), p, dtype=tl.int32) == 0) & nonempty
         alpha_rows = (rows.to(tl.int64) + p * B) * T * K
         alpha_max_rows = (rows.to(tl.int64) + p * B) * T
         # t = 0: a_0 = α_0 = s + e_0.
@@ -203,10 +222,9 @@ def _crf_forward_kernel(
             emission = tl.load(emissions_ptr + emission_rows[:, None] + cols[None, :], mask=ok, other=0.0)
             emission = emission.to(tl.float32)
             if NUM_PASSES == 2:
-                if p == 0:
-                    allowed = tl.load(allowed_ptr + emission_rows[:, None] + cols[None, :],
-                                      mask=ok & nonempty[:, None], other=1)
-                    emission = tl.where(allowed != 0, emission, _PARTIAL_LABEL_SCORE)
+                allowed = tl.load(allowed_ptr + emission_rows[:, None] + cols[None, :],
+                                  mask=ok & constrained[:, None], other=1)
+                emission = tl.where(allowed != 0, emission, _PARTIAL_LABEL_SCORE)
             start = tl.load(start_ptr + cols, mask=cols_ok, other=0.0)
             alpha = emission + start[None, :]
             tl.store(alpha_ptr + alpha_rows[:, None] + cols[None, :], alpha, mask=ok)
@@ -249,11 +267,10 @@ def _crf_forward_kernel(
                                    other=0.0)
                 emission = emission.to(tl.float32)
                 if NUM_PASSES == 2:
-                    if p == 0:
-                        # Read only at unmasked positions (past the end the set is all-true anyway).
-                        allowed = tl.load(allowed_ptr + emission_rows[:, None] + t * K + cols[None, :],
-                                          mask=ok & active[:, None], other=1)
-                        emission = tl.where(allowed != 0, emission, _PARTIAL_LABEL_SCORE)
+                    # Read only at unmasked positions (past the end the set is all-true anyway).
+                    allowed = tl.load(allowed_ptr + emission_rows[:, None] + t * K + cols[None, :],
+                                      mask=ok & (active & constrained)[:, None], other=1)
+                    emission = tl.where(allowed != 0, emission, _PARTIAL_LABEL_SCORE)
                 previous = tl.load(alpha_ptr + previous_offsets[:, None] + cols[None, :], mask=ok, other=0.0)
                 # Past the end α is carried: a_t = a_{t-1} - m_{t-1} keeps α_t = α_{t-1} under the new offset.
                 alpha = tl.where(active[:, None], step + emission, previous - row_max[:, None])
@@ -278,9 +295,7 @@ def _crf_forward_kernel(
             z_sum = z_sum * tl.exp(z_max - tile_max) + tl.sum(tl.exp(final - tile_max[:, None]), axis=1)
             z_max = tile_max
         log_z = offset + z_max + tl.log(tl.where(rows_ok, z_sum, 1.0))
-        if NUM_PASSES == 2:
-            if p == 0:
-                log_z_allowed = log_z
+        log_z_allowed = tl.where(constrained, log_z, log_z_allowed)
 
     if HAS_TAGS:
         # The last step's tag (none for an empty sequence: no read at tags[-1]); its range was checked above.
@@ -360,19 +375,23 @@ def _crf_backward_kernel(
     r_offsets = v_rows + 2 * K
     pair_base = pair_ptr + (pid % NUM_PAIR_GROUPS).to(tl.int64) * K * K
 
-    for p in tl.static_range(NUM_PASSES):
+    # A loop, not unrolled, as in the forward kernel; p as a vector for the interpreter's load masks.
+    for p in range(NUM_PASSES):
         alpha_rows = (rows.to(tl.int64) + p * B) * T * K
         alpha_max_rows = (rows.to(tl.int64) + p * B) * T
+        constrained = tl.full((BLOCK_B,), p, dtype=tl.int32) == 0
+        second = rows_ok & ~constrained
         # The second pass subtracts its term from the first's, which `out` holds.
         sign = 1.0 - 2.0 * p
-        if p == 1:
-            # Both v rows back to zeros, the state the first step (t = T-1) of a pass expects.
+        if NUM_PASSES == 2:
+            # Before the second pass both v rows go back to zeros, the state the first step (t = T-1) of a pass
+            # expects.
             for x_tile in range(NUM_K_TILES):
                 cols = x_tile * BLOCK_K + tl.arange(0, BLOCK_K)
-                ok = rows_ok[:, None] & (cols < K)[None, :]
-                tl.store(v_ptr + v_rows[:, None] + cols[None, :], tl.zeros((BLOCK_B, BLOCK_K), tl.float32), mask=ok)
-                tl.store(v_ptr + v_rows[:, None] + K + cols[None, :], tl.zeros((BLOCK_B, BLOCK_K), tl.float32),
-                         mask=ok)
+                ok = second[:, None] & (cols < K)[None, :]
+                zeros = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
+                tl.store(v_ptr + v_rows[:, None] + cols[None, :], zeros, mask=ok)
+                tl.store(v_ptr + v_rows[:, None] + K + cols[None, :], zeros, mask=ok)
             tl.debug_barrier()
         v_max = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for step_index in range(T):
@@ -418,10 +437,9 @@ def _crf_backward_kernel(
                 emission = tl.load(emissions_ptr + emission_rows[:, None] + t * K + cols[None, :], mask=ok,
                                    other=0.0).to(tl.float32)
                 if NUM_PASSES == 2:
-                    if p == 0:
-                        allowed = tl.load(allowed_ptr + emission_rows[:, None] + t * K + cols[None, :],
-                                          mask=in_sequence, other=1)
-                        emission = tl.where(allowed != 0, emission, _PARTIAL_LABEL_SCORE)
+                    allowed = tl.load(allowed_ptr + emission_rows[:, None] + t * K + cols[None, :],
+                                      mask=in_sequence & constrained[:, None], other=1)
+                    emission = tl.where(allowed != 0, emission, _PARTIAL_LABEL_SCORE)
                 # Past the end v is 0: finite, and never read for an active step.
                 v = tl.where(in_sequence, beta + emission, 0.0)
                 tl.store(v_ptr + this_offsets[:, None] + cols[None, :], v, mask=ok)
@@ -449,8 +467,8 @@ def _crf_backward_kernel(
                     else:
                         residual = sign * marginal
                     value = grad[:, None] * residual
-                    if p == 1:
-                        value = tl.load(out_ptrs, mask=ok, other=0.0) + value
+                    if NUM_PASSES == 2:
+                        value += tl.load(out_ptrs, mask=ok & second[:, None], other=0.0)
                     tl.store(out_ptrs, tl.where(in_sequence, value, 0.0), mask=ok)
             if not MARGINALS:
                 if t > 0:
@@ -807,8 +825,13 @@ def _num_warps(block_b: int, block_k: int, use_dot: bool = False) -> int:
     return max(1, min(16 if block_k >= 64 else 8, block_b * block_k * block_k // 256))
 
 
-def _launch_options(block_b: int, block_k: int, use_dot: bool) -> dict:
+def _launch_options(block_b: int, block_k: int, use_dot: bool, wide: bool = False, num_tiles: int = 1) -> dict:
     """``num_warps`` and, on the ``tl.dot`` path, ``num_stages=1`` for the forward and backward kernels.
+
+    ``wide`` (the backward of log Z and of the partial-label likelihood, which keep a few more values through
+    each step than the log-likelihood's) doubles the warps up to 16, except for three or more tiles of 64 tags,
+    which take 4 (255 registers): at the log-likelihood's count some tilings spill on sm_90, and so do three tiles
+    of 64 on 8 or 16 warps (make triton-build-check; register allocation is not monotonic in the warps).
 
     Each time step loads the state of the previous step (α_{t-1}, or v_t) from the global buffer the same program
     stored it to one step before, with only ``tl.debug_barrier`` between the store and the load. With the default
@@ -819,7 +842,10 @@ def _launch_options(block_b: int, block_k: int, use_dot: bool) -> dict:
     this costs nothing today; it keeps the kernels right under a compiler that would.) The other paths have no
     ``tl.dot`` and keep the default.
     """
-    options = dict(num_warps=_num_warps(block_b, block_k, use_dot))
+    num_warps = _num_warps(block_b, block_k, use_dot)
+    if wide and not use_dot:
+        num_warps = 4 if block_k >= 64 and num_tiles >= 3 else min(16, 2 * num_warps)
+    options = dict(num_warps=num_warps)
     if use_dot:
         options["num_stages"] = 1
     return options
@@ -837,18 +863,20 @@ def _viterbi_tiling(num_tags: int, block_b: Optional[int], block_k: Optional[int
 
 def _kbest_tiling(num_tags: int, k: int, block_j: Optional[int], block_i: Optional[int]) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_J, BLOCK_I)`` of the k-best kernel: the ranks in one block, output tags in tiles of up to
-    16, and predecessor tags in tiles that keep the (BLOCK_J, BLOCK_I · BLOCK_R) candidate tile near 4096 values
-    (a first guess, unmeasured on a GPU). ``block_j``/``block_i`` override them (tests force several tiles)."""
+    16, and predecessor tags in tiles of up to 32 that keep the (BLOCK_J, BLOCK_I · BLOCK_R) candidate tile at
+    most 2048 values (larger ones spill on sm_90; unmeasured on a GPU). ``block_j``/``block_i`` override them (tests force several tiles)."""
     block_r = triton.next_power_of_2(k)
     if block_j is None:
         block_j = min(triton.next_power_of_2(num_tags), 16)
     if block_i is None:
-        block_i = max(1, min(triton.next_power_of_2(num_tags), 4096 // (block_j * block_r)))
+        block_i = max(1, min(triton.next_power_of_2(num_tags), 32, 2048 // (block_j * block_r)))
     return block_r, block_j, block_i
 
 
 def _kbest_num_warps(block_r: int, block_j: int, block_i: int) -> int:
-    return max(1, min(8, block_j * block_i * block_r // 256))
+    """About 256 candidates per warp, at most 4 warps: with 8, ptxas holds the selection loop to 64 registers a
+    thread and spills."""
+    return max(1, min(4, block_j * block_i * block_r // 256))
 
 
 def _kbest(emissions, mask, transitions, start_transitions, end_transitions, k, block_j=None, block_i=None):
@@ -984,7 +1012,8 @@ def _backward(grad, emissions, tags, mask, transitions, end_transitions, alpha, 
             pair if not marginals_only else scratch, batch, seq_len, num_tags, num_groups,
             MARGINALS=marginals_only, HAS_TAGS=tags is not None, NUM_PASSES=1 if allowed is None else 2,
             NUM_K_TILES=triton.cdiv(num_tags, block_k), BLOCK_K=block_k, BLOCK_B=block_b, USE_DOT=use_dot,
-            **_launch_options(block_b, block_k, use_dot),
+            **_launch_options(block_b, block_k, use_dot, wide=not marginals_only and tags is None,
+                              num_tiles=triton.cdiv(num_tags, block_k)),
         )
     if marginals_only:
         return out
@@ -1054,23 +1083,32 @@ def launch_configurations() -> list[dict]:
         for dtype in ("bf16", "fp16", "fp32") if largest else ("bf16",):
             layout = dict(NUM_K_TILES=tiles, BLOCK_K=block_k, BLOCK_B=block_b, USE_DOT=use_dot)
             label = f"{dtype} BLOCK_B={block_b} BLOCK_K={block_k} tiles={tiles}{' dot' if use_dot else ''}"
-            for has_tags in (True, False):
+            # (HAS_TAGS, NUM_PASSES): log-likelihood, log Z or marginals, partial labels.
+            for has_tags, passes in ((True, 1), (False, 1), (False, 2)):
                 signature = {"emissions_ptr": f"*{dtype}", "tags_ptr": "*i64" if has_tags else "*i32",
+                             "allowed_ptr": "*u8" if passes == 2 else "*i32",
                              "lengths_ptr": "*i32", "trans_ptr": f32, "exptrans_ptr": f32, "colmax_ptr": f32,
                              "start_ptr": f32, "end_ptr": f32, "alpha_ptr": f32, "alpha_max_ptr": f32, "ll_ptr": f32,
                              "B": "i32", "T": "i32", "K": "i32"}
-                builds.append(dict(name=f"forward {label} tags={has_tags}", kernel=_crf_forward_kernel,
-                                   signature=signature, constexprs=dict(HAS_TAGS=has_tags, **layout),
+                builds.append(dict(name=f"forward {label} tags={has_tags} passes={passes}",
+                                   kernel=_crf_forward_kernel, signature=signature,
+                                   constexprs=dict(HAS_TAGS=has_tags, NUM_PASSES=passes, **layout),
                                    **_launch_options(block_b, block_k, use_dot)))
-            for marginals in (False, True):
-                signature = {"emissions_ptr": f"*{dtype}", "tags_ptr": "*i32" if marginals else "*i64",
+            # (MARGINALS, HAS_TAGS, NUM_PASSES): marginals, log-likelihood, log Z and partial-label gradients.
+            for marginals, has_tags, passes in ((False, True, 1), (True, False, 1), (False, False, 1),
+                                                (False, False, 2)):
+                signature = {"emissions_ptr": f"*{dtype}", "tags_ptr": "*i64" if has_tags else "*i32",
+                             "allowed_ptr": "*u8" if passes == 2 else "*i32",
                              "lengths_ptr": "*i32", "trans_ptr": f32, "exptrans_ptr": f32, "colmax_ptr": f32,
                              "trans_t_ptr": f32, "exptrans_t_ptr": f32, "rowmax_ptr": f32, "end_ptr": f32,
                              "alpha_ptr": f32, "alpha_max_ptr": f32, "grad_ptr": f32, "v_ptr": f32, "out_ptr": f32,
                              "pair_ptr": f32, "B": "i32", "T": "i32", "K": "i32", "NUM_PAIR_GROUPS": "i32"}
-                builds.append(dict(name=f"backward {label} marginals={marginals}", kernel=_crf_backward_kernel,
-                                   signature=signature, constexprs=dict(MARGINALS=marginals, **layout),
-                                   **_launch_options(block_b, block_k, use_dot)))
+                builds.append(dict(name=f"backward {label} marginals={marginals} tags={has_tags} passes={passes}",
+                                   kernel=_crf_backward_kernel, signature=signature,
+                                   constexprs=dict(MARGINALS=marginals, HAS_TAGS=has_tags, NUM_PASSES=passes,
+                                                   **layout),
+                                   **_launch_options(block_b, block_k, use_dot,
+                                                     wide=not marginals and not has_tags, num_tiles=tiles)))
     for block_b, block_k, tiles, pointer_dtype in sorted(viterbi_tilings, key=str):
         signature = {"emissions_ptr": "*bf16", "lengths_ptr": "*i32", "trans_ptr": f32, "start_ptr": f32,
                      "end_ptr": f32, "score_ptr": f32, "backpointers_ptr": pointer_types[pointer_dtype],
@@ -1079,6 +1117,24 @@ def launch_configurations() -> list[dict]:
                                 f"{pointer_types[pointer_dtype][1:]}", kernel=_crf_viterbi_kernel,
                            signature=signature, constexprs=dict(NUM_K_TILES=tiles, BLOCK_K=block_k, BLOCK_B=block_b),
                            num_warps=_num_warps(block_b, block_k)))
+    # k-best: the tilings of _kbest_tiling over k from 2 to the largest served, tag counts in one tile and several
+    # of each tag dimension, and both backpointer types.
+    kbest_builds = set()
+    for k in (2, 5, 16, _KBEST_MAX):
+        for num_tags in (3, 9, 17, 64, 600):
+            block_r, block_j, block_i = _kbest_tiling(num_tags, k, None, None)
+            pointers = "*i16" if num_tags * k <= torch.iinfo(torch.int16).max else "*i32"
+            kbest_builds.add((k, block_r, block_j, triton.cdiv(num_tags, block_j), block_i,
+                              triton.cdiv(num_tags, block_i), pointers))
+    for k, block_r, block_j, j_tiles, block_i, i_tiles, pointers in sorted(kbest_builds):
+        signature = {"emissions_ptr": "*bf16", "lengths_ptr": "*i32", "trans_ptr": f32, "start_ptr": f32,
+                     "end_ptr": f32, "state_ptr": f32, "backpointers_ptr": pointers, "paths_ptr": "*i64",
+                     "scores_ptr": f32, "T": "i32", "K": "i32"}
+        builds.append(dict(name=f"kbest bf16 k={k} BLOCK_J={block_j}x{j_tiles} BLOCK_I={block_i}x{i_tiles} "
+                                f"{pointers[1:]}", kernel=_crf_kbest_kernel, signature=signature,
+                           constexprs=dict(KBEST=k, BLOCK_R=block_r, BLOCK_J=block_j, NUM_J_TILES=j_tiles,
+                                           BLOCK_I=block_i, NUM_I_TILES=i_tiles),
+                           num_warps=_kbest_num_warps(block_r, block_j, block_i)))
     return builds
 
 
