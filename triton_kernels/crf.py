@@ -2,12 +2,14 @@
 for partial annotation the partial-label log-likelihood, log Z and the k best paths.
 
 The ``triton`` backend of the internal ops ``crf_log_likelihood``, ``crf_viterbi``, ``crf_marginals``,
-``crf_partial_log_likelihood``, ``crf_log_partition`` and ``crf_kbest_viterbi`` (docs/BACKENDS.md). Arguments are batch first and already validated by the public layer: emissions
-``(B, T, K)`` float16/bfloat16/float32, tags ``(B, T)`` int64 in [0, K), mask ``(B, T)`` bool left-aligned with
-``mask[:, 0]`` all true, transitions ``A (K, K)`` (``A[i, j]`` scores i -> j), start ``s (K,)`` and end
-``f (K,)`` transitions, constraints already folded in as ``-1e4`` entries. Everything is computed in float32;
-results have the dtype ``promote_types(emissions.dtype, transitions.dtype)``. float64 is declined (see the
-``*_reasons`` functions): the kernels accumulate in float32 and the reference and cpp backends serve float64.
+``crf_partial_log_likelihood``, ``crf_log_partition`` and ``crf_kbest_viterbi`` (docs/BACKENDS.md). Arguments
+are batch first and already validated by the public layer: emissions ``(B, T, K)`` float16/bfloat16/float32, tags
+``(B, T)`` int64 in [0, K), allowed tag sets ``(B, T, K)`` bool (read only at unmasked positions), mask ``(B, T)``
+bool left-aligned with ``mask[:, 0]`` all true, transitions ``A (K, K)`` (``A[i, j]`` scores i -> j), start
+``s (K,)`` and end ``f (K,)`` transitions, constraints already folded in as ``-1e4`` entries. Everything is
+computed in float32; results have the dtype ``promote_types(emissions.dtype, transitions.dtype)``. float64 is
+declined (see the ``*_reasons`` functions): the kernels accumulate in float32 and the reference and cpp backends
+serve float64.
 
 The math, for a sequence of length L (a prefix of ones in its mask)::
 
@@ -864,7 +866,8 @@ def _viterbi_tiling(num_tags: int, block_b: Optional[int], block_k: Optional[int
 def _kbest_tiling(num_tags: int, k: int, block_j: Optional[int], block_i: Optional[int]) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_J, BLOCK_I)`` of the k-best kernel: the ranks in one block, output tags in tiles of up to
     16, and predecessor tags in tiles of up to 32 that keep the (BLOCK_J, BLOCK_I · BLOCK_R) candidate tile at
-    most 2048 values (larger ones spill on sm_90; unmeasured on a GPU). ``block_j``/``block_i`` override them (tests force several tiles)."""
+    most 2048 values (larger ones spill on sm_90; unmeasured on a GPU). ``block_j``/``block_i`` override them
+    (tests force several tiles)."""
     block_r = triton.next_power_of_2(k)
     if block_j is None:
         block_j = min(triton.next_power_of_2(num_tags), 16)
@@ -1351,7 +1354,8 @@ def _partial_log_likelihood_backward_op(
     block_b: Optional[int] = None,
     block_k: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``grad`` (B,) times the constrained minus the free marginals: ``(∂emissions, ∂transitions, ∂start, ∂end)``."""
+    """``grad`` (B,) times the constrained minus the free marginals: ``(∂emissions, ∂transitions, ∂start,
+    ∂end)``."""
     return _gradients(grad, emissions, None, allowed, mask, transitions, start_transitions, end_transitions, alpha,
                       alpha_max, block_b, block_k)
 
