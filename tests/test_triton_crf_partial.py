@@ -349,3 +349,39 @@ def test_torch_compile_fullgraph_with_backward():
     assert torch.equal(compiled_paths, paths) and torch.equal(compiled_scores, scores)
     for grad, compiled_grad in zip(grads, compiled_grads):
         torch.testing.assert_close(compiled_grad, grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("block_b, block_k", [(None, None), (2, 2)], ids=["default", "tiled"])
+def test_an_all_off_mask_gives_nan_for_its_sequence_only(block_b, block_k):
+    """A sequence of length 0 (unchecked on CUDA tensors): NaN value and a zero gradient, paths of -1 and NaN
+    scores; the other sequences get exactly what a batch where it contributes nothing gives them."""
+    emissions, allowed, mask, transitions, start, end = make_inputs(3, 3, 3, seed=17)
+    bad_mask = mask.clone()
+    bad_mask[1] = False
+    clean_grad_output = torch.tensor([1.0, 0.0, 1.0])
+    for op in (triton_crf._partial_log_likelihood_op, triton_crf._log_partition_op):
+        value, grads = kernel(op, emissions, allowed, bad_mask, transitions, start, end, torch.ones(3), block_b,
+                              block_k)
+        clean, clean_grads = kernel(op, emissions, allowed, mask, transitions, start, end, clean_grad_output,
+                                    block_b, block_k)
+        assert torch.isnan(value[1]) and torch.equal(value[[0, 2]], clean[[0, 2]])
+        assert torch.equal(grads[0][1], torch.zeros_like(grads[0][1]))
+        for grad, clean_grad in zip(grads, clean_grads):
+            assert torch.equal(grad, clean_grad)
+    paths, scores = triton_crf._kbest_viterbi_op(emissions, bad_mask, transitions, start, end, 4, None, None)
+    clean_paths, clean_scores = triton_crf._kbest_viterbi_op(emissions, mask, transitions, start, end, 4, None, None)
+    assert (paths[1] == -1).all() and scores[1].isnan().all()
+    assert torch.equal(paths[[0, 2]], clean_paths[[0, 2]]) and torch.equal(scores[[0, 2]], clean_scores[[0, 2]])
+
+
+def test_kbest_scores_of_a_sequence_with_a_nan_are_nan():
+    """The selection's max skips NaN: a NaN emission at an unmasked step makes its sequence's scores NaN, one past
+    the end changes nothing, and the other sequences keep theirs."""
+    emissions, _, mask, transitions, start, end = make_inputs(3, 3, 3, seed=18)
+    mask[2, 2] = False
+    clean_paths, clean_scores = triton_crf.crf_kbest_viterbi(emissions, mask, transitions, start, end, 4)
+    emissions[0, 1, 2] = float("nan")
+    emissions[2, 2, 0] = float("nan")  # masked
+    paths, scores = triton_crf.crf_kbest_viterbi(emissions, mask, transitions, start, end, 4)
+    assert scores[0].isnan().all()
+    assert torch.equal(scores[1:], clean_scores[1:]) and torch.equal(paths[1:], clean_paths[1:])
