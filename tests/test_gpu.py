@@ -7,11 +7,12 @@ never run on a GPU.
 Families (test name prefixes): ``test_softmax_`` (cross entropy and focal loss: every option, hard and soft
 targets, ``reduction="none"`` with a per-row grad_output, grad_output != 1 for the scalar reductions, N x C above
 2^31), ``test_linear_`` (the fused linear head), ``test_crf_`` (log-likelihood and gradients, Viterbi, marginals,
-the ``tl.dot`` batch tile, T = 4096, unchecked mask and tag values), ``test_sigmoid_`` (BCE with logits with
-pos_weight, sigmoid focal, multilabel soft margin, ZLPR, GHM-C, bi-tempered), ``test_distributed_`` (the
-vocabulary-parallel losses on a world of one) and ``test_compile_`` (torch.compile(fullgraph=True) of one small
-model per family). Each runs on every backend that serves CUDA tensors: ``triton``, and ``cuda`` where the
-extension was built with CUDA (it declines the sigmoid family, which is checked too).
+the ``tl.dot`` batch tile, T = 4096, unchecked mask and tag values; Triton's partial-label likelihood, log Z and
+k-best paths), ``test_sigmoid_`` (BCE with logits with pos_weight, sigmoid focal, multilabel soft margin, ZLPR, GHM-C,
+bi-tempered), ``test_distributed_`` (the vocabulary-parallel losses on a world of one) and ``test_compile_``
+(torch.compile(fullgraph=True) of one small model per family). Each runs on every backend that serves CUDA
+tensors: ``triton``, and ``cuda`` where the extension was built with CUDA (it declines the sigmoid family, which is
+checked too).
 
 Oracles: the ``reference`` backend (``fusedloss.reference``) run in float64 on the same CUDA tensors,
 torch.nn.functional and pytorch-crf. Tolerances: the error of a result against the float64 oracle may be at most
@@ -526,6 +527,85 @@ def test_crf_marginals_match_reference(backend, shape):
     low = fusedloss.crf_marginals(emissions, transitions, start, end, mask, backend="reference")
     assert_derived_close(got, low, ref64, "marginals", emissions.abs().sum((1, 2)).max().item())
     assert (got[~mask] == 0).all()
+
+
+# The partial-annotation ops of the Triton CRF, called directly (the public layer's entry points are not in this
+# tree yet): a small table of shapes, one tile and several, K = 73 in tiles of 64.
+PARTIAL_SHAPES = [(4, 7, 5), (3, 20, 9), (5, 33, 73)]
+
+
+def _log_partition_torch(emissions, mask, transitions, start, end):
+    """log Z (B,) by the forward algorithm in PyTorch ops, in the inputs' dtype (differentiable)."""
+    alpha = start + emissions[:, 0]
+    for t in range(1, emissions.shape[1]):
+        step = torch.logsumexp(alpha[:, :, None] + transitions[None], 1) + emissions[:, t]
+        alpha = torch.where(mask[:, t, None], step, alpha)
+    return torch.logsumexp(alpha + end, 1)
+
+
+def _partial_torch(which, emissions, allowed, mask, transitions, start, end):
+    """``log Z_allowed - log Z`` (which = "partial") or ``log Z`` and the gradients of its weighted sum."""
+    leaves = [x.detach().clone().requires_grad_() for x in (emissions, transitions, start, end)]
+    value = _log_partition_torch(leaves[0], mask, *leaves[1:])
+    if which == "partial":
+        constrained = leaves[0].masked_fill(~allowed, -1.0e30)
+        value = _log_partition_torch(constrained, mask, *leaves[1:]) - value
+    value.backward(_weights(value.shape[0], value.dtype))
+    return [value.detach()] + [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("which", ["partial", "log_partition"])
+@pytest.mark.parametrize("shape", PARTIAL_SHAPES, ids=lambda s: "B%d_T%d_K%d" % s)
+def test_crf_partial_log_likelihood_and_log_partition(which, shape):
+    from fusedloss.triton_kernels import crf
+
+    emissions, tags, mask, transitions, start, end = _crf_case(*shape, seed=6, constrained=True)
+    allowed = torch.rand(emissions.shape, generator=_generator(7), device=CUDA) < 0.4
+    allowed |= F.one_hot(tags, shape[2]).bool() | ~mask[:, :, None]
+    leaves = [x.detach().clone().requires_grad_() for x in (emissions, transitions, start, end)]
+    if which == "partial":
+        value = crf.crf_partial_log_likelihood(leaves[0], allowed, mask, *leaves[1:])
+    else:
+        value = crf.crf_log_partition(leaves[0], mask, *leaves[1:])
+    value.backward(_weights(value.shape[0], value.dtype))
+    got = [value.detach()] + [x.grad for x in leaves]
+    ref64 = _partial_torch(which, emissions.double(), allowed, mask, transitions.double(), start.double(),
+                           end.double())
+    low = _partial_torch(which, emissions, allowed, mask, transitions, start, end)
+    magnitude = emissions.abs().sum((1, 2)).max().item()
+    for name, a, lo, ref in zip(("value", "emissions", "transitions", "start", "end"), got, low, ref64):
+        assert_derived_close(a, lo, ref, f"{which} {name}", magnitude, terms=shape[0] * shape[1])
+
+
+@pytest.mark.parametrize("shape", PARTIAL_SHAPES, ids=lambda s: "B%d_T%d_K%d" % s)
+def test_crf_kbest_viterbi(shape):
+    """k = 1 is the Viterbi path; for k = 6 the paths are distinct, padded with -1, their scores descend and equal
+    their float64 path scores."""
+    from fusedloss.triton_kernels import crf
+
+    emissions, _, mask, transitions, start, end = _crf_case(*shape, seed=8)
+    paths, scores = crf.crf_kbest_viterbi(emissions, mask, transitions, start, end, 1)
+    best, best_scores = crf.crf_viterbi(emissions, mask, transitions, start, end)
+    assert torch.equal(paths[:, 0], best) and torch.equal(scores[:, 0], best_scores)
+    k = 6
+    paths, scores = crf.crf_kbest_viterbi(emissions, mask, transitions, start, end, k)
+    assert (paths[~mask[:, None, :].expand_as(paths)] == -1).all()
+    module = _torchcrf(transitions.double(), start.double(), end.double())
+    lengths = mask.sum(1)
+    for b in range(shape[0]):
+        count = min(k, shape[2] ** int(lengths[b]))
+        assert (scores[b, count:] == float("-inf")).all() and (paths[b, count:] == -1).all()
+        assert (scores[b, 1:count] <= scores[b, :count - 1]).all()
+        rows = paths[b, :count]
+        assert len({tuple(row.tolist()) for row in rows}) == count
+        with torch.no_grad():
+            want = module._compute_score(emissions[b:b + 1].double().expand(count, -1, -1).transpose(0, 1),
+                                         rows.clamp(min=0).t(), mask[b:b + 1].expand(count, -1).t())
+        scale = emissions[b].abs().sum().item() + transitions.abs().max().item() * shape[1]
+        error = (scores[b, :count].double() - want).abs().max().item()
+        allowed = 8 * torch.finfo(torch.float32).eps * scale
+        _record("k-best scores", scores.dtype, error, allowed)
+        assert error <= allowed, f"k-best scores: error {error:.3g} > allowed {allowed:.3g}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
