@@ -301,7 +301,8 @@ def crf_kbest_viterbi(
             inside = mask_at[t].view(batch_size, 1, 1)
             delta = torch.where(inside, best + emissions_at[t].unsqueeze(2), delta)
             # Past the end the state stays: each (tag, rank) points at itself.
-            backpointers.append((torch.where(inside, index // k, tags_grid), torch.where(inside, index % k, ranks_grid)))
+            backpointers.append((torch.where(inside, index // k, tags_grid),
+                                 torch.where(inside, index % k, ranks_grid)))
         final = (delta + end_transitions.view(1, num_tags, 1)).reshape(batch_size, num_tags * k)
         final_scores, final_index = final.sort(dim=1, descending=True, stable=True)
         final_scores, final_index = final_scores[:, :k], final_index[:, :k]
