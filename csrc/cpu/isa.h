@@ -7,6 +7,9 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -59,9 +62,31 @@ struct Contracts<Job, std::void_t<decltype(Job::kContract)>> {
 };
 #endif
 
+#if defined(__x86_64__)
+// Subnormal numbers as IEEE 754 has them for the duration of a job, whatever the thread's flush-to-zero and
+// denormals-are-zero flags (MXCSR bits 15 and 6) say, then the thread's own flags back. Threads of one process
+// can differ there: a library built with -ffast-math sets both in the thread that loads it (as torch.compile's
+// compiled kernels may), and torch.set_flush_denormal sets the calling thread's. A job's results then depended on
+// which thread ran which range, so the same call gave different bits at 1 and 2 threads.
+class IeeeSubnormals {
+ public:
+  IeeeSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~kFlushBits); }
+  ~IeeeSubnormals() { _mm_setcsr(saved_); }
+  IeeeSubnormals(const IeeeSubnormals&) = delete;
+  IeeeSubnormals& operator=(const IeeeSubnormals&) = delete;
+
+ private:
+  static constexpr unsigned int kFlushBits = 0x8040u;  // FTZ | DAZ
+  unsigned int saved_;
+};
+#else
+struct IeeeSubnormals {};
+#endif
+
 // job.run(begin, end) in the best variant this CPU runs.
 template <typename Job>
 void run(const Job& job, int64_t begin, int64_t end) {
+  const IeeeSubnormals subnormals;
 #ifdef FUSEDLOSS_CPU_AVX2
   if (has_avx2_fma()) {
     if constexpr (Contracts<Job>::value) {
