@@ -38,6 +38,7 @@ namespace fusedloss {
 namespace sigmoid_loss {
 
 using softmax_loss::fast_exp;
+using softmax_loss::fast_log;
 using std::fabs;
 using std::log;
 using std::log1p;
@@ -47,78 +48,7 @@ using std::pow;
 // Element math
 // ---------------------------------------------------------------------------------------------
 
-// log(x) in float32 with about 1 ulp of error, branch-free so that loops over it vectorize (Cephes'
-// logf: x = m·2^k with m in [√½, √2), a degree-8 polynomial in m − 1). x = 0 gives −inf, x < 0 and
-// NaN give NaN, +inf gives +inf; subnormal x is scaled by 2^23 first.
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_log(float x) {
-#ifdef __CUDA_ARCH__
-  return ::logf(x);
-#else
-  const bool subnormal = x < 1.17549435e-38f;
-  const float scaled = subnormal ? x * 8388608.0f : x;
-  const int32_t bits = softmax_loss::float_bits(scaled);
-  float exponent = static_cast<float>(((bits >> 23) & 0xff) - 126) - (subnormal ? 23.0f : 0.0f);
-  float m = softmax_loss::bits_float((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
-  const bool low = m < 0.707106781186547524f;
-  exponent = low ? exponent - 1.0f : exponent;
-  m = low ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float poly = 7.0376836292e-2f;
-  poly = poly * m - 1.1514610310e-1f;
-  poly = poly * m + 1.1676998740e-1f;
-  poly = poly * m - 1.2420140846e-1f;
-  poly = poly * m + 1.4249322787e-1f;
-  poly = poly * m - 1.6668057665e-1f;
-  poly = poly * m + 2.0000714765e-1f;
-  poly = poly * m - 2.4999993993e-1f;
-  poly = poly * m + 3.3333331174e-1f;
-  float y = poly * m * z;
-  y += -2.12194440e-4f * exponent;
-  y += -0.5f * z;
-  float result = m + y + 0.693359375f * exponent;
-  result = x == 0.0f ? -INFINITY : result;
-  result = x == INFINITY ? INFINITY : result;
-  result = x < 0.0f ? NAN : result;
-  return x != x ? x : result;
-#endif
-}
-
-// log(x) in float64 with about 1 ulp of error, branch-free (Cephes' log: x = m·2^k with m in
-// [√½, √2), log(1 + f) = f − f²/2 + f³·P(f)/Q(f)); the same special values as the float version.
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double fast_log(double x) {
-#ifdef __CUDA_ARCH__
-  return ::log(x);
-#else
-  const bool subnormal = x < 2.2250738585072014e-308;
-  const double scaled = subnormal ? x * 4503599627370496.0 : x;  // 2^52
-  const int64_t bits = softmax_loss::double_bits(scaled);
-  double exponent = static_cast<double>(((bits >> 52) & 0x7ff) - 1022) - (subnormal ? 52.0 : 0.0);
-  double m = softmax_loss::bits_double((bits & 0x000fffffffffffffLL) | 0x3fe0000000000000LL);  // in [0.5, 1)
-  const bool low = m < 0.70710678118654752440;
-  exponent = low ? exponent - 1.0 : exponent;
-  m = low ? m + m - 1.0 : m - 1.0;
-  const double z = m * m;
-  double p = 1.01875663804580931796e-4;
-  p = p * m + 4.97494994976747001425e-1;
-  p = p * m + 4.70579119878881725854e0;
-  p = p * m + 1.44989225341610930846e1;
-  p = p * m + 1.79368678507819816313e1;
-  p = p * m + 7.70838733755885391666e0;
-  double q = m + 1.12873587189167450590e1;
-  q = q * m + 4.52279145837532221105e1;
-  q = q * m + 8.29875266912776603211e1;
-  q = q * m + 7.11544750618563894466e1;
-  q = q * m + 2.31251620126765340583e1;
-  double y = m * (z * p / q);
-  y -= exponent * 2.121944400546905827679e-4;
-  y -= 0.5 * z;
-  double result = m + y + exponent * 0.693359375;
-  result = x == 0.0 ? -INFINITY : result;
-  result = x == INFINITY ? INFINITY : result;
-  result = x < 0.0 ? NAN : result;
-  return x != x ? x : result;
-#endif
-}
+// fast_log (float32 and float64) is softmax_loss::fast_log, shared with the softmax kernels.
 
 // log(1 + e) for e in [0, 1], accurate for tiny e: log(u)·e/(u − 1) with u = 1 + e corrects the
 // rounding of u (Goldberg's trick), and u = 1 means log1p(e) = e.
