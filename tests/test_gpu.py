@@ -529,8 +529,8 @@ def test_crf_marginals_match_reference(backend, shape):
     assert (got[~mask] == 0).all()
 
 
-# The partial-annotation ops of the Triton CRF, called directly (the public layer's entry points are not in this
-# tree yet): a small table of shapes, one tile and several, K = 73 in tiles of 64.
+# The partial-annotation ops through the public layer on each CUDA backend: a small table of shapes, one tile and
+# several, K = 73 in tiles of 64.
 PARTIAL_SHAPES = [(4, 7, 5), (3, 20, 9), (5, 33, 73)]
 
 
@@ -554,19 +554,18 @@ def _partial_torch(which, emissions, allowed, mask, transitions, start, end):
     return [value.detach()] + [x.grad for x in leaves]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("which", ["partial", "log_partition"])
 @pytest.mark.parametrize("shape", PARTIAL_SHAPES, ids=lambda s: "B%d_T%d_K%d" % s)
-def test_crf_partial_log_likelihood_and_log_partition(which, shape):
-    from fusedloss.triton_kernels import crf
-
+def test_crf_partial_log_likelihood_and_log_partition(backend, which, shape):
     emissions, tags, mask, transitions, start, end = _crf_case(*shape, seed=6, constrained=True)
     allowed = torch.rand(emissions.shape, generator=_generator(7), device=CUDA) < 0.4
     allowed |= F.one_hot(tags, shape[2]).bool() | ~mask[:, :, None]
     leaves = [x.detach().clone().requires_grad_() for x in (emissions, transitions, start, end)]
     if which == "partial":
-        value = crf.crf_partial_log_likelihood(leaves[0], allowed, mask, *leaves[1:])
+        value = fusedloss.crf_log_likelihood(leaves[0], allowed, *leaves[1:], mask, "none", backend=backend)
     else:
-        value = crf.crf_log_partition(leaves[0], mask, *leaves[1:])
+        value = fusedloss.crf_log_partition(*leaves, mask, backend=backend)
     value.backward(_weights(value.shape[0], value.dtype))
     got = [value.detach()] + [x.grad for x in leaves]
     ref64 = _partial_torch(which, emissions.double(), allowed, mask, transitions.double(), start.double(),
@@ -577,18 +576,18 @@ def test_crf_partial_log_likelihood_and_log_partition(which, shape):
         assert_derived_close(a, lo, ref, f"{which} {name}", magnitude, terms=shape[0] * shape[1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", PARTIAL_SHAPES, ids=lambda s: "B%d_T%d_K%d" % s)
-def test_crf_kbest_viterbi(shape):
-    """k = 1 is the Viterbi path; for k = 6 the paths are distinct, padded with -1, their scores descend and equal
-    their float64 path scores."""
-    from fusedloss.triton_kernels import crf
-
+def test_crf_kbest_viterbi(backend, shape):
+    """Rank 0 of k = 2 is the Viterbi path; for k = 6 the paths are distinct, padded with -1, their scores descend
+    and equal their float64 path scores."""
     emissions, _, mask, transitions, start, end = _crf_case(*shape, seed=8)
-    paths, scores = crf.crf_kbest_viterbi(emissions, mask, transitions, start, end, 1)
-    best, best_scores = crf.crf_viterbi(emissions, mask, transitions, start, end)
-    assert torch.equal(paths[:, 0], best) and torch.equal(scores[:, 0], best_scores)
+    paths, scores = fusedloss.crf_viterbi(emissions, transitions, start, end, mask, k=2, backend=backend)
+    best, best_scores = fusedloss.crf_viterbi(emissions, transitions, start, end, mask, backend=backend)
+    assert torch.equal(paths[:, 0], best)
+    torch.testing.assert_close(scores[:, 0], best_scores)
     k = 6
-    paths, scores = crf.crf_kbest_viterbi(emissions, mask, transitions, start, end, k)
+    paths, scores = fusedloss.crf_viterbi(emissions, transitions, start, end, mask, k=k, backend=backend)
     assert (paths[~mask[:, None, :].expand_as(paths)] == -1).all()
     module = _torchcrf(transitions.double(), start.double(), end.double())
     lengths = mask.sum(1)
