@@ -20,8 +20,6 @@ writes it, with CSV and JSON, into benchmarks/results/crf_partial_<device>.*.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import warnings
 from typing import Callable, Dict, List
@@ -29,7 +27,13 @@ from typing import Callable, Dict, List
 import torch
 
 import fusedloss
-from fusedloss.bench.harness import device_name, device_slug, environment, interleaved_medians, synchronize
+from fusedloss.bench.harness import (
+    device_name,
+    device_slug,
+    interleaved_medians,
+    synchronize,
+    write_results,
+)
 
 COLUMNS = ["shape", "what", "backend", "median_ms", "vs_baseline", "baseline", "vs_pytorch_crf"]
 UNLABELED = 0.3
@@ -135,17 +139,8 @@ def main() -> None:
               "forward only.")
     text = markdown(rows, header)
     print(text)
-    os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"crf_partial_{device_slug(device)}")
-    with open(stem + ".md", "w") as out:
-        out.write(text)
-    with open(stem + ".csv", "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    with open(stem + ".json", "w") as out:
-        json.dump({"environment": environment(device), "config": vars(args), "results": rows}, out, indent=1)
+    write_results(stem, text, rows, COLUMNS, device, vars(args))
     print(f"wrote {stem}.md, .csv, .json")
 
 

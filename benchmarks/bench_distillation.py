@@ -18,8 +18,6 @@ max_memory_allocated on CUDA). Prints a Markdown table and writes CSV, JSON and 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 from typing import Callable, Dict, List
@@ -31,10 +29,10 @@ import fusedloss
 from fusedloss.bench.harness import (
     device_name,
     device_slug,
-    environment,
     interleaved_medians,
     peak_memory,
     synchronize,
+    write_results,
 )
 
 COLUMNS = ["case", "shape", "beta", "what", "median_ms", "speedup", "peak_mem_mib", "mem_ratio"]
@@ -167,17 +165,8 @@ def main() -> None:
               f"peak extra memory of one call (fusedloss.bench.harness.peak_memory).")
     text = markdown(rows, header)
     print(text)
-    os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"distillation_{device_slug(device)}")
-    with open(stem + ".md", "w") as out:
-        out.write(text)
-    with open(stem + ".csv", "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    with open(stem + ".json", "w") as out:
-        json.dump({"environment": environment(device), "config": vars(args), "results": rows}, out, indent=1)
+    write_results(stem, text, rows, COLUMNS, device, vars(args))
     print(f"wrote {stem}.md, .csv, .json")
 
 

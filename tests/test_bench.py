@@ -8,6 +8,7 @@ import runpy
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -309,3 +310,23 @@ def test_linear_cross_entropy_op_runs_against_its_peers(tmp_path):
     assert all(r["peak_mem_mib"] > 0 for r in rows if r["backend"] != "cut-cross-entropy")
     assert "| N x H x V | dtype |" in (tmp_path / "bench.md").read_text()
     assert cases.BASELINE["linear_cross_entropy"] == "eager"
+
+
+def test_partial_crf_bench_writes_every_row(tmp_path, monkeypatch):
+    """benchmarks/bench_crf_partial.py at a tiny shape: every (what, backend) row, the ratios against the same
+    backend's plain op, and the three result files."""
+    script = str(Path(__file__).resolve().parent.parent / "benchmarks" / "bench_crf_partial.py")
+    monkeypatch.setattr(sys, "argv", [script, "--shapes", "3x6x4", "--repeats", "1", "--backends", "reference",
+                                      "--out-dir", str(tmp_path)])
+    runpy.run_path(script, run_name="__main__")
+    (stem,) = {p.stem for p in tmp_path.iterdir()}
+    assert {p.suffix for p in tmp_path.iterdir()} == {".md", ".csv", ".json"}
+    rows = json.loads((tmp_path / f"{stem}.json").read_text())["results"]
+    assert {(r["what"], r["backend"]) for r in rows} == {
+        ("log-likelihood", "pytorch-crf"), ("decode", "pytorch-crf"), ("log-likelihood", "reference"),
+        ("partial log-likelihood", "reference"), ("log partition", "reference"), ("viterbi k=1", "reference"),
+        ("viterbi k=5", "reference")}
+    for r in rows:
+        assert r["median_ms"] > 0
+        if r["backend"] == "reference":
+            assert r["baseline"] in ("log-likelihood", "viterbi k=1") and r["vs_baseline"] > 0

@@ -85,6 +85,25 @@ def interleaved_medians(calls: Dict[str, Callable[[], object]], repeats: int,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def write_results(stem: str, markdown: str, rows: List[Dict], columns: List[str], device: torch.device,
+                  config: Dict) -> None:
+    """A benchmark's results as ``<stem>.md`` (its Markdown table), ``<stem>.csv`` (``columns``, floats to 6
+    significant digits) and ``<stem>.json`` (the environment, the configuration and the rows)."""
+    import csv
+    import json
+
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".md", "w") as out:
+        out.write(markdown)
+    with open(stem + ".csv", "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    with open(stem + ".json", "w") as out:
+        json.dump({"environment": environment(device), "config": config, "results": rows}, out, indent=1)
+
+
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> float:
     """GB/s of ``dst.copy_(src)`` over ``numel`` elements of ``dtype`` (read once, written once: 2 x numel x size
     bytes in the fastest of the timed copies): what the memory system of ``device`` sustains for a plain stream of
