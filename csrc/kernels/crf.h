@@ -44,6 +44,7 @@
 #include <cstdint>
 
 #include "kernels/common.h"
+#include "kernels/fast_math.h"
 
 namespace fusedloss {
 namespace crf {
@@ -68,11 +69,10 @@ struct Guard<double> {
   static constexpr double max_drift = 1e-14;
 };
 
-// exp and log the compiler can vectorize (no calls, no branches) on the host for float32: the hot loops
-// take K of each per step. Both are the Cephes single-precision algorithms (about 1 ulp). exp flushes
-// results below the smallest normal number to 0 (so exp(-1e4) is exactly 0, as for forbidden
-// transitions) and returns +inf above 88; NaN propagates. log expects a positive normal finite argument
-// (the guard makes sure of it). Double precision and device code use the library functions.
+// exp and log for the K-vectors of a step: on the host in float32 the shared vectorizable ones
+// (kernels/fast_math.h: Cephes, about 1 ulp; exp is exactly 0 below the smallest normal number, so exp(-1e4) of a
+// forbidden transition is 0, and NaN propagates; log gets a positive normal finite argument here, which the guard
+// makes sure of); double precision and device code use the library functions.
 template <typename T>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T fast_exp(T x) {
   return exp(x);
@@ -86,59 +86,12 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T fast_log(T x) {
 #ifndef __CUDA_ARCH__
 template <>
 FUSEDLOSS_INLINE float fast_exp<float>(float x) {
-  constexpr float lo = -87.33654f;  // log(FLT_MIN)
-  constexpr float hi = 88.0f;       // keeps the exponent field of 2^n below 255
-  float xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  xc = xc == xc ? xc : 0.0f;  // NaN: any finite value here, the NaN is restored below
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick (no rounding instruction needed at the baseline ISA).
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  // Cody-Waite: r = x - n ln 2 in two parts, exact enough for |n| <= 127.
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  const float y = poly * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  // Every comparison and select below runs unconditionally so that the loops calling this vectorize
-  // without -fno-trapping-math.
-  const bool below = x < lo;
-  const bool above = x > hi;
-  const bool nan = x != x;
-  float result = y * __builtin_bit_cast(float, bits);
-  result = below ? 0.0f : result;
-  result = above ? __builtin_huge_valf() : result;
-  return nan ? x : result;
+  return ::fusedloss::fast_exp(x);
 }
 
 template <>
 FUSEDLOSS_INLINE float fast_log<float>(float x) {
-  const int32_t bits = __builtin_bit_cast(int32_t, x);
-  // x = mantissa * 2^exponent with mantissa in [0.5, 1).
-  float exponent = static_cast<float>(((bits >> 23) & 0xff) - 126);
-  float mantissa = __builtin_bit_cast(float, (bits & 0x807fffff) | 0x3f000000);
-  // Fold to [sqrt(1/2), sqrt(2)) and take log(1 + z) of z = mantissa - 1.
-  const bool small = mantissa < 0.707106781186547524f;
-  exponent = exponent - (small ? 1.0f : 0.0f);
-  const float z = mantissa * (small ? 2.0f : 1.0f) - 1.0f;
-  const float z2 = z * z;
-  float poly = 7.0376836292e-2f;
-  poly = poly * z - 1.1514610310e-1f;
-  poly = poly * z + 1.1676998740e-1f;
-  poly = poly * z - 1.2420140846e-1f;
-  poly = poly * z + 1.4249322787e-1f;
-  poly = poly * z - 1.6668057665e-1f;
-  poly = poly * z + 2.0000714765e-1f;
-  poly = poly * z - 2.4999993993e-1f;
-  poly = poly * z + 3.3333331174e-1f;
-  float y = poly * z * z2;
-  y = y + exponent * -2.12194440e-4f;
-  y = y - 0.5f * z2;
-  return (z + y) + exponent * 0.693359375f;
+  return ::fusedloss::fast_log(x);
 }
 #endif
 

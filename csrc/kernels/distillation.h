@@ -31,7 +31,7 @@
 namespace fusedloss {
 namespace distillation {
 
-using softmax_loss::fast_exp;
+using ::fusedloss::fast_exp;
 
 constexpr int64_t kBlock = 512;
 

@@ -14,7 +14,7 @@
 #include <cstdint>
 
 #include "kernels/common.h"
-#include "kernels/softmax_loss.h"  // fast_exp and the float bit casts
+#include "kernels/softmax_loss.h"
 
 // Row sums in the loops below may be reassociated into vector lanes (OpenMP simd reductions; a plain
 // float sum is a dependent chain the compiler may not reorder). Without OpenMP (nvcc, the standalone
@@ -37,8 +37,8 @@
 namespace fusedloss {
 namespace sigmoid_loss {
 
-using softmax_loss::fast_exp;
-using softmax_loss::fast_log;
+using ::fusedloss::fast_exp;  // kernels/fast_math.h
+using ::fusedloss::fast_log;
 using std::fabs;
 using std::log;
 using std::log1p;
@@ -48,7 +48,7 @@ using std::pow;
 // Element math
 // ---------------------------------------------------------------------------------------------
 
-// fast_log (float32 and float64) is softmax_loss::fast_log, shared with the softmax kernels.
+// fast_exp and fast_log: kernels/fast_math.h.
 
 // log(1 + e) for e in [0, 1], accurate for tiny e: log(u)·e/(u − 1) with u = 1 + e corrects the
 // rounding of u (Goldberg's trick), and u = 1 means log1p(e) = e.

@@ -126,12 +126,12 @@ FUSEDLOSS_INLINE void row_grad(const scalar_t* x, int64_t num_classes, const Cap
     acc_t* g = grad + start;
     if (weight == nullptr) {
       for (int64_t i = 0; i < len; ++i) {
-        g[i] = softmax_loss::fast_exp(s[i] - row.lse) * row.coefficient - smoothing_per_class;
+        g[i] = fast_exp(s[i] - row.lse) * row.coefficient - smoothing_per_class;
       }
     } else {
       const acc_t* w = weight + start;
       for (int64_t i = 0; i < len; ++i) {
-        g[i] = softmax_loss::fast_exp(s[i] - row.lse) * row.coefficient - smoothing_per_class * w[i];
+        g[i] = fast_exp(s[i] - row.lse) * row.coefficient - smoothing_per_class * w[i];
       }
     }
     const int64_t target = row.local_target - start;

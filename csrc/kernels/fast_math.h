@@ -1,0 +1,181 @@
+// exp and log that loops vectorize, shared by every family's kernels (softmax, sigmoid, CRF): branch-free
+// Cephes algorithms with about 1 ulp of error in float32 and float64, no library calls on the host (a call per
+// element keeps a loop scalar); CUDA's own functions on the device. Torch-free, host and device.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/common.h"
+
+namespace fusedloss {
+
+#ifndef __CUDA_ARCH__
+FUSEDLOSS_INLINE int32_t float_bits(float v) {
+  int32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
+
+FUSEDLOSS_INLINE float bits_float(int32_t bits) {
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+FUSEDLOSS_INLINE int64_t double_bits(double v) {
+  int64_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
+
+FUSEDLOSS_INLINE double bits_double(int64_t bits) {
+  double v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+#endif
+
+// exp(x) in float32 with about 1 ulp of error, branch-free so that a loop over it vectorizes
+// (std::exp does not: it is a library call). Cephes' expf: x = n·ln2 + r with |r| ≤ ln2/2
+// (n rounded with the 1.5·2^23 trick, since SSE2 has no round instruction), a degree-6 polynomial
+// for e^r, and 2^n built in the exponent bits. NaN propagates (the clamps are written so that a
+// NaN compares false and passes through); inputs below −87.3 give 0 instead of a subnormal, and
+// inputs above 88.37 are clamped (callers pass s − max ≤ 0).
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return ::expf(x);
+#else
+  constexpr float kHi = 88.3762626647949f;
+  constexpr float kLo = -87.3365478515625f;
+  const bool underflow = x < kLo;
+  x = x > kHi ? kHi : x;
+  x = x < kLo ? kLo : x;
+  constexpr float kMagic = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
+  const float shifted = x * 1.44269504088896341f + kMagic;
+  const float n = shifted - kMagic;
+  const int32_t n_int = float_bits(shifted) - float_bits(kMagic);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float exp_r = poly * r * r + r + 1.0f;
+  // Computed unconditionally, then selected: a conditional multiply would keep the compiler from
+  // vectorizing (it may not speculate a floating-point operation under -ftrapping-math).
+  const float result = exp_r * bits_float((n_int + 127) << 23);
+  return underflow ? 0.0f : result;
+#endif
+}
+
+// exp(x) in float64 with about 1 ulp of error, branch-free (Cephes' exp: x = n·ln2 + r, the Padé
+// form e^r = 1 + 2·r·P(r²) / (Q(r²) − r·P(r²)), 2^n in the exponent bits). Inputs below −708
+// give 0.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double fast_exp(double x) {
+#ifdef __CUDA_ARCH__
+  return ::exp(x);
+#else
+  constexpr double kHi = 709.0;
+  constexpr double kLo = -708.0;
+  const bool underflow = x < kLo;
+  x = x > kHi ? kHi : x;
+  x = x < kLo ? kLo : x;
+  constexpr double kMagic = 6755399441055744.0;  // 1.5·2^52
+  const double shifted = x * 1.4426950408889634074 + kMagic;
+  const double n = shifted - kMagic;
+  const int64_t n_int = double_bits(shifted) - double_bits(kMagic);
+  double r = x - n * 6.93145751953125e-1;
+  r = r - n * 1.42860682030941723212e-6;
+  const double r2 = r * r;
+  double p = 1.26177193074810590878e-4;
+  p = p * r2 + 3.02994407707441961300e-2;
+  p = p * r2 + 9.99999999999999999910e-1;
+  p = p * r;
+  double q = 3.00198505138664455042e-6;
+  q = q * r2 + 2.52448340349684104192e-3;
+  q = q * r2 + 2.27265548208155028766e-1;
+  q = q * r2 + 2.00000000000000000009e0;
+  const double exp_r = 1.0 + 2.0 * p / (q - p);
+  const double result = exp_r * bits_double((n_int + 1023) << 52);
+  return underflow ? 0.0 : result;
+#endif
+}
+
+// log(x) in float32 with about 1 ulp of error, branch-free so that loops over it vectorize (Cephes'
+// logf: x = m·2^k with m in [√½, √2), a degree-8 polynomial in m − 1). x = 0 gives −inf, x < 0 and
+// NaN give NaN, +inf gives +inf; subnormal x is scaled by 2^23 first.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_log(float x) {
+#ifdef __CUDA_ARCH__
+  return ::logf(x);
+#else
+  const bool subnormal = x < 1.17549435e-38f;
+  const float scaled = subnormal ? x * 8388608.0f : x;
+  const int32_t bits = float_bits(scaled);
+  float exponent = static_cast<float>(((bits >> 23) & 0xff) - 126) - (subnormal ? 23.0f : 0.0f);
+  float m = bits_float((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
+  const bool low = m < 0.707106781186547524f;
+  exponent = low ? exponent - 1.0f : exponent;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float poly = 7.0376836292e-2f;
+  poly = poly * m - 1.1514610310e-1f;
+  poly = poly * m + 1.1676998740e-1f;
+  poly = poly * m - 1.2420140846e-1f;
+  poly = poly * m + 1.4249322787e-1f;
+  poly = poly * m - 1.6668057665e-1f;
+  poly = poly * m + 2.0000714765e-1f;
+  poly = poly * m - 2.4999993993e-1f;
+  poly = poly * m + 3.3333331174e-1f;
+  float y = poly * m * z;
+  y += -2.12194440e-4f * exponent;
+  y += -0.5f * z;
+  float result = m + y + 0.693359375f * exponent;
+  result = x == 0.0f ? -INFINITY : result;
+  result = x == INFINITY ? INFINITY : result;
+  result = x < 0.0f ? NAN : result;
+  return x != x ? x : result;
+#endif
+}
+
+// log(x) in float64 with about 1 ulp of error, branch-free (Cephes' log: x = m·2^k with m in
+// [√½, √2), log(1 + f) = f − f²/2 + f³·P(f)/Q(f)); the same special values as the float version.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double fast_log(double x) {
+#ifdef __CUDA_ARCH__
+  return ::log(x);
+#else
+  const bool subnormal = x < 2.2250738585072014e-308;
+  const double scaled = subnormal ? x * 4503599627370496.0 : x;  // 2^52
+  const int64_t bits = double_bits(scaled);
+  double exponent = static_cast<double>(((bits >> 52) & 0x7ff) - 1022) - (subnormal ? 52.0 : 0.0);
+  double m = bits_double((bits & 0x000fffffffffffffLL) | 0x3fe0000000000000LL);  // in [0.5, 1)
+  const bool low = m < 0.70710678118654752440;
+  exponent = low ? exponent - 1.0 : exponent;
+  m = low ? m + m - 1.0 : m - 1.0;
+  const double z = m * m;
+  double p = 1.01875663804580931796e-4;
+  p = p * m + 4.97494994976747001425e-1;
+  p = p * m + 4.70579119878881725854e0;
+  p = p * m + 1.44989225341610930846e1;
+  p = p * m + 1.79368678507819816313e1;
+  p = p * m + 7.70838733755885391666e0;
+  double q = m + 1.12873587189167450590e1;
+  q = q * m + 4.52279145837532221105e1;
+  q = q * m + 8.29875266912776603211e1;
+  q = q * m + 7.11544750618563894466e1;
+  q = q * m + 2.31251620126765340583e1;
+  double y = m * (z * p / q);
+  y -= exponent * 2.121944400546905827679e-4;
+  y -= 0.5 * z;
+  double result = m + y + exponent * 0.693359375;
+  result = x == 0.0 ? -INFINITY : result;
+  result = x == INFINITY ? INFINITY : result;
+  result = x < 0.0 ? NAN : result;
+  return x != x ? x : result;
+#endif
+}
+
+}  // namespace fusedloss
