@@ -86,6 +86,13 @@ def _gold_score(emissions, tags, mask, transitions, start_transitions, end_trans
     return start_transitions[tags[:, 0]] + emission_score + transition_score + end_transitions[last_tags]
 
 
+def _log_partition(emissions: torch.Tensor, mask: torch.Tensor, transitions: torch.Tensor,
+                   start_transitions: torch.Tensor, end_transitions: torch.Tensor) -> torch.Tensor:
+    """``log Z`` per sequence, ``(B,)``, in the compute dtype, from prepared arguments."""
+    alphas = _forward_algorithm(emissions, transitions, start_transitions)
+    return torch.logsumexp(_at_last_position(alphas, mask) + end_transitions, dim=1)
+
+
 def crf_log_likelihood(
     emissions: torch.Tensor,
     tags: torch.Tensor,
@@ -100,8 +107,7 @@ def crf_log_likelihood(
         emissions, mask, transitions, start_transitions, end_transitions
     )
     gold = _gold_score(emissions, tags, mask, transitions, start_transitions, end_transitions)
-    alphas = _forward_algorithm(emissions, transitions, start_transitions)
-    log_partition = torch.logsumexp(_at_last_position(alphas, mask) + end_transitions, dim=1)
+    log_partition = _log_partition(emissions, mask, transitions, start_transitions, end_transitions)
     return (gold - log_partition).to(result_dtype)
 
 
@@ -208,13 +214,6 @@ def crf_viterbi(
 # Emission score of a tag outside a position's allowed set (partial labels): a large finite negative whose exp is
 # exactly 0 in float32 and float64, so that no recursion sees -inf (and nothing becomes NaN).
 PARTIAL_LABEL_SCORE = -1e30
-
-
-def _log_partition(emissions: torch.Tensor, mask: torch.Tensor, transitions: torch.Tensor,
-                   start_transitions: torch.Tensor, end_transitions: torch.Tensor) -> torch.Tensor:
-    """``log Z`` per sequence, ``(B,)``, in the compute dtype, from prepared arguments."""
-    alphas = _forward_algorithm(emissions, transitions, start_transitions)
-    return torch.logsumexp(_at_last_position(alphas, mask) + end_transitions, dim=1)
 
 
 def crf_log_partition(
