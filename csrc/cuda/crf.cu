@@ -103,6 +103,36 @@ Tables<T> carve_tables(const T* transitions, const T* start, const T* end, T* bu
 
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE int64_t square(int K) { return static_cast<int64_t>(K) * K; }
 
+// The tables each kind of kernel reads, staged into shared memory at `table` (the layouts the *_shared sizes
+// count); tab then points there.
+template <typename T>
+__device__ void stage_forward_tables(Tables<T>& tab, T* table) {
+  const int K = tab.K;
+  tab.e_col = stage(table, tab.e_col, square(K));
+  tab.col_max = stage(table + square(K), tab.col_max, K);
+  tab.start = stage(table + square(K) + K, tab.start, K);
+  tab.end = stage(table + square(K) + 2 * K, tab.end, K);
+}
+
+template <typename T>
+__device__ void stage_forward_backward_tables(Tables<T>& tab, T* table) {
+  const int K = tab.K;
+  tab.e_col = stage(table, tab.e_col, square(K));
+  tab.e_row_t = stage(table + square(K), tab.e_row_t, square(K));
+  tab.col_max = stage(table + 2 * square(K), tab.col_max, K);
+  tab.row_max = stage(table + 2 * square(K) + K, tab.row_max, K);
+  tab.start = stage(table + 2 * square(K) + 2 * K, tab.start, K);
+  tab.end = stage(table + 2 * square(K) + 3 * K, tab.end, K);
+}
+
+template <typename T>
+__device__ void stage_viterbi_tables(Tables<T>& tab, T* table) {
+  const int K = tab.K;
+  tab.transitions = stage(table, tab.transitions, square(K));
+  tab.start = stage(table + square(K), tab.start, K);
+  tab.end = stage(table + square(K) + K, tab.end, K);
+}
+
 // Shared-memory layouts (in elements of T, then bytes). Forward: alpha (2K), p (K), e_col (K^2), col_max,
 // start, end (K each). Backward: beta, v, w, u (K each), e_row_t (K^2), row_max, end (K each), the transition
 // gradient accumulator (K^2 + 2K). Marginals: both tables, the backward's vectors (the forward's alias them).
@@ -143,10 +173,7 @@ __global__ void forward_kernel(Tables<T> tab, const E* emissions, const int64_t*
   T* vec = in_shared ? reinterpret_cast<T*>(shared) : workspace + b * workspace_stride;
   if (in_shared) {
     T* table = vec + 3 * K;
-    tab.e_col = stage(table, tab.e_col, square(K));
-    tab.col_max = stage(table + square(K), tab.col_max, K);
-    tab.start = stage(table + square(K) + K, tab.start, K);
-    tab.end = stage(table + square(K) + 2 * K, tab.end, K);
+    stage_forward_tables(tab, table);
     team.sync();
   }
   const int64_t L = lengths[b];
@@ -217,12 +244,7 @@ __global__ void marginals_kernel(Tables<T> tab, const E* emissions, const int64_
   T* vec = in_shared ? reinterpret_cast<T*>(shared) : workspace + b * workspace_stride;
   if (in_shared) {
     T* table = vec + 4 * K;
-    tab.e_col = stage(table, tab.e_col, square(K));
-    tab.e_row_t = stage(table + square(K), tab.e_row_t, square(K));
-    tab.col_max = stage(table + 2 * square(K), tab.col_max, K);
-    tab.row_max = stage(table + 2 * square(K) + K, tab.row_max, K);
-    tab.start = stage(table + 2 * square(K) + 2 * K, tab.start, K);
-    tab.end = stage(table + 2 * square(K) + 3 * K, tab.end, K);
+    stage_forward_backward_tables(tab, table);
     team.sync();
   }
   const int64_t L = lengths[b];
@@ -255,9 +277,7 @@ __global__ void viterbi_kernel(Tables<T> tab, const E* emissions, const int64_t*
   BP* bp = backpointers + b * T_len * K;
   if (in_shared) {
     T* table = vec + 2 * K;
-    tab.transitions = stage(table, tab.transitions, square(K));
-    tab.start = stage(table + square(K), tab.start, K);
-    tab.end = stage(table + square(K) + K, tab.end, K);
+    stage_viterbi_tables(tab, table);
     if (bp_in_shared) bp = reinterpret_cast<BP*>(table + square(K) + 2 * K);
     team.sync();
   }
@@ -284,10 +304,7 @@ __global__ void partial_forward_kernel(Tables<T> tab, const E* emissions, const 
   T* vec = in_shared ? reinterpret_cast<T*>(shared) : workspace + b * workspace_stride;
   if (in_shared) {
     T* table = vec + 3 * K;
-    tab.e_col = stage(table, tab.e_col, square(K));
-    tab.col_max = stage(table + square(K), tab.col_max, K);
-    tab.start = stage(table + square(K) + K, tab.start, K);
-    tab.end = stage(table + square(K) + 2 * K, tab.end, K);
+    stage_forward_tables(tab, table);
     team.sync();
   }
   const int64_t L = lengths[b];
@@ -331,12 +348,7 @@ __global__ void partial_backward_kernel(Tables<T> tab, const E* emissions, const
   T* acc = slot_grads + b * slot_size;
   if (in_shared) {
     T* table = vec + 4 * K;
-    tab.e_col = stage(table, tab.e_col, square(K));
-    tab.e_row_t = stage(table + square(K), tab.e_row_t, square(K));
-    tab.col_max = stage(table + 2 * square(K), tab.col_max, K);
-    tab.row_max = stage(table + 2 * square(K) + K, tab.row_max, K);
-    tab.start = stage(table + 2 * square(K) + 2 * K, tab.start, K);
-    tab.end = stage(table + 2 * square(K) + 3 * K, tab.end, K);
+    stage_forward_backward_tables(tab, table);
     acc = table + 2 * square(K) + 4 * K;
     for (int64_t i = threadIdx.x; i < slot_size; i += blockDim.x) acc[i] = T(0);
   }
@@ -391,9 +403,7 @@ __global__ void kbest_kernel(Tables<T> tab, const E* emissions, const int64_t* l
   int32_t* heads = heads_workspace + b * static_cast<int64_t>(blockDim.x) * K;
   if (in_shared) {
     T* table = reinterpret_cast<T*>(shared);
-    tab.transitions = stage(table, tab.transitions, square(K));
-    tab.start = stage(table + square(K), tab.start, K);
-    tab.end = stage(table + square(K) + K, tab.end, K);
+    stage_viterbi_tables(tab, table);
     score = table + square(K) + 2 * K;
     heads = reinterpret_cast<int32_t*>(score + 2 * Kk);
     team.sync();
