@@ -12,6 +12,8 @@
 #endif
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 namespace fusedloss {
@@ -21,14 +23,24 @@ namespace cpu {
 #define FUSEDLOSS_CPU_AVX2 1
 #endif
 
+// FUSEDLOSS_CPU_ISA=baseline (read once, at the first kernel call) runs every job in the baseline variant even on
+// a CPU with AVX2 + FMA: to compare the variants on the same inputs (tests/test_cpu_isa.py) or to rule one out.
+inline bool baseline_forced() {
+  const char* value = std::getenv("FUSEDLOSS_CPU_ISA");
+  return value != nullptr && std::strcmp(value, "baseline") == 0;
+}
+
 inline bool has_avx2_fma() {
 #ifdef FUSEDLOSS_CPU_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !baseline_forced();
   return has;
 #else
   return false;
 #endif
 }
+
+// The variant the jobs run in: "avx2" (AVX2 + FMA) or "baseline" (x86-64 SSE2, or the compiler's default ISA).
+inline const char* active_isa() { return has_avx2_fma() ? "avx2" : "baseline"; }
 
 template <typename Job>
 void run_baseline(const Job& job, int64_t begin, int64_t end) {

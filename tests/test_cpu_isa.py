@@ -1,0 +1,110 @@
+"""The vector-ISA variants of the CPU kernels against each other on the same inputs.
+
+The extension runs each CPU job in an AVX2 + FMA variant where the CPU has it, else in the baseline x86-64
+variant; ``FUSEDLOSS_CPU_ISA=baseline`` forces the baseline. A subprocess computes every family's values and
+gradients in the baseline variant; this process computes them in its own (AVX2 on such a CPU). Jobs compiled
+without contraction (sigmoid family, distillation, the one-class softmax) must agree bit for bit; jobs that fuse
+multiply-adds in the AVX2 variant (softmax from two classes on, the CRF) within a few float32 ulps; Viterbi paths
+exactly.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._backends import require_backend_for_module
+
+require_backend_for_module("cpp")
+
+import fusedloss  # noqa: E402
+import fusedloss._C  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compute():
+    """Every family's results on fixed inputs, on the cpp backend: {name: tensor}."""
+    out = {}
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, scale=3.0):
+        return (torch.randn(*shape, generator=generator) * scale).requires_grad_()
+
+    for num_classes in (1, 9, 37, 133, 1024):
+        for smoothing in (0.0, 0.1):
+            x = leaf(67, num_classes)
+            target = torch.randint(0, num_classes, (67,), generator=generator)
+            loss = fusedloss.cross_entropy(x, target, label_smoothing=smoothing, reduction="none", backend="cpp")
+            loss.backward(torch.rand(67, generator=generator))
+            out[f"softmax C={num_classes} eps={smoothing}"] = loss.detach()
+            out[f"softmax C={num_classes} eps={smoothing} grad"] = x.grad
+    x, y = leaf(64, 80), (torch.rand(64, 80, generator=generator) < 0.2).float()
+    pos_weight = torch.rand(80, generator=generator) + 0.5
+    for name, fn in (
+        ("bce", lambda: fusedloss.binary_cross_entropy_with_logits(x, y, pos_weight=pos_weight, backend="cpp")),
+        ("sigmoid focal", lambda: fusedloss.sigmoid_focal_loss(x, y, reduction="sum", backend="cpp")),
+        ("zlpr", lambda: fusedloss.multilabel_categorical_crossentropy(x, y, backend="cpp")),
+        ("bi-tempered", lambda: fusedloss.bi_tempered_logistic_loss(x, y.argmax(1), t1=0.8, t2=1.2, backend="cpp")),
+    ):
+        x.grad = None
+        loss = fn()
+        loss.backward()
+        out[name] = loss.detach()
+        out[name + " grad"] = x.grad.clone()
+    student, teacher = leaf(32, 500), torch.randn(32, 500, generator=generator)
+    loss = fusedloss.distillation_loss(student, teacher, beta=0.5, backend="cpp")
+    loss.backward()
+    out["distillation"], out["distillation grad"] = loss.detach(), student.grad
+    emissions = leaf(6, 40, 9, scale=2.0)
+    transitions = torch.randn(9, 9, generator=generator)
+    start, end = torch.randn(9, generator=generator), torch.randn(9, generator=generator)
+    tags = torch.randint(0, 9, (6, 40), generator=generator)
+    mask = torch.arange(40)[None] < torch.tensor([40, 33, 20, 7, 1, 40])[:, None]
+    allowed = torch.nn.functional.one_hot(tags, 9).bool() | (torch.rand(6, 40, 1, generator=generator) < 0.3)
+    for name, tag_argument in (("crf", tags), ("crf partial", allowed)):
+        emissions.grad = None
+        llh = fusedloss.crf_log_likelihood(emissions, tag_argument, transitions, start, end, mask, "none",
+                                           backend="cpp")
+        llh.sum().backward()
+        out[name], out[name + " grad"] = llh.detach(), emissions.grad.clone()
+    with torch.no_grad():
+        out["viterbi paths"], out["viterbi scores"] = fusedloss.crf_viterbi(emissions, transitions, start, end,
+                                                                            mask, backend="cpp")
+        out["5-best paths"], out["5-best scores"] = fusedloss.crf_viterbi(emissions, transitions, start, end, mask,
+                                                                          k=5, backend="cpp")
+    return out
+
+
+# Results that must be the same bits in every variant: the jobs compiled without contraction.
+EXACT = ("softmax C=1 ", "bce", "sigmoid focal", "zlpr", "bi-tempered", "distillation")
+
+
+def test_cpu_isa_is_reported():
+    assert fusedloss._C.cpu_isa() in ("avx2", "baseline")
+
+
+def test_baseline_variant_agrees_with_this_process(tmp_path):
+    path = tmp_path / "baseline.pt"
+    script = (
+        "import sys, torch; sys.path.insert(0, %r); import fusedloss._C; "
+        "from tests.test_cpu_isa import compute; "
+        "assert fusedloss._C.cpu_isa() == 'baseline', fusedloss._C.cpu_isa(); "
+        "torch.save(compute(), %r)" % (str(ROOT), str(path))
+    )
+    env = dict(os.environ, FUSEDLOSS_CPU_ISA="baseline")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=ROOT, timeout=300)
+    baseline = torch.load(path)
+    ours = compute()
+    assert set(baseline) == set(ours)
+    for name, value in ours.items():
+        other = baseline[name]
+        if name.startswith(EXACT) or "paths" in name or fusedloss._C.cpu_isa() == "baseline":
+            assert torch.equal(value, other), name
+        else:
+            torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-6, msg=name)
+    if fusedloss._C.cpu_isa() == "baseline":
+        pytest.skip("this CPU runs the baseline variant only: both sides ran the same code")
