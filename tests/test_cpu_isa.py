@@ -1,11 +1,12 @@
 """The vector-ISA variants of the CPU kernels against each other on the same inputs.
 
-The extension runs each CPU job in an AVX2 + FMA variant where the CPU has it, else in the baseline x86-64
-variant; ``FUSEDLOSS_CPU_ISA=baseline`` forces the baseline. A subprocess computes every family's values and
-gradients in the baseline variant; this process computes them in its own (AVX2 on such a CPU). Jobs compiled
-without contraction (sigmoid family, distillation, the one-class softmax) must agree bit for bit; jobs that fuse
-multiply-adds in the AVX2 variant (softmax from two classes on, the CRF) within a few float32 ulps; Viterbi paths
-exactly.
+The extension runs each CPU job in an AVX-512 variant where the CPU has AVX-512 (F, BW, VL, DQ), else in an AVX2 +
+FMA variant where it has those, else in the baseline x86-64 variant; ``FUSEDLOSS_CPU_ISA=baseline`` or ``=avx2``
+caps it. A subprocess computes every family's values and gradients in a capped variant; this process computes them
+in its own. Jobs compiled without contraction (sigmoid family, distillation, the one-class softmax) must agree bit
+for bit; jobs that fuse multiply-adds (softmax from two classes on, the CRF) or that the AVX-512 variant runs with
+16 lanes (softmax: another order of the sums, tiles of rows up to 256 classes) within a few float32 ulps; Viterbi
+paths exactly.
 """
 
 import os
@@ -34,7 +35,7 @@ def compute():
     def leaf(*shape, scale=3.0):
         return (torch.randn(*shape, generator=generator) * scale).requires_grad_()
 
-    for num_classes in (1, 9, 37, 133, 1024):
+    for num_classes in (1, 9, 37, 133, 200, 300, 1024):
         for smoothing in (0.0, 0.1):
             x = leaf(67, num_classes)
             target = torch.randint(0, num_classes, (67,), generator=generator)
@@ -83,28 +84,33 @@ def compute():
 EXACT = ("softmax C=1 ", "bce", "sigmoid focal", "zlpr", "bi-tempered", "distillation")
 
 
+VARIANTS = ("avx512", "avx2", "baseline")  # best first
+
+
 def test_cpu_isa_is_reported():
-    assert fusedloss._C.cpu_isa() in ("avx2", "baseline")
+    assert fusedloss._C.cpu_isa() in VARIANTS
 
 
-def test_baseline_variant_agrees_with_this_process(tmp_path):
-    path = tmp_path / "baseline.pt"
+@pytest.mark.parametrize("capped", ["baseline", "avx2"])
+def test_capped_variant_agrees_with_this_process(tmp_path, capped):
+    this = fusedloss._C.cpu_isa()
+    if VARIANTS.index(this) >= VARIANTS.index(capped):
+        pytest.skip(f"this CPU runs {this}: both sides would run the same code")
+    path = tmp_path / "capped.pt"
     script = (
         "import sys, torch; sys.path.insert(0, %r); import fusedloss._C; "
         "from tests.test_cpu_isa import compute; "
-        "assert fusedloss._C.cpu_isa() == 'baseline', fusedloss._C.cpu_isa(); "
-        "torch.save(compute(), %r)" % (str(ROOT), str(path))
+        "assert fusedloss._C.cpu_isa() == %r, fusedloss._C.cpu_isa(); "
+        "torch.save(compute(), %r)" % (str(ROOT), capped, str(path))
     )
-    env = dict(os.environ, FUSEDLOSS_CPU_ISA="baseline")
+    env = dict(os.environ, FUSEDLOSS_CPU_ISA=capped)
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=ROOT, timeout=300)
-    baseline = torch.load(path)
+    other_results = torch.load(path)
     ours = compute()
-    assert set(baseline) == set(ours)
+    assert set(other_results) == set(ours)
     for name, value in ours.items():
-        other = baseline[name]
-        if name.startswith(EXACT) or "paths" in name or fusedloss._C.cpu_isa() == "baseline":
+        other = other_results[name]
+        if name.startswith(EXACT) or "paths" in name:
             assert torch.equal(value, other), name
         else:
             torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-6, msg=name)
-    if fusedloss._C.cpu_isa() == "baseline":
-        pytest.skip("this CPU runs the baseline variant only: both sides ran the same code")

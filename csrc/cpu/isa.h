@@ -15,6 +15,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
+
+#include "kernels/common.h"
 
 namespace fusedloss {
 namespace cpu {
@@ -39,8 +42,24 @@ inline bool has_avx2_fma() {
 #endif
 }
 
+inline bool avx2_forced() {
+  const char* value = std::getenv("FUSEDLOSS_CPU_ISA");
+  return value != nullptr && std::strcmp(value, "avx2") == 0;
+}
+
+inline bool has_avx512() {
+#ifdef FUSEDLOSS_CPU_AVX2
+  static const bool has = has_avx2_fma() && !avx2_forced() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq");
+  return has;
+#else
+  return false;
+#endif
+}
+
 // The variant the jobs run in: "avx2" (AVX2 + FMA) or "baseline" (x86-64 SSE2, or the compiler's default ISA).
-inline const char* active_isa() { return has_avx2_fma() ? "avx2" : "baseline"; }
+inline const char* active_isa() { return has_avx512() ? "avx512" : has_avx2_fma() ? "avx2" : "baseline"; }
 
 template <typename Job>
 void run_baseline(const Job& job, int64_t begin, int64_t end) {
@@ -62,6 +81,40 @@ __attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void run_avx2_
                                                                                            int64_t begin,
                                                                                            int64_t end) {
   job.run(begin, end);
+}
+
+#define FUSEDLOSS_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"
+// A job with `void run_wide(int64_t, int64_t) const` runs it in the AVX-512 variant: its loops over 16 float
+// lanes (GCC vectors), which the other variants would lower to scalar code.
+template <typename Job, typename = void>
+struct HasRunWide {
+  static constexpr bool value = false;
+};
+template <typename Job>
+struct HasRunWide<Job, std::void_t<decltype(std::declval<const Job&>().run_wide(int64_t(0), int64_t(0)))>> {
+  static constexpr bool value = true;
+};
+
+template <typename Job>
+FUSEDLOSS_INLINE void run_widest(const Job& job, int64_t begin, int64_t end) {
+  if constexpr (HasRunWide<Job>::value) {
+    job.run_wide(begin, end);
+  } else {
+    job.run(begin, end);
+  }
+}
+
+template <typename Job>
+__attribute__((target(FUSEDLOSS_AVX512_TARGET), optimize("fp-contract=off"))) void run_avx512(const Job& job,
+                                                                                               int64_t begin,
+                                                                                               int64_t end) {
+  run_widest(job, begin, end);
+}
+
+template <typename Job>
+__attribute__((target(FUSEDLOSS_AVX512_TARGET), optimize("fp-contract=fast"))) void run_avx512_contract(
+    const Job& job, int64_t begin, int64_t end) {
+  run_widest(job, begin, end);
 }
 
 template <typename Job, typename = void>
@@ -100,6 +153,14 @@ template <typename Job>
 void run(const Job& job, int64_t begin, int64_t end) {
   const IeeeSubnormals subnormals;
 #ifdef FUSEDLOSS_CPU_AVX2
+  if (has_avx512()) {
+    if constexpr (Contracts<Job>::value) {
+      run_avx512_contract(job, begin, end);
+    } else {
+      run_avx512(job, begin, end);
+    }
+    return;
+  }
   if (has_avx2_fma()) {
     if constexpr (Contracts<Job>::value) {
       run_avx2_contract(job, begin, end);

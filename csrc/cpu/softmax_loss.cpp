@@ -25,7 +25,8 @@ int64_t rows_per_task(int64_t num_classes) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, num_classes));
 }
 
-// Rows [begin, end) of one call; run() is compiled per vector ISA (cpu/isa.h). kFma: fused multiply-adds in the
+// Rows [begin, end) of one call; run() is compiled per vector ISA (cpu/isa.h), run_wide() (16 float lanes) in the
+// AVX-512 variant. kFma: fused multiply-adds in the
 // AVX2 variant (the exp polynomial is most of the work and FMA halves its operations; results differ from the
 // baseline variant's in the last bits, within the fidelity bounds). Not for one class, whose gradient torch gives
 // as exact zeros (p = 1) that a fused a·b − c no longer cancels to.
@@ -41,18 +42,23 @@ struct RowsJob {
   acc_t* losses;
 
   static constexpr bool kContract = kFma;
-  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
+  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const { run_lanes<8>(begin, end); }
+  FUSEDLOSS_INLINE void run_wide(int64_t begin, int64_t end) const { run_lanes<16>(begin, end); }
+
+  template <int W>
+  FUSEDLOSS_INLINE void run_lanes(int64_t begin, int64_t end) const {
     const int64_t C = prm->num_classes;
     for (int64_t n = begin; n < end; ++n) {
       const int64_t offset = row_offset(n, C);
-      losses[n] = softmax_loss::process_row<acc_t, scalar_t, target_t>(
+      losses[n] = softmax_loss::process_row<acc_t, scalar_t, target_t, W>(
           x + offset, indices == nullptr ? 0 : indices[n], probs == nullptr ? nullptr : probs + offset, weight, *prm,
           grad == nullptr ? nullptr : grad + offset, scale);
     }
   }
 };
 
-// Tiles [begin, end) of kTileRows hard-target rows (the last one partial); kFma as for RowsJob.
+// Units [begin, end) of kTileUnitRows hard-target rows (the last one partial), as tiles of 8 rows (run) or 16
+// (run_wide: the AVX-512 variant, one register per class); kFma as for RowsJob.
 template <typename acc_t, typename scalar_t, bool kFma>
 struct TilesJob {
   const scalar_t* x;
@@ -65,15 +71,21 @@ struct TilesJob {
   acc_t* losses;
 
   static constexpr bool kContract = kFma;
-  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
-    constexpr int64_t R = softmax_loss::kTileRows;
+  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const { run_tiles<softmax_loss::kTileRows>(begin, end); }
+  FUSEDLOSS_INLINE void run_wide(int64_t begin, int64_t end) const { run_tiles<16>(begin, end); }
+
+  template <int R>
+  FUSEDLOSS_INLINE void run_tiles(int64_t begin, int64_t end) const {
+    constexpr int64_t kUnit = softmax_loss::kTileUnitRows;
+    static_assert(kUnit % R == 0, "a unit is whole tiles");
     const int64_t C = prm->num_classes;
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n = tile * R;
+    const int64_t last = std::min(end * kUnit, num_rows);
+    for (int64_t n = begin * kUnit; n < last; n += R) {
       const int rows = static_cast<int>(std::min<int64_t>(R, num_rows - n));
       const int64_t offset = row_offset(n, C);
-      softmax_loss::process_row_tile<acc_t, scalar_t>(x + offset, indices + n, rows, weight, *prm,
-                                                      grad == nullptr ? nullptr : grad + offset, scale, losses + n);
+      softmax_loss::process_row_tile<acc_t, scalar_t, R>(x + offset, indices + n, rows, weight, *prm,
+                                                         grad == nullptr ? nullptr : grad + offset, scale,
+                                                         losses + n);
     }
   }
 };
@@ -92,8 +104,10 @@ void run_rows(const at::Tensor& input, const at::Tensor& target, const at::Tenso
   scalar_t* g = grad.numel() > 0 ? grad.data_ptr<scalar_t>() : nullptr;
   acc_t* losses = row_loss.data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(grad_scale);
-  if (!soft && softmax_loss::tile_rows_apply(prm)) {
-    constexpr int64_t R = softmax_loss::kTileRows;
+  const int64_t tile_max_classes =
+      cpu::has_avx512() ? softmax_loss::kTileMaxClasses : softmax_loss::kTileMaxClassesNarrow;
+  if (!soft && softmax_loss::tile_rows_apply(prm, tile_max_classes)) {
+    constexpr int64_t R = softmax_loss::kTileUnitRows;
     const int64_t tiles = (N + R - 1) / R, grain = std::max<int64_t>(1, rows_per_task(C) / R);
     if (C > 1) {
       cpu::run_parallel(TilesJob<acc_t, scalar_t, true>{x, indices, N, w, &prm, g, scale, losses}, tiles, grain);

@@ -37,6 +37,70 @@ FUSEDLOSS_INLINE double bits_double(int64_t bits) {
 }
 #endif
 
+#ifndef __CUDA_ARCH__
+// The bits of v as a To of the same size (scalars or vectors).
+template <typename To, typename From>
+FUSEDLOSS_INLINE To bit_cast_to(const From& v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast_to: sizes differ");
+  To to;
+  std::memcpy(&to, &v, sizeof(to));
+  return to;
+}
+
+// fast_exp's float32 algorithm on a float (I = int32_t) or on FloatLanes (I = IntLanes).
+template <typename F, typename I>
+FUSEDLOSS_INLINE F exp_float_lanes(F x) {
+  const F hi = F{} + 88.3762626647949f;
+  const F lo = F{} + -87.3365478515625f;
+  const auto underflow = x < lo;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const F magic = F{} + 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
+  const F shifted = x * 1.44269504088896341f + magic;
+  const F n = shifted - magic;
+  const I n_int = bit_cast_to<I>(shifted) - bit_cast_to<I>(magic);
+  F r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  F poly = F{} + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const F exp_r = poly * r * r + r + 1.0f;
+  // Computed unconditionally, then selected: a conditional multiply would keep the compiler from
+  // vectorizing (it may not speculate a floating-point operation under -ftrapping-math).
+  const F result = exp_r * bit_cast_to<F>((n_int + 127) << 23);
+  return underflow ? F{} : result;
+}
+
+#endif
+
+#ifndef __CUDACC__
+// GCC vectors of W floats (W = 8 or 16) and their int32 twins, for host loops written lane by lane: the CPU
+// kernels' AVX-512 variant (csrc/cpu/isa.h) runs them with W = 16 (one register), the AVX2 and baseline variants
+// with W = 8 (one AVX register, two SSE ones): a width the variant has no comparison for is lowered to scalar code.
+// Not under nvcc, whose host pass does not take every GCC vector operation.
+template <int W>
+struct FloatLanes;
+template <>
+struct FloatLanes<8> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef int32_t int_type __attribute__((vector_size(32)));
+};
+template <>
+struct FloatLanes<16> {
+  typedef float type __attribute__((vector_size(64)));
+  typedef int32_t int_type __attribute__((vector_size(64)));
+};
+
+// exp of W floats at once (fast_exp lane by lane, the same bits).
+template <int W>
+FUSEDLOSS_INLINE typename FloatLanes<W>::type fast_exp_lanes(typename FloatLanes<W>::type x) {
+  return exp_float_lanes<typename FloatLanes<W>::type, typename FloatLanes<W>::int_type>(x);
+}
+#endif
+
 // exp(x) in float32 with about 1 ulp of error, branch-free so that a loop over it vectorizes
 // (std::exp does not: it is a library call). Cephes' expf: x = n·ln2 + r with |r| ≤ ln2/2
 // (n rounded with the 1.5·2^23 trick, since SSE2 has no round instruction), a degree-6 polynomial
@@ -47,28 +111,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_exp(float x) {
 #ifdef __CUDA_ARCH__
   return ::expf(x);
 #else
-  constexpr float kHi = 88.3762626647949f;
-  constexpr float kLo = -87.3365478515625f;
-  const bool underflow = x < kLo;
-  x = x > kHi ? kHi : x;
-  x = x < kLo ? kLo : x;
-  constexpr float kMagic = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
-  const float shifted = x * 1.44269504088896341f + kMagic;
-  const float n = shifted - kMagic;
-  const int32_t n_int = float_bits(shifted) - float_bits(kMagic);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  const float exp_r = poly * r * r + r + 1.0f;
-  // Computed unconditionally, then selected: a conditional multiply would keep the compiler from
-  // vectorizing (it may not speculate a floating-point operation under -ftrapping-math).
-  const float result = exp_r * bits_float((n_int + 127) << 23);
-  return underflow ? 0.0f : result;
+  return exp_float_lanes<float, int32_t>(x);
 #endif
 }
 

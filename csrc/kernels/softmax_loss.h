@@ -185,7 +185,7 @@ template <typename acc_t>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE RowResult<acc_t> start_row(const RowStats<acc_t>& stats) {
   RowResult<acc_t> res;
   res.max = stats.max;
-  res.log_sum = log(stats.sum_exp);
+  res.log_sum = fast_log(stats.sum_exp);
   return res;
 }
 
@@ -286,6 +286,9 @@ FUSEDLOSS_INLINE void load_block(const scalar_t* x, int64_t len, const Params<ac
   } else {
     for (int64_t i = 0; i < len; ++i) s[i] = static_cast<acc_t>(x[i]);
   }
+  // Zeros up to the next multiple of 16 (kBlock is one): the float32 sweeps below read whole vectors and mask the
+  // lanes past len, which must hold numbers all the same.
+  for (int64_t i = len; i < kBlock && (i % 16) != 0; ++i) s[i] = acc_t(0);
 }
 
 template <typename acc_t>
@@ -351,16 +354,155 @@ FUSEDLOSS_INLINE acc_t block_sum(const acc_t* v, int64_t len) {
   return result;
 }
 
-// Tiles of kTileRows rows of at most kTileMaxClasses classes with hard targets (NER tag sets: 5 to
-// 64 tags; measured slower than the per-row sweep from about 128 classes), except focal with smoothing: one row per vector lane. The tile is transposed into
-// t[c][r] on load, so that max, exp, sum and the gradient run across rows with one vector operation
-// per class and no padding of the classes, and nothing of a row is recomputed per class; the row
-// scalars (log, finish_hard_row) are computed per row. Lanes past `rows` (a partial tile) hold
-// zeros and are never stored. Every lane runs the same operations in the same order whatever its
-// neighbours, so a row's result does not depend on which tile (and so which thread) holds it.
+#ifndef __CUDACC__
+// The float32 sweeps, W lanes at a time (W = 16 in the AVX-512 variant of the CPU kernels, 8 in the others), the
+// last partial vector masked (the block buffer is padded: load_block), lanes added pairwise at the end. No per-row
+// scalar tail: a tag set of 127 classes costs no more scalar exps than one of 128.
+template <int W>
+FUSEDLOSS_INLINE typename FloatLanes<W>::type load_lanes(const float* p) {
+  typename FloatLanes<W>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Lanes [0, count) of a vector are real classes.
+template <int W>
+FUSEDLOSS_INLINE typename FloatLanes<W>::int_type lanes_below(int64_t count) {
+  typename FloatLanes<W>::int_type index;
+  for (int k = 0; k < W; ++k) index[k] = k;
+  return index < static_cast<int32_t>(count);
+}
+
+// The two halves of v, added (Add) or max'ed, as a vector of W / 2; then down to one float.
+template <bool kMax, int W>
+FUSEDLOSS_INLINE float reduce_lanes(typename FloatLanes<W>::type v) {
+  typedef float Half __attribute__((vector_size(W * 2)));
+  Half lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const Half r = kMax ? (lo > hi ? lo : hi) : lo + hi;
+  if constexpr (W == 8) {
+    float lanes[4];
+    std::memcpy(lanes, &r, sizeof(lanes));
+    const float a = kMax ? max_of(lanes[0], lanes[2]) : lanes[0] + lanes[2];
+    const float b = kMax ? max_of(lanes[1], lanes[3]) : lanes[1] + lanes[3];
+    return kMax ? max_of(a, b) : a + b;
+  } else {
+    return reduce_lanes<kMax, W / 2>(r);
+  }
+}
+
+template <int W>
+FUSEDLOSS_INLINE float block_max_lanes(const float* s, int64_t len) {
+  typedef typename FloatLanes<W>::type V;
+  const V lowest = V{} + Limits<float>::large_negative;
+  V m = lowest;
+  int64_t i = 0;
+  for (; i + W <= len; i += W) {
+    const V v = load_lanes<W>(s + i);
+    m = v > m ? v : m;
+  }
+  if (i < len) {
+    const V v = lanes_below<W>(len - i) ? load_lanes<W>(s + i) : lowest;
+    m = v > m ? v : m;
+  }
+  return reduce_lanes<true, W>(m);
+}
+
+template <int W>
+FUSEDLOSS_INLINE float block_sum_exp_lanes(const float* s, int64_t len, float shift, float* out) {
+  typedef typename FloatLanes<W>::type V;
+  V sum = {};
+  int64_t i = 0;
+  if (out != nullptr) {
+    for (; i + W <= len; i += W) {
+      const V e = fast_exp_lanes<W>(load_lanes<W>(s + i) - shift);
+      std::memcpy(out + i, &e, sizeof(e));
+      sum += e;
+    }
+  } else {
+    for (; i + W <= len; i += W) sum += fast_exp_lanes<W>(load_lanes<W>(s + i) - shift);
+  }
+  if (i < len) {
+    const V e = lanes_below<W>(len - i) ? fast_exp_lanes<W>(load_lanes<W>(s + i) - shift) : V{};
+    if (out != nullptr)
+      for (int64_t k = 0; k < len - i; ++k) out[i + k] = e[k];
+    sum += e;
+  }
+  return reduce_lanes<false, W>(sum);
+}
+
+// Σ_i v_i·(s_i − shift) (v = ones when null), as block_dot.
+template <int W>
+FUSEDLOSS_INLINE float block_dot_lanes(const float* v, const float* s, float shift, int64_t len) {
+  typedef typename FloatLanes<W>::type V;
+  V sum = {};
+  int64_t i = 0;
+  if (v == nullptr) {
+    for (; i + W <= len; i += W) sum += load_lanes<W>(s + i) - shift;
+  } else {
+    for (; i + W <= len; i += W) sum += load_lanes<W>(v + i) * (load_lanes<W>(s + i) - shift);
+  }
+  float result = reduce_lanes<false, W>(sum);
+  for (; i < len; ++i) result += (v == nullptr ? 1.0f : v[i]) * (s[i] - shift);
+  return result;
+}
+#endif
+
+// The sweeps of one block in acc_t: the lane-wise float32 versions above with W lanes, the templates for float64.
+template <int W, typename acc_t>
+FUSEDLOSS_INLINE acc_t row_block_max(const acc_t* s, int64_t len) {
+#ifndef __CUDACC__
+  if constexpr (std::is_same<acc_t, float>::value) {
+    return block_max_lanes<W>(s, len);
+  } else  // NOLINT(readability/braces)
+#endif
+  {
+    return block_max(s, len);
+  }
+}
+
+template <int W, typename acc_t>
+FUSEDLOSS_INLINE acc_t row_block_sum_exp(const acc_t* s, int64_t len, acc_t shift, acc_t* out) {
+#ifndef __CUDACC__
+  if constexpr (std::is_same<acc_t, float>::value) {
+    return block_sum_exp_lanes<W>(s, len, shift, out);
+  } else  // NOLINT(readability/braces)
+#endif
+  {
+    return block_sum_exp(s, len, shift, out);
+  }
+}
+
+template <int W, typename acc_t>
+FUSEDLOSS_INLINE acc_t row_block_dot(const acc_t* v, const acc_t* s, acc_t shift, int64_t len) {
+#ifndef __CUDACC__
+  if constexpr (std::is_same<acc_t, float>::value) {
+    return block_dot_lanes<W>(v, s, shift, len);
+  } else  // NOLINT(readability/braces)
+#endif
+  {
+    return block_dot(v, s, shift, len);
+  }
+}
+
+// Tiles of R rows (one per vector lane) of at most kTileMaxClasses classes with hard targets, except focal with
+// smoothing. The tile is transposed into t[c][r] on load, so that max, exp, sum and the gradient run across rows
+// with one vector operation per class and no padding of the classes, and nothing of a row is recomputed per class;
+// the row scalars (log, finish_hard_row) are computed across the rows too. Rows side by side also hide each
+// other's latency: one row's sweeps and scalars are a chain of dependent steps, which left the per-row sweep
+// waiting on them for tag sets of tens to hundreds of classes. Lanes past `rows` (a partial tile) hold zeros and
+// are never stored. Every lane runs the same operations in the same order whatever its neighbours, so a row's
+// result does not depend on which tile (and so which thread) holds it.
 // Writes losses[r] and, when grad is not null, grad_scale·dl/dx of each row (grad may be x).
+// R = kTileRows (8: one AVX2 register of float32 per class), or 16 in the AVX-512 variant of the CPU kernels,
+// which hands out units of kTileUnitRows rows. Tiles serve up to kTileMaxClasses classes in the AVX-512 variant
+// (measured faster than the per-row sweep up to there) and up to kTileMaxClassesNarrow in the others (8 lanes:
+// slower than the per-row sweep from about 100 classes).
 constexpr int kTileRows = 8;
-constexpr int64_t kTileMaxClasses = 64;
+constexpr int kTileUnitRows = 16;
+constexpr int64_t kTileMaxClasses = 256;
+constexpr int64_t kTileMaxClassesNarrow = 64;
 
 #ifndef __CUDACC__
 // 8 x 8 float transposes with vector shuffles (GCC vector extensions: one register per row in the AVX2 variant
@@ -388,38 +530,94 @@ FUSEDLOSS_INLINE void transpose8(TileVector rows[8]) {
   }
 }
 
-// t[c][r] = x[r * C + c] for the 8 rows of a full float32 tile (the columns past the last multiple of 8 one by
-// one).
-FUSEDLOSS_INLINE void load_tile_transposed(const float* x, int64_t C, float (*t)[kTileRows]) {
-  int64_t c0 = 0;
-  for (; c0 + 8 <= C; c0 += 8) {
-    TileVector v[8];
-    for (int r = 0; r < 8; ++r) __builtin_memcpy(&v[r], x + r * C + c0, sizeof(TileVector));
-    transpose8(v);
-    for (int c = 0; c < 8; ++c) __builtin_memcpy(t[c0 + c], &v[c], sizeof(TileVector));
+// t[c][r] = x[r * C + c] for the R rows of a full float32 tile, 8 x 8 blocks at a time (the columns past the last
+// multiple of 8 one by one).
+template <int R>
+FUSEDLOSS_INLINE void load_tile_transposed(const float* x, int64_t C, float (*t)[R]) {
+  for (int r0 = 0; r0 < R; r0 += 8) {
+    int64_t c0 = 0;
+    for (; c0 + 8 <= C; c0 += 8) {
+      TileVector v[8];
+      for (int r = 0; r < 8; ++r) __builtin_memcpy(&v[r], x + (r0 + r) * C + c0, sizeof(TileVector));
+      transpose8(v);
+      for (int c = 0; c < 8; ++c) __builtin_memcpy(&t[c0 + c][r0], &v[c], sizeof(TileVector));
+    }
+    for (int r = r0; r < r0 + 8; ++r)
+      for (int64_t c = c0; c < C; ++c) t[c][r] = x[r * C + c];
   }
-  for (int r = 0; r < 8; ++r)
-    for (int64_t c = c0; c < C; ++c) t[c][r] = x[r * C + c];
 }
 
 // grad[r * C + c] = t[c][r]: the inverse of load_tile_transposed.
-FUSEDLOSS_INLINE void store_tile_transposed(float (*t)[kTileRows], int64_t C, float* grad) {
-  int64_t c0 = 0;
-  for (; c0 + 8 <= C; c0 += 8) {
-    TileVector v[8];
-    for (int c = 0; c < 8; ++c) __builtin_memcpy(&v[c], t[c0 + c], sizeof(TileVector));
-    transpose8(v);
-    for (int r = 0; r < 8; ++r) __builtin_memcpy(grad + r * C + c0, &v[r], sizeof(TileVector));
+template <int R>
+FUSEDLOSS_INLINE void store_tile_transposed(float (*t)[R], int64_t C, float* grad) {
+  for (int r0 = 0; r0 < R; r0 += 8) {
+    int64_t c0 = 0;
+    for (; c0 + 8 <= C; c0 += 8) {
+      TileVector v[8];
+      for (int c = 0; c < 8; ++c) __builtin_memcpy(&v[c], &t[c0 + c][r0], sizeof(TileVector));
+      transpose8(v);
+      for (int r = 0; r < 8; ++r) __builtin_memcpy(grad + (r0 + r) * C + c0, &v[r], sizeof(TileVector));
+    }
+    for (int r = r0; r < r0 + 8; ++r)
+      for (int64_t c = c0; c < C; ++c) grad[r * C + c] = t[c][r];
   }
-  for (int r = 0; r < 8; ++r)
-    for (int64_t c = c0; c < C; ++c) grad[r * C + c] = t[c][r];
 }
 #endif
 
-template <typename acc_t, typename scalar_t>
+// Per row r of a transposed tile: mx[r] = max_c t[c][r], e[c][r] = exp(t[c][r] − mx[r]), sum[r] = Σ_c e[c][r].
+// NaN compares false in the max; it reaches its row's sum (and so the whole row) through exp. Four partial sums per
+// row (classes c mod 4), added pairwise: one running sum's rounding error grows with C and put the gradient of
+// some 40-class rows at 6 ulps where torch's is 1. In float32 on the host, one GCC vector of R lanes per class
+// (the compiler left the max as R scalar maxima, and the partial sums indexed by c mod 4 in memory); the same
+// operations lane by lane as the loops for other types.
+template <int R, typename acc_t>
+FUSEDLOSS_INLINE void tile_max_sum_exp(const acc_t (*t)[R], int64_t C, acc_t* mx, acc_t (*e)[R], acc_t* sum) {
+#ifndef __CUDACC__
+  if constexpr (std::is_same<acc_t, float>::value) {
+    typedef typename FloatLanes<R>::type V;
+    V m = load_lanes<R>(t[0]);
+    for (int64_t c = 1; c < C; ++c) {
+      const V v = load_lanes<R>(t[c]);
+      m = v > m ? v : m;
+    }
+    auto exp_at = [&](int64_t c) {
+      const V v = fast_exp_lanes<R>(load_lanes<R>(t[c]) - m);
+      std::memcpy(e[c], &v, sizeof(v));
+      return v;
+    };
+    V part0 = {}, part1 = {}, part2 = {}, part3 = {};
+    int64_t c = 0;
+    for (; c + 4 <= C; c += 4) {
+      part0 += exp_at(c);
+      part1 += exp_at(c + 1);
+      part2 += exp_at(c + 2);
+      part3 += exp_at(c + 3);
+    }
+    if (c < C) part0 += exp_at(c);
+    if (c + 1 < C) part1 += exp_at(c + 1);
+    if (c + 2 < C) part2 += exp_at(c + 2);
+    const V total = (part0 + part1) + (part2 + part3);
+    std::memcpy(mx, &m, sizeof(m));
+    std::memcpy(sum, &total, sizeof(total));
+    return;
+  }
+#endif
+  for (int r = 0; r < R; ++r) mx[r] = t[0][r];
+  for (int64_t c = 1; c < C; ++c)
+    for (int r = 0; r < R; ++r) mx[r] = t[c][r] > mx[r] ? t[c][r] : mx[r];
+  acc_t part[4][R] = {};
+  for (int64_t c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) {
+      e[c][r] = fast_exp(t[c][r] - mx[r]);
+      part[c & 3][r] += e[c][r];
+    }
+  for (int r = 0; r < R; ++r) sum[r] = (part[0][r] + part[1][r]) + (part[2][r] + part[3][r]);
+}
+
+template <typename acc_t, typename scalar_t, int R = kTileRows>
 FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets, int rows, const acc_t* weight,
                       const Params<acc_t>& prm, scalar_t* grad, acc_t grad_scale, acc_t* losses) {
-  constexpr int R = kTileRows;
+  static_assert(R % 8 == 0, "tiles are made of 8 x 8 transposes");
   const int64_t C = prm.num_classes;
   const bool softcap = prm.softcap != acc_t(0);
   const bool smoothing = prm.label_smoothing != acc_t(0);
@@ -458,21 +656,8 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
       for (int64_t c = 0; c < C; ++c) t[c][r] = static_cast<acc_t>(xr[c]);
     }
   }
-  acc_t mx[R];
-  for (int r = 0; r < R; ++r) mx[r] = t[0][r];
-  for (int64_t c = 1; c < C; ++c)
-    for (int r = 0; r < R; ++r) mx[r] = t[c][r] > mx[r] ? t[c][r] : mx[r];
-  // NaN compares false in the max above; it reaches its row's sum (and so the whole row) through exp.
-  // Four partial sums per row (classes c mod 4), added pairwise: one running sum's rounding error grows with C
-  // and put the gradient of some 40-class rows at 6 ulps where torch's is 1.
-  acc_t part[4][R] = {};
-  for (int64_t c = 0; c < C; ++c)
-    for (int r = 0; r < R; ++r) {
-      e[c][r] = fast_exp(t[c][r] - mx[r]);
-      part[c & 3][r] += e[c][r];
-    }
-  acc_t sum[R];
-  for (int r = 0; r < R; ++r) sum[r] = (part[0][r] + part[1][r]) + (part[2][r] + part[3][r]);
+  acc_t mx[R], sum[R];
+  tile_max_sum_exp<R>(t, C, mx, e, sum);
   acc_t sum_w_s[R] = {};
   acc_t sum_w = 0;
   if (smoothing) {
@@ -576,10 +761,10 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
   }
 }
 
-// Whether process_row_tile serves rows of these options (hard targets).
+// Whether process_row_tile serves rows of these options (hard targets), with tiles of up to max_classes classes.
 template <typename acc_t>
-FUSEDLOSS_INLINE bool tile_rows_apply(const Params<acc_t>& prm) {
-  return prm.num_classes <= kTileMaxClasses && !(prm.focal_gamma != acc_t(0) && prm.label_smoothing != acc_t(0));
+FUSEDLOSS_INLINE bool tile_rows_apply(const Params<acc_t>& prm, int64_t max_classes = kTileMaxClassesNarrow) {
+  return prm.num_classes <= max_classes && !(prm.focal_gamma != acc_t(0) && prm.label_smoothing != acc_t(0));
 }
 
 // Process one row: returns its loss (0 for an ignored row) and, when grad is not null, writes
@@ -587,7 +772,7 @@ FUSEDLOSS_INLINE bool tile_rows_apply(const Params<acc_t>& prm) {
 // written). Hard targets: soft == nullptr and target is the class index; soft targets: soft points
 // to the row's probabilities. weight may be null (all ones). Always inlined (as process_row_tile), so that it is
 // compiled into each vector-ISA variant of its caller (csrc/cpu/isa.h).
-template <typename acc_t, typename scalar_t, typename target_t>
+template <typename acc_t, typename scalar_t, typename target_t, int W = 8>
 FUSEDLOSS_INLINE acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const acc_t* weight,
                   const Params<acc_t>& prm, scalar_t* grad, acc_t grad_scale) {
   const int64_t C = prm.num_classes;
@@ -642,21 +827,21 @@ FUSEDLOSS_INLINE acc_t process_row(const scalar_t* x, int64_t target, const targ
     const int64_t len = min_of(kBlock, C - start);
     load_block(x + start, len, prm, s);
     RowStats<acc_t> block;
-    block.max = block_max(s, len);
+    block.max = row_block_max<W>(s, len);
     acc_t* exp_out = nullptr;
     if (store_exp) {
       block_maxima[start / kBlock] = block.max;
       exp_out = reinterpret_cast<acc_t*>(grad + start);
     }
-    block.sum_exp = block_sum_exp(s, len, block.max, exp_out);
+    block.sum_exp = row_block_sum_exp<W>(s, len, block.max, exp_out);
     if (hard_smoothing) {
       const acc_t* w = weight == nullptr ? nullptr : weight + start;
-      block.sum_a_s = block_dot(w, s, block.max, len);
+      block.sum_a_s = row_block_dot<W>(w, s, block.max, len);
       block.sum_a = w == nullptr ? acc_t(len) : block_sum(w, len);
     }
     if (is_soft) {
       load_soft_weights(start, len);
-      block.sum_a_s = block_dot(a, s, block.max, len);
+      block.sum_a_s = row_block_dot<W>(a, s, block.max, len);
       block.sum_a = block_sum(a, len);
     }
     if (start == 0) {

@@ -47,7 +47,8 @@ double naive_loss(const std::vector<double>& x, int64_t y, const std::vector<dou
   return loss + c.z * lse * lse;
 }
 
-template <typename acc_t>
+// W: float lanes of the row sweeps (8; 16 in the AVX-512 variant of the CPU kernels, same results within rounding).
+template <typename acc_t, int W = 8>
 void run_case(const Case& c, std::mt19937& rng, double value_tol, double grad_tol) {
   using namespace fusedloss::softmax_loss;
   const int64_t C = c.C;
@@ -72,13 +73,13 @@ void run_case(const Case& c, std::mt19937& rng, double value_tol, double grad_to
 
   std::vector<acc_t> xa(x.begin(), x.end()), ta(t.begin(), t.end()), wa(w.begin(), w.end()), grad(C);
   const acc_t scale = acc_t(0.5);
-  const acc_t loss = process_row<acc_t, acc_t, acc_t>(xa.data(), y, c.soft ? ta.data() : nullptr,
+  const acc_t loss = process_row<acc_t, acc_t, acc_t, W>(xa.data(), y, c.soft ? ta.data() : nullptr,
                                                       c.weighted ? wa.data() : nullptr, prm, grad.data(), scale);
-  const acc_t loss_only = process_row<acc_t, acc_t, acc_t>(xa.data(), y, c.soft ? ta.data() : nullptr,
+  const acc_t loss_only = process_row<acc_t, acc_t, acc_t, W>(xa.data(), y, c.soft ? ta.data() : nullptr,
                                                            c.weighted ? wa.data() : nullptr, prm, nullptr, scale);
   char name[256];
-  std::snprintf(name, sizeof(name), "%s C=%lld eps=%g gamma=%g z=%g softcap=%g weighted=%d soft=%d ignored=%d",
-                sizeof(acc_t) == 8 ? "double" : "float", static_cast<long long>(C), c.eps, c.gamma, c.z, c.softcap,
+  std::snprintf(name, sizeof(name), "%s W=%d C=%lld eps=%g gamma=%g z=%g softcap=%g weighted=%d soft=%d ignored=%d",
+                sizeof(acc_t) == 8 ? "double" : "float", W, static_cast<long long>(C), c.eps, c.gamma, c.z, c.softcap,
                 c.weighted, c.soft, c.ignored);
   check(loss == loss_only, std::string(name) + ": loss does not depend on whether the gradient is written");
 
@@ -142,20 +143,19 @@ void test_nan_row() {
 // Tiles of rows [first, rows) through one compiled call site, as the extension runs them (TilesJob): the kernel
 // is always inlined, so two call sites could be compiled differently (constant options propagated into one of
 // them), which is not what the lane-position check below is about.
-template <typename acc_t>
+template <typename acc_t, int R>
 __attribute__((noinline)) void run_tiles(int first, int rows, int64_t C, const acc_t* x, const int64_t* y,
                                          const acc_t* w, const fusedloss::softmax_loss::Params<acc_t>& prm,
                                          acc_t* grad, acc_t scale, acc_t* loss) {
-  constexpr int R = fusedloss::softmax_loss::kTileRows;
   for (int n = first; n < rows; n += R)
-    fusedloss::softmax_loss::process_row_tile<acc_t, acc_t>(x + n * C, y + n, std::min(R, rows - n), w, prm, grad + n * C, scale, loss + n);
+    fusedloss::softmax_loss::process_row_tile<acc_t, acc_t, R>(x + n * C, y + n, std::min(R, rows - n), w, prm, grad + n * C, scale, loss + n);
 }
 
-template <typename acc_t>
+// R = 8 (kTileRows) or 16 (the AVX-512 variant's tiles; here compiled for the baseline ISA, same lanes).
+template <typename acc_t, int R = fusedloss::softmax_loss::kTileRows>
 void test_tile(int64_t C, double eps, double gamma, double z, double softcap, bool weighted, std::mt19937& rng,
                double tol) {
   using namespace fusedloss::softmax_loss;
-  constexpr int R = kTileRows;
   const int rows = 2 * R + 3;
   std::normal_distribution<double> normal(0.0, 3.0);
   std::uniform_real_distribution<double> uniform(0.1, 2.0);
@@ -177,12 +177,12 @@ void test_tile(int64_t C, double eps, double gamma, double z, double softcap, bo
   const acc_t* wp = weighted ? w.data() : nullptr;
   const acc_t scale = acc_t(0.25);
   std::vector<acc_t> loss(rows), loss_shift(rows);
-  run_tiles<acc_t>(0, rows, C, x.data(), y.data(), wp, prm, grad.data(), scale, loss.data());
+  run_tiles<acc_t, R>(0, rows, C, x.data(), y.data(), wp, prm, grad.data(), scale, loss.data());
   // The same rows from row 1 on: every row sits in another lane of another tile.
-  run_tiles<acc_t>(1, rows, C, x.data(), y.data(), wp, prm, grad_shift.data(), scale, loss_shift.data());
+  run_tiles<acc_t, R>(1, rows, C, x.data(), y.data(), wp, prm, grad_shift.data(), scale, loss_shift.data());
   char name[200];
-  std::snprintf(name, sizeof(name), "tile %s C=%lld eps=%g gamma=%g z=%g softcap=%g weighted=%d",
-                sizeof(acc_t) == 8 ? "double" : "float", static_cast<long long>(C), eps, gamma, z, softcap, weighted);
+  std::snprintf(name, sizeof(name), "tile R=%d %s C=%lld eps=%g gamma=%g z=%g softcap=%g weighted=%d",
+                R, sizeof(acc_t) == 8 ? "double" : "float", static_cast<long long>(C), eps, gamma, z, softcap, weighted);
   bool ok = true, same = true, nan_ok = true;
   for (int n = 0; n < rows; ++n) {
     const acc_t ref = process_row<acc_t, acc_t, acc_t>(x.data() + n * C, y[n], nullptr, wp, prm, grad_ref.data(), scale);
@@ -224,19 +224,21 @@ int main() {
               // float32 by rounding over C terms.
               run_case<double>(c, rng, 1e-12, 1e-7);
               run_case<float>(c, rng, 2e-5, 2e-4);
+              run_case<float, 16>(c, rng, 2e-5, 2e-4);
             }
           }
         }
       }
     }
   }
-  for (int64_t C : {1, 2, 5, 9, 17, 37, 64}) {
+  for (int64_t C : {1, 2, 5, 9, 17, 37, 64, 65, 133, 256}) {
     for (double eps : {0.0, 0.1}) {
       for (double gamma : {0.0, 2.0}) {
         if (eps != 0 && gamma != 0) continue;  // focal with smoothing is not a tile row
         for (double softcap : {0.0, 5.0}) {
           for (bool weighted : {false, true}) {
             test_tile<float>(C, eps, gamma, 1e-2, softcap, weighted, rng, 1e-5);
+            test_tile<float, 16>(C, eps, gamma, 1e-2, softcap, weighted, rng, 1e-5);
             test_tile<double>(C, eps, gamma, 1e-2, softcap, weighted, rng, 1e-13);
           }
         }
