@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/isa.h"
 #include "kernels/sigmoid.h"
 
 namespace fusedloss {
@@ -30,36 +31,21 @@ int64_t rows_per_chunk(int64_t num_classes) {
   return std::max<int64_t>(1, kElementsPerChunk / std::max<int64_t>(1, num_classes));
 }
 
-// Vector ISA: the extension is built for baseline x86-64; every chunk of rows runs through
-// run_chunk, which calls a copy of the chunk's loops compiled for AVX2 + FMA when the CPU has them
-// (the chunk lambdas and the row math are always inlined into both copies). Contraction into FMA is
-// left off, so both copies round alike.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define FUSEDLOSS_SIGMOID_AVX2 1
-#endif
-
-bool cpu_has_avx2_fma() {
-#ifdef FUSEDLOSS_SIGMOID_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
-
-#ifdef FUSEDLOSS_SIGMOID_AVX2
+// One chunk of rows as a job of cpu::run, so that it runs in the best vector ISA variant of this CPU (cpu/isa.h):
+// the chunk lambdas and the row math are always inlined into each variant. No contraction into fused
+// multiply-adds (no kContract): every variant rounds alike, bit for bit.
 template <typename ChunkFn>
-__attribute__((target("avx2,fma"))) double run_chunk_avx2(const ChunkFn& chunk_fn, int64_t begin, int64_t end) {
-  return chunk_fn(begin, end);
-}
-#endif
+struct ChunkJob {
+  const ChunkFn* chunk_fn;
+  double* result;
+  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const { *result = (*chunk_fn)(begin, end); }
+};
 
 template <typename ChunkFn>
 double run_chunk(const ChunkFn& chunk_fn, int64_t begin, int64_t end) {
-#ifdef FUSEDLOSS_SIGMOID_AVX2
-  if (cpu_has_avx2_fma()) return run_chunk_avx2(chunk_fn, begin, end);
-#endif
-  return chunk_fn(begin, end);
+  double result = 0;
+  cpu::run(ChunkJob<ChunkFn>{&chunk_fn, &result}, begin, end);
+  return result;
 }
 
 // Runs chunk_fn(first_row, end_row) -> double over fixed chunks of rows in parallel and returns the
