@@ -354,3 +354,47 @@ def test_public_api_runs_on_cpp():
         lambda t: F.cross_entropy(t.reshape(-1, 11), target.reshape(-1), **kwargs), x)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reuse of large gradient buffers (csrc/cpu/grad_buffer.h)
+# ----------------------------------------------------------------------------------------------
+
+# 32 MiB of float32: the smallest gradient whose pages the cpp backend keeps for the next call.
+_LARGE = (4096, 2048)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce", "distillation"])
+def test_large_gradient_buffer_is_reused_only_once_released(loss):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*_LARGE, generator=gen).requires_grad_()
+    target = torch.randint(0, _LARGE[1], (_LARGE[0],), generator=gen)
+    other = torch.randn(*_LARGE, generator=gen)
+
+    def step():
+        x.grad = None
+        if loss == "cross_entropy":
+            fusedloss.cross_entropy(x, target, backend="cpp").backward()
+        elif loss == "bce":
+            fusedloss.binary_cross_entropy_with_logits(x, other.sigmoid(), backend="cpp").backward()
+        else:
+            fusedloss.distillation_loss(x, other, backend="cpp").backward()
+        return x.grad
+
+    held = step()
+    expected = held.clone()
+    held_view = held[:10]
+    second = step()  # `held` is still referenced: new pages, and `held` keeps its values
+    assert second.data_ptr() != held.data_ptr()
+    assert torch.equal(held, expected) and torch.equal(second, expected)
+    del held, held_view
+    address = second.data_ptr()
+    del second
+    third = step()  # nothing referenced the last buffer: its pages are reused, with the same results
+    assert third.data_ptr() == address
+    assert torch.equal(third, expected)
+    view = third.view(-1)
+    del third
+    fourth = step()  # a view keeps the pages referenced
+    assert fourth.data_ptr() != view.data_ptr()
+    assert torch.equal(view.view(_LARGE), expected) and torch.equal(fourth, expected)

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "cpu/grad_buffer.h"
 #include "cpu/isa.h"
 #include "distillation_checks.h"
 #include "kernels/distillation.h"
@@ -69,8 +70,7 @@ at::Tensor distillation_rows_cpu(const at::Tensor& student, const at::Tensor& te
 std::tuple<at::Tensor, at::Tensor> distillation_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                             const at::Tensor& factors, double beta,
                                                             double temperature, bool compute_grad) {
-  at::Tensor grad = compute_grad ? at::empty_like(student, at::MemoryFormat::Contiguous)
-                                 : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? cpu::gradient_buffer(student) : at::empty({0}, student.options());
   at::Tensor losses = distillation_rows_cpu(student, teacher, factors, beta, temperature,
                                             compute_grad ? c10::optional<at::Tensor>(grad) : c10::nullopt);
   return {losses, grad};

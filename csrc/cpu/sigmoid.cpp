@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/grad_buffer.h"
 #include "cpu/isa.h"
 #include "kernels/sigmoid.h"
 
@@ -119,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> finish(const at::Tensor& input, c10::string_v
 }
 
 at::Tensor new_grad(const at::Tensor& input, bool compute_grad) {
-  return compute_grad ? at::empty_like(input, at::MemoryFormat::Contiguous) : at::empty({0}, input.options());
+  return compute_grad ? cpu::gradient_buffer(input) : at::empty({0}, input.options());
 }
 
 // ---------------------------------------------------------------------------------------------

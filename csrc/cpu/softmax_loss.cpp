@@ -12,6 +12,7 @@
 #include <string>
 #include <tuple>
 
+#include "cpu/grad_buffer.h"
 #include "cpu/isa.h"
 #include "kernels/softmax_loss.h"
 
@@ -190,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_loss_forward_cpu(const at::Tensor& in
     grad = at::empty({0}, input.options());
     grad.set_(input.storage(), input.storage_offset(), input.sizes(), input.strides());
   } else {
-    grad = at::empty_like(input);
+    grad = cpu::gradient_buffer(input);
   }
   at::Tensor row_loss = at::empty({N}, input.options().dtype(acc_type));
 
