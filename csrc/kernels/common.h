@@ -13,6 +13,15 @@
 #define FUSEDLOSS_INLINE inline __attribute__((always_inline))
 #endif
 
+// Lambdas of the row loops are inlined into their caller, so that they are compiled for the caller's instruction
+// set (the CPU kernels compile each loop for baseline x86-64, AVX2 and AVX-512; a lambda does not take the target
+// of the function it is written in).
+#if defined(__GNUC__) && !defined(__CUDA_ARCH__)
+#define FUSEDLOSS_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define FUSEDLOSS_LAMBDA_INLINE
+#endif
+
 namespace fusedloss {
 
 // A large finite negative used where -inf would be natural (masked lanes, forbidden transitions,

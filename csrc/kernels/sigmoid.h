@@ -26,13 +26,6 @@
 #define FUSEDLOSS_SIMD_SUM(...)
 #endif
 
-// Lambdas of the row loops are inlined into their caller, so that they are compiled for the
-// caller's instruction set (the CPU kernels compile each loop for baseline x86-64 and for AVX2).
-#if defined(__GNUC__) && !defined(__CUDA_ARCH__)
-#define FUSEDLOSS_LAMBDA_INLINE __attribute__((always_inline))
-#else
-#define FUSEDLOSS_LAMBDA_INLINE
-#endif
 
 namespace fusedloss {
 namespace sigmoid_loss {
