@@ -3,11 +3,13 @@
 Times, in the same run and interleaved call by call (so that drifts of a shared machine hit both sides
 alike), forward+backward of cross_entropy (plain, label smoothing 0.1, focal γ=2) against
 F.cross_entropy and the eager focal formula at N=4096 rows of C = 9, 37, 133, 1024, 32000 classes; the
-forward alone under torch.no_grad; the fixed cost of a call at N=1 and N=64 rows of 9 tags; and the CRF
-(log-likelihood forward+backward, decode) against pytorch-crf at B=1 T=32 K=9 and B=32 T=128 K=9.
+forward alone under torch.no_grad; the fixed cost of a call at N=1 and N=64 rows of 9 tags; at C >= 1024 the
+machine's floor (one copy of the logits, one row sum) beside the fused calls; and the CRF (log-likelihood
+forward+backward, decode) against pytorch-crf at B=1 T=32 K=9 and B=32 T=128 K=9. --sweep instead times
+cross_entropy at every C from 2 to 64 and at sizes up to 1024 (where a cliff between two paths would show).
 Prints a Markdown table of medians and speed-ups (eager time / fusedloss time; above 1 is faster).
 
-    python benchmarks/bench_token_classification.py [--repeats 30] [--threads 2] [--quick]
+    python benchmarks/bench_token_classification.py [--repeats 30] [--threads 2] [--quick] [--sweep] [--out FILE]
 """
 
 from __future__ import annotations
@@ -86,6 +88,52 @@ def softmax_rows(shapes: List[Tuple[int, int]], repeats: int) -> List[Tuple[str,
             ms = interleaved_ms({"eager": _fwd_no_grad(F.cross_entropy, logits, target),
                                  "fused": _fwd_no_grad(fusedloss.cross_entropy, logits, target)}, reps)
             rows.append(("cross_entropy, forward under no_grad", f"N={n} C={c}", ms["eager"], ms["fused"]))
+        if n == 4096 and c >= 1024:
+            rows += memory_rows(logits, target, reps)
+    return rows
+
+
+def memory_rows(logits: torch.Tensor, target: torch.Tensor, repeats: int) -> List[Tuple[str, str, float, float]]:
+    """The machine's own floor for a large vocabulary, in the same run: the fused forward+backward against one
+    copy of the logits into a preallocated tensor (it reads the logits and writes the gradient, the least a
+    forward+backward can move), the fused no_grad forward against ``logits.sum(-1)`` (one read). The "speed-up"
+    column is floor time / fused time: 1 would be the floor itself, 0.4 is 2.5x it."""
+    n, c = logits.shape
+    buffer = torch.empty_like(logits)
+    detached = logits.detach()
+
+    def copy() -> None:
+        buffer.copy_(detached)
+
+    def row_sums() -> None:
+        detached.sum(-1)
+
+    ms = interleaved_ms({"floor": copy, "fused": _fwd_bwd(fusedloss.cross_entropy, logits, target)}, repeats)
+    rows = [("preallocated copy of the logits vs fused fwd+bwd", f"N={n} C={c}", ms["floor"], ms["fused"])]
+    ms = interleaved_ms({"floor": row_sums, "fused": _fwd_no_grad(fusedloss.cross_entropy, logits, target)},
+                        repeats)
+    rows.append(("logits.sum(-1) vs fused forward under no_grad", f"N={n} C={c}", ms["floor"], ms["fused"]))
+    return rows
+
+
+# Tag-set sizes of the sweep: every C from 2 to 64 (where a cliff between two vector paths would show), then
+# the sizes around the paths' limits up to a small vocabulary.
+SWEEP_CLASSES = list(range(2, 65)) + [65, 80, 96, 100, 127, 128, 133, 160, 200, 255, 256, 257, 300, 400, 512, 1024]
+
+
+def sweep_rows(repeats: int) -> List[Tuple[str, str, float, float]]:
+    """cross_entropy forward+backward and forward under no_grad at N=4096 rows for every C of SWEEP_CLASSES."""
+    rows = []
+    for c in SWEEP_CLASSES:
+        gen = torch.Generator().manual_seed(0)
+        logits = torch.randn(4096, c, generator=gen).requires_grad_()
+        target = torch.randint(0, c, (4096,), generator=gen)
+        ms = interleaved_ms({"eager": _fwd_bwd(F.cross_entropy, logits, target),
+                             "fused": _fwd_bwd(fusedloss.cross_entropy, logits, target)}, repeats)
+        rows.append(("cross_entropy, fwd+bwd", f"N=4096 C={c}", ms["eager"], ms["fused"]))
+        ms = interleaved_ms({"eager": _fwd_no_grad(F.cross_entropy, logits, target),
+                             "fused": _fwd_no_grad(fusedloss.cross_entropy, logits, target)}, repeats)
+        rows.append(("cross_entropy, forward under no_grad", f"N=4096 C={c}", ms["eager"], ms["fused"]))
     return rows
 
 
@@ -138,6 +186,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead: cross_entropy at N=4096 for every C from 2 to 64 and sizes up to 1024")
     parser.add_argument("--out", default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,9 +196,13 @@ def main(argv=None) -> None:
         crf_shapes = [(1, 32, 9)]
         args.repeats = min(args.repeats, 10)
     else:
-        softmax_shapes = [(1, 9), (64, 9), (4096, 9), (4096, 37), (4096, 133), (4096, 1024), (4096, 32000)]
+        softmax_shapes = [(1, 9), (64, 9), (4096, 9), (4096, 17), (4096, 37), (4096, 64), (4096, 133),
+                          (4096, 1024), (4096, 32000)]
         crf_shapes = [(1, 32, 9), (32, 128, 9)]
-    rows = softmax_rows(softmax_shapes, args.repeats) + crf_rows(crf_shapes, args.repeats)
+    if args.sweep:
+        rows = sweep_rows(args.repeats)
+    else:
+        rows = softmax_rows(softmax_shapes, args.repeats) + crf_rows(crf_shapes, args.repeats)
     lines = [
         f"device: {device_name(torch.device('cpu'))}, torch {torch.__version__}, float32, "
         f"median of {args.repeats} interleaved calls (fewer for the largest shapes)",

@@ -179,25 +179,44 @@ def _version(distribution: str) -> str:
 
 
 def _cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers (a virtual machine may show only "AMD EPYC", the
+    same for several generations) and the vector-ISA variant the cpp kernels run in (``fusedloss._C.cpu_isa()``),
+    e.g. ``AMD EPYC family 26 model 2, avx512 kernels``."""
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if ":" not in line:
+                    if fields:
+                        break  # the first processor's block is enough
+                    continue
+                key, value = (part.strip() for part in line.split(":", 1))
+                fields.setdefault(key, value)
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" family {fields['cpu family']} model {fields['model']}"
+    try:
+        import fusedloss._C
+
+        name += f", {fusedloss._C.cpu_isa()} kernels"
+    except (ImportError, AttributeError):
+        pass
+    return name
 
 
 def device_name(device: torch.device) -> str:
-    """What the numbers were measured on, e.g. ``NVIDIA H100 80GB HBM3`` or ``AMD EPYC 7B13 (2 threads)``."""
+    """What the numbers were measured on, e.g. ``NVIDIA H100 80GB HBM3`` or
+    ``AMD EPYC family 26 model 2, avx512 kernels (2 threads)``."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def device_slug(device: torch.device) -> str:
-    """``device_name`` as a file-name part: ``cpu-AMD-EPYC-7B13-2threads``, ``cuda-NVIDIA-H100-80GB-HBM3``."""
+    """``device_name`` as a file-name part: ``cpu-AMD-EPYC-family-26-model-2-avx512-kernels-2threads``,
+    ``cuda-NVIDIA-H100-80GB-HBM3``."""
     name = device_name(device).replace("(R)", "").replace("(TM)", "").replace("CPU @", "")
     return re.sub(r"[^A-Za-z0-9]+", "-", f"{device.type} {name}").strip("-").replace("-threads", "threads")
 
