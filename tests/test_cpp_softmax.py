@@ -124,13 +124,14 @@ def test_matches_cross_entropy(dtype, num_classes, reduction, target_kind, weigh
 @pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(weighted=True),
                                      dict(focal_gamma=2.0), dict(softcap=20.0)], ids=str)
 def test_every_tag_set_size(options):
-    """Every class count from 2 to 70 and 133 (the row tiles serve up to 64 classes, full float32 tiles through
-    vector transposes, a partial last tile and ignored rows inside full tiles element by element; per-row sweeps
-    above), 43 rows (five full tiles and a partial one), against float64 with torch's float32 error as the
+    """Every class count from 2 to 70, then sizes around the paths' limits up to 1024 (row tiles serve up to 64
+    classes, up to 512 in the AVX-512 variant, full float32 tiles through vector transposes, a partial last tile
+    and ignored rows inside full tiles element by element; per-row sweeps above, in blocks of 512 with a masked last
+    vector), 43 rows (partial tiles of 8 and 16 rows), against float64 with torch's float32 error as the
     tolerance."""
     options = dict(options)
     weighted = options.pop("weighted", False)
-    for num_classes in [*range(2, 71), 133]:
+    for num_classes in [*range(2, 71), 127, 133, 255, 256, 257, 300, 512, 513, 529, 1024]:
         x, target, weight = _make(43, num_classes, torch.float32, "hard", seed=num_classes, weighted=weighted)
         target[[9, 20, 42]] = -100  # ignored rows in full tiles and in the partial one
         kwargs = _args(target, weight, **options)

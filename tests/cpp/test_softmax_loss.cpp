@@ -234,7 +234,7 @@ int main() {
       }
     }
   }
-  for (int64_t C : {1, 2, 5, 9, 17, 37, 64, 65, 133, 256}) {
+  for (int64_t C : {1, 2, 5, 9, 17, 37, 64, 65, 133, 256, 300, 512}) {
     for (double eps : {0.0, 0.1}) {
       for (double gamma : {0.0, 2.0}) {
         if (eps != 0 && gamma != 0) continue;  // focal with smoothing is not a tile row
