@@ -122,7 +122,8 @@ def test_matches_cross_entropy(dtype, num_classes, reduction, target_kind, weigh
 
 
 @pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(weighted=True),
-                                     dict(focal_gamma=2.0), dict(softcap=20.0)], ids=str)
+                                     dict(focal_gamma=2.0), dict(focal_gamma=1.0, weighted=True, z_loss=1e-3),
+                                     dict(focal_gamma=0.5), dict(softcap=20.0)], ids=str)
 def test_every_tag_set_size(options):
     """Every class count from 2 to 70, then sizes around the paths' limits up to 1024 (row tiles serve up to 64
     classes, up to 512 in the AVX-512 variant, full float32 tiles through vector transposes, a partial last tile

@@ -745,7 +745,41 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
     }
     for (int r = 0; r < rows; ++r) losses[r] = ignored[r] ? acc_t(0) : loss[r];
   }
-  for (int r = 0; r < R && prm.focal_gamma != acc_t(0); ++r) {
+  // Focal with γ = 2 or 1 in float32: finish_hard_row's focal branch across the rows, branch-free so that it
+  // vectorizes (fast_expm1 for −(1 − p), the power as multiplies); the library expm1 and pow of one row at a time
+  // cost as much as the tile's exps at tens of classes. Other γ (pow) and float64 take finish_hard_row per row.
+  bool focal_lanes = false;
+  if constexpr (std::is_same<acc_t, float>::value) {
+    focal_lanes = prm.focal_gamma == 2.0f || prm.focal_gamma == 1.0f;
+    if (focal_lanes) {
+      for (int r = 0; r < R; ++r) {
+        s_y[r] = t[y[r]][r];
+        w_y[r] = weight == nullptr ? acc_t(1) : weight[y[r]];
+      }
+      const acc_t gamma = prm.focal_gamma;
+      const acc_t z = prm.z_loss;
+      acc_t loss[R];
+      for (int r = 0; r < R; ++r) {
+        const acc_t log_sum = fast_log(sum[r]);
+        const acc_t lse = mx[r] + log_sum;
+        lp_y[r] = (s_y[r] - mx[r]) - log_sum;
+        const acc_t one_minus_p = -fast_expm1(lp_y[r]);
+        const bool representable = one_minus_p > Limits<acc_t>::tiny;
+        const acc_t power = gamma == acc_t(2) ? one_minus_p * one_minus_p : one_minus_p;
+        const acc_t factor = representable ? power : acc_t(0);
+        const acc_t ratio = representable ? lp_y[r] / one_minus_p : acc_t(0);
+        const acc_t cost = -factor * lp_y[r];
+        const acc_t dcost = -factor + gamma * fast_exp(lp_y[r]) * factor * ratio;
+        const acc_t g_y = w_y[r] * dcost;
+        loss[r] = w_y[r] * cost + z * lse * lse;
+        target_coef[r] = -g_y;
+        p_rest[r] = acc_t(2) * z * lse;
+        smooth[r] = acc_t(0);
+      }
+      for (int r = 0; r < rows; ++r) losses[r] = ignored[r] ? acc_t(0) : loss[r];
+    }
+  }
+  for (int r = 0; r < R && prm.focal_gamma != acc_t(0) && !focal_lanes; ++r) {
     RowStats<acc_t> stats;
     stats.max = mx[r];
     stats.sum_exp = sum[r];
