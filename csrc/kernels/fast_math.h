@@ -60,12 +60,13 @@ FUSEDLOSS_INLINE F expm1_reduced(F r) {
 }
 
 // fast_exp's float32 algorithm on a float (I = int32_t) or on a GCC vector of floats (I = its int32 twin).
-template <typename F, typename I>
+// kNonPositive: the caller passes x ≤ 0 or NaN (s − max of a softmax), so the clamp from above is left out.
+template <typename F, typename I, bool kNonPositive = false>
 FUSEDLOSS_INLINE F exp_float_lanes(F x) {
   const F hi = F{} + 88.3762626647949f;
   const F lo = F{} + -87.3365478515625f;
   const auto underflow = x < lo;
-  x = x > hi ? hi : x;
+  if (!kNonPositive) x = x > hi ? hi : x;
   x = x < lo ? lo : x;
   const F magic = F{} + 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
   const F shifted = x * 1.44269504088896341f + magic;
@@ -100,10 +101,11 @@ struct FloatLanes<16> {
   typedef int32_t int_type __attribute__((vector_size(64)));
 };
 
-// exp of W floats at once (fast_exp lane by lane, the same bits).
+// exp of W floats x ≤ 0 (or NaN) at once: fast_exp lane by lane, the same bits, without its clamp from above
+// (the softmax sweeps pass s − max).
 template <int W>
-FUSEDLOSS_INLINE typename FloatLanes<W>::type fast_exp_lanes(typename FloatLanes<W>::type x) {
-  return exp_float_lanes<typename FloatLanes<W>::type, typename FloatLanes<W>::int_type>(x);
+FUSEDLOSS_INLINE typename FloatLanes<W>::type fast_exp_nonpositive_lanes(typename FloatLanes<W>::type x) {
+  return exp_float_lanes<typename FloatLanes<W>::type, typename FloatLanes<W>::int_type, true>(x);
 }
 #endif
 

@@ -425,15 +425,15 @@ FUSEDLOSS_INLINE float block_sum_exp_lanes(const float* s, int64_t len, float sh
   int64_t i = 0;
   if (out != nullptr) {
     for (; i + W <= len; i += W) {
-      const V e = fast_exp_lanes<W>(load_lanes<W>(s + i) - shift);
+      const V e = fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift);
       std::memcpy(out + i, &e, sizeof(e));
       sum += e;
     }
   } else {
-    for (; i + W <= len; i += W) sum += fast_exp_lanes<W>(load_lanes<W>(s + i) - shift);
+    for (; i + W <= len; i += W) sum += fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift);
   }
   if (i < len) {
-    const V e = lanes_below<W>(len - i) ? fast_exp_lanes<W>(load_lanes<W>(s + i) - shift) : V{};
+    const V e = lanes_below<W>(len - i) ? fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift) : V{};
     if (out != nullptr)
       for (int64_t k = 0; k < len - i; ++k) out[i + k] = e[k];
     sum += e;
@@ -591,7 +591,7 @@ FUSEDLOSS_INLINE void tile_max_sum_exp(const acc_t (*t)[R], int64_t C, acc_t* mx
       m = v > m ? v : m;
     }
     auto exp_at = [&](int64_t c) FUSEDLOSS_LAMBDA_INLINE {
-      const V v = fast_exp_lanes<R>(load_lanes<R>(t[c]) - m);
+      const V v = fast_exp_nonpositive_lanes<R>(load_lanes<R>(t[c]) - m);
       std::memcpy(e[c], &v, sizeof(v));
       return v;
     };
