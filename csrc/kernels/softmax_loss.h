@@ -541,36 +541,48 @@ FUSEDLOSS_INLINE void transpose8(TileVector rows[8]) {
   }
 }
 
-// t[c][r] = x[r * C + c] for the R rows of a full float32 tile, 8 x 8 blocks at a time (the columns past the last
-// multiple of 8 one by one).
+// t[c][r] = x[r * C + c] for the R rows of a full float32 tile, 8 x 8 blocks at a time. Columns past the last
+// multiple of 8 go through one more block that ends at column C and overlaps the one before (the overlap is
+// written twice with the same values: no element-by-element tail, no read past a row); fewer than 8 classes
+// element by element.
 template <int R>
 FUSEDLOSS_INLINE void load_tile_transposed(const float* x, int64_t C, float (*t)[R]) {
   for (int r0 = 0; r0 < R; r0 += 8) {
-    int64_t c0 = 0;
-    for (; c0 + 8 <= C; c0 += 8) {
+    auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
       TileVector v[8];
       for (int r = 0; r < 8; ++r) __builtin_memcpy(&v[r], x + (r0 + r) * C + c0, sizeof(TileVector));
       transpose8(v);
       for (int c = 0; c < 8; ++c) __builtin_memcpy(&t[c0 + c][r0], &v[c], sizeof(TileVector));
+    };
+    int64_t c0 = 0;
+    for (; c0 + 8 <= C; c0 += 8) block(c0);
+    if (c0 < C && C >= 8) {
+      block(C - 8);
+    } else {
+      for (int r = r0; r < r0 + 8; ++r)
+        for (int64_t c = c0; c < C; ++c) t[c][r] = x[r * C + c];
     }
-    for (int r = r0; r < r0 + 8; ++r)
-      for (int64_t c = c0; c < C; ++c) t[c][r] = x[r * C + c];
   }
 }
 
-// grad[r * C + c] = t[c][r]: the inverse of load_tile_transposed.
+// grad[r * C + c] = t[c][r]: the inverse of load_tile_transposed, with the same overlapping last block.
 template <int R>
 FUSEDLOSS_INLINE void store_tile_transposed(float (*t)[R], int64_t C, float* grad) {
   for (int r0 = 0; r0 < R; r0 += 8) {
-    int64_t c0 = 0;
-    for (; c0 + 8 <= C; c0 += 8) {
+    auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
       TileVector v[8];
       for (int c = 0; c < 8; ++c) __builtin_memcpy(&v[c], &t[c0 + c][r0], sizeof(TileVector));
       transpose8(v);
       for (int r = 0; r < 8; ++r) __builtin_memcpy(grad + (r0 + r) * C + c0, &v[r], sizeof(TileVector));
+    };
+    int64_t c0 = 0;
+    for (; c0 + 8 <= C; c0 += 8) block(c0);
+    if (c0 < C && C >= 8) {
+      block(C - 8);
+    } else {
+      for (int r = r0; r < r0 + 8; ++r)
+        for (int64_t c = c0; c < C; ++c) grad[r * C + c] = t[c][r];
     }
-    for (int r = r0; r < r0 + 8; ++r)
-      for (int64_t c = c0; c < C; ++c) grad[r * C + c] = t[c][r];
   }
 }
 #endif
