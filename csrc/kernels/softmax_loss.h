@@ -587,6 +587,26 @@ FUSEDLOSS_INLINE void store_tile_transposed(float (*t)[R], int64_t C, float* gra
 }
 #endif
 
+#ifndef __CUDACC__
+// Σ_c term(c) for c in [0, C): four partial sums (classes c mod 4), each in class order, added pairwise as
+// (p0 + p1) + (p2 + p3) — the order of the tiles' element-wise loops below, kept in vector registers.
+template <typename V, typename Term>
+FUSEDLOSS_INLINE V sum_mod4(int64_t C, const Term& term) {
+  V part0 = {}, part1 = {}, part2 = {}, part3 = {};
+  int64_t c = 0;
+  for (; c + 4 <= C; c += 4) {
+    part0 += term(c);
+    part1 += term(c + 1);
+    part2 += term(c + 2);
+    part3 += term(c + 3);
+  }
+  if (c < C) part0 += term(c);
+  if (c + 1 < C) part1 += term(c + 1);
+  if (c + 2 < C) part2 += term(c + 2);
+  return (part0 + part1) + (part2 + part3);
+}
+#endif
+
 // Per row r of a transposed tile: mx[r] = max_c t[c][r], e[c][r] = exp(t[c][r] − mx[r]), sum[r] = Σ_c e[c][r].
 // NaN compares false in the max; it reaches its row's sum (and so the whole row) through exp. Four partial sums per
 // row (classes c mod 4), added pairwise: one running sum's rounding error grows with C and put the gradient of
@@ -608,18 +628,7 @@ FUSEDLOSS_INLINE void tile_max_sum_exp(const acc_t (*t)[R], int64_t C, acc_t* mx
       std::memcpy(e[c], &v, sizeof(v));
       return v;
     };
-    V part0 = {}, part1 = {}, part2 = {}, part3 = {};
-    int64_t c = 0;
-    for (; c + 4 <= C; c += 4) {
-      part0 += exp_at(c);
-      part1 += exp_at(c + 1);
-      part2 += exp_at(c + 2);
-      part3 += exp_at(c + 3);
-    }
-    if (c < C) part0 += exp_at(c);
-    if (c + 1 < C) part1 += exp_at(c + 1);
-    if (c + 2 < C) part2 += exp_at(c + 2);
-    const V total = (part0 + part1) + (part2 + part3);
+    const V total = sum_mod4<V>(C, exp_at);
     std::memcpy(mx, &m, sizeof(m));
     std::memcpy(sum, &total, sizeof(total));
     return;
@@ -658,18 +667,7 @@ FUSEDLOSS_INLINE void tile_smoothing_sums(const acc_t (*t)[R], int64_t C, const 
       const V d = load_lanes<R>(t[c]) - m;
       return weight == nullptr ? d : d * weight[c];
     };
-    V part0 = {}, part1 = {}, part2 = {}, part3 = {};
-    int64_t c = 0;
-    for (; c + 4 <= C; c += 4) {
-      part0 += term(c);
-      part1 += term(c + 1);
-      part2 += term(c + 2);
-      part3 += term(c + 3);
-    }
-    if (c < C) part0 += term(c);
-    if (c + 1 < C) part1 += term(c + 1);
-    if (c + 2 < C) part2 += term(c + 2);
-    const V total = (part0 + part1) + (part2 + part3);
+    const V total = sum_mod4<V>(C, term);
     std::memcpy(sum_w_s, &total, sizeof(total));
     return;
   }
