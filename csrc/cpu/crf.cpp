@@ -13,8 +13,8 @@
 // summed over fixed slots of sequences (a partition of the batch that depends on B and K, not on the
 // number of threads) and then over the slots in order, so any thread count gives identical bits.
 //
-// Vector ISA: each kernel loop below is compiled for the baseline x86-64 ISA and for AVX2 + FMA, picked at run
-// time (cpu/isa.h).
+// Vector ISA: each kernel loop below is compiled for the baseline x86-64 ISA, for AVX2 + FMA and for AVX-512,
+// picked at run time (cpu/isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -42,7 +42,7 @@ using cpu::run_parallel;
 template <typename T>
 struct TablesJob {
   crf::Tables<T> tab;
-  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 variant (the K^2 loops)
+  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 and AVX-512 variants
   FUSEDLOSS_INLINE void run(int64_t, int64_t) const { crf::make_tables(tab); }
 };
 
@@ -145,7 +145,7 @@ struct ForwardJob {
   double* log_partition;
   uint8_t* bad_tags;
 
-  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 variant (the K^2 loops)
+  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 and AVX-512 variants
   FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
     const int K = tab->K;
     std::vector<T> scratch(crf::Workspace<T>::size(K) + (alpha == nullptr ? 2 * K : 0));
@@ -181,7 +181,7 @@ struct BackwardJob {
   E* grad_emissions;
   T* slot_grads;  // per slot: transitions (K, K) transposed, start (K), end (K)
 
-  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 variant (the K^2 loops)
+  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 and AVX-512 variants
   FUSEDLOSS_INLINE void run(int64_t slot_begin, int64_t slot_end) const {
     const int K = tab->K;
     const int64_t slot_size = static_cast<int64_t>(K) * K + 2 * K;
@@ -222,7 +222,7 @@ struct ViterbiJob {
   int64_t* paths;
   T* scores;
 
-  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 variant (the K^2 loops)
+  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 and AVX-512 variants
   FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
     const int K = tab->K;
     std::vector<T> scratch(3 * static_cast<size_t>(K));
@@ -246,7 +246,7 @@ struct MarginalsJob {
   int64_t T_len, max_length;
   T* marginals;
 
-  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 variant (the K^2 loops)
+  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 and AVX-512 variants
   FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
     const int K = tab->K;
     std::vector<T> scratch(crf::Workspace<T>::size(K) + max_length * K);
@@ -284,7 +284,7 @@ struct PartitionForwardJob {
   double* log_partition_allowed;
   T* value;
 
-  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 variant (the K^2 loops)
+  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 and AVX-512 variants
   FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
     const int K = tab->K;
     const bool store = alpha != nullptr;
@@ -343,7 +343,7 @@ struct PartitionBackwardJob {
   E* grad_emissions;
   T* slot_grads;
 
-  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 variant (the K^2 loops)
+  static constexpr bool kContract = true;  // fused multiply-adds in the AVX2 and AVX-512 variants
   FUSEDLOSS_INLINE void run(int64_t slot_begin, int64_t slot_end) const {
     constexpr bool kDirect = std::is_same<E, T>::value;  // else the gradient is summed in T, then converted
     const int K = tab->K;

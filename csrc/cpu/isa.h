@@ -1,9 +1,10 @@
 // Run-time choice of the vector ISA for the CPU kernels. The extension is built for the baseline x86-64 ISA (the
-// wheel must run on any x86-64); a job's loops are compiled a second time for AVX2 + FMA and that variant runs
-// when the CPU has them. A job is a struct with `void run(int64_t begin, int64_t end) const` marked
+// wheel must run on any x86-64); a job's loops are compiled again for AVX2 + FMA and for AVX-512 (F, BW, VL, DQ),
+// and the best variant the CPU has runs. A job is a struct with `void run(int64_t begin, int64_t end) const` marked
 // FUSEDLOSS_INLINE, so that its loops (and the always-inline kernel functions they call) are compiled into each
-// variant below; `static constexpr bool kContract = true` lets the AVX2 variant fuse multiply-adds (results then
-// differ from the baseline variant's in the last bits).
+// variant below; `static constexpr bool kContract = true` lets the AVX2 and AVX-512 variants fuse multiply-adds
+// (results then differ from the baseline variant's in the last bits); a `run_wide` member runs instead of `run`
+// in the AVX-512 variant (loops written for 16 float lanes).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -26,8 +27,8 @@ namespace cpu {
 #define FUSEDLOSS_CPU_AVX2 1
 #endif
 
-// FUSEDLOSS_CPU_ISA=baseline (read once, at the first kernel call) runs every job in the baseline variant even on
-// a CPU with AVX2 + FMA: to compare the variants on the same inputs (tests/test_cpu_isa.py) or to rule one out.
+// FUSEDLOSS_CPU_ISA=baseline or =avx2 (read once, at the first kernel call) caps the variant every job runs in:
+// to compare the variants on the same inputs (tests/test_cpu_isa.py) or to rule one out.
 inline bool baseline_forced() {
   const char* value = std::getenv("FUSEDLOSS_CPU_ISA");
   return value != nullptr && std::strcmp(value, "baseline") == 0;
@@ -58,7 +59,8 @@ inline bool has_avx512() {
 #endif
 }
 
-// The variant the jobs run in: "avx2" (AVX2 + FMA) or "baseline" (x86-64 SSE2, or the compiler's default ISA).
+// The variant the jobs run in: "avx512", "avx2" (AVX2 + FMA) or "baseline" (x86-64 SSE2, or the compiler's
+// default ISA).
 inline const char* active_isa() { return has_avx512() ? "avx512" : has_avx2_fma() ? "avx2" : "baseline"; }
 
 template <typename Job>

@@ -1,6 +1,6 @@
 // The cpp backend of softmax_loss (docs/BACKENDS.md): one fused pass per row computes the loss and
 // writes the gradient (csrc/kernels/softmax_loss.h), rows in parallel with at::parallel_for, in the vector
-// ISA picked at run time (baseline x86-64, or AVX2 + FMA: cpu/isa.h).
+// ISA picked at run time (baseline x86-64, AVX2 + FMA or AVX-512: cpu/isa.h).
 // Extra memory: the gradient (N, C) in input's dtype (none with inplace_backward) and the (N,)
 // row losses in the compute dtype; no (N, C) float32 temporary.
 #include <ATen/Dispatch.h>
@@ -27,9 +27,9 @@ int64_t rows_per_task(int64_t num_classes) {
 }
 
 // Rows [begin, end) of one call; run() is compiled per vector ISA (cpu/isa.h), run_wide() (16 float lanes) in the
-// AVX-512 variant. kFma: fused multiply-adds in the
-// AVX2 variant (the exp polynomial is most of the work and FMA halves its operations; results differ from the
-// baseline variant's in the last bits, within the fidelity bounds). Not for one class, whose gradient torch gives
+// AVX-512 variant. kFma: fused multiply-adds in the AVX2 and AVX-512 variants (the exp polynomial is most of the
+// work and FMA halves its operations; results differ from the baseline variant's in the last bits, within the
+// fidelity bounds). Not for one class, whose gradient torch gives
 // as exact zeros (p = 1) that a fused a·b − c no longer cancels to.
 template <typename acc_t, typename scalar_t, typename target_t, bool kFma>
 struct RowsJob {
