@@ -29,28 +29,23 @@ namespace cpu {
 
 // FUSEDLOSS_CPU_ISA=baseline or =avx2 (read once, at the first kernel call) caps the variant every job runs in:
 // to compare the variants on the same inputs (tests/test_cpu_isa.py) or to rule one out.
-inline bool baseline_forced() {
+inline bool isa_capped_at(const char* variant) {
   const char* value = std::getenv("FUSEDLOSS_CPU_ISA");
-  return value != nullptr && std::strcmp(value, "baseline") == 0;
+  return value != nullptr && std::strcmp(value, variant) == 0;
 }
 
 inline bool has_avx2_fma() {
 #ifdef FUSEDLOSS_CPU_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !baseline_forced();
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !isa_capped_at("baseline");
   return has;
 #else
   return false;
 #endif
 }
 
-inline bool avx2_forced() {
-  const char* value = std::getenv("FUSEDLOSS_CPU_ISA");
-  return value != nullptr && std::strcmp(value, "avx2") == 0;
-}
-
 inline bool has_avx512() {
 #ifdef FUSEDLOSS_CPU_AVX2
-  static const bool has = has_avx2_fma() && !avx2_forced() && __builtin_cpu_supports("avx512f") &&
+  static const bool has = has_avx2_fma() && !isa_capped_at("avx2") && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512dq");
   return has;
