@@ -127,6 +127,23 @@ void run_rows(const at::Tensor& input, const at::Tensor& target, const at::Tenso
   }
 }
 
+// The float64 sum of values[0, n), in one thread and a fixed order (the same result for any number of threads):
+// eight partial sums by index mod 8, then added in order. One running sum is a chain of dependent adds, 4 cycles
+// an element (5 us of a 4096-row call, as long as the loss kernel itself at 16 classes).
+template <typename T>
+double sum_in_float64(const T* values, int64_t n) {
+  constexpr int kParts = 8;
+  double part[kParts] = {};
+  int64_t i = 0;
+  for (; i + kParts <= n; i += kParts) {
+    for (int k = 0; k < kParts; ++k) part[k] += static_cast<double>(values[i + k]);
+  }
+  for (int k = 0; i < n; ++i, ++k) part[k] += static_cast<double>(values[i]);
+  double total = 0;
+  for (int k = 0; k < kParts; ++k) total += part[k];
+  return total;
+}
+
 std::tuple<at::Tensor, at::Tensor> softmax_loss_forward_cpu(const at::Tensor& input_arg, const at::Tensor& target_arg,
                                                             const c10::optional<at::Tensor>& weight_arg,
                                                             int64_t ignore_index, c10::string_view reduction,
@@ -213,11 +230,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_loss_forward_cpu(const at::Tensor& in
   });
 
   if (reduction == "none") return {row_loss.to(input.scalar_type()), grad};
-  // A serial float64 sum: the same result for any number of threads.
   double total = 0;
   AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "softmax_loss_reduce_cpu", [&] {
-    const scalar_t* losses = row_loss.const_data_ptr<scalar_t>();
-    for (int64_t n = 0; n < N; ++n) total += static_cast<double>(losses[n]);
+    total = sum_in_float64(row_loss.const_data_ptr<scalar_t>(), N);
   });
   if (reduction == "mean") total /= divisor;
   return {at::scalar_tensor(total, input.options()), grad};
