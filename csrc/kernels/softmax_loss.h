@@ -541,12 +541,69 @@ FUSEDLOSS_INLINE void transpose8(TileVector rows[8]) {
   }
 }
 
-// t[c][r] = x[r * C + c] for the R rows of a full float32 tile, 8 x 8 blocks at a time. Columns past the last
+// 16 x 16 float transposes (one 64-byte vector per row: the AVX-512 variant's tiles of 16 rows), four stages of 16
+// two-source shuffles: 4 x 4 transposes inside each 128-bit lane (unpack of floats, then of float pairs), then a
+// 4 x 4 transpose of the 128-bit lanes (vshuff32x4). Per class this is half the shuffles, loads and stores of two
+// 8 x 8 transposes.
+typedef float TileVector16 __attribute__((vector_size(64)));
+
+FUSEDLOSS_INLINE void transpose16(TileVector16 rows[16]) {
+  TileVector16 a[16], b[16];
+  for (int i = 0; i < 8; ++i) {  // rows 2i, 2i + 1 interleaved in each 128-bit lane
+    a[2 * i] = __builtin_shufflevector(rows[2 * i], rows[2 * i + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12,
+                                       28, 13, 29);
+    a[2 * i + 1] = __builtin_shufflevector(rows[2 * i], rows[2 * i + 1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27,
+                                           14, 30, 15, 31);
+  }
+  for (int g = 0; g < 4; ++g) {  // rows 4g..4g+3: b[4g + k] lane L holds column 4L + k of those rows
+    const TileVector16 *lo = a + 4 * g, *hi = a + 4 * g + 2;
+    b[4 * g + 0] = __builtin_shufflevector(lo[0], hi[0], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+    b[4 * g + 1] = __builtin_shufflevector(lo[0], hi[0], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    b[4 * g + 2] = __builtin_shufflevector(lo[1], hi[1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+    b[4 * g + 3] = __builtin_shufflevector(lo[1], hi[1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
+  for (int k = 0; k < 4; ++k) {  // lane L of b[4g + k] (g = 0..3) makes column 4L + k
+    const TileVector16 s0 = __builtin_shufflevector(b[k], b[4 + k], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const TileVector16 s1 =
+        __builtin_shufflevector(b[k], b[4 + k], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const TileVector16 s2 =
+        __builtin_shufflevector(b[8 + k], b[12 + k], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const TileVector16 s3 =
+        __builtin_shufflevector(b[8 + k], b[12 + k], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    rows[k] = __builtin_shufflevector(s0, s2, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+    rows[4 + k] = __builtin_shufflevector(s0, s2, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    rows[8 + k] = __builtin_shufflevector(s1, s3, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+    rows[12 + k] = __builtin_shufflevector(s1, s3, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+}
+
+// Tiles of 16 rows and at least 16 classes: 16 x 16 blocks, the last one ending at column C (overlapping the one
+// before). to_tile: t[c][r] = x[r * C + c]; otherwise the inverse, x[r * C + c] = t[c][r].
+template <bool to_tile>
+FUSEDLOSS_INLINE void transpose_tile16(float* x, int64_t C, float (*t)[16]) {
+  auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
+    TileVector16 v[16];
+    for (int i = 0; i < 16; ++i)
+      __builtin_memcpy(&v[i], to_tile ? x + i * C + c0 : &t[c0 + i][0], sizeof(TileVector16));
+    transpose16(v);
+    for (int i = 0; i < 16; ++i)
+      __builtin_memcpy(to_tile ? &t[c0 + i][0] : x + i * C + c0, &v[i], sizeof(TileVector16));
+  };
+  int64_t c0 = 0;
+  for (; c0 + 16 <= C; c0 += 16) block(c0);
+  if (c0 < C) block(C - 16);
+}
+
+// t[c][r] = x[r * C + c] for the R rows of a full float32 tile, 8 x 8 blocks at a time (16 x 16 for 16 rows of at
+// least 16 classes). Columns past the last
 // multiple of 8 go through one more block that ends at column C and overlaps the one before (the overlap is
 // written twice with the same values: no element-by-element tail, no read past a row); fewer than 8 classes
 // element by element.
 template <int R>
 FUSEDLOSS_INLINE void load_tile_transposed(const float* x, int64_t C, float (*t)[R]) {
+  if constexpr (R == 16) {
+    if (C >= 16) return transpose_tile16<true>(const_cast<float*>(x), C, t);
+  }
   for (int r0 = 0; r0 < R; r0 += 8) {
     auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
       TileVector v[8];
@@ -568,6 +625,9 @@ FUSEDLOSS_INLINE void load_tile_transposed(const float* x, int64_t C, float (*t)
 // grad[r * C + c] = t[c][r]: the inverse of load_tile_transposed, with the same overlapping last block.
 template <int R>
 FUSEDLOSS_INLINE void store_tile_transposed(float (*t)[R], int64_t C, float* grad) {
+  if constexpr (R == 16) {
+    if (C >= 16) return transpose_tile16<false>(grad, C, t);
+  }
   for (int r0 = 0; r0 < R; r0 += 8) {
     auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
       TileVector v[8];
@@ -607,7 +667,8 @@ FUSEDLOSS_INLINE V sum_mod4(int64_t C, const Term& term) {
 }
 #endif
 
-// Per row r of a transposed tile: mx[r] = max_c t[c][r], e[c][r] = exp(t[c][r] − mx[r]), sum[r] = Σ_c e[c][r].
+// Per row r of a transposed tile: mx[r] = max_c t[c][r], e[c][r] = exp(t[c][r] − mx[r]) (not stored when e is
+// null: no gradient to compute), sum[r] = Σ_c e[c][r].
 // NaN compares false in the max; it reaches its row's sum (and so the whole row) through exp. Four partial sums per
 // row (classes c mod 4), added pairwise: one running sum's rounding error grows with C and put the gradient of
 // some 40-class rows at 6 ulps where torch's is 1. In float32 on the host, one GCC vector of R lanes per class
@@ -618,14 +679,21 @@ FUSEDLOSS_INLINE void tile_max_sum_exp(const acc_t (*t)[R], int64_t C, acc_t* mx
 #ifndef __CUDACC__
   if constexpr (std::is_same<acc_t, float>::value) {
     typedef typename FloatLanes<R>::type V;
-    V m = load_lanes<R>(t[0]);
-    for (int64_t c = 1; c < C; ++c) {
-      const V v = load_lanes<R>(t[c]);
-      m = v > m ? v : m;
+    // Four running maxima (classes c mod 4): one was a chain of C dependent max operations.
+    auto larger = [](V a, V b) FUSEDLOSS_LAMBDA_INLINE { return b > a ? b : a; };
+    V m0 = load_lanes<R>(t[0]), m1 = m0, m2 = m0, m3 = m0;
+    int64_t k = 1;
+    for (; k + 4 <= C; k += 4) {
+      m0 = larger(m0, load_lanes<R>(t[k]));
+      m1 = larger(m1, load_lanes<R>(t[k + 1]));
+      m2 = larger(m2, load_lanes<R>(t[k + 2]));
+      m3 = larger(m3, load_lanes<R>(t[k + 3]));
     }
+    for (; k < C; ++k) m0 = larger(m0, load_lanes<R>(t[k]));
+    const V m = larger(larger(m0, m1), larger(m2, m3));
     auto exp_at = [&](int64_t c) FUSEDLOSS_LAMBDA_INLINE {
       const V v = fast_exp_nonpositive_lanes<R>(load_lanes<R>(t[c]) - m);
-      std::memcpy(e[c], &v, sizeof(v));
+      if (e != nullptr) std::memcpy(e[c], &v, sizeof(v));
       return v;
     };
     const V total = sum_mod4<V>(C, exp_at);
@@ -640,8 +708,9 @@ FUSEDLOSS_INLINE void tile_max_sum_exp(const acc_t (*t)[R], int64_t C, acc_t* mx
   acc_t part[4][R] = {};
   for (int64_t c = 0; c < C; ++c)
     for (int r = 0; r < R; ++r) {
-      e[c][r] = fast_exp(t[c][r] - mx[r]);
-      part[c & 3][r] += e[c][r];
+      const acc_t v = fast_exp(t[c][r] - mx[r]);
+      if (e != nullptr) e[c][r] = v;
+      part[c & 3][r] += v;
     }
   for (int r = 0; r < R; ++r) sum[r] = (part[0][r] + part[1][r]) + (part[2][r] + part[3][r]);
 }
@@ -687,7 +756,7 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
   const int64_t C = prm.num_classes;
   const bool softcap = prm.softcap != acc_t(0);
   const bool smoothing = prm.label_smoothing != acc_t(0);
-  acc_t t[kTileMaxClasses][R];  // s_c of each row, then the gradient
+  alignas(64) acc_t t[kTileMaxClasses][R];  // s_c of each row, then the gradient
   acc_t e[kTileMaxClasses][R];  // exp(s_c − max)
   acc_t d[kTileMaxClasses][R];  // ds_c/dx_c (soft-cap only)
   int64_t y[R];
@@ -723,7 +792,7 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
     }
   }
   acc_t mx[R], sum[R];
-  tile_max_sum_exp<R>(t, C, mx, e, sum);
+  tile_max_sum_exp<R>(t, C, mx, grad == nullptr ? nullptr : e, sum);
   acc_t sum_w_s[R] = {};
   acc_t sum_w = 0;
   if (smoothing) tile_smoothing_sums<R>(t, C, mx, weight, sum_w_s, &sum_w);
