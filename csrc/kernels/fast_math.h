@@ -256,6 +256,35 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_log(float x) {
 #endif
 }
 
+// log(1 + e) for e in [0, 1] (the softplus of logistic losses, e = exp(−|x|)) in float32, branch-free and without
+// a division: 1 + e = 2^k·(1 + f) with k = 0, f = e for e ≤ √2 − 1, else k = 1, f = (e − 1)/2, so that f in
+// [√½ − 1, √2 − 1] is formed from e without rounding 1 + e first (one rounding of e − 1 for e in (0.414, 0.5), at
+// most half an ulp of the result), then fast_log's polynomial in f. Exact for tiny e (log1p(e) = e), NaN
+// propagates. The C++ tests bound it against std::log1p.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_log1p_unit(float e) {
+#ifdef __CUDA_ARCH__
+  return ::log1pf(e);
+#else
+  const bool high = e > 0.414213562373095f;
+  const float f = high ? (e - 1.0f) * 0.5f : e;
+  const float k = high ? 1.0f : 0.0f;
+  const float z = f * f;
+  float poly = 7.0376836292e-2f;
+  poly = poly * f - 1.1514610310e-1f;
+  poly = poly * f + 1.1676998740e-1f;
+  poly = poly * f - 1.2420140846e-1f;
+  poly = poly * f + 1.4249322787e-1f;
+  poly = poly * f - 1.6668057665e-1f;
+  poly = poly * f + 2.0000714765e-1f;
+  poly = poly * f - 2.4999993993e-1f;
+  poly = poly * f + 3.3333331174e-1f;
+  float y = poly * f * z;
+  y += -2.12194440e-4f * k;
+  y += -0.5f * z;
+  return f + y + 0.693359375f * k;
+#endif
+}
+
 // log(x) in float64 with about 1 ulp of error, branch-free (Cephes' log: x = m·2^k with m in
 // [√½, √2), log(1 + f) = f − f²/2 + f³·P(f)/Q(f)); the same special values as the float version.
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double fast_log(double x) {

@@ -43,13 +43,8 @@ using std::pow;
 
 // fast_exp and fast_log: kernels/fast_math.h.
 
-// log(1 + e) for e in [0, 1], accurate for tiny e: log(u)·e/(u − 1) with u = 1 + e corrects the
-// rounding of u (Goldberg's trick), and u = 1 means log1p(e) = e.
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float log1p_unit(float e) {
-  const float u = 1.0f + e;
-  const float ratio = fast_log(u) * (e / (u - 1.0f));
-  return u == 1.0f ? e : ratio;
-}
+// log(1 + e) for e in [0, 1]: fast_log1p_unit (kernels/fast_math.h) in float32.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float log1p_unit(float e) { return fast_log1p_unit(e); }
 
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double log1p_unit(double e) { return log1p(e); }
 
