@@ -405,12 +405,16 @@ template <int W>
 FUSEDLOSS_INLINE float block_max_lanes(const float* s, int64_t len) {
   typedef typename FloatLanes<W>::type V;
   const V lowest = V{} + Limits<float>::large_negative;
-  V m = lowest;
+  auto larger = [](V a, V b) FUSEDLOSS_LAMBDA_INLINE { return b > a ? b : a; };
+  // Two running maxima: one is a chain of dependent max operations, 2 cycles a vector.
+  V m = lowest, m1 = lowest;
   int64_t i = 0;
-  for (; i + W <= len; i += W) {
-    const V v = load_lanes<W>(s + i);
-    m = v > m ? v : m;
+  for (; i + 2 * W <= len; i += 2 * W) {
+    m = larger(m, load_lanes<W>(s + i));
+    m1 = larger(m1, load_lanes<W>(s + i + W));
   }
+  m = larger(m, m1);
+  for (; i + W <= len; i += W) m = larger(m, load_lanes<W>(s + i));
   if (i < len) {
     const V v = lanes_below<W>(len - i) ? load_lanes<W>(s + i) : lowest;
     m = v > m ? v : m;
@@ -421,17 +425,31 @@ FUSEDLOSS_INLINE float block_max_lanes(const float* s, int64_t len) {
 template <int W>
 FUSEDLOSS_INLINE float block_sum_exp_lanes(const float* s, int64_t len, float shift, float* out) {
   typedef typename FloatLanes<W>::type V;
-  V sum = {};
+  // Two running sums (vectors i mod 2, added at the end): one is a chain of dependent adds across the loop.
+  V sum = {}, sum1 = {};
   int64_t i = 0;
   if (out != nullptr) {
+    for (; i + 2 * W <= len; i += 2 * W) {
+      const V e = fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift);
+      const V e1 = fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i + W) - shift);
+      std::memcpy(out + i, &e, sizeof(e));
+      std::memcpy(out + i + W, &e1, sizeof(e1));
+      sum += e;
+      sum1 += e1;
+    }
     for (; i + W <= len; i += W) {
       const V e = fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift);
       std::memcpy(out + i, &e, sizeof(e));
       sum += e;
     }
   } else {
+    for (; i + 2 * W <= len; i += 2 * W) {
+      sum += fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift);
+      sum1 += fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i + W) - shift);
+    }
     for (; i + W <= len; i += W) sum += fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift);
   }
+  sum += sum1;
   if (i < len) {
     const V e = lanes_below<W>(len - i) ? fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift) : V{};
     if (out != nullptr)
@@ -985,27 +1003,36 @@ FUSEDLOSS_INLINE acc_t process_row(const scalar_t* x, int64_t target, const targ
                          C <= kMaxStoredBlocks * kBlock;
   acc_t block_maxima[kMaxStoredBlocks];
 
-  // Sweep 1: online max / sum of exp, and the target sums the loss needs.
+  // Sweep 1: online max / sum of exp, and the target sums the loss needs. Whole blocks of logits already in acc_t
+  // are read where they are (no copy into s, which took a sixth of a 1024-class row), unless the gradient is
+  // written over x (sweep 1 may store exps there before the block's dot products read it).
+  const bool read_in_place = std::is_same<scalar_t, acc_t>::value && !softcap &&
+                             (grad == nullptr || static_cast<const void*>(grad) != static_cast<const void*>(x));
   RowStats<acc_t> stats;
   for (int64_t start = 0; start < C; start += kBlock) {
     const int64_t len = min_of(kBlock, C - start);
-    load_block(x + start, len, prm, s);
+    const acc_t* s_block = s;
+    if (read_in_place && len == kBlock) {
+      s_block = reinterpret_cast<const acc_t*>(x + start);
+    } else {
+      load_block(x + start, len, prm, s);
+    }
     RowStats<acc_t> block;
-    block.max = row_block_max<W>(s, len);
+    block.max = row_block_max<W>(s_block, len);
     acc_t* exp_out = nullptr;
     if (store_exp) {
       block_maxima[start / kBlock] = block.max;
       exp_out = reinterpret_cast<acc_t*>(grad + start);
     }
-    block.sum_exp = row_block_sum_exp<W>(s, len, block.max, exp_out);
+    block.sum_exp = row_block_sum_exp<W>(s_block, len, block.max, exp_out);
     if (hard_smoothing) {
       const acc_t* w = weight == nullptr ? nullptr : weight + start;
-      block.sum_a_s = row_block_dot<W>(w, s, block.max, len);
+      block.sum_a_s = row_block_dot<W>(w, s_block, block.max, len);
       block.sum_a = w == nullptr ? acc_t(len) : block_sum(w, len);
     }
     if (is_soft) {
       load_soft_weights(start, len);
-      block.sum_a_s = row_block_dot<W>(a, s, block.max, len);
+      block.sum_a_s = row_block_dot<W>(a, s_block, block.max, len);
       block.sum_a = block_sum(a, len);
     }
     if (start == 0) {
