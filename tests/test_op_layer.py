@@ -67,13 +67,14 @@ def test_backward_runs_no_python():
 
 
 def test_forward_runs_no_python_beyond_the_public_function():
-    """From cross_entropy to the kernel: the public function, the dispatch cache and the op's call, nothing of
-    torch.library's Python autograd layer and no Python checks (the op checks its arguments)."""
+    """From cross_entropy to the kernel: the public function, the dispatch cache and the op's call (its unboxed
+    entry for plain tensors), nothing of torch.library's Python autograd layer and no Python checks (the op checks
+    its arguments)."""
     logits, target = _token_batch()
     fusedloss.cross_entropy(logits, target)  # the first call resolves the backend and loads modules
     calls = _python_calls(lambda: fusedloss.cross_entropy(logits, target))
     ours = {name for file, name in calls if file.startswith(PACKAGE_DIR)}
-    assert ours <= {"cross_entropy", "_softmax_loss", "resolve_keyed", "checks_arguments"}, ours
+    assert ours <= {"cross_entropy", "_softmax_loss", "resolve_keyed", "checks_arguments", "unboxed"}, ours
     others = {(os.path.basename(file), name) for file, name in calls
               if not file.startswith(PACKAGE_DIR) and file != __file__}
     # torch.compiler.is_compiling() (which asks is_scripting()) keeps the cache out of traced code.
@@ -194,3 +195,36 @@ def test_dispatch_is_resolved_once_per_call_signature(monkeypatch):
     assert len(resolved) == 1 and next(iter(resolved.values()))[0] == "cpp"
     fusedloss.cross_entropy(logits * 2, target.flip(0))
     assert _dispatch._RESOLVED == resolved
+
+
+def test_torch_function_modes_and_subclasses_see_the_op():
+    """Plain tensors take the op's unboxed entry (no boxing of the arguments by torch.ops); a torch function mode
+    and a tensor subclass still see the op called through torch.ops, with the same result."""
+    logits, target = _token_batch()
+    expected = fusedloss.cross_entropy(logits, target)
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        loss = fusedloss.cross_entropy(logits, target)
+    assert torch.ops.fusedloss.softmax_loss.default in seen
+    assert torch.equal(loss, expected)
+
+    class Logits(torch.Tensor):
+        calls = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.calls.append(func)
+            return super().__torch_function__(func, types, args, kwargs)
+
+    sub = logits.detach().as_subclass(Logits).requires_grad_()
+    loss = fusedloss.cross_entropy(sub, target)
+    assert torch.ops.fusedloss.softmax_loss.default in Logits.calls
+    torch.testing.assert_close(loss.as_subclass(torch.Tensor), expected.detach())
+    loss.backward()
+    assert sub.grad is not None

@@ -225,6 +225,9 @@ _IMPLS: Dict[Tuple[str, str], Tuple[Callable, Optional[Callable]]] = {}
 # The implementations whose module checks every argument itself (CHECKS_ARGUMENTS = True), compared by identity:
 # an op overload's __hash__ is Python code, and torch.compile (torch 2.5) cannot trace id().
 _SELF_CHECKING: List[Callable] = []
+# (implementation, the same op called without boxing): a module's ``<op>_unboxed``, for plain tensors outside
+# torch.compile and torch function modes (see :func:`unboxed`).
+_UNBOXED: List[Tuple[Callable, Callable]] = []
 
 
 def _load(op: str, name: str) -> Tuple[Callable, Optional[Callable]]:
@@ -234,6 +237,8 @@ def _load(op: str, name: str) -> Tuple[Callable, Optional[Callable]]:
         impl = getattr(module, op)
         if getattr(module, "CHECKS_ARGUMENTS", False):
             _SELF_CHECKING.append(impl)
+        if getattr(module, op + "_unboxed", None) is not None:
+            _UNBOXED.append((impl, getattr(module, op + "_unboxed")))
         _IMPLS[key] = (impl, getattr(module, op + "_reasons", None))
     return _IMPLS[key]
 
@@ -244,6 +249,17 @@ def checks_arguments(impl: Callable) -> bool:
         if impl is checked:
             return True
     return False
+
+
+def unboxed(impl: Callable) -> Optional[Callable]:
+    """The unboxed entry of ``impl`` (an extension op called through torch.ops), or None. The caller uses it only
+    for arguments that are plain tensors, outside torch.compile and torch function modes: it skips the
+    ``__torch_function__`` handling of torch.ops (nothing else: autograd and dispatch modes run in the
+    dispatcher)."""
+    for op, fn in _UNBOXED:
+        if impl is op:
+            return fn
+    return None
 
 
 def _reasons(

@@ -84,8 +84,9 @@ def _softmax_loss(
     args = (input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap,
             mean_by_count, inplace_backward)
     device = input.device
+    traced = type(backend) is not str or torch.compiler.is_compiling()
     try:
-        if type(backend) is not str or torch.compiler.is_compiling():
+        if traced:
             _, impl = _dispatch.resolve("softmax_loss", backend, device, *args)
         else:
             # What the backends' softmax_loss_reasons read (docs/BACKENDS.md): dtypes and requires_grad.
@@ -96,6 +97,16 @@ def _softmax_loss(
         _check(*args)  # a bad argument is the better answer than "no backend can run this"
         raise
     if _dispatch.checks_arguments(impl):
+        if (
+            not traced
+            and type(input) is torch.Tensor
+            and type(target) is torch.Tensor
+            and (weight is None or type(weight) is torch.Tensor)
+            and not torch._C._is_torch_function_mode_enabled()
+        ):
+            fast = _dispatch.unboxed(impl)
+            if fast is not None:
+                return fast(*args)
         return impl(*args)
     _check(*args)
     num_classes = input.shape[-1]

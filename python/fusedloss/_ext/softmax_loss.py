@@ -48,6 +48,9 @@ def _softmax_loss_forward_fake(input, target, weight, ignore_index, reduction, l
 # l = −Σ_c q_c w_c (1 − p_c)^γ log p_c + z_loss·logsumexp(s)². inplace_backward=True writes the gradient over
 # input's storage.
 softmax_loss = torch.ops.fusedloss.softmax_loss.default
+# The same op through the dispatcher's unboxed entry (fusedloss._C.softmax_loss): no IValue boxing of the
+# arguments, for plain tensors outside torch.compile and torch function modes (fusedloss._dispatch.unboxed).
+softmax_loss_unboxed = fusedloss._C.softmax_loss
 
 
 def softmax_loss_reasons(
