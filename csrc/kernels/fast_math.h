@@ -220,6 +220,27 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double fast_exp(double x) {
 #endif
 }
 
+#ifndef __CUDA_ARCH__
+// k·ln2 + log(1 + f) for f in [√½ − 1, √2 − 1]: Cephes' logf polynomial, ln2 in two parts (fast_log and
+// fast_log1p_unit).
+FUSEDLOSS_INLINE float log_reduced(float f, float k) {
+  const float z = f * f;
+  float poly = 7.0376836292e-2f;
+  poly = poly * f - 1.1514610310e-1f;
+  poly = poly * f + 1.1676998740e-1f;
+  poly = poly * f - 1.2420140846e-1f;
+  poly = poly * f + 1.4249322787e-1f;
+  poly = poly * f - 1.6668057665e-1f;
+  poly = poly * f + 2.0000714765e-1f;
+  poly = poly * f - 2.4999993993e-1f;
+  poly = poly * f + 3.3333331174e-1f;
+  float y = poly * f * z;
+  y += -2.12194440e-4f * k;
+  y += -0.5f * z;
+  return f + y + 0.693359375f * k;
+}
+#endif
+
 // log(x) in float32 with about 1 ulp of error, branch-free so that loops over it vectorize (Cephes'
 // logf: x = m·2^k with m in [√½, √2), a degree-8 polynomial in m − 1). x = 0 gives −inf, x < 0 and
 // NaN give NaN, +inf gives +inf; subnormal x is scaled by 2^23 first.
@@ -235,20 +256,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_log(float x) {
   const bool low = m < 0.707106781186547524f;
   exponent = low ? exponent - 1.0f : exponent;
   m = low ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float poly = 7.0376836292e-2f;
-  poly = poly * m - 1.1514610310e-1f;
-  poly = poly * m + 1.1676998740e-1f;
-  poly = poly * m - 1.2420140846e-1f;
-  poly = poly * m + 1.4249322787e-1f;
-  poly = poly * m - 1.6668057665e-1f;
-  poly = poly * m + 2.0000714765e-1f;
-  poly = poly * m - 2.4999993993e-1f;
-  poly = poly * m + 3.3333331174e-1f;
-  float y = poly * m * z;
-  y += -2.12194440e-4f * exponent;
-  y += -0.5f * z;
-  float result = m + y + 0.693359375f * exponent;
+  float result = log_reduced(m, exponent);
   result = x == 0.0f ? -INFINITY : result;
   result = x == INFINITY ? INFINITY : result;
   result = x < 0.0f ? NAN : result;
@@ -267,21 +275,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_log1p_unit(float e) {
 #else
   const bool high = e > 0.414213562373095f;
   const float f = high ? (e - 1.0f) * 0.5f : e;
-  const float k = high ? 1.0f : 0.0f;
-  const float z = f * f;
-  float poly = 7.0376836292e-2f;
-  poly = poly * f - 1.1514610310e-1f;
-  poly = poly * f + 1.1676998740e-1f;
-  poly = poly * f - 1.2420140846e-1f;
-  poly = poly * f + 1.4249322787e-1f;
-  poly = poly * f - 1.6668057665e-1f;
-  poly = poly * f + 2.0000714765e-1f;
-  poly = poly * f - 2.4999993993e-1f;
-  poly = poly * f + 3.3333331174e-1f;
-  float y = poly * f * z;
-  y += -2.12194440e-4f * k;
-  y += -0.5f * z;
-  return f + y + 0.693359375f * k;
+  return log_reduced(f, high ? 1.0f : 0.0f);
 #endif
 }
 

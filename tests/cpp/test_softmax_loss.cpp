@@ -127,7 +127,7 @@ void test_fast_exp() {
 }
 
 // exp of 16 lanes x <= 0 (the table algorithm of the AVX-512 variant), applied to n floats.
-void exp_lanes16(const float* in, float* out, int64_t n) {
+inline __attribute__((always_inline)) void apply_exp_lanes16(const float* in, float* out, int64_t n) {
   typedef fusedloss::FloatLanes<16>::type V;
   for (int64_t i = 0; i < n; i += 16) {
     V v;
@@ -137,17 +137,13 @@ void exp_lanes16(const float* in, float* out, int64_t n) {
   }
 }
 
+void exp_lanes16(const float* in, float* out, int64_t n) { apply_exp_lanes16(in, out, n); }
+
 #if defined(__GNUC__) && defined(__x86_64__)
 // The same, compiled as the extension's AVX-512 variant compiles it (vpermps, fused multiply-adds).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"),
                optimize("fp-contract=fast"))) void exp_lanes16_avx512(const float* in, float* out, int64_t n) {
-  typedef fusedloss::FloatLanes<16>::type V;
-  for (int64_t i = 0; i < n; i += 16) {
-    V v;
-    std::memcpy(&v, in + i, sizeof(v));
-    v = fusedloss::fast_exp_nonpositive_lanes<16>(v);
-    std::memcpy(out + i, &v, sizeof(v));
-  }
+  apply_exp_lanes16(in, out, n);
 }
 #endif
 
