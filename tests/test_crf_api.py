@@ -434,3 +434,17 @@ def test_compiles_without_graph_breaks():
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     for actual, expected in zip(compiled(emissions, tags, mask), step(emissions, tags, mask)):
         torch.testing.assert_close(actual, expected)
+
+
+def test_module_as_a_data_parallel_replica():
+    """A DataParallel replica holds the transition tensors as plain attributes (its _parameters is emptied): the
+    module reads them there too."""
+    crf = fusedloss.CRF(5, batch_first=True)
+    replica = crf._replicate_for_data_parallel()
+    for name in ("transitions", "start_transitions", "end_transitions"):
+        setattr(replica, name, getattr(crf, name) * 1.0)
+    assert "transitions" not in replica._parameters
+    emissions = torch.randn(2, 4, 5)
+    tags = torch.randint(0, 5, (2, 4))
+    assert replica.decode(emissions) == crf.decode(emissions)
+    torch.testing.assert_close(replica(emissions, tags), crf(emissions, tags))

@@ -114,8 +114,9 @@ FUSEDLOSS_INLINE typename FloatLanes<W>::type fast_exp_nonpositive_lanes(typenam
 // bits of the rounded 16x/ln2, which the 1.5·2^23 trick leaves in the float's low bits), 2^n added to the table
 // entry's exponent bits (n ≥ −126 above the underflow bound: always a normal number), q = e^r − 1 as
 // r + r²(c2 + c3·r) (fitted on |r| ≤ ln2/32, relative error 2e-9) plus the table entry's rounding error (a second
-// table). Within 1 ulp: the last multiply-add's rounding and little else (the C++ tests bound it). Inputs below −87.3365 give 0, as fast_exp; NaN propagates through q
-// (the exponent bits added to a NaN's table entry are whatever they are, the product with q is NaN).
+// table). Within 1 ulp: the last multiply-add's rounding and little else (the C++ tests bound it). Inputs below
+// −87.3365 give 0, as fast_exp; NaN propagates through q (the exponent bits added to a NaN's table entry are
+// whatever they are, the product with q is NaN).
 template <>
 FUSEDLOSS_INLINE FloatLanes<16>::type fast_exp_nonpositive_lanes<16>(FloatLanes<16>::type x) {
   typedef FloatLanes<16>::type F;

@@ -581,7 +581,8 @@ FUSEDLOSS_INLINE void transpose16(TileVector16 rows[16]) {
     b[4 * g + 3] = __builtin_shufflevector(lo[1], hi[1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
   }
   for (int k = 0; k < 4; ++k) {  // lane L of b[4g + k] (g = 0..3) makes column 4L + k
-    const TileVector16 s0 = __builtin_shufflevector(b[k], b[4 + k], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const TileVector16 s0 =
+        __builtin_shufflevector(b[k], b[4 + k], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
     const TileVector16 s1 =
         __builtin_shufflevector(b[k], b[4 + k], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     const TileVector16 s2 =
@@ -1014,11 +1015,11 @@ FUSEDLOSS_INLINE acc_t process_row(const scalar_t* x, int64_t target, const targ
     // Rows of several blocks: the next block (or the next row's first) on its way into the cache while this
     // one's exps run. The hardware prefetcher follows the loads, which pause during the exps, so a row of 32000
     // classes waited on memory once per block (the no_grad forward at 4096 x 32000 took 28 ms, now 14). A
-    // prefetch past the tensor's end does not fault.
+    // prefetch past the tensor's end does not fault (the addresses are formed as integers).
     if (C > kBlock) {
-      const char* next = reinterpret_cast<const char*>(x + start + len);
-      const int64_t next_bytes = kBlock * static_cast<int64_t>(sizeof(scalar_t));
-      for (int64_t b = 0; b < next_bytes; b += 64) __builtin_prefetch(next + b);
+      const uintptr_t next = reinterpret_cast<uintptr_t>(x + start + len);
+      const uintptr_t next_bytes = kBlock * sizeof(scalar_t);
+      for (uintptr_t b = 0; b < next_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(next + b));
     }
     const acc_t* s_block = s;
     if (read_in_place && len == kBlock) {

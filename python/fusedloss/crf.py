@@ -459,10 +459,12 @@ class CRF(nn.Module):
     def _scores(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(transitions, start, end)`` with forbidden entries at ``CONSTRAINT_SCORE`` (their gradient is 0)."""
         # Straight from the module's dicts: each attribute through nn.Module.__getattr__ cost about 0.4 us, a
-        # fifth of a one-sentence decode.
+        # fifth of a one-sentence decode. (A DataParallel replica holds its tensors as plain attributes instead.)
         params = self._parameters
-        if self._buffers.get("allowed") is None:
+        if self._buffers.get("allowed") is None and "transitions" in params:
             return params["transitions"], params["start_transitions"], params["end_transitions"]
+        if self.allowed is None:
+            return self.transitions, self.start_transitions, self.end_transitions
         return (
             torch.where(self.allowed, self.transitions, CONSTRAINT_SCORE),
             torch.where(self.allowed_start, self.start_transitions, CONSTRAINT_SCORE),
