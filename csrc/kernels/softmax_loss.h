@@ -613,22 +613,24 @@ FUSEDLOSS_INLINE void transpose_tile16(float* x, int64_t C, float (*t)[16]) {
   if (c0 < C) block(C - 16);
 }
 
-// t[c][r] = x[r * C + c] for the R rows of a full float32 tile, 8 x 8 blocks at a time (16 x 16 for 16 rows of at
-// least 16 classes). Columns past the last
-// multiple of 8 go through one more block that ends at column C and overlaps the one before (the overlap is
-// written twice with the same values: no element-by-element tail, no read past a row); fewer than 8 classes
-// element by element.
-template <int R>
-FUSEDLOSS_INLINE void load_tile_transposed(const float* x, int64_t C, float (*t)[R]) {
+// The R rows of a full float32 tile between row-major x and the transposed tile t. to_tile: t[c][r] =
+// x[r * C + c]; otherwise the inverse, x[r * C + c] = t[c][r] (x is then the gradient). 8 x 8 blocks at a time
+// (16 x 16 for 16 rows of at least 16 classes); columns past the last multiple of 8 go through one more block that
+// ends at column C and overlaps the one before (the overlap is written twice with the same values: no
+// element-by-element tail, no access past a row); fewer than 8 classes element by element.
+template <bool to_tile, int R>
+FUSEDLOSS_INLINE void transpose_tile(float* x, int64_t C, float (*t)[R]) {
   if constexpr (R == 16) {
-    if (C >= 16) return transpose_tile16<true>(const_cast<float*>(x), C, t);
+    if (C >= 16) return transpose_tile16<to_tile>(x, C, t);
   }
   for (int r0 = 0; r0 < R; r0 += 8) {
     auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
       TileVector v[8];
-      for (int r = 0; r < 8; ++r) __builtin_memcpy(&v[r], x + (r0 + r) * C + c0, sizeof(TileVector));
+      for (int i = 0; i < 8; ++i)
+        __builtin_memcpy(&v[i], to_tile ? x + (r0 + i) * C + c0 : &t[c0 + i][r0], sizeof(TileVector));
       transpose8(v);
-      for (int c = 0; c < 8; ++c) __builtin_memcpy(&t[c0 + c][r0], &v[c], sizeof(TileVector));
+      for (int i = 0; i < 8; ++i)
+        __builtin_memcpy(to_tile ? &t[c0 + i][r0] : x + (r0 + i) * C + c0, &v[i], sizeof(TileVector));
     };
     int64_t c0 = 0;
     for (; c0 + 8 <= C; c0 += 8) block(c0);
@@ -636,31 +638,13 @@ FUSEDLOSS_INLINE void load_tile_transposed(const float* x, int64_t C, float (*t)
       block(C - 8);
     } else {
       for (int r = r0; r < r0 + 8; ++r)
-        for (int64_t c = c0; c < C; ++c) t[c][r] = x[r * C + c];
-    }
-  }
-}
-
-// grad[r * C + c] = t[c][r]: the inverse of load_tile_transposed, with the same overlapping last block.
-template <int R>
-FUSEDLOSS_INLINE void store_tile_transposed(float (*t)[R], int64_t C, float* grad) {
-  if constexpr (R == 16) {
-    if (C >= 16) return transpose_tile16<false>(grad, C, t);
-  }
-  for (int r0 = 0; r0 < R; r0 += 8) {
-    auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
-      TileVector v[8];
-      for (int c = 0; c < 8; ++c) __builtin_memcpy(&v[c], &t[c0 + c][r0], sizeof(TileVector));
-      transpose8(v);
-      for (int r = 0; r < 8; ++r) __builtin_memcpy(grad + (r0 + r) * C + c0, &v[r], sizeof(TileVector));
-    };
-    int64_t c0 = 0;
-    for (; c0 + 8 <= C; c0 += 8) block(c0);
-    if (c0 < C && C >= 8) {
-      block(C - 8);
-    } else {
-      for (int r = r0; r < r0 + 8; ++r)
-        for (int64_t c = c0; c < C; ++c) grad[r * C + c] = t[c][r];
+        for (int64_t c = c0; c < C; ++c) {
+          if (to_tile) {
+            t[c][r] = x[r * C + c];
+          } else {
+            x[r * C + c] = t[c][r];
+          }
+        }
     }
   }
 }
@@ -789,7 +773,7 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
   constexpr bool kVectorTranspose = std::is_same<acc_t, float>::value && std::is_same<scalar_t, float>::value;
   const bool vector_transpose = kVectorTranspose && rows == R && !softcap;
   if constexpr (kVectorTranspose) {
-    if (vector_transpose) load_tile_transposed(x, C, t);
+    if (vector_transpose) transpose_tile<true>(const_cast<float*>(x), C, t);
   }
 #else
   const bool vector_transpose = false;
@@ -817,27 +801,32 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
   if (smoothing) tile_smoothing_sums<R>(t, C, mx, weight, sum_w_s, &sum_w);
   // Row scalars per row (log, focal pow), then the exps of the gradient's row constants across rows.
   acc_t s_y[R], w_y[R], lp_y[R], target_coef[R], p_rest[R], smooth[R];
+  acc_t log_sum[R], lse[R];
+  for (int r = 0; r < R; ++r) {
+    s_y[r] = t[y[r]][r];
+    w_y[r] = weight == nullptr ? acc_t(1) : weight[y[r]];
+  }
+  // The row's log Σ e, logsumexp and log p_y across the rows (fast_log, vectorized), for the two branch-free paths
+  // below; the per-row path computes its own.
+  for (int r = 0; r < R; ++r) {
+    log_sum[r] = fast_log(sum[r]);
+    lse[r] = mx[r] + log_sum[r];
+    lp_y[r] = (s_y[r] - mx[r]) - log_sum[r];
+  }
   if (prm.focal_gamma == acc_t(0)) {
     // finish_hard_row without focal, across the rows: one vector operation per step for the whole tile, with
     // fast_log instead of a library call per row (for tag sets of tens of classes the rows' scalars cost as much
     // as their exps). The same formulas, in the same order.
-    for (int r = 0; r < R; ++r) {
-      s_y[r] = t[y[r]][r];
-      w_y[r] = weight == nullptr ? acc_t(1) : weight[y[r]];
-    }
     const acc_t eps = prm.label_smoothing;
     const acc_t eps_c = eps / acc_t(prm.num_classes);
     const acc_t z = prm.z_loss;
     acc_t loss[R];
     for (int r = 0; r < R; ++r) {
-      const acc_t log_sum = fast_log(sum[r]);
-      const acc_t lse = mx[r] + log_sum;
-      lp_y[r] = (s_y[r] - mx[r]) - log_sum;
       acc_t row_loss = -(acc_t(1) - eps) * w_y[r] * lp_y[r];
-      const acc_t smoothed = row_loss - eps_c * (sum_w_s[r] - sum_w * log_sum);
+      const acc_t smoothed = row_loss - eps_c * (sum_w_s[r] - sum_w * log_sum[r]);
       row_loss = smoothing ? smoothed : row_loss;
-      loss[r] = row_loss + z * lse * lse;
-      const acc_t z_term = acc_t(2) * z * lse;
+      loss[r] = row_loss + z * lse[r] * lse[r];
+      const acc_t z_term = acc_t(2) * z * lse[r];
       target_coef[r] = (acc_t(1) - eps) * w_y[r];
       p_rest[r] = smoothing ? eps_c * sum_w + z_term : z_term;
       smooth[r] = eps_c;
@@ -851,17 +840,10 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
   if constexpr (std::is_same<acc_t, float>::value) {
     focal_lanes = prm.focal_gamma == 2.0f || prm.focal_gamma == 1.0f;
     if (focal_lanes) {
-      for (int r = 0; r < R; ++r) {
-        s_y[r] = t[y[r]][r];
-        w_y[r] = weight == nullptr ? acc_t(1) : weight[y[r]];
-      }
       const acc_t gamma = prm.focal_gamma;
       const acc_t z = prm.z_loss;
       acc_t loss[R];
       for (int r = 0; r < R; ++r) {
-        const acc_t log_sum = fast_log(sum[r]);
-        const acc_t lse = mx[r] + log_sum;
-        lp_y[r] = (s_y[r] - mx[r]) - log_sum;
         const acc_t one_minus_p = -fast_expm1(lp_y[r]);
         const bool representable = one_minus_p > Limits<acc_t>::tiny;
         const acc_t power = gamma == acc_t(2) ? one_minus_p * one_minus_p : one_minus_p;
@@ -870,9 +852,9 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
         const acc_t cost = -factor * lp_y[r];
         const acc_t dcost = -factor + gamma * fast_exp(lp_y[r]) * factor * ratio;
         const acc_t g_y = w_y[r] * dcost;
-        loss[r] = w_y[r] * cost + z * lse * lse;
+        loss[r] = w_y[r] * cost + z * lse[r] * lse[r];
         target_coef[r] = -g_y;
-        p_rest[r] = acc_t(2) * z * lse;
+        p_rest[r] = acc_t(2) * z * lse[r];
         smooth[r] = acc_t(0);
       }
       for (int r = 0; r < rows; ++r) losses[r] = ignored[r] ? acc_t(0) : loss[r];
@@ -884,8 +866,6 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
     stats.sum_exp = sum[r];
     stats.sum_a_s = sum_w_s[r];
     stats.sum_a = sum_w;
-    s_y[r] = t[y[r]][r];
-    w_y[r] = weight == nullptr ? acc_t(1) : weight[y[r]];
     const RowResult<acc_t> res = finish_hard_row(stats, prm, s_y[r], w_y[r]);
     if (r < rows) losses[r] = ignored[r] ? acc_t(0) : res.loss;
     lp_y[r] = res.log_prob(s_y[r]);
@@ -929,7 +909,7 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
       for (int r = 0; r < R; ++r)
         if (ignored[r])
           for (int64_t c = 0; c < C; ++c) t[c][r] = acc_t(0);
-      store_tile_transposed(t, C, grad);
+      transpose_tile<false>(grad, C, t);
       return;
     }
   }
