@@ -12,6 +12,7 @@
 #include <xmmintrin.h>
 #endif
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -168,6 +169,15 @@ void run(const Job& job, int64_t begin, int64_t end) {
   }
 #endif
   run_baseline(job, begin, end);
+}
+
+// Rows per parallel task for rows of num_classes classes: about 32K elements of work, a row counting as 32 more
+// elements than it has (its max, log and loss cost about as much as 32 elements' exps: a 4096 x 2 call made one
+// task, which left the second thread idle for three quarters of the time the call took), so that scheduling costs
+// nothing next to a task's work, yet small row counts of large C still split over the threads.
+inline int64_t rows_per_task(int64_t num_classes) {
+  constexpr int64_t kElementsPerTask = 32768, kRowElements = 32;
+  return std::max<int64_t>(1, kElementsPerTask / (std::max<int64_t>(0, num_classes) + kRowElements));
 }
 
 // [0, n) split over the threads in ranges of at least grain_size.

@@ -19,13 +19,6 @@
 namespace fusedloss {
 namespace {
 
-// Rows per parallel task: enough elements (about 32K) that scheduling costs nothing next to the row
-// work, yet small row counts of large C still split over the threads.
-int64_t rows_per_task(int64_t num_classes) {
-  constexpr int64_t kElementsPerTask = 32768;
-  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, num_classes));
-}
-
 // Rows [begin, end) of one call; run() is compiled per vector ISA (cpu/isa.h), run_wide() (16 float lanes) in the
 // AVX-512 variant. kFma: fused multiply-adds in the AVX2 and AVX-512 variants (the exp polynomial is most of the
 // work and FMA halves its operations; results differ from the baseline variant's in the last bits, within the
@@ -132,7 +125,7 @@ void run_rows(const at::Tensor& input, const at::Tensor& target, const at::Tenso
       cpu::has_avx512() ? softmax_loss::kTileMaxClasses : softmax_loss::kTileMaxClassesNarrow;
   if (!soft && softmax_loss::tile_rows_apply(prm, tile_max_classes)) {
     constexpr int64_t R = softmax_loss::kTileUnitRows;
-    const int64_t tiles = (N + R - 1) / R, grain = std::max<int64_t>(1, rows_per_task(C) / R);
+    const int64_t tiles = (N + R - 1) / R, grain = std::max<int64_t>(1, cpu::rows_per_task(C) / R);
     if (C > 1) {
       cpu::run_parallel(TilesJob<acc_t, scalar_t, true>{x, indices, N, w, &prm, g, scale, losses}, tiles, grain);
     } else {
@@ -143,10 +136,10 @@ void run_rows(const at::Tensor& input, const at::Tensor& target, const at::Tenso
   const target_t* probs = soft ? target.const_data_ptr<target_t>() : nullptr;
   if (C > 1) {
     cpu::run_parallel(RowsJob<acc_t, scalar_t, target_t, true>{x, indices, probs, w, &prm, g, scale, losses}, N,
-                      rows_per_task(C));
+                      cpu::rows_per_task(C));
   } else {
     cpu::run_parallel(RowsJob<acc_t, scalar_t, target_t, false>{x, indices, probs, w, &prm, g, scale, losses}, N,
-                      rows_per_task(C));
+                      cpu::rows_per_task(C));
   }
 }
 

@@ -13,8 +13,6 @@
 namespace fusedloss {
 namespace {
 
-int64_t rows_per_task(int64_t num_classes) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, num_classes)); }
-
 template <typename acc_t>
 vocab_parallel::Cap<acc_t> make_cap(c10::optional<double> softcap) {
   return {softcap.has_value(), static_cast<acc_t>(softcap.value_or(0.0)),
@@ -72,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& l
     using acc_t = at::opmath_type<scalar_t>;
     const StatsJob<acc_t, scalar_t> job{logits.const_data_ptr<scalar_t>(), C, make_cap<acc_t>(softcap),
                                         row_max.data_ptr<acc_t>(), sum_exp.data_ptr<acc_t>(), gap.data_ptr<acc_t>()};
-    cpu::run_parallel(job, N, rows_per_task(C));
+    cpu::run_parallel(job, N, cpu::rows_per_task(C));
   });
   return {row_max, sum_exp, gap};
 }
@@ -107,7 +105,7 @@ void shard_grad_cpu(const at::Tensor& logits_arg, const at::Tensor& lse, const a
                                        scale_c.const_data_ptr<acc_t>(), static_cast<acc_t>(smoothing_per_class),
                                        weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr,
                                        out.data_ptr<acc_t>()};
-    cpu::run_parallel(job, N, rows_per_task(C));
+    cpu::run_parallel(job, N, cpu::rows_per_task(C));
   });
 }
 
