@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/common.h"
 
@@ -79,6 +80,14 @@ FUSEDLOSS_INLINE F exp_float_lanes(F x) {
   // vectorizing (it may not speculate a floating-point operation under -ftrapping-math).
   const F result = exp_r * bit_cast_to<F>((n_int + 127) << 23);
   return underflow ? F{} : result;
+}
+
+// fast_expm1's float32 algorithm on a float or a GCC vector of floats (I as for log_float_lanes).
+template <typename F, typename I>
+FUSEDLOSS_INLINE F expm1_float_lanes(F x) {
+  const F near_zero = expm1_reduced(x);
+  const F far = exp_float_lanes<F, I>(x) - 1.0f;
+  return (x > -0.34657359f) & (x < 0.34657359f) ? near_zero : far;
 }
 
 #endif
@@ -182,9 +191,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_expm1(float x) {
 #ifdef __CUDA_ARCH__
   return ::expm1f(x);
 #else
-  const float near_zero = expm1_reduced(x);
-  const float far = fast_exp(x) - 1.0f;
-  return x > -0.34657359f && x < 0.34657359f ? near_zero : far;
+  return expm1_float_lanes<float, int32_t>(x);
 #endif
 }
 
@@ -223,10 +230,11 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double fast_exp(double x) {
 
 #ifndef __CUDA_ARCH__
 // k·ln2 + log(1 + f) for f in [√½ − 1, √2 − 1]: Cephes' logf polynomial, ln2 in two parts (fast_log and
-// fast_log1p_unit).
-FUSEDLOSS_INLINE float log_reduced(float f, float k) {
-  const float z = f * f;
-  float poly = 7.0376836292e-2f;
+// fast_log1p_unit), on a float or a GCC vector of floats.
+template <typename F>
+FUSEDLOSS_INLINE F log_reduced(F f, F k) {
+  const F z = f * f;
+  F poly = F{} + 7.0376836292e-2f;
   poly = poly * f - 1.1514610310e-1f;
   poly = poly * f + 1.1676998740e-1f;
   poly = poly * f - 1.2420140846e-1f;
@@ -235,33 +243,51 @@ FUSEDLOSS_INLINE float log_reduced(float f, float k) {
   poly = poly * f + 2.0000714765e-1f;
   poly = poly * f - 2.4999993993e-1f;
   poly = poly * f + 3.3333331174e-1f;
-  float y = poly * f * z;
+  F y = poly * f * z;
   y += -2.12194440e-4f * k;
   y += -0.5f * z;
   return f + y + 0.693359375f * k;
 }
+
+// int32 lanes to float lanes (a scalar or GCC vectors).
+template <typename F, typename I>
+FUSEDLOSS_INLINE F int_lanes_to_float(I v) {
+  if constexpr (std::is_same<I, int32_t>::value) {
+    return static_cast<F>(v);
+  } else {
+    return __builtin_convertvector(v, F);
+  }
+}
+
+// fast_log's float32 algorithm on a float (I = int32_t) or on a GCC vector of floats (I = its int32 twin): Cephes'
+// logf, x = m·2^k with m in [√½, √2), a degree-8 polynomial in m − 1. x = 0 gives −inf, x < 0 and NaN give NaN,
+// +inf gives +inf; subnormal x is scaled by 2^23 first.
+template <typename F, typename I>
+FUSEDLOSS_INLINE F log_float_lanes(F x) {
+  const auto subnormal = x < 1.17549435e-38f;
+  const F scaled = subnormal ? x * 8388608.0f : x;
+  const I bits = bit_cast_to<I>(scaled);
+  const F exponent_bias = subnormal ? F{} + 149.0f : F{} + 126.0f;  // 126, and 23 more for a scaled subnormal
+  F exponent = int_lanes_to_float<F>((bits >> 23) & 0xff) - exponent_bias;
+  F m = bit_cast_to<F>((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
+  const auto low = m < 0.707106781186547524f;
+  exponent = low ? exponent - 1.0f : exponent;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  F result = log_reduced(m, exponent);
+  result = x == 0.0f ? F{} - INFINITY : result;
+  result = x == INFINITY ? F{} + INFINITY : result;
+  result = x < 0.0f ? F{} + NAN : result;
+  return x != x ? x : result;
+}
+
 #endif
 
-// log(x) in float32 with about 1 ulp of error, branch-free so that loops over it vectorize (Cephes'
-// logf: x = m·2^k with m in [√½, √2), a degree-8 polynomial in m − 1). x = 0 gives −inf, x < 0 and
-// NaN give NaN, +inf gives +inf; subnormal x is scaled by 2^23 first.
+// log(x) in float32 with about 1 ulp of error, branch-free so that loops over it vectorize (log_float_lanes).
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_log(float x) {
 #ifdef __CUDA_ARCH__
   return ::logf(x);
 #else
-  const bool subnormal = x < 1.17549435e-38f;
-  const float scaled = subnormal ? x * 8388608.0f : x;
-  const int32_t bits = float_bits(scaled);
-  float exponent = static_cast<float>(((bits >> 23) & 0xff) - 126) - (subnormal ? 23.0f : 0.0f);
-  float m = bits_float((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
-  const bool low = m < 0.707106781186547524f;
-  exponent = low ? exponent - 1.0f : exponent;
-  m = low ? m + m - 1.0f : m - 1.0f;
-  float result = log_reduced(m, exponent);
-  result = x == 0.0f ? -INFINITY : result;
-  result = x == INFINITY ? INFINITY : result;
-  result = x < 0.0f ? NAN : result;
-  return x != x ? x : result;
+  return log_float_lanes<float, int32_t>(x);
 #endif
 }
 

@@ -752,6 +752,98 @@ FUSEDLOSS_INLINE void tile_smoothing_sums(const acc_t (*t)[R], int64_t C, const 
   for (int r = 0; r < R; ++r) sum_w_s[r] = (part[0][r] + part[1][r]) + (part[2][r] + part[3][r]);
 }
 
+// What a tile row's loss and gradient need beyond its exps: the loss and the coefficients of
+// g_c = (p_c·(target_coef + p_rest) − smooth·w_c) for c ≠ y (finish_hard_row's names).
+template <typename T>
+struct TileRowTerms {
+  T loss, target_coef, p_rest, smooth;
+};
+
+// Whether tile_row_terms computes focal rows (γ = 1 or 2 in float32; other γ take finish_hard_row per row).
+template <typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool tile_focal_lanes(const Params<acc_t>& prm) {
+  return std::is_same<acc_t, float>::value && (prm.focal_gamma == acc_t(2) || prm.focal_gamma == acc_t(1));
+}
+
+// exp, expm1 and log of one row's value (T = acc_t) or of a tile's rows at once (T = a GCC vector of float lanes,
+// I its int32 twin): the same algorithm either way.
+template <typename T, typename I>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T tile_exp(T x) {
+#ifndef __CUDACC__
+  if constexpr (!std::is_arithmetic<T>::value) return exp_float_lanes<T, I>(x);
+#endif
+  if constexpr (std::is_arithmetic<T>::value) return fast_exp(x);
+}
+template <typename T, typename I>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T tile_expm1(T x) {
+#ifndef __CUDACC__
+  if constexpr (!std::is_arithmetic<T>::value) return expm1_float_lanes<T, I>(x);
+#endif
+  if constexpr (std::is_arithmetic<T>::value) return fast_expm1(x);
+}
+template <typename T, typename I>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T tile_log(T x) {
+#ifndef __CUDACC__
+  if constexpr (!std::is_arithmetic<T>::value) return log_float_lanes<T, I>(x);
+#endif
+  if constexpr (std::is_arithmetic<T>::value) return fast_log(x);
+}
+
+// finish_hard_row of tile rows without focal or with focal γ = 1 or 2 in float32, branch-free (fast_log for the
+// row's log Σ e; fast_expm1 for the focal −(1 − p), the power as multiplies): the same formulas, in the same
+// order. T = acc_t for one row or a GCC vector of float lanes for a tile's rows (I its int32 twin). Also gives
+// log p_y.
+template <typename T, typename I, typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE TileRowTerms<T> tile_row_terms(const Params<acc_t>& prm, bool smoothing, T mx,
+                                                                     T sum, T s_y, T w_y, T sum_w_s, acc_t sum_w,
+                                                                     T& lp_y) {
+  const T log_sum = tile_log<T, I>(sum);
+  const T lse = mx + log_sum;
+  lp_y = (s_y - mx) - log_sum;
+  const acc_t z = prm.z_loss;
+  TileRowTerms<T> terms;
+  if (prm.focal_gamma == acc_t(0)) {
+    const acc_t eps = prm.label_smoothing;
+    const acc_t eps_c = eps / acc_t(prm.num_classes);
+    T row_loss = -(acc_t(1) - eps) * w_y * lp_y;
+    const T smoothed = row_loss - eps_c * (sum_w_s - sum_w * log_sum);
+    row_loss = smoothing ? smoothed : row_loss;
+    terms.loss = row_loss + z * lse * lse;
+    const T z_term = acc_t(2) * z * lse;
+    terms.target_coef = (acc_t(1) - eps) * w_y;
+    terms.p_rest = smoothing ? eps_c * sum_w + z_term : z_term;
+    terms.smooth = T{} + eps_c;
+    return terms;
+  }
+  const acc_t gamma = prm.focal_gamma;
+  const T one_minus_p = -tile_expm1<T, I>(lp_y);
+  const auto representable = one_minus_p > Limits<acc_t>::tiny;
+  const T power = gamma == acc_t(2) ? one_minus_p * one_minus_p : one_minus_p;
+  const T factor = representable ? power : T{};
+  const T ratio = representable ? lp_y / one_minus_p : T{};
+  const T cost = -factor * lp_y;
+  const T dcost = -factor + gamma * tile_exp<T, I>(lp_y) * factor * ratio;
+  const T g_y = w_y * dcost;
+  terms.loss = w_y * cost + z * lse * lse;
+  terms.target_coef = -g_y;
+  terms.p_rest = acc_t(2) * z * lse;
+  terms.smooth = T{};
+  return terms;
+}
+
+// The gradient's row constants of tile rows (T as for tile_row_terms): g_c = e_c·k − smooth·w_c for c ≠ y, g_y
+// for the target; smooth comes back times grad_scale. p_c = e_c / Σ e: one rounding, where exp(−log Σ) carried
+// the log's rounding, relative to log Σ, into every gradient (up to 8 ulps of the largest at 43 classes).
+template <typename T, typename acc_t>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void tile_grad_terms(T sum, T e_y, T w_y, acc_t grad_scale,
+                                                            TileRowTerms<T>& terms, T& k, T& g_y) {
+  const T inv_sum = acc_t(1) / sum;
+  k = inv_sum * ((terms.target_coef + terms.p_rest) * grad_scale);
+  const T p_y = e_y * inv_sum;
+  g_y = ((p_y - acc_t(1)) * terms.target_coef + p_y * terms.p_rest - terms.smooth * w_y) * grad_scale;
+  terms.smooth = terms.smooth * grad_scale;
+}
+
 template <typename acc_t, typename scalar_t, int R = kTileRows>
 FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets, int rows, const acc_t* weight,
                       const Params<acc_t>& prm, scalar_t* grad, acc_t grad_scale, acc_t* losses) {
@@ -764,9 +856,19 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
   acc_t d[kTileMaxClasses][R];  // ds_c/dx_c (soft-cap only)
   int64_t y[R];
   bool ignored[R];
-  for (int r = 0; r < R; ++r) {
-    ignored[r] = r >= rows || targets[r] == prm.ignore_index;
-    y[r] = ignored[r] ? 0 : targets[r];
+  if (rows == R) {
+    // Unconditional loads: the compiler vectorizes the whole tile's targets (the short-circuit read of the
+    // partial tile's below made this a branch per row).
+    for (int r = 0; r < R; ++r) {
+      const int64_t target = targets[r];
+      ignored[r] = target == prm.ignore_index;
+      y[r] = ignored[r] ? 0 : target;
+    }
+  } else {
+    for (int r = 0; r < R; ++r) {
+      ignored[r] = r >= rows || targets[r] == prm.ignore_index;
+      y[r] = ignored[r] ? 0 : targets[r];
+    }
   }
 #ifndef __CUDACC__
   // Full float32 tiles move through vector transposes (the partial last tile and other types element by element).
@@ -799,114 +901,97 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
   acc_t sum_w_s[R] = {};
   acc_t sum_w = 0;
   if (smoothing) tile_smoothing_sums<R>(t, C, mx, weight, sum_w_s, &sum_w);
-  // Row scalars per row (log, focal pow), then the exps of the gradient's row constants across rows.
-  acc_t s_y[R], w_y[R], lp_y[R], target_coef[R], p_rest[R], smooth[R];
-  acc_t log_sum[R], lse[R];
+  // The rows' gathered values, then their terms: for the whole tile at once (one vector operation per step) in
+  // float32 on the host, one row at a time otherwise. Written across the rows' lanes, the compiler unrolled the
+  // 16 rows and kept each row's values apart, a branch per ignored row and a division per row.
+  acc_t s_y[R], w_y[R], e_y[R], lp_y[R], smooth[R], k[R], g_y[R];
   for (int r = 0; r < R; ++r) {
     s_y[r] = t[y[r]][r];
     w_y[r] = weight == nullptr ? acc_t(1) : weight[y[r]];
+    e_y[r] = grad == nullptr ? acc_t(0) : e[y[r]][r];
   }
-  // The row's log Σ e, logsumexp and log p_y across the rows (fast_log, vectorized), for the two branch-free paths
-  // below; the per-row path computes its own.
-  for (int r = 0; r < R; ++r) {
-    log_sum[r] = fast_log(sum[r]);
-    lse[r] = mx[r] + log_sum[r];
-    lp_y[r] = (s_y[r] - mx[r]) - log_sum[r];
-  }
-  if (prm.focal_gamma == acc_t(0)) {
-    // finish_hard_row without focal, across the rows: one vector operation per step for the whole tile, with
-    // fast_log instead of a library call per row (for tag sets of tens of classes the rows' scalars cost as much
-    // as their exps). The same formulas, in the same order.
-    const acc_t eps = prm.label_smoothing;
-    const acc_t eps_c = eps / acc_t(prm.num_classes);
-    const acc_t z = prm.z_loss;
-    acc_t loss[R];
-    for (int r = 0; r < R; ++r) {
-      acc_t row_loss = -(acc_t(1) - eps) * w_y[r] * lp_y[r];
-      const acc_t smoothed = row_loss - eps_c * (sum_w_s[r] - sum_w * log_sum[r]);
-      row_loss = smoothing ? smoothed : row_loss;
-      loss[r] = row_loss + z * lse[r] * lse[r];
-      const acc_t z_term = acc_t(2) * z * lse[r];
-      target_coef[r] = (acc_t(1) - eps) * w_y[r];
-      p_rest[r] = smoothing ? eps_c * sum_w + z_term : z_term;
-      smooth[r] = eps_c;
-    }
-    for (int r = 0; r < rows; ++r) losses[r] = ignored[r] ? acc_t(0) : loss[r];
-  }
-  // Focal with γ = 2 or 1 in float32: finish_hard_row's focal branch across the rows, branch-free so that it
-  // vectorizes (fast_expm1 for −(1 − p), the power as multiplies); the library expm1 and pow of one row at a time
-  // cost as much as the tile's exps at tens of classes. Other γ (pow) and float64 take finish_hard_row per row.
-  bool focal_lanes = false;
+  const bool per_row_focal = prm.focal_gamma != acc_t(0) && !tile_focal_lanes(prm);
+  acc_t d_y[R];  // the target's soft-cap factor
+  for (int r = 0; r < R; ++r) d_y[r] = softcap ? d[y[r]][r] : acc_t(1);
+  bool lanes_done = false;  // the float32 host path below computed the losses and, with a gradient, t
+#ifndef __CUDACC__
   if constexpr (std::is_same<acc_t, float>::value) {
-    focal_lanes = prm.focal_gamma == 2.0f || prm.focal_gamma == 1.0f;
-    if (focal_lanes) {
-      const acc_t gamma = prm.focal_gamma;
-      const acc_t z = prm.z_loss;
-      acc_t loss[R];
-      for (int r = 0; r < R; ++r) {
-        const acc_t one_minus_p = -fast_expm1(lp_y[r]);
-        const bool representable = one_minus_p > Limits<acc_t>::tiny;
-        const acc_t power = gamma == acc_t(2) ? one_minus_p * one_minus_p : one_minus_p;
-        const acc_t factor = representable ? power : acc_t(0);
-        const acc_t ratio = representable ? lp_y[r] / one_minus_p : acc_t(0);
-        const acc_t cost = -factor * lp_y[r];
-        const acc_t dcost = -factor + gamma * fast_exp(lp_y[r]) * factor * ratio;
-        const acc_t g_y = w_y[r] * dcost;
-        loss[r] = w_y[r] * cost + z * lse[r] * lse[r];
-        target_coef[r] = -g_y;
-        p_rest[r] = acc_t(2) * z * lse[r];
-        smooth[r] = acc_t(0);
+    if (!per_row_focal) {
+      typedef typename FloatLanes<R>::type V;
+      typedef typename FloatLanes<R>::int_type I;
+      const V w_yv = load_lanes<R>(w_y), sumv = load_lanes<R>(sum);
+      V lp_yv;
+      TileRowTerms<V> terms = tile_row_terms<V, I>(prm, smoothing, load_lanes<R>(mx), sumv, load_lanes<R>(s_y),
+                                                    w_yv, load_lanes<R>(sum_w_s), sum_w, lp_yv);
+      I kept;
+      for (int r = 0; r < R; ++r) kept[r] = ignored[r] ? 0 : -1;
+      const V row_losses = kept != 0 ? terms.loss : V{};
+      if (rows == R) {
+        std::memcpy(losses, &row_losses, sizeof(row_losses));
+      } else {
+        for (int r = 0; r < rows; ++r) losses[r] = row_losses[r];
       }
-      for (int r = 0; r < rows; ++r) losses[r] = ignored[r] ? acc_t(0) : loss[r];
+      if (grad == nullptr) return;
+      V kv, g_yv;
+      tile_grad_terms(sumv, load_lanes<R>(e_y), w_yv, grad_scale, terms, kv, g_yv);
+      if (softcap) g_yv *= load_lanes<R>(d_y);
+      // Ignored rows get 0 (selected: a row of NaN or infinite logits has NaN exps).
+      g_yv = kept != 0 ? g_yv : V{};
+      std::memcpy(g_y, &g_yv, sizeof(g_yv));
+      auto store = [&](int64_t c, V g) FUSEDLOSS_LAMBDA_INLINE {
+        g = kept != 0 ? g : V{};
+        std::memcpy(t[c], &g, sizeof(g));
+      };
+      if (weight == nullptr && !softcap) {
+        // The common case in its own loop: with the weight and soft-cap choices inside, GCC if-converts the
+        // weight read into a masked load per class (vmaskmovps), which stalls the loop on AMD Zen.
+        for (int64_t c = 0; c < C; ++c) store(c, load_lanes<R>(e[c]) * kv - terms.smooth);
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          V g = load_lanes<R>(e[c]) * kv - terms.smooth * (weight == nullptr ? acc_t(1) : weight[c]);
+          store(c, softcap ? g * load_lanes<R>(d[c]) : g);
+        }
+      }
+      lanes_done = true;
     }
   }
-  for (int r = 0; r < R && prm.focal_gamma != acc_t(0) && !focal_lanes; ++r) {
-    RowStats<acc_t> stats;
-    stats.max = mx[r];
-    stats.sum_exp = sum[r];
-    stats.sum_a_s = sum_w_s[r];
-    stats.sum_a = sum_w;
-    const RowResult<acc_t> res = finish_hard_row(stats, prm, s_y[r], w_y[r]);
-    if (r < rows) losses[r] = ignored[r] ? acc_t(0) : res.loss;
-    lp_y[r] = res.log_prob(s_y[r]);
-    target_coef[r] = res.target_coef;
-    p_rest[r] = res.p_rest;
-    smooth[r] = res.smooth_coef;
+#endif
+  for (int r = 0; r < R && !lanes_done; ++r) {
+    TileRowTerms<acc_t> terms;
+    if (per_row_focal) {
+      // Other γ (pow) and float64 focal: finish_hard_row per row.
+      RowStats<acc_t> stats;
+      stats.max = mx[r];
+      stats.sum_exp = sum[r];
+      stats.sum_a_s = sum_w_s[r];
+      stats.sum_a = sum_w;
+      const RowResult<acc_t> res = finish_hard_row(stats, prm, s_y[r], w_y[r]);
+      terms = {res.loss, res.target_coef, res.p_rest, res.smooth_coef};
+    } else {
+      terms = tile_row_terms<acc_t, int32_t>(prm, smoothing, mx[r], sum[r], s_y[r], w_y[r], sum_w_s[r], sum_w,
+                                             lp_y[r]);
+    }
+    if (r < rows) losses[r] = ignored[r] ? acc_t(0) : terms.loss;
+    if (grad != nullptr) {
+      tile_grad_terms(sum[r], e_y[r], w_y[r], grad_scale, terms, k[r], g_y[r]);
+      g_y[r] *= d_y[r];
+    }
+    smooth[r] = terms.smooth;
   }
   if (grad == nullptr) return;
-  acc_t k[R], g_y[R], e_y[R];
-  for (int r = 0; r < R; ++r) e_y[r] = e[y[r]][r];  // apart, so that the loop below vectorizes
-  for (int r = 0; r < R; ++r) {
-    // p_c = e_c / Σ e: one rounding, where exp(−log Σ) carried the log's rounding, relative to log Σ, into every
-    // gradient (up to 8 ulps of the largest at 43 classes).
-    const acc_t inv_sum = acc_t(1) / sum[r];
-    k[r] = inv_sum * ((target_coef[r] + p_rest[r]) * grad_scale);
-    const acc_t p_y = e_y[r] * inv_sum;
-    g_y[r] = ((p_y - acc_t(1)) * target_coef[r] + p_y * p_rest[r] - smooth[r] * w_y[r]) * grad_scale;
-    smooth[r] *= grad_scale;
-  }
-  if (softcap)
-    for (int r = 0; r < R; ++r) g_y[r] *= d[y[r]][r];
-  if (weight == nullptr && !softcap) {
-    // The common case in its own loop: with the weight and soft-cap choices inside, GCC if-converts the
-    // weight read into a masked load per class (vmaskmovps), which stalls the loop on AMD Zen.
-    for (int64_t c = 0; c < C; ++c)
-      for (int r = 0; r < R; ++r) t[c][r] = e[c][r] * k[r] - smooth[r];
-  } else {
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t w_c = weight == nullptr ? acc_t(1) : weight[c];
-      for (int r = 0; r < R; ++r) {
-        acc_t g = e[c][r] * k[r] - smooth[r] * w_c;
-        if (softcap) g *= d[c][r];
-        t[c][r] = g;
-      }
+  for (int64_t c = 0; c < C && !lanes_done; ++c) {
+    const acc_t w_c = weight == nullptr ? acc_t(1) : weight[c];
+    for (int r = 0; r < R; ++r) {
+      acc_t g = e[c][r] * k[r] - smooth[r] * w_c;
+      if (softcap) g *= d[c][r];
+      t[c][r] = g;
     }
   }
   for (int r = 0; r < R; ++r) t[y[r]][r] = g_y[r];
 #ifndef __CUDACC__
   if constexpr (kVectorTranspose) {
     if (vector_transpose) {
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R && !lanes_done; ++r)
         if (ignored[r])
           for (int64_t c = 0; c < C; ++c) t[c][r] = acc_t(0);
       transpose_tile<false>(grad, C, t);
