@@ -244,6 +244,37 @@ def test_nan_stays_in_its_row(reduction):
     torch.testing.assert_close(grad[others], clean_grad[others], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("num_classes", [5, 16, 37])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"focal_gamma": 2.0}, {"softcap": 30.0}])
+def test_ignored_rows_of_non_finite_logits_give_zeros(num_classes, options):
+    """Ignored rows contribute exactly 0 to the loss and get a 0 gradient even when their logits are NaN or
+    infinite (their exps are NaN), in full tiles of rows and in the partial last one; the kept rows match torch."""
+    gen = torch.Generator().manual_seed(num_classes)
+    x = torch.randn(35, num_classes, generator=gen) * 3
+    target = torch.randint(0, num_classes, (35,), generator=gen)
+    ignored = torch.tensor([1, 4, 15, 16, 30, 34])  # rows in the first and second full tiles and the last one
+    target[ignored] = -100
+    x[1] = float("nan")
+    x[4, 0] = float("inf")
+    x[15] = float("-inf")
+    x[16, 2] = float("nan")
+    x[30, num_classes - 1] = float("inf")
+    def rows_and_grad(fn, logits, row_target):  # per-row losses and the gradient of their sum
+        logits = logits.detach().clone().requires_grad_()
+        rows = fn(logits, **_args(row_target, reduction="none", **options))
+        (g,) = torch.autograd.grad(rows.sum(), logits)
+        return rows.detach(), g
+
+    loss, grad = rows_and_grad(_cpp, x, target)
+    assert torch.equal(loss[ignored], torch.zeros(len(ignored)))
+    assert torch.equal(grad[ignored], torch.zeros(len(ignored), num_classes))
+    kept = target != -100
+    # The float64 reference (checked against torch.nn.functional and kornia in test_softmax_reference.py).
+    oracle_loss, oracle_grad = rows_and_grad(_reference, x[kept].double(), target[kept])
+    torch.testing.assert_close(loss[kept], oracle_loss.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad[kept], oracle_grad.float(), rtol=1e-5, atol=1e-6)
+
+
 def test_non_contiguous_input():
     base = torch.randn(40, 30, dtype=torch.float64)
     x = base.t()  # (30, 40), column-major

@@ -597,13 +597,19 @@ FUSEDLOSS_INLINE void transpose16(TileVector16 rows[16]) {
 }
 
 // Tiles of 16 rows and at least 16 classes: 16 x 16 blocks, the last one ending at column C (overlapping the one
-// before). to_tile: t[c][r] = x[r * C + c]; otherwise the inverse, x[r * C + c] = t[c][r].
-template <bool to_tile>
-FUSEDLOSS_INLINE void transpose_tile16(float* x, int64_t C, float (*t)[16]) {
+// before). to_tile: t[c][r] = x[r * C + c]; otherwise the inverse, x[r * C + c] = column(c)[r], with column(c)
+// the 16 rows' values of class c (t[c], or computed on the way: the gradient's store).
+template <bool to_tile, typename Column>
+FUSEDLOSS_INLINE void transpose_tile16(float* x, int64_t C, float (*t)[16], const Column& column) {
   auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
     TileVector16 v[16];
-    for (int i = 0; i < 16; ++i)
-      __builtin_memcpy(&v[i], to_tile ? x + i * C + c0 : &t[c0 + i][0], sizeof(TileVector16));
+    for (int i = 0; i < 16; ++i) {
+      if constexpr (to_tile) {
+        __builtin_memcpy(&v[i], x + i * C + c0, sizeof(TileVector16));
+      } else {
+        v[i] = column(c0 + i);
+      }
+    }
     transpose16(v);
     for (int i = 0; i < 16; ++i)
       __builtin_memcpy(to_tile ? &t[c0 + i][0] : x + i * C + c0, &v[i], sizeof(TileVector16));
@@ -621,7 +627,13 @@ FUSEDLOSS_INLINE void transpose_tile16(float* x, int64_t C, float (*t)[16]) {
 template <bool to_tile, int R>
 FUSEDLOSS_INLINE void transpose_tile(float* x, int64_t C, float (*t)[R]) {
   if constexpr (R == 16) {
-    if (C >= 16) return transpose_tile16<to_tile>(x, C, t);
+    if (C >= 16) {
+      return transpose_tile16<to_tile>(x, C, t, [&](int64_t c) FUSEDLOSS_LAMBDA_INLINE {
+        TileVector16 v;
+        __builtin_memcpy(&v, t[c], sizeof(v));
+        return v;
+      });
+    }
   }
   for (int r0 = 0; r0 < R; r0 += 8) {
     auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
@@ -849,6 +861,7 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
                       const Params<acc_t>& prm, scalar_t* grad, acc_t grad_scale, acc_t* losses) {
   static_assert(R % 8 == 0, "tiles are made of 8 x 8 transposes");
   const int64_t C = prm.num_classes;
+  if (C < 1) return;  // never (C >= 1 is checked before): tells the compiler that the transposes below fill t[0]
   const bool softcap = prm.softcap != acc_t(0);
   const bool smoothing = prm.label_smoothing != acc_t(0);
   alignas(64) acc_t t[kTileMaxClasses][R];  // s_c of each row, then the gradient
@@ -938,19 +951,23 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
       // Ignored rows get 0 (selected: a row of NaN or infinite logits has NaN exps).
       g_yv = kept != 0 ? g_yv : V{};
       std::memcpy(g_y, &g_yv, sizeof(g_yv));
-      auto store = [&](int64_t c, V g) FUSEDLOSS_LAMBDA_INLINE {
-        g = kept != 0 ? g : V{};
-        std::memcpy(t[c], &g, sizeof(g));
+      // Class c of the gradient for the tile's rows, except at the targets (g_y, written after).
+      auto column = [&](int64_t c) FUSEDLOSS_LAMBDA_INLINE {
+        V g = load_lanes<R>(e[c]) * kv - (weight == nullptr ? terms.smooth : terms.smooth * weight[c]);
+        if (softcap) g *= load_lanes<R>(d[c]);
+        return kept != 0 ? g : V{};
       };
-      if (weight == nullptr && !softcap) {
-        // The common case in its own loop: with the weight and soft-cap choices inside, GCC if-converts the
-        // weight read into a masked load per class (vmaskmovps), which stalls the loop on AMD Zen.
-        for (int64_t c = 0; c < C; ++c) store(c, load_lanes<R>(e[c]) * kv - terms.smooth);
-      } else {
-        for (int64_t c = 0; c < C; ++c) {
-          V g = load_lanes<R>(e[c]) * kv - terms.smooth * (weight == nullptr ? acc_t(1) : weight[c]);
-          store(c, softcap ? g * load_lanes<R>(d[c]) : g);
+      if constexpr (R == 16 && kVectorTranspose) {
+        if (vector_transpose && C >= 16) {
+          // Straight from the registers into the gradient's rows (no pass through t), then the targets'.
+          transpose_tile16<false>(grad, C, t, column);
+          for (int r = 0; r < R; ++r) grad[row_offset(r, C) + y[r]] = g_y[r];
+          return;
         }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const V g = column(c);
+        std::memcpy(t[c], &g, sizeof(g));
       }
       lanes_done = true;
     }
