@@ -300,9 +300,12 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_log1p_unit(float e) {
 #ifdef __CUDA_ARCH__
   return ::log1pf(e);
 #else
-  const bool high = e > 0.414213562373095f;
-  const float f = high ? (e - 1.0f) * 0.5f : e;
-  return log_reduced(f, high ? 1.0f : 0.0f);
+  // k = round(e + 0.5 − (√2 − 1)) with the 1.5·2^23 trick (0 or 1; at the boundary either is exact enough), f
+  // from it by arithmetic (exact for k = 0 and 1). Written as a choice between two constants, k was carried by the
+  // compiler into its own copy of the polynomial for each, and both were computed.
+  const float k = (e + 0.0857864376269050f + 12582912.0f) - 12582912.0f;
+  const float f = (e - k) * (1.0f - 0.5f * k);
+  return log_reduced(f, k);
 #endif
 }
 
