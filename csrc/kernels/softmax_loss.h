@@ -856,11 +856,13 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void tile_grad_terms(T sum, T e_y, T w_y,
   terms.smooth = terms.smooth * grad_scale;
 }
 
-template <typename acc_t, typename scalar_t, int R = kTileRows>
+// kC: prm.num_classes when known at compile time (0: read at run time), so that the class loops unroll and keep
+// more of t and e in registers.
+template <typename acc_t, typename scalar_t, int R = kTileRows, int kC = 0>
 FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets, int rows, const acc_t* weight,
                       const Params<acc_t>& prm, scalar_t* grad, acc_t grad_scale, acc_t* losses) {
   static_assert(R % 8 == 0, "tiles are made of 8 x 8 transposes");
-  const int64_t C = prm.num_classes;
+  const int64_t C = kC != 0 ? kC : prm.num_classes;
   if (C < 1) return;  // never (C >= 1 is checked before): tells the compiler that the transposes below fill t[0]
   const bool softcap = prm.softcap != acc_t(0);
   const bool smoothing = prm.label_smoothing != acc_t(0);
