@@ -779,26 +779,21 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE bool tile_focal_lanes(const Params<acc_t>
 
 // exp, expm1 and log of one row's value (T = acc_t) or of a tile's rows at once (T = a GCC vector of float lanes,
 // I its int32 twin): the same algorithm either way.
-template <typename T, typename I>
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T tile_exp(T x) {
+enum class TileMath { kExp, kExpm1, kLog };
+template <TileMath kFn, typename T, typename I>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T tile_math(T x) {
 #ifndef __CUDACC__
-  if constexpr (!std::is_arithmetic<T>::value) return exp_float_lanes<T, I>(x);
+  if constexpr (!std::is_arithmetic<T>::value) {
+    if constexpr (kFn == TileMath::kExp) return exp_float_lanes<T, I>(x);
+    if constexpr (kFn == TileMath::kExpm1) return expm1_float_lanes<T, I>(x);
+    if constexpr (kFn == TileMath::kLog) return log_float_lanes<T, I>(x);
+  }
 #endif
-  if constexpr (std::is_arithmetic<T>::value) return fast_exp(x);
-}
-template <typename T, typename I>
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T tile_expm1(T x) {
-#ifndef __CUDACC__
-  if constexpr (!std::is_arithmetic<T>::value) return expm1_float_lanes<T, I>(x);
-#endif
-  if constexpr (std::is_arithmetic<T>::value) return fast_expm1(x);
-}
-template <typename T, typename I>
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T tile_log(T x) {
-#ifndef __CUDACC__
-  if constexpr (!std::is_arithmetic<T>::value) return log_float_lanes<T, I>(x);
-#endif
-  if constexpr (std::is_arithmetic<T>::value) return fast_log(x);
+  if constexpr (std::is_arithmetic<T>::value) {
+    if constexpr (kFn == TileMath::kExp) return fast_exp(x);
+    if constexpr (kFn == TileMath::kExpm1) return fast_expm1(x);
+    if constexpr (kFn == TileMath::kLog) return fast_log(x);
+  }
 }
 
 // finish_hard_row of tile rows without focal or with focal γ = 1 or 2 in float32, branch-free (fast_log for the
@@ -809,7 +804,7 @@ template <typename T, typename I, typename acc_t>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE TileRowTerms<T> tile_row_terms(const Params<acc_t>& prm, bool smoothing, T mx,
                                                                      T sum, T s_y, T w_y, T sum_w_s, acc_t sum_w,
                                                                      T& lp_y) {
-  const T log_sum = tile_log<T, I>(sum);
+  const T log_sum = tile_math<TileMath::kLog, T, I>(sum);
   const T lse = mx + log_sum;
   lp_y = (s_y - mx) - log_sum;
   const acc_t z = prm.z_loss;
@@ -828,13 +823,13 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE TileRowTerms<T> tile_row_terms(const Para
     return terms;
   }
   const acc_t gamma = prm.focal_gamma;
-  const T one_minus_p = -tile_expm1<T, I>(lp_y);
+  const T one_minus_p = -tile_math<TileMath::kExpm1, T, I>(lp_y);
   const auto representable = one_minus_p > Limits<acc_t>::tiny;
   const T power = gamma == acc_t(2) ? one_minus_p * one_minus_p : one_minus_p;
   const T factor = representable ? power : T{};
   const T ratio = representable ? lp_y / one_minus_p : T{};
   const T cost = -factor * lp_y;
-  const T dcost = -factor + gamma * tile_exp<T, I>(lp_y) * factor * ratio;
+  const T dcost = -factor + gamma * tile_math<TileMath::kExp, T, I>(lp_y) * factor * ratio;
   const T g_y = w_y * dcost;
   terms.loss = w_y * cost + z * lse * lse;
   terms.target_coef = -g_y;
