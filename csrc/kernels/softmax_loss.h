@@ -866,19 +866,9 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
   acc_t d[kTileMaxClasses][R];  // ds_c/dx_c (soft-cap only)
   int64_t y[R];
   bool ignored[R];
-  if (rows == R) {
-    // Unconditional loads: the compiler vectorizes the whole tile's targets (the short-circuit read of the
-    // partial tile's below made this a branch per row).
-    for (int r = 0; r < R; ++r) {
-      const int64_t target = targets[r];
-      ignored[r] = target == prm.ignore_index;
-      y[r] = ignored[r] ? 0 : target;
-    }
-  } else {
-    for (int r = 0; r < R; ++r) {
-      ignored[r] = r >= rows || targets[r] == prm.ignore_index;
-      y[r] = ignored[r] ? 0 : targets[r];
-    }
+  for (int r = 0; r < R; ++r) {
+    ignored[r] = r >= rows || targets[r] == prm.ignore_index;
+    y[r] = ignored[r] ? 0 : targets[r];
   }
 #ifndef __CUDACC__
   // Full float32 tiles move through vector transposes (the partial last tile and other types element by element).
