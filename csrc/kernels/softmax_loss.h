@@ -798,15 +798,13 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE T tile_math(T x) {
 
 // finish_hard_row of tile rows without focal or with focal γ = 1 or 2 in float32, branch-free (fast_log for the
 // row's log Σ e; fast_expm1 for the focal −(1 − p), the power as multiplies): the same formulas, in the same
-// order. T = acc_t for one row or a GCC vector of float lanes for a tile's rows (I its int32 twin). Also gives
-// log p_y.
+// order. T = acc_t for one row or a GCC vector of float lanes for a tile's rows (I its int32 twin).
 template <typename T, typename I, typename acc_t>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE TileRowTerms<T> tile_row_terms(const Params<acc_t>& prm, bool smoothing, T mx,
-                                                                     T sum, T s_y, T w_y, T sum_w_s, acc_t sum_w,
-                                                                     T& lp_y) {
+                                                                     T sum, T s_y, T w_y, T sum_w_s, acc_t sum_w) {
   const T log_sum = tile_math<TileMath::kLog, T, I>(sum);
   const T lse = mx + log_sum;
-  lp_y = (s_y - mx) - log_sum;
+  const T lp_y = (s_y - mx) - log_sum;
   const acc_t z = prm.z_loss;
   TileRowTerms<T> terms;
   if (prm.focal_gamma == acc_t(0)) {
@@ -904,7 +902,7 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
   // The rows' gathered values, then their terms: for the whole tile at once (one vector operation per step) in
   // float32 on the host, one row at a time otherwise. Written across the rows' lanes, the compiler unrolled the
   // 16 rows and kept each row's values apart, a branch per ignored row and a division per row.
-  acc_t s_y[R], w_y[R], e_y[R], lp_y[R], smooth[R], k[R], g_y[R];
+  acc_t s_y[R], w_y[R], e_y[R], smooth[R], k[R], g_y[R];
   for (int r = 0; r < R; ++r) {
     s_y[r] = t[y[r]][r];
     w_y[r] = weight == nullptr ? acc_t(1) : weight[y[r]];
@@ -920,9 +918,8 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
       typedef typename FloatLanes<R>::type V;
       typedef typename FloatLanes<R>::int_type I;
       const V w_yv = load_lanes<R>(w_y), sumv = load_lanes<R>(sum);
-      V lp_yv;
       TileRowTerms<V> terms = tile_row_terms<V, I>(prm, smoothing, load_lanes<R>(mx), sumv, load_lanes<R>(s_y),
-                                                    w_yv, load_lanes<R>(sum_w_s), sum_w, lp_yv);
+                                                    w_yv, load_lanes<R>(sum_w_s), sum_w);
       I kept;
       for (int r = 0; r < R; ++r) kept[r] = ignored[r] ? 0 : -1;
       const V row_losses = kept != 0 ? terms.loss : V{};
@@ -972,8 +969,7 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
       const RowResult<acc_t> res = finish_hard_row(stats, prm, s_y[r], w_y[r]);
       terms = {res.loss, res.target_coef, res.p_rest, res.smooth_coef};
     } else {
-      terms = tile_row_terms<acc_t, int32_t>(prm, smoothing, mx[r], sum[r], s_y[r], w_y[r], sum_w_s[r], sum_w,
-                                             lp_y[r]);
+      terms = tile_row_terms<acc_t, int32_t>(prm, smoothing, mx[r], sum[r], s_y[r], w_y[r], sum_w_s[r], sum_w);
     }
     if (r < rows) losses[r] = ignored[r] ? acc_t(0) : terms.loss;
     if (grad != nullptr) {
