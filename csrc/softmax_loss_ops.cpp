@@ -47,11 +47,10 @@ void check_softmax_loss_args(const at::Tensor& input, const at::Tensor& target,
   const int64_t num_classes = input.size(-1);
   TORCH_CHECK_VALUE(num_classes >= 1, "input must have at least one class (input.shape[-1] >= 1), got shape ",
                     shape_str(input.sizes()));
-  const auto input_shape = shape_str(input.sizes());
   if (is_floating(target)) {
     TORCH_CHECK_VALUE(target.sizes() == input.sizes(), "target holds class probabilities (",
-                      dtype_str(target.scalar_type()), ") and must have input's shape ", input_shape, ", got ",
-                      shape_str(target.sizes()));
+                      dtype_str(target.scalar_type()), ") and must have input's shape ", shape_str(input.sizes()),
+                      ", got ", shape_str(target.sizes()));
     // As torch: any negative ignore_index is accepted (and has no effect) with probabilities; a class index raises.
     TORCH_CHECK_VALUE(ignore_index < 0,
                       "ignore_index must be negative with class-probability targets (it does not apply to them), got ",
@@ -70,8 +69,8 @@ void check_softmax_loss_args(const at::Tensor& input, const at::Tensor& target,
             "fusedloss wants the class dimension last, pass input.movedim(1, -1)";
       }
       TORCH_CHECK_VALUE(false, "target of class indices must have shape input.shape[:-1] = ", shape_str(index_shape),
-                        " (input ", input_shape, ", class dimension last), got target ", shape_str(target.sizes()),
-                        hint);
+                        " (input ", shape_str(input.sizes()), ", class dimension last), got target ",
+                        shape_str(target.sizes()), hint);
     }
   }
   check_same_device("target", target, "input", input);

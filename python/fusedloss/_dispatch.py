@@ -317,10 +317,16 @@ def resolve_keyed(key: tuple, op: str, backend: str, device: torch.device, args:
     hit = _RESOLVED.get(key)
     if hit is None:
         hit = _resolve(op, backend, device, args, {})
-        if len(_RESOLVED) >= _MAX_RESOLVED:
-            _RESOLVED.clear()
-        _RESOLVED[key] = hit
+        remember(key, hit)
     return hit
+
+
+def remember(key: tuple, value: object) -> None:
+    """Keeps ``value`` under ``key`` in the decisions' cache (a public function's own shortcut for calls it has
+    seen: forgotten with the decisions)."""
+    if len(_RESOLVED) >= _MAX_RESOLVED:
+        _RESOLVED.clear()
+    _RESOLVED[key] = value
 
 
 def _resolve(op: str, backend: str, device: torch.device, args: tuple, kwargs: dict) -> Tuple[str, Callable]:

@@ -31,6 +31,8 @@ from fusedloss._validation import (  # noqa: F401  (check_* are also imported fr
 # Python types the ops' schemas take as they are (anything else goes through the Python checks, which convert
 # numpy scalars and name the argument of a wrong type).
 _REAL = (int, float)
+# First item of the dispatcher-cache keys of _softmax_loss's fast path.
+_UNBOXED_KEY = "softmax_loss unboxed"
 
 
 def _softmax_loss(
@@ -51,6 +53,30 @@ def _softmax_loss(
     """Resolves the backend and runs its ``softmax_loss`` op; arguments are checked once, by the op itself
     (fusedloss._C) or here. With ``token_weight`` the op gives the per-row losses and
     :func:`token_weighted_reduction` weighs and reduces them (the same on every backend)."""
+    if (
+        token_weight is None
+        and type(input) is torch.Tensor
+        and type(target) is torch.Tensor
+        and (weight is None or type(weight) is torch.Tensor)
+        and type(ignore_index) is int
+        and type(reduction) is str
+        and type(label_smoothing) in _REAL
+        and type(focal_gamma) in _REAL
+        and type(z_loss) in _REAL
+        and (softcap is None or type(softcap) in _REAL)
+        and type(inplace_backward) is bool
+        and type(backend) is str
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_torch_function_mode_enabled()
+    ):
+        # A call like one made before: the unboxed op the general path below found for it (it checks every
+        # argument itself). About half of a one-row call's Python time went to the general path's steps.
+        fast = _dispatch._RESOLVED.get((_UNBOXED_KEY, backend, input.device, torch.is_grad_enabled(), input.dtype,
+                                        target.dtype, target.requires_grad,
+                                        weight is not None and weight.requires_grad))
+        if fast is not None:
+            return fast(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap,
+                        mean_by_count, inplace_backward)
     if token_weight is not None:
         if not isinstance(input, torch.Tensor) or input.dim() == 0:
             check_class_input(input)  # raises
@@ -106,6 +132,10 @@ def _softmax_loss(
         ):
             fast = _dispatch.unboxed(impl)
             if fast is not None:
+                # Remembered (in the dispatcher's cache, so that whatever forgets its decisions forgets this too)
+                # for the fast path at the top, which takes calls of exact argument types only.
+                _dispatch.remember((_UNBOXED_KEY, backend, device, torch.is_grad_enabled(), input.dtype, target.dtype,
+                                    target.requires_grad, weight is not None and weight.requires_grad), fast)
                 return fast(*args)
         return impl(*args)
     _check(*args)
