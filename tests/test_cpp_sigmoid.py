@@ -127,6 +127,35 @@ def test_bce_with_logits_matches_torch(dtype, reduction, shape, weight_shape, po
     _check(ours, theirs, x)
 
 
+@pytest.mark.parametrize("num_classes", [16, 48, 80, 83, 300])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("scale", [3.0, 1e4])
+def test_bce_every_cut_of_a_row_into_vectors(num_classes, reduction, scale):
+    """Rows cut every way the AVX-512 loop cuts them (four vectors of 16 at a time, the last one to three side by
+    side, a scalar tail, a second block of 256), at logits around 1 and of 1e4 (exp(-|x|) is 0 there), against
+    torch; a target outside [0, 1] in a vector part or the tail still raises."""
+    x = _logits((37, num_classes), torch.float32, scale=scale)
+    generator = torch.Generator().manual_seed(3)
+    y = torch.rand((37, num_classes), generator=generator, dtype=torch.float64).float()
+    weight = torch.rand(num_classes, generator=generator) + 0.5
+    pw = 3 * torch.rand(num_classes, generator=generator)
+
+    def ours(v):
+        return fusedloss.binary_cross_entropy_with_logits(v, y, weight, reduction=reduction, pos_weight=pw,
+                                                          backend=CPP)
+
+    def theirs(v):
+        return F.binary_cross_entropy_with_logits(v, y.to(v.dtype), weight.to(v.dtype), reduction=reduction,
+                                                  pos_weight=pw.to(v.dtype))
+
+    _check(ours, theirs, x)
+    for column in (5, num_classes - 1):
+        bad = y.clone()
+        bad[20, column] = 1.5
+        with pytest.raises(ValueError, match="target values must be in \\[0, 1\\], got 1.5"):
+            fusedloss.binary_cross_entropy_with_logits(x, bad, backend=CPP)
+
+
 # ----------------------------------------------------------------------------------------------
 # sigmoid_focal_loss: torchvision's formula
 # ----------------------------------------------------------------------------------------------

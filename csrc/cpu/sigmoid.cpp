@@ -45,24 +45,37 @@ struct ChunkJob {
   FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const { *result = (*chunk_fn)(begin, end); }
 };
 
-template <typename ChunkFn>
-double run_chunk(const ChunkFn& chunk_fn, int64_t begin, int64_t end) {
+// A chunk function with a second version for the AVX-512 variant (cpu/isa.h: run_wide), written on 16 float lanes.
+template <typename ChunkFn, typename WideFn>
+struct WideChunkJob : ChunkJob<ChunkFn> {
+  const WideFn* wide_fn;
+  FUSEDLOSS_INLINE void run_wide(int64_t begin, int64_t end) const { *this->result = (*wide_fn)(begin, end); }
+};
+
+// wide_fn: null, or the chunk function's version for the AVX-512 variant.
+template <typename ChunkFn, typename WideFn = std::nullptr_t>
+double run_chunk(const ChunkFn& chunk_fn, int64_t begin, int64_t end, const WideFn* wide_fn = nullptr) {
   double result = 0;
-  cpu::run(ChunkJob<ChunkFn>{&chunk_fn, &result}, begin, end);
+  if constexpr (std::is_same<WideFn, std::nullptr_t>::value) {
+    cpu::run(ChunkJob<ChunkFn>{&chunk_fn, &result}, begin, end);
+  } else {
+    cpu::run(WideChunkJob<ChunkFn, WideFn>{{&chunk_fn, &result}, wide_fn}, begin, end);
+  }
   return result;
 }
 
 // Runs chunk_fn(first_row, end_row) -> double over fixed chunks of rows in parallel and returns the
-// sum of the chunk results, added in chunk order.
-template <typename ChunkFn>
-double sum_over_row_chunks(int64_t num_rows, int64_t num_classes, const ChunkFn& chunk_fn) {
+// sum of the chunk results, added in chunk order (wide_fn as for run_chunk).
+template <typename ChunkFn, typename WideFn = std::nullptr_t>
+double sum_over_row_chunks(int64_t num_rows, int64_t num_classes, const ChunkFn& chunk_fn,
+                           const WideFn* wide_fn = nullptr) {
   const int64_t chunk_rows = rows_per_chunk(num_classes);
   const int64_t num_chunks = (num_rows + chunk_rows - 1) / chunk_rows;
   std::vector<double> partial(num_chunks, 0.0);
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t first = chunk * chunk_rows;
-      partial[chunk] = run_chunk(chunk_fn, first, std::min(num_rows, first + chunk_rows));
+      partial[chunk] = run_chunk(chunk_fn, first, std::min(num_rows, first + chunk_rows), wide_fn);
     }
   });
   double total = 0;
@@ -149,13 +162,47 @@ FUSEDLOSS_INLINE double lane_sum(const acc_t* values, int64_t len) {
   return total;
 }
 
+#ifdef FUSEDLOSS_CPU_AVX2
+// K vectors of 16 elements of elementwise_pass's AVX-512 path: lanes() on them, the losses added to sum (and
+// written to loss_out unless null), the gradient times scale written to g (kGrad), the least and the largest y
+// kept in low and high (NaN is neither, as in the element loop's test). Selects, not a mask of comparisons: GCC
+// lowered `mask |= (y < 0) | (y > 1)` to 32 scalar compares per vector here.
+template <int K, bool kGrad, typename Lanes>
+FUSEDLOSS_INLINE void lanes_step(const Lanes& lanes, const float* x, const float* y, const float* w, const float* pw,
+                                 float scale, float* loss_out, float* g, FloatLanes<16>::type& sum,
+                                 FloatLanes<16>::type& low, FloatLanes<16>::type& high) {
+  typedef FloatLanes<16>::type V;
+  V xv[K], yv[K], wv[K], pwv[K], loss[K], gv[K];
+  FUSEDLOSS_EACH(k, K) {
+    std::memcpy(&xv[k], x + 16 * k, sizeof(V));
+    std::memcpy(&yv[k], y + 16 * k, sizeof(V));
+    std::memcpy(&wv[k], w + 16 * k, sizeof(V));
+    std::memcpy(&pwv[k], pw + 16 * k, sizeof(V));
+    low = yv[k] < low ? yv[k] : low;
+    high = yv[k] > high ? yv[k] : high;
+  }
+  lanes(xv, yv, wv, pwv, loss, gv);
+  FUSEDLOSS_EACH(k, K) {
+    sum += loss[k];
+    if (loss_out != nullptr) std::memcpy(loss_out + 16 * k, &loss[k], sizeof(V));
+    if constexpr (kGrad) {
+      const V scaled = gv[k] * scale;
+      std::memcpy(g + 16 * k, &scaled, sizeof(V));
+    }
+  }
+}
+#endif
+
 // One pass over (rows, C): element(x, y, w, pos_weight) -> LossGrad, with the two broadcast weights
 // (1 where absent); writes the loss (reduction none) and, with kGrad, the gradient times
 // grad_scale; checks 0 <= y <= 1; calls on_row(n, row sum) and returns the sum of every loss.
-template <bool kGrad, typename scalar_t, typename target_t, typename Element, typename OnRow>
+// lanes: null, or element on 16 float lanes for float32 input and target in the AVX-512 variant:
+// lanes(x, y, w, pos_weight, loss, grad) on arrays of K vectors (1 or 4) at once.
+template <bool kGrad, typename scalar_t, typename target_t, typename Element, typename OnRow,
+          typename Lanes = std::nullptr_t>
 double elementwise_pass(const at::Tensor& input, const at::Tensor& target, const BroadcastWeight& weight,
                         const BroadcastWeight& pos_weight, const Element& element, double grad_scale,
-                        at::Tensor& loss_none, at::Tensor& grad, const OnRow& on_row) {
+                        at::Tensor& loss_none, at::Tensor& grad, const OnRow& on_row, const Lanes& lanes = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = last_dim(input);
   const int64_t rows = C == 0 ? 0 : input.numel() / C;
@@ -166,7 +213,13 @@ double elementwise_pass(const at::Tensor& input, const at::Tensor& target, const
   const acc_t scale = static_cast<acc_t>(grad_scale);
   // An absent weight reads a row of ones: the block loop has no branch.
   const std::vector<acc_t> ones(weight.values.defined() && pos_weight.values.defined() ? 0 : C, acc_t(1));
-  return sum_over_row_chunks(rows, C, [&](int64_t first, int64_t end) FUSEDLOSS_LAMBDA_INLINE {
+  auto check_row = [&](int64_t offset) {
+    for (int64_t c = 0; c < C; ++c) {
+      const double yv = static_cast<double>(y[offset + c]);
+      if (yv < 0 || yv > 1) fail_target_value(yv, "in [0, 1]");
+    }
+  };
+  auto chunk = [&](int64_t first, int64_t end) FUSEDLOSS_LAMBDA_INLINE {
     acc_t loss_block[kBlock];
     double chunk_sum = 0;
     for (int64_t n = first; n < end; ++n) {
@@ -193,29 +246,90 @@ double elementwise_pass(const at::Tensor& input, const at::Tensor& target, const
           for (int64_t i = 0; i < len; ++i) loss_out[offset + start + i] = static_cast<scalar_t>(loss_block[i]);
         row_sum += lane_sum(loss_block, len);
       }
-      if (out_of_range != 0) {
-        for (int64_t c = 0; c < C; ++c) {
-          const double yv = static_cast<double>(y[offset + c]);
-          if (yv < 0 || yv > 1) fail_target_value(yv, "in [0, 1]");
-        }
-      }
+      if (out_of_range != 0) check_row(offset);
       on_row(n, row_sum);
       chunk_sum += row_sum;
     }
     return chunk_sum;
-  });
+  };
+#ifdef FUSEDLOSS_CPU_AVX2
+  if constexpr (!std::is_same<Lanes, std::nullptr_t>::value && std::is_same<scalar_t, float>::value &&
+                std::is_same<target_t, float>::value) {
+    typedef FloatLanes<16>::type V;
+    auto wide_chunk = [&](int64_t first, int64_t end) FUSEDLOSS_LAMBDA_INLINE {
+      double chunk_sum = 0;
+      for (int64_t n = first; n < end; ++n) {
+        const int64_t offset = row_offset(n, C);
+        const float* w = weight.values.defined() ? row_weight<float>(weight, offset) : ones.data();
+        const float* pw = pos_weight.values.defined() ? row_weight<float>(pos_weight, offset) : ones.data();
+        double row_sum = 0;  // float64, as in chunk
+        V low = {}, high = V{} + 1.0f;  // the least and the largest target of the row, 0 and 1 to start
+        int tail_out_of_range = 0;
+        for (int64_t start = 0; start < C; start += kBlock) {
+          const int64_t len = std::min(kBlock, C - start);
+          const int64_t at = offset + start;
+          V sum = {};
+          int64_t i = 0;
+          for (; i + 64 <= len; i += 64)
+            lanes_step<4, kGrad>(lanes, x + at + i, y + at + i, w + start + i, pw + start + i, scale,
+                                 loss_out == nullptr ? nullptr : loss_out + at + i, kGrad ? g + at + i : nullptr, sum,
+                                 low, high);
+          // The last 1 to 3 whole vectors side by side too.
+          auto last_vectors = [&](auto k_vectors) FUSEDLOSS_LAMBDA_INLINE {
+            constexpr int K = decltype(k_vectors)::value;
+            lanes_step<K, kGrad>(lanes, x + at + i, y + at + i, w + start + i, pw + start + i, scale,
+                                 loss_out == nullptr ? nullptr : loss_out + at + i, kGrad ? g + at + i : nullptr, sum,
+                                 low, high);
+            i += 16 * K;
+          };
+          switch ((len - i) / 16) {
+            case 3: last_vectors(std::integral_constant<int, 3>()); break;
+            case 2: last_vectors(std::integral_constant<int, 2>()); break;
+            case 1: last_vectors(std::integral_constant<int, 1>()); break;
+            default: break;
+          }
+          float tail = 0;
+          for (; i < len; ++i) {
+            const float yv = y[at + i];
+            tail_out_of_range += (yv < 0.0f) | (yv > 1.0f);
+            const LossGrad<float> r = element(x[at + i], yv, w[start + i], pw[start + i]);
+            tail += r.loss;
+            if (loss_out != nullptr) loss_out[at + i] = r.loss;
+            if constexpr (kGrad) g[at + i] = r.grad * scale;
+          }
+          // The 16 lanes as 8 (halves added, one vector operation), then pairwise in float64 as lane_sum.
+          typedef float Half __attribute__((vector_size(32)));
+          const Half half = __builtin_shufflevector(sum, sum, 0, 1, 2, 3, 4, 5, 6, 7) +
+                            __builtin_shufflevector(sum, sum, 8, 9, 10, 11, 12, 13, 14, 15);
+          float lanes8[8];
+          std::memcpy(lanes8, &half, sizeof(lanes8));
+          row_sum += lane_sum(lanes8, 8) + tail;
+        }
+        // Lane reductions, then one test (lane by lane, GCC compared 32 scalars).
+        const float least = -softmax_loss::reduce_lanes<true, 16>(-low);
+        const float largest = softmax_loss::reduce_lanes<true, 16>(high);
+        if (tail_out_of_range != 0 || least < 0.0f || largest > 1.0f) check_row(offset);
+        on_row(n, row_sum);
+        chunk_sum += row_sum;
+      }
+      return chunk_sum;
+    };
+    return sum_over_row_chunks(rows, C, chunk, &wide_chunk);
+  }
+#endif
+  return sum_over_row_chunks(rows, C, chunk);
 }
 
 // elementwise_pass with and without the gradient (none is computed when it is not wanted).
-template <typename scalar_t, typename target_t, typename Element, typename OnRow>
+template <typename scalar_t, typename target_t, typename Element, typename OnRow, typename Lanes = std::nullptr_t>
 double elementwise(const at::Tensor& input, const at::Tensor& target, const BroadcastWeight& weight,
                    const BroadcastWeight& pos_weight, const Element& element, double grad_scale,
-                   at::Tensor& loss_none, at::Tensor& grad, const OnRow& on_row) {
+                   at::Tensor& loss_none, at::Tensor& grad, const OnRow& on_row, const Lanes& lanes = nullptr) {
   if (grad.numel() > 0)
     return elementwise_pass<true, scalar_t, target_t>(input, target, weight, pos_weight, element, grad_scale,
-                                                      loss_none, grad, on_row);
+                                                      loss_none, grad, on_row, lanes);
   return elementwise_pass<false, scalar_t, target_t>(input, target, weight, pos_weight, element, grad_scale,
-                                                     loss_none, grad, on_row);
+                                                     loss_none, grad, on_row, lanes);
 }
 
 constexpr auto kNoRowCallback = [](int64_t, double) FUSEDLOSS_LAMBDA_INLINE {};
@@ -253,8 +367,11 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_forward_cpu(const at::Tensor&
       const LossGrad<acc_t> r = sigmoid_loss::bce(x, y, pw);
       return LossGrad<acc_t>{w * r.loss, w * r.grad};
     };
+    auto lanes = [](const auto& x, const auto& y, const auto& w, const auto& pw, auto& loss,
+                    auto& grad) FUSEDLOSS_LAMBDA_INLINE { sigmoid_loss::bce_lanes16(x, y, w, pw, loss, grad); };
     total = elementwise<scalar_t, target_t>(input, target, weight, pos_weight, element,
-                                            reduction == "mean" ? 1.0 / count : 1.0, loss_none, grad, kNoRowCallback);
+                                            reduction == "mean" ? 1.0 / count : 1.0, loss_none, grad, kNoRowCallback,
+                                            lanes);
   });
   return finish(input, reduction, total, count, loss_none, grad);
 }

@@ -93,6 +93,44 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE LossGrad<acc_t> bce(acc_t x, acc_t y, acc
   return {positive * t.softplus_neg + negative * t.softplus, negative * t.sigmoid - positive * t.sigmoid_neg};
 }
 
+#ifndef __CUDACC__
+// bce() times the weight w, of K vectors of 16 float32 elements at once, each step for all K before the next
+// (FUSEDLOSS_EACH): the AVX-512 variant's element loop. Written element by element, the compiler's loop had one
+// chain of about 40 dependent operations per vector (exp, log1p, division, the sums) and ran at about one
+// operation per cycle; four chains side by side run 1.7x faster. The formulas of logistic() and bce(), with the
+// 16-lane table exp (fast_exp_nonpositive_lanes) and log1p_unit on lanes: within the same error bound, not the
+// same bits as the scalar path.
+template <int K>
+FUSEDLOSS_INLINE void bce_lanes16(const typename FloatLanes<16>::type (&x)[K],
+                                  const typename FloatLanes<16>::type (&y)[K],
+                                  const typename FloatLanes<16>::type (&w)[K],
+                                  const typename FloatLanes<16>::type (&pos_weight)[K],
+                                  typename FloatLanes<16>::type (&loss)[K], typename FloatLanes<16>::type (&grad)[K]) {
+  typedef typename FloatLanes<16>::type V;
+  typedef typename FloatLanes<16>::int_type I;
+  V e[K], k[K], f[K], log1p_e[K], big[K];
+  FUSEDLOSS_EACH(i, K) e[i] = -bit_cast_to<V>(bit_cast_to<I>(x[i]) & 0x7fffffff);  // −|x|
+  fast_exp_nonpositive_lanes_each<16, K>(e);
+  // fast_log1p_unit on lanes.
+  FUSEDLOSS_EACH(i, K) k[i] = (e[i] + 0.0857864376269050f + 12582912.0f) - 12582912.0f;
+  FUSEDLOSS_EACH(i, K) f[i] = (e[i] - k[i]) * (1.0f - 0.5f * k[i]);
+  FUSEDLOSS_EACH(i, K) log1p_e[i] = log_reduced(f[i], k[i]);
+  FUSEDLOSS_EACH(i, K) big[i] = 1.0f / (1.0f + e[i]);
+  FUSEDLOSS_EACH(i, K) {
+    const V positive_part = x[i] > 0.0f ? x[i] : V{};
+    const V small = e[i] * big[i];
+    const V softplus = positive_part + log1p_e[i];
+    const V softplus_neg = (positive_part - x[i]) + log1p_e[i];
+    const V sigmoid = x[i] >= 0.0f ? big[i] : small;
+    const V sigmoid_neg = x[i] >= 0.0f ? small : big[i];
+    const V positive = pos_weight[i] * y[i];
+    const V negative = 1.0f - y[i];
+    loss[i] = w[i] * (positive * softplus_neg + negative * softplus);
+    grad[i] = w[i] * (negative * sigmoid - positive * sigmoid_neg);
+  }
+}
+#endif
+
 // The focal factor's exponent γ, fixed per call: none (γ = 0), square (γ = 2, the default: two
 // multiplies) or any other (exp(γ·log b)).
 enum class FocalPower { kNone, kSquare, kGeneral };
