@@ -15,15 +15,13 @@ Prints a Markdown table of medians and speed-ups (eager time / fusedloss time; a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
 import fusedloss
-from fusedloss.bench.harness import device_name
+from fusedloss.bench.harness import device_name, interleaved_medians
 
 FOCAL_GAMMA = 2.0
 
@@ -34,17 +32,9 @@ def eager_focal(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def interleaved_ms(calls: Dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> Dict[str, float]:
-    """Median milliseconds per call of each entry, the entries timed in turn within every repeat."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    times: Dict[str, List[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
+    """Median milliseconds per call of each entry, the entries timed in turn within every repeat (short calls in
+    bursts: fusedloss.bench.harness.interleaved_medians)."""
+    return interleaved_medians(calls, repeats, torch.device("cpu"), warmup)
 
 
 def _fwd_bwd(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:

@@ -11,8 +11,8 @@ CUDA tensor: triton, cuda, reference; CPU tensor: cpp, reference.
 ``FUSEDLOSS_BACKEND`` overrides ``auto``; it is read once, when fusedloss is imported. Naming a backend
 that cannot serve the call raises :class:`BackendUnavailable` listing every reason.
 
-Decisions are cached per call signature (:func:`resolve`): the op, the requested backend, the device type,
-whether grad mode is on, and per argument its kind (for a tensor: dtype, device type, requires_grad,
+Decisions are cached per call signature (:func:`resolve`): the op, the requested backend, the device,
+whether grad mode is on, and per argument its kind (for a tensor: dtype, device, requires_grad,
 number of dimensions and, for a floating tensor, the size of its last dimension; strings, bools and None
 by value; numbers by type). A backend's ``<op>_reasons`` may depend on nothing else.
 
@@ -292,7 +292,7 @@ def _traits(value) -> object:
     """What a backend's decision may depend on, for one argument (see the module docstring)."""
     if isinstance(value, torch.Tensor):
         last = value.shape[-1] if value.dim() and value.is_floating_point() else -1
-        return (value.dtype, value.device.type, value.requires_grad, value.dim(), last)
+        return (value.dtype, value.device, value.requires_grad, value.dim(), last)
     if value is None or isinstance(value, (str, bool)):
         return value
     return type(value)
@@ -304,7 +304,7 @@ def resolve(op: str, backend: str, device: torch.device, *args, **kwargs) -> Tup
     Cached per call signature (module docstring), except while torch.compile traces."""
     if torch.compiler.is_compiling() or not isinstance(backend, str):
         return _resolve(op, backend, device, args, kwargs)
-    key = (op, backend, device.type, torch.is_grad_enabled(), *map(_traits, args))
+    key = (op, backend, device, torch.is_grad_enabled(), *map(_traits, args))
     if kwargs:
         key += tuple((name, _traits(value)) for name, value in kwargs.items())
     return resolve_keyed(key, op, backend, device, args)
@@ -313,7 +313,7 @@ def resolve(op: str, backend: str, device: torch.device, *args, **kwargs) -> Tup
 def resolve_keyed(key: tuple, op: str, backend: str, device: torch.device, args: tuple) -> Tuple[str, Callable]:
     """:func:`resolve` with the cache key computed by the caller: a hot public function builds it from just what
     its backends' ``<op>_reasons`` read (cheaper than the generic traits of every argument). The key must hold
-    ``op``, ``backend``, the device type and grad mode besides. Not for traced code (the caller checks)."""
+    ``op``, ``backend``, the device and grad mode besides. Not for traced code (the caller checks)."""
     hit = _RESOLVED.get(key)
     if hit is None:
         hit = _resolve(op, backend, device, args, {})

@@ -93,7 +93,7 @@ def values_checkable(tensor: torch.Tensor) -> bool:
 
     Reading values of a CUDA tensor would synchronize the device; while tracing it would break the graph.
     """
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+    return tensor.is_cpu and not torch.compiler.is_compiling()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def _check_device(name: str, value: torch.Tensor, device: torch.device) -> None:
 
 def _inspect_values(emissions: torch.Tensor) -> bool:
     """Whether checks that read tensor values run: only on CPU tensors, and never while torch.compile traces."""
-    return emissions.device.type == "cpu" and not torch.compiler.is_compiling()
+    return emissions.is_cpu and not torch.compiler.is_compiling()
 
 
 def _validate(
@@ -264,7 +264,7 @@ def _run(op: str, backend: str, emissions, tags, mask, transitions, start_transi
             _, impl = _dispatch.resolve(op, backend, device, *args)
         else:
             # What the backends' crf_*_reasons read (docs/BACKENDS.md): dtypes, K, requires_grad.
-            key = (op, backend, device.type, torch.is_grad_enabled(), emissions.dtype, transitions.dtype,
+            key = (op, backend, device, torch.is_grad_enabled(), emissions.dtype, transitions.dtype,
                    emissions.shape[-1] if emissions.dim() else 0, emissions.requires_grad, transitions.requires_grad,
                    start_transitions.requires_grad, end_transitions.requires_grad, *extra)
             _, impl = _dispatch.resolve_keyed(key, op, backend, device, args)

@@ -116,7 +116,7 @@ def _softmax_loss(
             _, impl = _dispatch.resolve("softmax_loss", backend, device, *args)
         else:
             # What the backends' softmax_loss_reasons read (docs/BACKENDS.md): dtypes and requires_grad.
-            key = ("softmax_loss", backend, device.type, torch.is_grad_enabled(), input.dtype, target.dtype,
+            key = ("softmax_loss", backend, device, torch.is_grad_enabled(), input.dtype, target.dtype,
                    target.requires_grad, weight is not None and weight.requires_grad)
             _, impl = _dispatch.resolve_keyed(key, "softmax_loss", backend, device, args)
     except _dispatch.BackendUnavailable:
