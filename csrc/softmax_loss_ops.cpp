@@ -124,9 +124,10 @@ class SoftmaxLossFunction : public torch::autograd::Function<SoftmaxLossFunction
     const bool inplace = inplace_backward && !traced(input);
     auto [loss, grad] = run_softmax_loss(input, target, weight, ignore_index, reduction, label_smoothing,
                                          focal_gamma, z_loss, softcap, mean_by_count, /*compute_grad=*/true, inplace);
-    ctx->save_for_backward({grad});
-    ctx->saved_data["none"] = reduction == "none";
-    ctx->saved_data["sizes"] = input.sizes();
+    // Saved in input's shape (the kernel's rows viewed back), so that backward needs nothing else: grad_output is
+    // a scalar, or input.shape[:-1] for reduction none, broadcast over the class dimension either way. (The
+    // reduction and the shape in ctx->saved_data cost two string-keyed inserts and lookups a call.)
+    ctx->save_for_backward({input.dim() == 2 ? grad : grad.view_symint(input.sym_sizes())});
     return loss;
   }
 
@@ -134,10 +135,7 @@ class SoftmaxLossFunction : public torch::autograd::Function<SoftmaxLossFunction
     const at::Tensor& grad_loss = grad_outputs[0];
     variable_list grads(11);
     if (!grad_loss.defined()) return grads;
-    // The saved gradient has the rows of the flattened input: one grad_output per row for reduction none.
-    const bool none = ctx->saved_data["none"].toBool();
-    const at::Tensor grad = scale_saved_grad(ctx->get_saved_variables()[0], none ? grad_loss.reshape({-1}) : grad_loss);
-    grads[0] = grad.view(ctx->saved_data["sizes"].toIntVector());
+    grads[0] = scale_saved_grad(ctx->get_saved_variables()[0], grad_loss);
     return grads;
   }
 };
