@@ -200,6 +200,33 @@ def test_dispatch_is_resolved_once_per_call_signature(monkeypatch):
     assert _dispatch._RESOLVED == resolved
 
 
+def test_viterbi_unboxed_entry_is_the_op():
+    """A decode with plain tensors and the module's parameters goes through the op's unboxed entry (mask None: every
+    position on); it gives what torch.ops gives, and a torch function mode still sees the op."""
+    crf = fusedloss.CRF(5, batch_first=True)
+    emissions = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(7)[None] < torch.tensor([7, 4, 1])[:, None]
+    scores = (crf.transitions, crf.start_transitions, crf.end_transitions)
+    for m in (mask, None):
+        expected = torch.ops.fusedloss.crf_viterbi.default(emissions, torch.ones(3, 7, dtype=torch.bool) if m is None
+                                                           else m, *scores)
+        for _ in range(2):  # the second call takes the remembered shortcut
+            tags, score = fusedloss.crf_viterbi(emissions, *scores, mask=m)
+            assert torch.equal(tags, expected[0]) and torch.equal(score, expected[1])
+    assert fusedloss._C.crf_viterbi in _dispatch._RESOLVED.values()
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        tags, _ = fusedloss.crf_viterbi(emissions, *scores, mask=mask)
+    assert torch.ops.fusedloss.crf_viterbi.default in seen
+    assert crf.decode(emissions, mask) == [row[:n] for row, n in zip(tags.tolist(), (7, 4, 1))]
+
+
 def test_torch_function_modes_and_subclasses_see_the_op():
     """Plain tensors take the op's unboxed entry (no boxing of the arguments by torch.ops); a torch function mode
     and a tensor subclass still see the op called through torch.ops, with the same result."""

@@ -243,12 +243,41 @@ def _validate(
     return mask, start_transitions.to(transitions.dtype), end_transitions.to(transitions.dtype)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+# First item of the dispatcher-cache keys of _run's shortcut.
+_UNBOXED_KEY = "crf unboxed"
+
+
 def _run(op: str, backend: str, emissions, tags, mask, transitions, start_transitions, end_transitions, *extra):
     """Resolves the backend of ``op`` and runs it; the arguments are checked once, by the op itself
     (fusedloss._C) or here. ``tags`` is None for the ops that take none; ``extra`` (k of the k-best Viterbi)
     goes last, already checked."""
     with_tags = () if tags is None else (tags,)
-    if not (
+    # Plain tensors and parameters (which take no part in __torch_function__), outside torch.compile and torch
+    # function modes: a backend whose op has an unboxed entry is called through it, skipping torch.ops.
+    plain = (
+        type(emissions) is torch.Tensor
+        and type(transitions) in _PLAIN
+        and type(start_transitions) in _PLAIN
+        and type(end_transitions) in _PLAIN
+        and (mask is None or type(mask) is torch.Tensor)
+        and (tags is None or type(tags) is torch.Tensor)
+        and type(backend) is str
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_torch_function_mode_enabled()
+    )
+    args = (emissions, *with_tags, mask, transitions, start_transitions, end_transitions, *extra)
+    key = None
+    if plain:
+        # What the backends' crf_*_reasons read (docs/BACKENDS.md): dtypes, K, requires_grad.
+        key = (op, backend, emissions.device, torch.is_grad_enabled(), emissions.dtype, transitions.dtype,
+               emissions.shape[-1] if emissions.dim() else 0, emissions.requires_grad, transitions.requires_grad,
+               start_transitions.requires_grad, end_transitions.requires_grad, *extra)
+        # A call like one made before: the unboxed entry found for it below.
+        fast = _dispatch._RESOLVED.get((_UNBOXED_KEY, key))
+        if fast is not None:
+            return fast(*args)
+    elif not (
         isinstance(emissions, torch.Tensor)
         and isinstance(transitions, torch.Tensor)
         and isinstance(start_transitions, torch.Tensor)
@@ -257,21 +286,21 @@ def _run(op: str, backend: str, emissions, tags, mask, transitions, start_transi
         and (tags is None or isinstance(tags, torch.Tensor))
     ):
         _validate(emissions, tags, mask, transitions, start_transitions, end_transitions)  # raises TypeError
-    args = (emissions, *with_tags, mask, transitions, start_transitions, end_transitions, *extra)
     device = emissions.device
     try:
-        if type(backend) is not str or torch.compiler.is_compiling():
+        if key is None:
             _, impl = _dispatch.resolve(op, backend, device, *args)
         else:
-            # What the backends' crf_*_reasons read (docs/BACKENDS.md): dtypes, K, requires_grad.
-            key = (op, backend, device, torch.is_grad_enabled(), emissions.dtype, transitions.dtype,
-                   emissions.shape[-1] if emissions.dim() else 0, emissions.requires_grad, transitions.requires_grad,
-                   start_transitions.requires_grad, end_transitions.requires_grad, *extra)
             _, impl = _dispatch.resolve_keyed(key, op, backend, device, args)
     except _dispatch.BackendUnavailable:
         _validate(emissions, tags, mask, transitions, start_transitions, end_transitions)
         raise
     if _dispatch.checks_arguments(impl):
+        fast = _dispatch.unboxed(impl) if key is not None else None
+        if fast is not None:
+            # Remembered in the dispatcher's cache (forgotten with its decisions) for the shortcut above.
+            _dispatch.remember((_UNBOXED_KEY, key), fast)
+            return fast(*args)
         return impl(*args)
     mask, start_transitions, end_transitions = _validate(
         emissions, tags, mask, transitions, start_transitions, end_transitions

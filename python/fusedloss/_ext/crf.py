@@ -178,6 +178,11 @@ def crf_viterbi(emissions: torch.Tensor, mask: torch.Tensor, transitions: torch.
     return _viterbi_op(emissions, _ones_if_none(mask, emissions), transitions, start_transitions, end_transitions)
 
 
+# The same op through the dispatcher's unboxed entry (fusedloss._C.crf_viterbi, mask None as here), for plain
+# tensors outside torch.compile and torch function modes (fusedloss._dispatch.unboxed).
+crf_viterbi_unboxed = fusedloss._C.crf_viterbi
+
+
 def crf_marginals(emissions: torch.Tensor, mask: torch.Tensor, transitions: torch.Tensor,
                   start_transitions: torch.Tensor, end_transitions: torch.Tensor) -> torch.Tensor:
     """Tag posteriors ``P(y_t = k | emissions)``, ``(B, T, K)``, 0 at masked positions."""
