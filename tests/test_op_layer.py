@@ -200,6 +200,18 @@ def test_dispatch_is_resolved_once_per_call_signature(monkeypatch):
     assert _dispatch._RESOLVED == resolved
 
 
+class _Record(torch.overrides.TorchFunctionMode):
+    """A torch function mode that appends every function it sees to ``seen``."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
 def test_viterbi_unboxed_entry_is_the_op():
     """A decode with plain tensors and the module's parameters goes through the op's unboxed entry (mask None: every
     position on); it gives what torch.ops gives, and a torch function mode still sees the op."""
@@ -215,13 +227,7 @@ def test_viterbi_unboxed_entry_is_the_op():
             assert torch.equal(tags, expected[0]) and torch.equal(score, expected[1])
     assert fusedloss._C.crf_viterbi in _dispatch._RESOLVED.values()
     seen = []
-
-    class Record(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Record():
+    with _Record(seen):
         tags, _ = fusedloss.crf_viterbi(emissions, *scores, mask=mask)
     assert torch.ops.fusedloss.crf_viterbi.default in seen
     assert crf.decode(emissions, mask) == [row[:n] for row, n in zip(tags.tolist(), (7, 4, 1))]
@@ -233,13 +239,7 @@ def test_torch_function_modes_and_subclasses_see_the_op():
     logits, target = _token_batch()
     expected = fusedloss.cross_entropy(logits, target)
     seen = []
-
-    class Record(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Record():
+    with _Record(seen):
         loss = fusedloss.cross_entropy(logits, target)
     assert torch.ops.fusedloss.softmax_loss.default in seen
     assert torch.equal(loss, expected)

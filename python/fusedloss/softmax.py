@@ -53,18 +53,22 @@ def _softmax_loss(
     """Resolves the backend and runs its ``softmax_loss`` op; arguments are checked once, by the op itself
     (fusedloss._C) or here. With ``token_weight`` the op gives the per-row losses and
     :func:`token_weighted_reduction` weighs and reduces them (the same on every backend)."""
-    if (
-        token_weight is None
-        and type(input) is torch.Tensor
-        and type(target) is torch.Tensor
-        and (weight is None or type(weight) is torch.Tensor)
-        and type(ignore_index) is int
+    # Options of the types the ops' schemas take as they are.
+    exact_options = (
+        type(ignore_index) is int
         and type(reduction) is str
         and type(label_smoothing) in _REAL
         and type(focal_gamma) in _REAL
         and type(z_loss) in _REAL
         and (softcap is None or type(softcap) in _REAL)
         and type(inplace_backward) is bool
+    )
+    if (
+        exact_options
+        and token_weight is None
+        and type(input) is torch.Tensor
+        and type(target) is torch.Tensor
+        and (weight is None or type(weight) is torch.Tensor)
         and type(backend) is str
         and not torch.compiler.is_compiling()
         and not torch._C._is_torch_function_mode_enabled()
@@ -87,13 +91,7 @@ def _softmax_loss(
         return token_weighted_reduction(row_loss, target, weight, ignore_index, reduction, token_weight,
                                         mean_by_count, row_loss.dtype)
     if not (
-        type(ignore_index) is int
-        and type(reduction) is str
-        and type(label_smoothing) in _REAL
-        and type(focal_gamma) in _REAL
-        and type(z_loss) in _REAL
-        and (softcap is None or type(softcap) in _REAL)
-        and type(inplace_backward) is bool
+        exact_options
         and isinstance(input, torch.Tensor)
         and isinstance(target, torch.Tensor)
         and (weight is None or isinstance(weight, torch.Tensor))
