@@ -197,7 +197,7 @@ FUSEDLOSS_INLINE void lanes_step(const Lanes& lanes, const float* x, const float
 // (1 where absent); writes the loss (reduction none) and, with kGrad, the gradient times
 // grad_scale; checks 0 <= y <= 1; calls on_row(n, row sum) and returns the sum of every loss.
 // lanes: null, or element on 16 float lanes for float32 input and target in the AVX-512 variant:
-// lanes(x, y, w, pos_weight, loss, grad) on arrays of K vectors (1 or 4) at once.
+// lanes(x, y, w, pos_weight, loss, grad) on arrays of K vectors (1 to 4) at once.
 template <bool kGrad, typename scalar_t, typename target_t, typename Element, typename OnRow,
           typename Lanes = std::nullptr_t>
 double elementwise_pass(const at::Tensor& input, const at::Tensor& target, const BroadcastWeight& weight,
@@ -270,22 +270,19 @@ double elementwise_pass(const at::Tensor& input, const at::Tensor& target, const
           const int64_t at = offset + start;
           V sum = {};
           int64_t i = 0;
-          for (; i + 64 <= len; i += 64)
-            lanes_step<4, kGrad>(lanes, x + at + i, y + at + i, w + start + i, pw + start + i, scale,
-                                 loss_out == nullptr ? nullptr : loss_out + at + i, kGrad ? g + at + i : nullptr, sum,
-                                 low, high);
-          // The last 1 to 3 whole vectors side by side too.
-          auto last_vectors = [&](auto k_vectors) FUSEDLOSS_LAMBDA_INLINE {
+          // K whole vectors from element i on, side by side.
+          auto vectors = [&](auto k_vectors) FUSEDLOSS_LAMBDA_INLINE {
             constexpr int K = decltype(k_vectors)::value;
             lanes_step<K, kGrad>(lanes, x + at + i, y + at + i, w + start + i, pw + start + i, scale,
                                  loss_out == nullptr ? nullptr : loss_out + at + i, kGrad ? g + at + i : nullptr, sum,
                                  low, high);
             i += 16 * K;
           };
-          switch ((len - i) / 16) {
-            case 3: last_vectors(std::integral_constant<int, 3>()); break;
-            case 2: last_vectors(std::integral_constant<int, 2>()); break;
-            case 1: last_vectors(std::integral_constant<int, 1>()); break;
+          while (i + 64 <= len) vectors(std::integral_constant<int, 4>());
+          switch ((len - i) / 16) {  // the last 1 to 3
+            case 3: vectors(std::integral_constant<int, 3>()); break;
+            case 2: vectors(std::integral_constant<int, 2>()); break;
+            case 1: vectors(std::integral_constant<int, 1>()); break;
             default: break;
           }
           float tail = 0;
