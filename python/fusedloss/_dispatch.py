@@ -321,6 +321,11 @@ def resolve_keyed(key: tuple, op: str, backend: str, device: torch.device, args:
     return hit
 
 
+# First item of the keys under which public functions keep the unboxed entry a call signature resolved to:
+# (UNBOXED, the decision's key).
+UNBOXED = "unboxed"
+
+
 def remember(key: tuple, value: object) -> None:
     """Keeps ``value`` under ``key`` in the decisions' cache (a public function's own shortcut for calls it has
     seen: forgotten with the decisions)."""

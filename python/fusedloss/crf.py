@@ -244,8 +244,6 @@ def _validate(
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-# First item of the dispatcher-cache keys of _run's shortcut.
-_UNBOXED_KEY = "crf unboxed"
 
 
 def _run(op: str, backend: str, emissions, tags, mask, transitions, start_transitions, end_transitions, *extra):
@@ -274,7 +272,7 @@ def _run(op: str, backend: str, emissions, tags, mask, transitions, start_transi
                emissions.shape[-1] if emissions.dim() else 0, emissions.requires_grad, transitions.requires_grad,
                start_transitions.requires_grad, end_transitions.requires_grad, *extra)
         # A call like one made before: the unboxed entry found for it below.
-        fast = _dispatch._RESOLVED.get((_UNBOXED_KEY, key))
+        fast = _dispatch._RESOLVED.get((_dispatch.UNBOXED, key))
         if fast is not None:
             return fast(*args)
     elif not (
@@ -299,7 +297,7 @@ def _run(op: str, backend: str, emissions, tags, mask, transitions, start_transi
         fast = _dispatch.unboxed(impl) if key is not None else None
         if fast is not None:
             # Remembered in the dispatcher's cache (forgotten with its decisions) for the shortcut above.
-            _dispatch.remember((_UNBOXED_KEY, key), fast)
+            _dispatch.remember((_dispatch.UNBOXED, key), fast)
             return fast(*args)
         return impl(*args)
     mask, start_transitions, end_transitions = _validate(

@@ -31,8 +31,6 @@ from fusedloss._validation import (  # noqa: F401  (check_* are also imported fr
 # Python types the ops' schemas take as they are (anything else goes through the Python checks, which convert
 # numpy scalars and name the argument of a wrong type).
 _REAL = (int, float)
-# First item of the dispatcher-cache keys of _softmax_loss's fast path.
-_UNBOXED_KEY = "softmax_loss unboxed"
 
 
 def _softmax_loss(
@@ -63,6 +61,7 @@ def _softmax_loss(
         and (softcap is None or type(softcap) in _REAL)
         and type(inplace_backward) is bool
     )
+    key = None  # the decision's cache key, for calls of plain types outside tracing
     if (
         exact_options
         and token_weight is None
@@ -75,9 +74,11 @@ def _softmax_loss(
     ):
         # A call like one made before: the unboxed op the general path below found for it (it checks every
         # argument itself). About half of a one-row call's Python time went to the general path's steps.
-        fast = _dispatch._RESOLVED.get((_UNBOXED_KEY, backend, input.device, torch.is_grad_enabled(), input.dtype,
-                                        target.dtype, target.requires_grad,
-                                        weight is not None and weight.requires_grad))
+        # What the backends' softmax_loss_reasons read (docs/BACKENDS.md): dtypes and requires_grad. Written out
+        # here and below, not in a helper: a Python call is a tenth of this path's time.
+        key = ("softmax_loss", backend, input.device, torch.is_grad_enabled(), input.dtype, target.dtype,
+               target.requires_grad, weight is not None and weight.requires_grad)
+        fast = _dispatch._RESOLVED.get((_dispatch.UNBOXED, key))
         if fast is not None:
             return fast(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, z_loss, softcap,
                         mean_by_count, inplace_backward)
@@ -113,9 +114,9 @@ def _softmax_loss(
         if traced:
             _, impl = _dispatch.resolve("softmax_loss", backend, device, *args)
         else:
-            # What the backends' softmax_loss_reasons read (docs/BACKENDS.md): dtypes and requires_grad.
-            key = ("softmax_loss", backend, device, torch.is_grad_enabled(), input.dtype, target.dtype,
-                   target.requires_grad, weight is not None and weight.requires_grad)
+            if key is None:  # the same key as above
+                key = ("softmax_loss", backend, device, torch.is_grad_enabled(), input.dtype, target.dtype,
+                       target.requires_grad, weight is not None and weight.requires_grad)
             _, impl = _dispatch.resolve_keyed(key, "softmax_loss", backend, device, args)
     except _dispatch.BackendUnavailable:
         _check(*args)  # a bad argument is the better answer than "no backend can run this"
@@ -132,8 +133,7 @@ def _softmax_loss(
             if fast is not None:
                 # Remembered (in the dispatcher's cache, so that whatever forgets its decisions forgets this too)
                 # for the fast path at the top, which takes calls of exact argument types only.
-                _dispatch.remember((_UNBOXED_KEY, backend, device, torch.is_grad_enabled(), input.dtype, target.dtype,
-                                    target.requires_grad, weight is not None and weight.requires_grad), fast)
+                _dispatch.remember((_dispatch.UNBOXED, key), fast)
                 return fast(*args)
         return impl(*args)
     _check(*args)
