@@ -372,6 +372,58 @@ def test_bi_tempered_matches_closed_form(dtype, t1, t2, num_iters, target_kind, 
     _assert_close_as_torch(grad, grad_lowp, grad64, dtype, "gradient", GRAD_OUTPUT_MAX)
 
 
+# Each branch of the vector-lane row (the CPU's AVX-512 variant; elsewhere the same calls run the scalar row): an
+# integer 1/(1 − t2) (0.8, 1.2), the log and exp of a non-integer one for t2 > 1 and for t2 < 1 (classes outside the
+# support), the last sweep's powers of b^(1/D) with every numerator negative (D = 1: 0.8, 1.2; D = 6: 0.5, 4.0), every
+# one positive (0.5, 0.8: D = 2) and of both signs (0.9, 0.5: D = 5), and with no common denominator (0.77, 1.37).
+BI_TEMPERED_BRANCHES = [(0.8, 1.2), (0.5, 4.0), (0.3, 0.7), (0.5, 0.8), (0.9, 0.5), (0.77, 1.37)]
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 15, 16, 17, 31, 33, 100, 129, 300])
+@pytest.mark.parametrize("t1,t2", BI_TEMPERED_BRANCHES)
+@pytest.mark.parametrize("target_kind,scale", [("index", 3.0), ("probs", 3.0), ("index", 100.0)])
+def test_bi_tempered_every_cut_of_a_row_into_vectors(num_classes, t1, t2, target_kind, scale):
+    """Rows cut every way the vector loops cut them (the normalization's sweeps take 8 vectors of 16 at a time, then
+    4, 2, 1, the last one partial; the last sweep 32 classes at a time, past the row masked), against the float64
+    closed form with the tolerance of torch's own error."""
+    if t1 > t2:  # p^(t2 − t1) is infinite for a class outside the support (p = 0): logits that keep all inside
+        scale = 0.01
+    x = _logits((23, num_classes), torch.float32, scale=scale)
+    generator = torch.Generator().manual_seed(4)
+    if target_kind == "index":
+        target = torch.randint(0, num_classes, (23,), generator=generator)
+    else:
+        target = torch.softmax(torch.randn(23, num_classes, generator=generator, dtype=torch.float64), -1).float()
+    loss, grad = _value_and_grad(
+        lambda v: fusedloss.bi_tempered_logistic_loss(v, target, t1, t2, 0.0, 5, "none", backend=CPP), x)
+    loss64, grad64 = _bi_tempered_closed_form(x, target, t1, t2, 5, 0.0)
+    grad_output = torch.rand(23, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    loss_lowp, grad_lowp = _value_and_grad(
+        lambda v: fusedloss.bi_tempered_logistic_loss(v, target, t1, t2, 0.0, 5, "none", backend="reference"), x)
+    _assert_close_as_torch(loss, loss_lowp, loss64, torch.float32, "loss")
+    _assert_close_as_torch(grad, grad_lowp, grad_output.unsqueeze(-1) * grad64, torch.float32, "gradient",
+                           GRAD_OUTPUT_MAX)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("t1,t2", BI_TEMPERED_BRANCHES)
+def test_bi_tempered_nan_or_inf_makes_its_row_nan(dtype, t1, t2):
+    """A NaN or ±inf logit makes its row's loss and gradient NaN, as in the reference (torch's relu passes NaN), and
+    leaves the other rows as they were. For t2 < 1 the NaN class once got p = 0 and its row a finite loss."""
+    x = _logits((4, 37), dtype, scale=0.01 if t1 > t2 else 3.0)  # as above
+    clean_loss, clean_grad = _value_and_grad(
+        lambda v: fusedloss.bi_tempered_logistic_loss(v, torch.arange(4), t1, t2, reduction="none", backend=CPP), x)
+    x[1, 5], x[2, 7], x[3, 9] = float("nan"), float("inf"), float("-inf")
+    loss, grad = _value_and_grad(
+        lambda v: fusedloss.bi_tempered_logistic_loss(v, torch.arange(4), t1, t2, reduction="none", backend=CPP), x)
+    expected = fusedloss.bi_tempered_logistic_loss(x, torch.arange(4), t1, t2, reduction="none", backend="reference")
+    assert torch.equal(torch.isnan(loss), torch.isnan(expected)), (loss, expected)
+    assert torch.isnan(loss[1:3]).all() and torch.isnan(grad[1:3]).all()
+    assert torch.equal(loss[0], clean_loss[0]) and torch.equal(grad[0], clean_grad[0])
+    if not torch.isnan(expected[3]):  # -inf: that class's p is 0, the row stays finite
+        torch.testing.assert_close(loss[3], expected[3])
+
+
 # ----------------------------------------------------------------------------------------------
 # Shapes and values that break kernels: single row, all positive/negative rows, ±100, NaN
 # ----------------------------------------------------------------------------------------------

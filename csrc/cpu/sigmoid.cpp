@@ -720,6 +720,16 @@ struct IndexLabels {
   double hot, cold, hot_term, cold_term;
   double q(int64_t c) const { return c == label ? hot : cold; }
   double term(int64_t c) const { return c == label ? hot_term : cold_term; }
+#ifdef FUSEDLOSS_CPU_AVX2
+  // q and A(q) of classes c0 .. c0 + 7 (sigmoid_loss::bi_tempered_row_lanes).
+  FUSEDLOSS_INLINE void lanes(int64_t c0, sigmoid_loss::Doubles8& q_out, sigmoid_loss::Doubles8& term_out) const {
+    sigmoid_loss::Longs8 index;
+    for (int k = 0; k < 8; ++k) index[k] = c0 + k;
+    const sigmoid_loss::Longs8 is_label = index == label;
+    q_out = is_label ? sigmoid_loss::Doubles8{} + hot : sigmoid_loss::Doubles8{} + cold;
+    term_out = is_label ? sigmoid_loss::Doubles8{} + hot_term : sigmoid_loss::Doubles8{} + cold_term;
+  }
+#endif
 };
 
 // Probability targets, smoothed as q ← a·t + b (a = 1 − C/(C−1)·ε, b = ε/(C−1)).
@@ -727,8 +737,18 @@ template <typename target_t>
 struct ProbabilityLabels {
   const target_t* probs;
   double a, b, t1;
+  int64_t num_classes;
   double q(int64_t c) const { return a * static_cast<double>(probs[c]) + b; }
   double term(int64_t c) const { return sigmoid_loss::bi_tempered_target_term(q(c), t1); }
+#ifdef FUSEDLOSS_CPU_AVX2
+  // q and A(q) of classes c0 .. c0 + 7, 0 past the row (sigmoid_loss::bi_tempered_row_lanes).
+  FUSEDLOSS_INLINE void lanes(int64_t c0, sigmoid_loss::Doubles8& q_out, sigmoid_loss::Doubles8& term_out) const {
+    sigmoid_loss::Doubles8 t = {};
+    for (int k = 0; k < 8 && c0 + k < num_classes; ++k) t[k] = static_cast<double>(probs[c0 + k]);
+    q_out = a * t + b;
+    term_out = sigmoid_loss::bi_tempered_target_term_lanes<sigmoid_loss::Doubles8, sigmoid_loss::Longs8>(q_out, t1);
+  }
+#endif
 };
 
 std::tuple<at::Tensor, at::Tensor> bi_tempered_logistic_loss_forward_cpu(const at::Tensor& input_arg,
@@ -758,31 +778,54 @@ std::tuple<at::Tensor, at::Tensor> bi_tempered_logistic_loss_forward_cpu(const a
     const double hot = smooth_scale + smooth_shift;
     const double hot_term = sigmoid_loss::bi_tempered_target_term(hot, t1);
     const double cold_term = sigmoid_loss::bi_tempered_target_term(smooth_shift, t1);
-    total = sum_over_row_chunks(N, C, [&](int64_t first, int64_t end) FUSEDLOSS_LAMBDA_INLINE {
-      std::vector<acc_t> shifted(C);
-      std::vector<double> sweep(2 * C);
+    // Rows [first, end), with bi_tempered_row_lanes when `wide` (the AVX-512 variant, float32 compute).
+    auto rows = [&](auto wide, int64_t first, int64_t end) FUSEDLOSS_LAMBDA_INLINE {
+      const int64_t buffer = decltype(wide)::value ? sigmoid_loss::bi_tempered_padded_classes(C) : C;
+      std::vector<acc_t> shifted(buffer);
+      std::vector<double> sweep(2 * buffer);
       scalar_t* loss_out = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
       double chunk_sum = 0;
+      auto row = [&](const scalar_t* x_row, const auto& labels, scalar_t* g_row) FUSEDLOSS_LAMBDA_INLINE {
+#ifdef FUSEDLOSS_CPU_AVX2
+        if constexpr (decltype(wide)::value) {
+          return sigmoid_loss::bi_tempered_row_lanes(x_row, labels, prm, shifted.data(), sweep.data(), g_row, scale);
+        }
+#endif
+        return sigmoid_loss::bi_tempered_row(x_row, labels, prm, shifted.data(), sweep.data(), g_row, scale);
+      };
       for (int64_t n = first; n < end; ++n) {
         const int64_t offset = row_offset(n, C);
         scalar_t* g_row = g == nullptr ? nullptr : g + offset;
         double row_loss;
         if (soft) {
           const ProbabilityLabels<target_t> labels{target.const_data_ptr<target_t>() + offset, smooth_scale,
-                                                   smooth_shift, t1};
-          row_loss = sigmoid_loss::bi_tempered_row(x + offset, labels, prm, shifted.data(), sweep.data(), g_row, scale);
+                                                   smooth_shift, t1, C};
+          row_loss = row(x + offset, labels, g_row);
         } else {
           const int64_t label = target.const_data_ptr<int64_t>()[n];
           TORCH_CHECK_VALUE(label >= 0 && label < C, "target values must be class indices in [0, ", C, "), got ",
                             label, " at row ", n);
           const IndexLabels labels{label, hot, smooth_shift, hot_term, cold_term};
-          row_loss = sigmoid_loss::bi_tempered_row(x + offset, labels, prm, shifted.data(), sweep.data(), g_row, scale);
+          row_loss = row(x + offset, labels, g_row);
         }
         if (loss_out != nullptr) loss_out[n] = static_cast<scalar_t>(row_loss);
         chunk_sum += row_loss;
       }
       return chunk_sum;
-    });
+    };
+    auto chunk = [&](int64_t first, int64_t end) FUSEDLOSS_LAMBDA_INLINE {
+      return rows(std::false_type(), first, end);
+    };
+#ifdef FUSEDLOSS_CPU_AVX2
+    if constexpr (std::is_same<acc_t, float>::value) {
+      auto wide_chunk = [&](int64_t first, int64_t end) FUSEDLOSS_LAMBDA_INLINE {
+        return rows(std::true_type(), first, end);
+      };
+      total = sum_over_row_chunks(N, C, chunk, &wide_chunk);
+      return;
+    }
+#endif
+    total = sum_over_row_chunks(N, C, chunk);
   });
   return finish(input, reduction, total, static_cast<double>(N), loss_none, grad);
 }

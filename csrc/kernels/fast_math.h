@@ -110,6 +110,15 @@ struct FloatLanes<16> {
   typedef int32_t int_type __attribute__((vector_size(64)));
 };
 
+// GCC vectors of W doubles (W = 8: one AVX-512 register) and their int64 twins.
+template <int W>
+struct DoubleLanes;
+template <>
+struct DoubleLanes<8> {
+  typedef double type __attribute__((vector_size(64)));
+  typedef int64_t int_type __attribute__((vector_size(64)));
+};
+
 // exp of W floats x ≤ 0 (or NaN) at once: fast_exp lane by lane, the same bits, without its clamp from above
 // (the softmax sweeps pass s − max). W = 16 has its own algorithm, below.
 template <int W>
@@ -225,39 +234,6 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_expm1(float x) {
 #endif
 }
 
-// exp(x) in float64 with about 1 ulp of error, branch-free (Cephes' exp: x = n·ln2 + r, the Padé
-// form e^r = 1 + 2·r·P(r²) / (Q(r²) − r·P(r²)), 2^n in the exponent bits). Inputs below −708
-// give 0.
-FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double fast_exp(double x) {
-#ifdef __CUDA_ARCH__
-  return ::exp(x);
-#else
-  constexpr double kHi = 709.0;
-  constexpr double kLo = -708.0;
-  const bool underflow = x < kLo;
-  x = x > kHi ? kHi : x;
-  x = x < kLo ? kLo : x;
-  constexpr double kMagic = 6755399441055744.0;  // 1.5·2^52
-  const double shifted = x * 1.4426950408889634074 + kMagic;
-  const double n = shifted - kMagic;
-  const int64_t n_int = double_bits(shifted) - double_bits(kMagic);
-  double r = x - n * 6.93145751953125e-1;
-  r = r - n * 1.42860682030941723212e-6;
-  const double r2 = r * r;
-  double p = 1.26177193074810590878e-4;
-  p = p * r2 + 3.02994407707441961300e-2;
-  p = p * r2 + 9.99999999999999999910e-1;
-  p = p * r;
-  double q = 3.00198505138664455042e-6;
-  q = q * r2 + 2.52448340349684104192e-3;
-  q = q * r2 + 2.27265548208155028766e-1;
-  q = q * r2 + 2.00000000000000000009e0;
-  const double exp_r = 1.0 + 2.0 * p / (q - p);
-  const double result = exp_r * bits_double((n_int + 1023) << 52);
-  return underflow ? 0.0 : result;
-#endif
-}
-
 #ifndef __CUDA_ARCH__
 // k·ln2 + log(1 + f) for f in [√½ − 1, √2 − 1]: Cephes' logf polynomial, ln2 in two parts (fast_log and
 // fast_log1p_unit), on a float or a GCC vector of floats.
@@ -279,10 +255,10 @@ FUSEDLOSS_INLINE F log_reduced(F f, F k) {
   return f + y + 0.693359375f * k;
 }
 
-// int32 lanes to float lanes (a scalar or GCC vectors).
+// Integer lanes to floating-point lanes of the same width (scalars or GCC vectors).
 template <typename F, typename I>
 FUSEDLOSS_INLINE F int_lanes_to_float(I v) {
-  if constexpr (std::is_same<I, int32_t>::value) {
+  if constexpr (std::is_arithmetic<I>::value) {
     return static_cast<F>(v);
   } else {
     return __builtin_convertvector(v, F);
@@ -291,22 +267,27 @@ FUSEDLOSS_INLINE F int_lanes_to_float(I v) {
 
 // fast_log's float32 algorithm on a float (I = int32_t) or on a GCC vector of floats (I = its int32 twin): Cephes'
 // logf, x = m·2^k with m in [√½, √2), a degree-8 polynomial in m − 1. x = 0 gives −inf, x < 0 and NaN give NaN,
-// +inf gives +inf; subnormal x is scaled by 2^23 first.
-template <typename F, typename I>
+// +inf gives +inf; subnormal x is scaled by 2^23 first. kNormal: the caller passes x >= FLT_MIN, +inf or NaN (the
+// tests for subnormal, zero and negative x left out).
+template <typename F, typename I, bool kNormal = false>
 FUSEDLOSS_INLINE F log_float_lanes(F x) {
-  const auto subnormal = x < 1.17549435e-38f;
-  const F scaled = subnormal ? x * 8388608.0f : x;
+  F scaled = x;
+  F exponent_bias = F{} + 126.0f;
+  if constexpr (!kNormal) {
+    const auto subnormal = x < 1.17549435e-38f;
+    scaled = subnormal ? x * 8388608.0f : x;
+    exponent_bias = subnormal ? F{} + 149.0f : exponent_bias;  // 23 more for a scaled subnormal
+  }
   const I bits = bit_cast_to<I>(scaled);
-  const F exponent_bias = subnormal ? F{} + 149.0f : F{} + 126.0f;  // 126, and 23 more for a scaled subnormal
   F exponent = int_lanes_to_float<F>((bits >> 23) & 0xff) - exponent_bias;
   F m = bit_cast_to<F>((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
   const auto low = m < 0.707106781186547524f;
   exponent = low ? exponent - 1.0f : exponent;
   m = low ? m + m - 1.0f : m - 1.0f;
   F result = log_reduced(m, exponent);
-  result = x == 0.0f ? F{} - INFINITY : result;
+  if constexpr (!kNormal) result = x == 0.0f ? F{} - INFINITY : result;
   result = x == INFINITY ? F{} + INFINITY : result;
-  result = x < 0.0f ? F{} + NAN : result;
+  if constexpr (!kNormal) result = x < 0.0f ? F{} + NAN : result;
   return x != x ? x : result;
 }
 
@@ -339,40 +320,95 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE float fast_log1p_unit(float e) {
 #endif
 }
 
+#ifndef __CUDA_ARCH__
+// fast_exp's float64 algorithm on a double (I = int64_t) or on a GCC vector of doubles (I = its int64 twin).
+template <typename F, typename I>
+FUSEDLOSS_INLINE F exp_double_lanes(F x) {
+  const auto underflow = x < -708.0;
+  x = x > 709.0 ? F{} + 709.0 : x;
+  x = x < -708.0 ? F{} - 708.0 : x;
+  const F magic = F{} + 6755399441055744.0;  // 1.5·2^52
+  const F shifted = x * 1.4426950408889634074 + magic;
+  const F n = shifted - magic;
+  const I n_int = bit_cast_to<I>(shifted) - bit_cast_to<I>(magic);
+  F r = x - n * 6.93145751953125e-1;
+  r = r - n * 1.42860682030941723212e-6;
+  const F r2 = r * r;
+  F p = F{} + 1.26177193074810590878e-4;
+  p = p * r2 + 3.02994407707441961300e-2;
+  p = p * r2 + 9.99999999999999999910e-1;
+  p = p * r;
+  F q = F{} + 3.00198505138664455042e-6;
+  q = q * r2 + 2.52448340349684104192e-3;
+  q = q * r2 + 2.27265548208155028766e-1;
+  q = q * r2 + 2.00000000000000000009e0;
+  const F exp_r = 1.0 + 2.0 * p / (q - p);
+  const F result = exp_r * bit_cast_to<F>((n_int + 1023) << 52);
+  return underflow ? F{} : result;
+}
+
+// fast_log's float64 algorithm on a double (I = int64_t) or on a GCC vector of doubles (I = its int64 twin); kNormal
+// as for log_float_lanes (x >= DBL_MIN, +inf or NaN).
+template <typename F, typename I, bool kNormal = false>
+FUSEDLOSS_INLINE F log_double_lanes(F x) {
+  F scaled = x;
+  F exponent_bias = F{} + 1022.0;
+  if constexpr (!kNormal) {
+    const auto subnormal = x < 2.2250738585072014e-308;
+    scaled = subnormal ? x * 4503599627370496.0 : x;              // 2^52
+    exponent_bias = subnormal ? F{} + 1074.0 : exponent_bias;  // 52 more for a scaled subnormal
+  }
+  const I bits = bit_cast_to<I>(scaled);
+  F exponent = int_lanes_to_float<F>((bits >> 52) & 0x7ff) - exponent_bias;
+  F m = bit_cast_to<F>((bits & 0x000fffffffffffffLL) | 0x3fe0000000000000LL);  // in [0.5, 1)
+  const auto low = m < 0.70710678118654752440;
+  exponent = low ? exponent - 1.0 : exponent;
+  m = low ? m + m - 1.0 : m - 1.0;
+  const F z = m * m;
+  F p = F{} + 1.01875663804580931796e-4;
+  p = p * m + 4.97494994976747001425e-1;
+  p = p * m + 4.70579119878881725854e0;
+  p = p * m + 1.44989225341610930846e1;
+  p = p * m + 1.79368678507819816313e1;
+  p = p * m + 7.70838733755885391666e0;
+  F q = m + 1.12873587189167450590e1;
+  q = q * m + 4.52279145837532221105e1;
+  q = q * m + 8.29875266912776603211e1;
+  q = q * m + 7.11544750618563894466e1;
+  q = q * m + 2.31251620126765340583e1;
+  F y = m * (z * p / q);
+  y -= exponent * 2.121944400546905827679e-4;
+  y -= 0.5 * z;
+  F result = m + y + exponent * 0.693359375;
+  if constexpr (!kNormal) result = x == 0.0 ? F{} - INFINITY : result;
+  result = x == INFINITY ? F{} + INFINITY : result;
+  if constexpr (!kNormal) result = x < 0.0 ? F{} + NAN : result;
+  return x != x ? x : result;
+}
+#endif
+
+// exp(x) in float64 with about 1 ulp of error, branch-free (Cephes' exp: x = n·ln2 + r, the Padé
+// form e^r = 1 + 2·r·P(r²) / (Q(r²) − r·P(r²)), 2^n in the exponent bits). Inputs below −708
+// give 0.
+
+// exp(x) in float64 with about 1 ulp of error, branch-free (Cephes' exp: x = n·ln2 + r, the Padé
+// form e^r = 1 + 2·r·P(r²) / (Q(r²) − r·P(r²)), 2^n in the exponent bits). Inputs below −708
+// give 0.
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double fast_exp(double x) {
+#ifdef __CUDA_ARCH__
+  return ::exp(x);
+#else
+  return exp_double_lanes<double, int64_t>(x);
+#endif
+}
+
 // log(x) in float64 with about 1 ulp of error, branch-free (Cephes' log: x = m·2^k with m in
 // [√½, √2), log(1 + f) = f − f²/2 + f³·P(f)/Q(f)); the same special values as the float version.
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double fast_log(double x) {
 #ifdef __CUDA_ARCH__
   return ::log(x);
 #else
-  const bool subnormal = x < 2.2250738585072014e-308;
-  const double scaled = subnormal ? x * 4503599627370496.0 : x;  // 2^52
-  const int64_t bits = double_bits(scaled);
-  double exponent = static_cast<double>(((bits >> 52) & 0x7ff) - 1022) - (subnormal ? 52.0 : 0.0);
-  double m = bits_double((bits & 0x000fffffffffffffLL) | 0x3fe0000000000000LL);  // in [0.5, 1)
-  const bool low = m < 0.70710678118654752440;
-  exponent = low ? exponent - 1.0 : exponent;
-  m = low ? m + m - 1.0 : m - 1.0;
-  const double z = m * m;
-  double p = 1.01875663804580931796e-4;
-  p = p * m + 4.97494994976747001425e-1;
-  p = p * m + 4.70579119878881725854e0;
-  p = p * m + 1.44989225341610930846e1;
-  p = p * m + 1.79368678507819816313e1;
-  p = p * m + 7.70838733755885391666e0;
-  double q = m + 1.12873587189167450590e1;
-  q = q * m + 4.52279145837532221105e1;
-  q = q * m + 8.29875266912776603211e1;
-  q = q * m + 7.11544750618563894466e1;
-  q = q * m + 2.31251620126765340583e1;
-  double y = m * (z * p / q);
-  y -= exponent * 2.121944400546905827679e-4;
-  y -= 0.5 * z;
-  double result = m + y + exponent * 0.693359375;
-  result = x == 0.0 ? -INFINITY : result;
-  result = x == INFINITY ? INFINITY : result;
-  result = x < 0.0 ? NAN : result;
-  return x != x ? x : result;
+  return log_double_lanes<double, int64_t>(x);
 #endif
 }
 

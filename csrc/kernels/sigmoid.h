@@ -12,6 +12,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "kernels/common.h"
 #include "kernels/softmax_loss.h"
@@ -231,11 +233,12 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t log_t_from_log(acc_t log_u, acc_t o
 }
 
 // log of the tempered exponential exp_t(u) = relu(1 + (1 − t)·u)^(1/(1−t)) (t ≠ 1): −inf outside
-// the support (t < 1).
+// the support (t < 1). The relu passes NaN, as torch's: a NaN or infinite logit makes its row NaN (written
+// `base > 0 ? base : 0`, a NaN row of t2 < 1 came out finite: the NaN class got p = 0).
 template <typename acc_t>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t log_exp_t(acc_t u, acc_t one_minus_t, acc_t inv_one_minus_t) {
   const acc_t base = acc_t(1) + one_minus_t * u;
-  return fast_log(base > acc_t(0) ? base : acc_t(0)) * inv_one_minus_t;
+  return fast_log(base < acc_t(0) ? acc_t(0) : base) * inv_one_minus_t;
 }
 
 template <typename acc_t>
@@ -310,11 +313,36 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE acc_t integer_power(acc_t base, int expon
 }
 
 // The normalization λ − μ of a row of shifted activations a = x − max x (a <= 0), the authors'
-// compute_normalization with exactly num_iters steps:
+// compute_normalization with exactly num_iters steps, for t2 ≠ 1:
 //   t2 > 1: fixed point â ← a·Z(â)^(1−t2), Z = Σ exp_t(â), from â = a; then λ − μ = −log_t(1/Z)
 //   t2 < 1: bisection on [0, −log_t(1/d)] with d = #{a > −1/(1−t2)}, keeping Σ exp_t(a − mid) >= 1 left
-//   t2 = 1: log Σ exp(a)
-// Every step is one sweep over the row (in cache), with no writes.
+// partition(scale, shift) = Σ_c exp_t(a_c·scale − shift), count_in_support() = d: each one sweep over the row (in
+// cache), with no writes.
+template <typename acc_t, typename Partition, typename CountInSupport>
+FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double tempered_normalization_steps(const BiTemperedParams<acc_t>& prm,
+                                                                          const Partition& partition,
+                                                                          const CountInSupport& count_in_support) {
+  const acc_t one_minus_t = prm.one_minus_t2;
+  const acc_t inv_one_minus_t = prm.inv_one_minus_t2;
+  if (prm.t2 > 1.0) {
+    acc_t scale = 1;
+    for (int it = 0; it < prm.num_iters; ++it) scale = power(partition(scale, acc_t(0)), one_minus_t);
+    const acc_t z = partition(scale, acc_t(0));
+    // −log_t(1/Z) = −(Z^(t−1) − 1)/(1 − t)
+    return -(power(z, -one_minus_t) - acc_t(1)) * inv_one_minus_t;
+  }
+  acc_t lower = 0;
+  acc_t upper = -(power(count_in_support(), -one_minus_t) - acc_t(1)) * inv_one_minus_t;
+  for (int it = 0; it < prm.num_iters; ++it) {
+    const acc_t middle = (upper + lower) / acc_t(2);
+    const bool below_one = partition(acc_t(1), middle) < acc_t(1);
+    lower = below_one ? lower : middle;
+    upper = below_one ? middle : upper;
+  }
+  return (upper + lower) / acc_t(2);
+}
+
+// tempered_normalization_steps with one element at a time (t2 = 1: log Σ exp(a)).
 template <typename acc_t>
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double tempered_normalization(const acc_t* a, const BiTemperedParams<acc_t>& prm) {
   const int64_t C = prm.num_classes;
@@ -329,14 +357,13 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double tempered_normalization(const acc_t
   }
   const acc_t inv_one_minus_t = prm.inv_one_minus_t2;
   const int k = prm.integer_exponent;
-  // Σ_c exp_t(a_c·scale − shift)
   auto partition = [&](acc_t scale, acc_t shift) FUSEDLOSS_LAMBDA_INLINE {
     acc_t sum = 0;
     if (k != 0) {
       FUSEDLOSS_SIMD_SUM(sum)
       for (int64_t c = 0; c < C; ++c) {
         const acc_t base = acc_t(1) + one_minus_t * (a[c] * scale - shift);
-        sum += integer_power(base > acc_t(0) ? base : acc_t(0), k);
+        sum += integer_power(base < acc_t(0) ? acc_t(0) : base, k);
       }
     } else {
       FUSEDLOSS_SIMD_SUM(sum)
@@ -345,35 +372,38 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double tempered_normalization(const acc_t
     }
     return sum;
   };
-  if (prm.t2 > 1.0) {
-    acc_t scale = 1;
-    for (int it = 0; it < prm.num_iters; ++it) scale = power(partition(scale, acc_t(0)), one_minus_t);
-    const acc_t z = partition(scale, acc_t(0));
-    // −log_t(1/Z) = −(Z^(t−1) − 1)/(1 − t)
-    return -(power(z, -one_minus_t) - acc_t(1)) * inv_one_minus_t;
-  }
-  const acc_t support = -inv_one_minus_t;
-  acc_t effective_dim = 0;
-  FUSEDLOSS_SIMD_SUM(effective_dim)
-  for (int64_t c = 0; c < C; ++c) effective_dim += a[c] > support ? acc_t(1) : acc_t(0);
-  acc_t lower = 0;
-  acc_t upper = -(power(effective_dim, -one_minus_t) - acc_t(1)) * inv_one_minus_t;
-  for (int it = 0; it < prm.num_iters; ++it) {
-    const acc_t middle = (upper + lower) / acc_t(2);
-    const bool below_one = partition(acc_t(1), middle) < acc_t(1);
-    lower = below_one ? lower : middle;
-    upper = below_one ? middle : upper;
-  }
-  return (upper + lower) / acc_t(2);
+  auto count_in_support = [&]() FUSEDLOSS_LAMBDA_INLINE {
+    const acc_t support = -inv_one_minus_t;
+    acc_t count = 0;
+    FUSEDLOSS_SIMD_SUM(count)
+    for (int64_t c = 0; c < C; ++c) count += a[c] > support ? acc_t(1) : acc_t(0);
+    return count;
+  };
+  return tempered_normalization_steps(prm, partition, count_in_support);
 }
+
+#ifndef __CUDA_ARCH__
+// bi_tempered_target_term on a double (I = int64_t) or on a GCC vector of doubles (I = its int64 twin).
+template <typename F, typename I>
+FUSEDLOSS_INLINE F bi_tempered_target_term_lanes(F q, double t1) {
+  const double one_minus_t1 = 1.0 - t1;
+  const F log_q = log_double_lanes<F, I>(q + 1e-10);
+  const F log_t_q = one_minus_t1 == 0.0 ? log_q : (exp_double_lanes<F, I>(one_minus_t1 * log_q) - 1.0) / one_minus_t1;
+  return q * log_t_q - exp_double_lanes<F, I>((2.0 - t1) * log_double_lanes<F, I>(q)) / (2.0 - t1);
+}
+#endif
 
 // The target side of one bi-tempered row: the q-only part of the loss,
 // A(q) = q·log_t(q + 1e-10, t1) − q^(2−t1)/(2 − t1).
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double bi_tempered_target_term(double q, double t1) {
+#ifdef __CUDA_ARCH__
   const double one_minus_t1 = 1.0 - t1;
   const double log_q = fast_log(q + 1e-10);
   const double log_t_q = one_minus_t1 == 0.0 ? log_q : log_t_from_log(log_q, one_minus_t1);
   return q * log_t_q - power(q, 2.0 - t1) / (2.0 - t1);
+#else
+  return bi_tempered_target_term_lanes<double, int64_t>(q, t1);
+#endif
 }
 
 // One row of the bi-tempered loss and, with grad, the authors' closed-form gradient times
@@ -439,7 +469,7 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double bi_tempered_row(const scalar_t* x,
     FUSEDLOSS_SIMD_SUM(loss)
     for (int64_t c = 0; c < C; ++c) {
       const double b = 1.0 + one_minus_t2 * (static_cast<double>(a[c]) - lambda);
-      const double base = b > 0.0 ? b : 0.0;
+      const double base = b < 0.0 ? 0.0 : b;
       const double r = prm.power_denominator == 1 ? base : fast_exp(fast_log(base) * inv_denominator);
       const double r_inv = 1.0 / r;
       auto r_power = [&](int e) FUSEDLOSS_LAMBDA_INLINE { return integer_power_magnitude(e < 0 ? r_inv : r, e); };
@@ -473,6 +503,233 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double bi_tempered_row(const scalar_t* x,
   }
   return loss;
 }
+
+#ifndef __CUDACC__
+// ---------------------------------------------------------------------------------------------
+// Bi-tempered logistic loss on vector lanes, float32 compute (float32, float16, bfloat16 input): the CPU kernels'
+// AVX-512 variant (csrc/cpu/isa.h, run_wide). The sweeps of bi_tempered_row, written for the registers: the
+// normalization's on 16 float lanes, four vectors side by side (FUSEDLOSS_EACH: each exp_t is a chain of a dozen
+// dependent operations), the last one on 8 double lanes, two side by side. The compiler's loops ran the
+// normalization one element at a time (an integer power with a branch per bit): each of its sweeps cost about 4
+// cycles an element.
+// ---------------------------------------------------------------------------------------------
+
+typedef FloatLanes<16>::type Floats16;
+typedef FloatLanes<16>::int_type Ints16;
+typedef DoubleLanes<8>::type Doubles8;
+typedef DoubleLanes<8>::int_type Longs8;
+
+// The floats a row of C classes takes in the lanes buffers (bi_tempered_row_lanes' shifted; sweep takes twice as
+// many doubles): C rounded up to whole vectors.
+inline int64_t bi_tempered_padded_classes(int64_t C) { return (C + 31) / 32 * 32; }
+
+// The number of vectors in an array of them (term's argument below).
+template <typename Array>
+constexpr int vector_count = std::extent<std::remove_reference_t<Array>>::value;
+
+// Σ_c term(a_c) for a row of C floats padded to whole vectors: term maps an array of up to 4 vectors in place
+// (step by step across them); lanes at or past C count 0.
+template <typename Term>
+FUSEDLOSS_INLINE float sum_row_lanes16(const float* a, int64_t C, const Term& term) {
+  constexpr int K = 8;
+  Floats16 acc[K] = {};
+  const int64_t vectors = (C + 15) / 16;
+  int64_t v = 0;
+  auto step = [&](auto count) FUSEDLOSS_LAMBDA_INLINE {
+    constexpr int N = decltype(count)::value;
+    Floats16 x[N];
+    FUSEDLOSS_EACH(i, N) x[i] = softmax_loss::load_lanes<16>(a + 16 * (v + i));
+    term(x);
+    if (v + N == vectors) x[N - 1] = softmax_loss::lanes_below<16>(C - 16 * (v + N - 1)) ? x[N - 1] : Floats16{};
+    FUSEDLOSS_EACH(i, N) acc[i] += x[i];
+    v += N;
+  };
+  while (v + K <= vectors) step(std::integral_constant<int, K>());
+  const int64_t rest = vectors - v;  // the last K − 1 at most
+  if constexpr (K > 4) if ((rest & 4) != 0) step(std::integral_constant<int, 4>());
+  if ((rest & 2) != 0) step(std::integral_constant<int, 2>());
+  if ((rest & 1) != 0) step(std::integral_constant<int, 1>());
+  for (int i = 1; i < K; ++i) acc[0] += acc[i];
+  return softmax_loss::reduce_lanes<false, 16>(acc[0]);
+}
+
+// tempered_normalization on 16 float lanes (t2 = 1: tempered_normalization itself).
+FUSEDLOSS_INLINE double tempered_normalization_lanes(const float* a, const BiTemperedParams<float>& prm) {
+  const float one_minus_t = prm.one_minus_t2;
+  if (one_minus_t == 0.0f) return tempered_normalization(a, prm);
+  const float inv_one_minus_t = prm.inv_one_minus_t2;
+  const int64_t C = prm.num_classes;
+  const int k = prm.integer_exponent;
+  const int magnitude = k < 0 ? -k : k;
+  auto partition = [&](float scale, float shift) FUSEDLOSS_LAMBDA_INLINE {
+    return sum_row_lanes16(a, C, [&](auto& x) FUSEDLOSS_LAMBDA_INLINE {
+      constexpr int N = vector_count<decltype(x)>;
+      FUSEDLOSS_EACH(i, N) x[i] = 1.0f + one_minus_t * (x[i] * scale - shift);
+      if (k != 0) {  // base^k by squaring, as integer_power (the same products in the same order)
+        FUSEDLOSS_EACH(i, N) x[i] = x[i] < 0.0f ? Floats16{} : x[i];
+        Floats16 result[N];
+        FUSEDLOSS_EACH(i, N) result[i] = Floats16{} + 1.0f;
+        for (int m = magnitude;; m >>= 1) {
+          if ((m & 1) != 0) FUSEDLOSS_EACH(i, N) result[i] *= x[i];
+          if (m <= 1) break;
+          FUSEDLOSS_EACH(i, N) x[i] *= x[i];
+        }
+        FUSEDLOSS_EACH(i, N) x[i] = k < 0 ? 1.0f / result[i] : result[i];
+      } else {
+        // exp(log(base)/(1 − t)), at most 0 (base <= 1 for t < 1, >= 1 for t > 1). A base below FLT_MIN (t < 1)
+        // taken as FLT_MIN: its log times 1/(1 − t) > 1 is below the exp's underflow bound, exp gives 0 (the
+        // log's tests for zero, negative and subnormal input are then left out).
+        FUSEDLOSS_EACH(i, N) {
+          x[i] = x[i] < 1.17549435e-38f ? Floats16{} + 1.17549435e-38f : x[i];
+          x[i] = log_float_lanes<Floats16, Ints16, true>(x[i]) * inv_one_minus_t;
+        }
+        fast_exp_nonpositive_lanes_each<16, N>(x);
+      }
+    });
+  };
+  auto count_in_support = [&]() FUSEDLOSS_LAMBDA_INLINE {
+    const float support = -inv_one_minus_t;
+    return sum_row_lanes16(a, C, [&](auto& x) FUSEDLOSS_LAMBDA_INLINE {
+      FUSEDLOSS_EACH(i, vector_count<decltype(x)>) x[i] = x[i] > support ? Floats16{} + 1.0f : Floats16{};
+    });
+  };
+  return tempered_normalization_steps(prm, partition, count_in_support);
+}
+
+// 8 floats as 8 doubles.
+FUSEDLOSS_INLINE Doubles8 load_doubles8(const float* p) {
+  typedef float Floats8 __attribute__((vector_size(32)));
+  Floats8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return __builtin_convertvector(v, Doubles8);
+}
+
+FUSEDLOSS_INLINE double sum_doubles8(Doubles8 v) {
+  double lanes[8];
+  std::memcpy(lanes, &v, sizeof(lanes));
+  return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+}
+
+// bi_tempered_row on vector lanes (float32 compute, acc_t = float). shifted holds
+// bi_tempered_padded_classes(C) floats, sweep twice as many doubles. labels.lanes(c0, q, term) gives q_c and A(q_c)
+// of classes c0 .. c0 + 7 as Doubles8 (any finite values past C; nothing read there).
+template <typename scalar_t, typename Labels>
+FUSEDLOSS_INLINE double bi_tempered_row_lanes(const scalar_t* x, const Labels& labels,
+                                              const BiTemperedParams<float>& prm, float* shifted, double* sweep,
+                                              scalar_t* grad, double grad_scale) {
+  const int64_t C = prm.num_classes;
+  const double t1 = prm.t1;
+  const double t2 = prm.t2;
+  if (t1 == 1.0 && t2 == 1.0) return bi_tempered_row(x, labels, prm, shifted, sweep, grad, grad_scale);
+  const int64_t padded = bi_tempered_padded_classes(C);
+  float* a = shifted;
+  for (int64_t c = 0; c < C; ++c) a[c] = static_cast<float>(x[c]);
+  const float row_max = softmax_loss::block_max_lanes<16>(a, C);
+  for (int64_t c = 0; c < C; ++c) a[c] -= row_max;
+  for (int64_t c = C; c < padded; ++c) a[c] = 0.0f;
+  const double lambda = tempered_normalization_lanes(a, prm);
+
+  const double one_minus_t1 = 1.0 - t1;
+  const double one_minus_t2 = 1.0 - t2;
+  const double inv_one_minus_t2 = one_minus_t2 == 0.0 ? 0.0 : 1.0 / one_minus_t2;
+  const double inv_one_minus_t1 = one_minus_t1 == 0.0 ? 0.0 : 1.0 / one_minus_t1;
+  const double inv_two_minus_t1 = 1.0 / (2.0 - t1);
+  const int denominator = prm.power_denominator;
+  const double inv_denominator = denominator == 0 ? 0.0 : 1.0 / denominator;
+  const int* n = prm.power_numerators;
+  const bool any_negative = n[0] < 0 || n[1] < 0 || n[2] < 0 || n[3] < 0;
+  const bool any_positive = n[0] > 0 || n[1] > 0 || n[2] > 0 || n[3] > 0;
+  double* forgotten = sweep;
+  double* escort = sweep + padded;
+  constexpr int K = 4;  // 8-double vectors side by side (the padded row holds a multiple of 32 floats)
+  Doubles8 loss[K] = {}, forgotten_sum[K] = {}, escort_sum[K] = {};
+  for (int64_t c = 0; c < padded; c += 8 * K) {
+    Doubles8 u[K], q[K], term[K], p[K], p_one_minus_t1[K], p_t2_minus_t1[K], p_t2[K], log_t_p[K];
+    FUSEDLOSS_EACH(i, K) {
+      u[i] = load_doubles8(a + c + 8 * i) - lambda;
+      labels.lanes(c + 8 * i, q[i], term[i]);
+    }
+    if (denominator != 0) {
+      // p, p^(1−t1), p^(t2−t1), p^t2 as integer powers of r = b^(1/D) (BiTemperedParams): the squares r^(2^j)
+      // (and of 1/r) once, for the four; each power their product in the order of integer_power_magnitude.
+      Doubles8 up[K][4], down[K][4];
+      FUSEDLOSS_EACH(i, K) {
+        const Doubles8 b = 1.0 + one_minus_t2 * u[i];
+        const Doubles8 base = b < 0.0 ? Doubles8{} : b;
+        if (denominator == 1) {
+          up[i][0] = base;
+          if (any_negative) down[i][0] = 1.0 / base;
+        } else if (!any_positive) {
+          // 1/r as exp(−log(b)/D) where no power needs r: every numerator is negative (t2 > 1, t1 < 1), and then
+          // b = 1 + (1 − t2)(a − λ) >= 1 (a <= 0 <= λ): the log's tests for zero and subnormal b left out.
+          const Doubles8 normal = b < 2.2250738585072014e-308 ? Doubles8{} + 2.2250738585072014e-308 : b;
+          down[i][0] = exp_double_lanes<Doubles8, Longs8>(-log_double_lanes<Doubles8, Longs8, true>(normal) *
+                                                          inv_denominator);
+        } else {
+          const Doubles8 log_r = log_double_lanes<Doubles8, Longs8>(base) * inv_denominator;
+          up[i][0] = exp_double_lanes<Doubles8, Longs8>(log_r);
+          if (any_negative) down[i][0] = 1.0 / up[i][0];
+        }
+      }
+      for (int j = 1; j < 4; ++j) {
+        FUSEDLOSS_EACH(i, K) {
+          if (any_positive) up[i][j] = up[i][j - 1] * up[i][j - 1];
+          if (any_negative) down[i][j] = down[i][j - 1] * down[i][j - 1];
+        }
+      }
+      auto r_power = [&](int i, int e) FUSEDLOSS_LAMBDA_INLINE {
+        const Doubles8* square = e < 0 ? down[i] : up[i];
+        const int m = e < 0 ? -e : e;
+        Doubles8 result = Doubles8{} + 1.0;
+        for (int j = 0; j < 4; ++j)
+          if (((m >> j) & 1) != 0) result *= square[j];
+        return result;
+      };
+      FUSEDLOSS_EACH(i, K) {
+        p[i] = r_power(i, n[0]);
+        p_one_minus_t1[i] = r_power(i, n[1]);
+        p_t2_minus_t1[i] = r_power(i, n[2]);
+        p_t2[i] = r_power(i, n[3]);
+        log_t_p[i] = (p_one_minus_t1[i] - 1.0) * inv_one_minus_t1;
+      }
+    } else {
+      FUSEDLOSS_EACH(i, K) {
+        const Doubles8 b = 1.0 + one_minus_t2 * u[i];
+        const Doubles8 log_p =
+            one_minus_t2 == 0.0 ? u[i] : log_double_lanes<Doubles8, Longs8>(b < 0.0 ? Doubles8{} : b) * inv_one_minus_t2;
+        p[i] = exp_double_lanes<Doubles8, Longs8>(log_p);
+        p_one_minus_t1[i] = exp_double_lanes<Doubles8, Longs8>(one_minus_t1 * log_p);
+        p_t2_minus_t1[i] = exp_double_lanes<Doubles8, Longs8>((t2 - t1) * log_p);
+        p_t2[i] = exp_double_lanes<Doubles8, Longs8>(t2 * log_p);
+        log_t_p[i] = one_minus_t1 == 0.0 ? log_p : (p_one_minus_t1[i] - 1.0) * inv_one_minus_t1;
+      }
+    }
+    FUSEDLOSS_EACH(i, K) {
+      const int64_t c0 = c + 8 * i;
+      const Doubles8 f = (p[i] - q[i]) * p_t2_minus_t1[i];
+      const Doubles8 l = term[i] - q[i] * log_t_p[i] + p[i] * p_one_minus_t1[i] * inv_two_minus_t1;
+      std::memcpy(forgotten + c0, &f, sizeof(f));
+      std::memcpy(escort + c0, &p_t2[i], sizeof(f));
+      Longs8 index;
+      for (int k = 0; k < 8; ++k) index[k] = c0 + k;
+      const Longs8 real = index < C;
+      loss[i] += real ? l : Doubles8{};
+      forgotten_sum[i] += real ? f : Doubles8{};
+      escort_sum[i] += real ? p_t2[i] : Doubles8{};
+    }
+  }
+  for (int i = 1; i < K; ++i) {
+    loss[0] += loss[i];
+    forgotten_sum[0] += forgotten_sum[i];
+    escort_sum[0] += escort_sum[i];
+  }
+  if (grad != nullptr) {
+    const double shift = sum_doubles8(forgotten_sum[0]) / sum_doubles8(escort_sum[0]);
+    for (int64_t c = 0; c < C; ++c) grad[c] = static_cast<scalar_t>((forgotten[c] - escort[c] * shift) * grad_scale);
+  }
+  return sum_doubles8(loss[0]);
+}
+#endif
 
 }  // namespace sigmoid_loss
 }  // namespace fusedloss
