@@ -236,6 +236,40 @@ struct ViterbiJob {
       std::fill(path + L, path + T_len, int64_t(-1));
     }
   }
+
+  // The AVX-512 variant: up to 16 tags in one vector of float32 scores (crf::viterbi_lanes16, the same results;
+  // a sequence with a NaN score goes through crf::viterbi).
+  FUSEDLOSS_INLINE void run_wide(int64_t begin, int64_t end) const {
+    if constexpr (std::is_same<T, float>::value && std::is_same<BP, uint8_t>::value) {
+      const int K = tab->K;
+      if (K <= 16) {
+        const crf::TransitionLanes16 lanes(*tab);
+        std::vector<uint8_t> backpointers(max_length * K + 16);
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t L = lengths[b];
+          int64_t* path = paths + b * T_len;
+          const E* em = emissions + b * T_len * K;
+          double score = 0;
+          auto lanes_of = [&](auto powers) FUSEDLOSS_LAMBDA_INLINE {
+            return crf::viterbi_lanes16<decltype(powers)::value>(lanes, *tab, em, L, backpointers.data(), path,
+                                                                  &score);
+          };
+          const bool done = K <= 2   ? lanes_of(std::integral_constant<int, 2>())
+                            : K <= 4 ? lanes_of(std::integral_constant<int, 4>())
+                            : K <= 8 ? lanes_of(std::integral_constant<int, 8>())
+                                     : lanes_of(std::integral_constant<int, 16>());
+          if (!done) {
+            run(b, b + 1);
+            continue;
+          }
+          scores[b] = static_cast<T>(score);
+          std::fill(path + L, path + T_len, int64_t(-1));
+        }
+        return;
+      }
+    }
+    run(begin, end);
+  }
 };
 
 template <typename E, typename T>

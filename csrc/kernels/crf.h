@@ -42,9 +42,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "kernels/common.h"
 #include "kernels/fast_math.h"
+#include "kernels/softmax_loss.h"
 
 namespace fusedloss {
 namespace crf {
@@ -693,6 +695,123 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double viterbi(const Tables<T>& tab, cons
   }
   return offset + static_cast<double>(best_score);
 }
+
+#ifndef __CUDACC__
+// ---------------------------------------------------------------------------------------------
+// Viterbi with the running scores of K <= 16 tags in one vector of 16 float lanes (the CPU kernels' AVX-512
+// variant, float32 scores): viterbi's arithmetic lane by lane, the same path and score bits. Each step forms the
+// candidates cur[i] + A[i, :] of P >= K predecessors (a power of two; rows past K are −inf) and picks the best
+// predecessor of every tag by a tree of pairwise choices in which the lower-index half keeps ties: the first best,
+// as viterbi's sweep in index order, with a chain of log2 P dependent choices instead of K. Without NaN only: a
+// NaN score (from the inputs, or inf − inf) ends the sequence's vector run, and viterbi() takes it from the start.
+// ---------------------------------------------------------------------------------------------
+
+typedef FloatLanes<16>::type Floats16;
+typedef FloatLanes<16>::int_type Ints16;
+
+// The transition rows, start and end scores padded to 16 lanes, built once per call.
+struct TransitionLanes16 {
+  Floats16 rows[16];
+  Floats16 start, end;
+  Floats16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};  // each lane's index
+  bool has_nan = false;
+  explicit TransitionLanes16(const Tables<float>& tab) {
+    const int K = tab.K;
+    for (int i = 0; i < 16; ++i) {
+      rows[i] = i < K ? padded(tab.transitions + static_cast<int64_t>(i) * K, K) : Floats16{} - INFINITY;
+    }
+    start = padded(tab.start, K);
+    end = padded(tab.end, K);
+    for (int64_t i = 0; i < static_cast<int64_t>(K) * K; ++i) has_nan |= tab.transitions[i] != tab.transitions[i];
+    for (int k = 0; k < K; ++k) has_nan |= tab.start[k] != tab.start[k] || tab.end[k] != tab.end[k];
+  }
+  template <typename E>
+  static FUSEDLOSS_INLINE Floats16 padded(const E* values, int K) {
+    float lanes[16] = {};
+    for (int k = 0; k < K; ++k) lanes[k] = static_cast<float>(values[k]);
+    Floats16 v;
+    std::memcpy(&v, lanes, sizeof(v));
+    return v;
+  }
+};
+
+// The best of predecessors [First, First + Count) for every tag and its index (as a float: float selects on
+// the same float comparison), a tree written out at compile time so that every vector stays in a register.
+// Each select takes its comparison directly: GCC lowered a comparison kept in a variable, or two of them or'ed,
+// to one compare and branch per lane.
+template <int First, int Count>
+FUSEDLOSS_INLINE void best_predecessor16(const Floats16& cur, const Floats16 (&rows)[16], Floats16& best,
+                                         Floats16& arg) {
+  if constexpr (Count == 1) {
+    best = __builtin_shuffle(cur, Ints16{} + First) + rows[First];
+    arg = Floats16{} + static_cast<float>(First);
+  } else {
+    Floats16 high, high_arg;
+    best_predecessor16<First, Count / 2>(cur, rows, best, arg);
+    best_predecessor16<First + Count / 2, Count / 2>(cur, rows, high, high_arg);
+    arg = high > best ? high_arg : arg;
+    best = high > best ? high : best;
+  }
+}
+
+// normalize() of the first K lanes (lane: 0, 1, ..., 15): their maximum subtracted from every lane, and returned;
+// NaN where a lane is NaN or infinite (their sum of x − x, beside the tree of maxima: GCC lowered a vector NaN test
+// here to one compare and branch per lane).
+FUSEDLOSS_INLINE float normalize_lanes16(Floats16& x, const Floats16& lane, int K) {
+  Floats16 m = lane < static_cast<float>(K) ? x : Floats16{} - INFINITY;
+  Floats16 z = lane < static_cast<float>(K) ? x - x : Floats16{};
+  auto fold = [&](Ints16 order) FUSEDLOSS_LAMBDA_INLINE {
+    const Floats16 other = __builtin_shuffle(m, order);
+    m = other > m ? other : m;
+    z += __builtin_shuffle(z, order);
+  };
+  fold(Ints16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  fold(Ints16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  fold(Ints16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  fold(Ints16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  x -= m[0];
+  return m[0] + z[0];
+}
+
+// viterbi() for K <= P <= 16 (P a power of two) with float32 scores, or false where a score is NaN (the caller
+// then runs viterbi()). backpointers: (L, K) bytes and 16 more (each step stores 16).
+template <int P, typename E>
+FUSEDLOSS_INLINE bool viterbi_lanes16(const TransitionLanes16& lanes, const Tables<float>& tab, const E* emissions,
+                                      int64_t L, uint8_t* backpointers, int64_t* path, double* score) {
+  const int K = tab.K;
+  if (lanes.has_nan) return false;
+  Floats16 cur = lanes.start + TransitionLanes16::padded(emissions, K);
+  float m = normalize_lanes16(cur, lanes.lane, K);
+  double offset = static_cast<double>(m);
+  for (int64_t t = 1; t < L && m == m; ++t) {
+    Floats16 best, arg;
+    best_predecessor16<0, P>(cur, lanes.rows, best, arg);
+    cur = best + TransitionLanes16::padded(emissions + t * K, K);
+    typedef uint8_t Bytes16 __attribute__((vector_size(16)));
+    const Bytes16 bp = __builtin_convertvector(__builtin_convertvector(arg, Ints16), Bytes16);
+    std::memcpy(backpointers + t * K, &bp, sizeof(bp));
+    m = normalize_lanes16(cur, lanes.lane, K);
+    offset += static_cast<double>(m);
+  }
+  if (m != m) return false;
+  int best = 0;
+  float best_score = cur[0] + tab.end[0];
+  for (int k = 1; k < K; ++k) {
+    const float s = cur[k] + tab.end[k];
+    if (s > best_score) {  // no NaN here
+      best_score = s;
+      best = k;
+    }
+  }
+  path[L - 1] = best;
+  for (int64_t t = L - 1; t >= 1; --t) {
+    best = static_cast<int>(backpointers[t * K + best]);
+    path[t - 1] = best;
+  }
+  *score = offset + static_cast<double>(best_score);
+  return true;
+}
+#endif
 
 }  // namespace crf
 }  // namespace fusedloss

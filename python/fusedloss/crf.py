@@ -373,7 +373,7 @@ def crf_viterbi(
     -1 with score ``-inf``. ``exp(score - crf_log_partition(...))`` is a path's probability. Ties go to the lower
     previous tag, then its lower rank.
     """
-    if isinstance(k, bool) or not isinstance(k, int):
+    if type(k) is not int and (isinstance(k, bool) or not isinstance(k, int)):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -583,11 +583,17 @@ class CRF(nn.Module):
 
     def decode(self, emissions: torch.Tensor, mask: Optional[torch.Tensor] = None) -> List[List[int]]:
         """Best tag path of each sequence as lists, like pytorch-crf; one device-to-host copy for the batch."""
-        self._validate(emissions, mask=mask)
-        tags, _ = crf_viterbi(
-            self._batch_first(emissions), *self._scores(), mask=self._batch_first(mask), backend=self.backend
-        )
-        return [row[: row.index(-1)] if -1 in row else row for row in tags.tolist()]
+        # The op checks every argument; pytorch-crf's checks (and their messages) run only when it raised, so
+        # that a sentence's decode does not pay for them (a tenth of its time).
+        try:
+            tags, _ = crf_viterbi(
+                self._batch_first(emissions), *self._scores(), mask=self._batch_first(mask), backend=self.backend
+            )
+        except Exception:
+            self._validate(emissions, mask=mask)
+            raise
+        # -1 pads a path after its sequence's end: a row that does not end in -1 is whole.
+        return [row[: row.index(-1)] if row[-1] == -1 else row for row in tags.tolist()]
 
     def marginals(self, emissions: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Tag posteriors ``P(y_t = k)`` in the module's layout (``(T, B, K)``, or ``(B, T, K)`` if batch_first),
