@@ -390,10 +390,6 @@ FUSEDLOSS_INLINE F log_double_lanes(F x) {
 // exp(x) in float64 with about 1 ulp of error, branch-free (Cephes' exp: x = n·ln2 + r, the Padé
 // form e^r = 1 + 2·r·P(r²) / (Q(r²) − r·P(r²)), 2^n in the exponent bits). Inputs below −708
 // give 0.
-
-// exp(x) in float64 with about 1 ulp of error, branch-free (Cephes' exp: x = n·ln2 + r, the Padé
-// form e^r = 1 + 2·r·P(r²) / (Q(r²) − r·P(r²)), 2^n in the exponent bits). Inputs below −708
-// give 0.
 FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double fast_exp(double x) {
 #ifdef __CUDA_ARCH__
   return ::exp(x);
