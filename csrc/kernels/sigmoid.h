@@ -508,8 +508,8 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double bi_tempered_row(const scalar_t* x,
 // ---------------------------------------------------------------------------------------------
 // Bi-tempered logistic loss on vector lanes, float32 compute (float32, float16, bfloat16 input): the CPU kernels'
 // AVX-512 variant (csrc/cpu/isa.h, run_wide). The sweeps of bi_tempered_row, written for the registers: the
-// normalization's on 16 float lanes, four vectors side by side (FUSEDLOSS_EACH: each exp_t is a chain of a dozen
-// dependent operations), the last one on 8 double lanes, two side by side. The compiler's loops ran the
+// normalization's on 16 float lanes, eight vectors side by side (FUSEDLOSS_EACH: each exp_t is a chain of a dozen
+// dependent operations), the last one on 8 double lanes, four side by side. The compiler's loops ran the
 // normalization one element at a time (an integer power with a branch per bit): each of its sweeps cost about 4
 // cycles an element.
 // ---------------------------------------------------------------------------------------------
@@ -520,14 +520,14 @@ typedef DoubleLanes<8>::type Doubles8;
 typedef DoubleLanes<8>::int_type Longs8;
 
 // The floats a row of C classes takes in the lanes buffers (bi_tempered_row_lanes' shifted; sweep takes twice as
-// many doubles): C rounded up to whole vectors.
+// many doubles): C rounded up to a multiple of 32, the last sweep's step (four vectors of 8 doubles).
 inline int64_t bi_tempered_padded_classes(int64_t C) { return (C + 31) / 32 * 32; }
 
 // The number of vectors in an array of them (term's argument below).
 template <typename Array>
 constexpr int vector_count = std::extent<std::remove_reference_t<Array>>::value;
 
-// Σ_c term(a_c) for a row of C floats padded to whole vectors: term maps an array of up to 4 vectors in place
+// Σ_c term(a_c) for a row of C floats padded to whole vectors: term maps an array of up to 8 vectors in place
 // (step by step across them); lanes at or past C count 0.
 template <typename Term>
 FUSEDLOSS_INLINE float sum_row_lanes16(const float* a, int64_t C, const Term& term) {
