@@ -603,7 +603,7 @@ template <bool to_tile, typename Column>
 FUSEDLOSS_INLINE void transpose_tile16(float* x, int64_t C, float (*t)[16], const Column& column) {
   auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
     TileVector16 v[16];
-    for (int i = 0; i < 16; ++i) {
+    _Pragma("GCC unroll 16") for (int i = 0; i < 16; ++i) {
       if constexpr (to_tile) {
         __builtin_memcpy(&v[i], x + i * C + c0, sizeof(TileVector16));
       } else {
@@ -611,7 +611,7 @@ FUSEDLOSS_INLINE void transpose_tile16(float* x, int64_t C, float (*t)[16], cons
       }
     }
     transpose16(v);
-    for (int i = 0; i < 16; ++i)
+    _Pragma("GCC unroll 16") for (int i = 0; i < 16; ++i)
       __builtin_memcpy(to_tile ? &t[c0 + i][0] : x + i * C + c0, &v[i], sizeof(TileVector16));
   };
   int64_t c0 = 0;
@@ -638,10 +638,10 @@ FUSEDLOSS_INLINE void transpose_tile(float* x, int64_t C, float (*t)[R]) {
   for (int r0 = 0; r0 < R; r0 += 8) {
     auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
       TileVector v[8];
-      for (int i = 0; i < 8; ++i)
+      _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i)
         __builtin_memcpy(&v[i], to_tile ? x + (r0 + i) * C + c0 : &t[c0 + i][r0], sizeof(TileVector));
       transpose8(v);
-      for (int i = 0; i < 8; ++i)
+      _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i)
         __builtin_memcpy(to_tile ? &t[c0 + i][r0] : x + (r0 + i) * C + c0, &v[i], sizeof(TileVector));
     };
     int64_t c0 = 0;
