@@ -39,10 +39,19 @@ def compute():
         for smoothing in (0.0, 0.1):
             x = leaf(67, num_classes)
             target = torch.randint(0, num_classes, (67,), generator=generator)
+            target[5] = -100
             loss = fusedloss.cross_entropy(x, target, label_smoothing=smoothing, reduction="none", backend="cpp")
             loss.backward(torch.rand(67, generator=generator))
             out[f"softmax C={num_classes} eps={smoothing}"] = loss.detach()
             out[f"softmax C={num_classes} eps={smoothing} grad"] = x.grad
+        # Class weights and the focal factor (rows of the tiles and of the per-row sweep, in each variant).
+        x = leaf(67, num_classes)
+        target = torch.randint(0, num_classes, (67,), generator=generator)
+        weight = torch.rand(num_classes, generator=generator) + 0.5
+        loss = fusedloss.cross_entropy(x, target, weight=weight, focal_gamma=2.0, backend="cpp")
+        loss.backward()
+        out[f"softmax C={num_classes} weight focal"] = loss.detach()
+        out[f"softmax C={num_classes} weight focal grad"] = x.grad
     x, y = leaf(64, 80), (torch.rand(64, 80, generator=generator) < 0.2).float()
     pos_weight = torch.rand(80, generator=generator) + 0.5
     for name, fn in (

@@ -139,7 +139,7 @@ void run_rows(const at::Tensor& input, const at::Tensor& target, const at::Tenso
   acc_t* losses = row_loss.data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(grad_scale);
   const int64_t tile_max_classes =
-      cpu::has_avx512() ? softmax_loss::kTileMaxClasses : softmax_loss::kTileMaxClassesNarrow;
+      cpu::has_avx2_fma() ? softmax_loss::kTileMaxClasses : softmax_loss::kTileMaxClassesNarrow;
   if (!soft && softmax_loss::tile_rows_apply(prm, tile_max_classes)) {
     constexpr int64_t R = softmax_loss::kTileUnitRows;
     const int64_t tiles = (N + R - 1) / R, grain = std::max<int64_t>(1, cpu::rows_per_task(C) / R);

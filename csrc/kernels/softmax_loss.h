@@ -523,11 +523,11 @@ FUSEDLOSS_INLINE acc_t row_block_dot(const acc_t* v, const acc_t* s, acc_t shift
 // result does not depend on which tile (and so which thread) holds it.
 // Writes losses[r] and, when grad is not null, grad_scale·dl/dx of each row (grad may be x).
 // R = kTileRows (8: one AVX2 register of float32 per class), or 16 in the AVX-512 variant of the CPU kernels,
-// which hands out units of kTileUnitRows rows. Tiles serve up to kTileMaxClasses classes in the AVX-512 variant
-// (measured faster than the per-row sweep up to there: 1.3x eager under no_grad at 257-512 classes where the
-// per-row sweep gave 0.8x; t, e and d then take 3 x 32 KiB of stack) and up to kTileMaxClassesNarrow in the others
-// (8 lanes: the AVX2 variant measured 1.4-1.8x faster than the per-row sweep at 65-133 classes, even at 200, slower
-// at 256).
+// which hands out units of kTileUnitRows rows. Tiles serve up to kTileMaxClasses classes in the AVX-512 and AVX2
+// variants (measured faster than the per-row sweep up to there: AVX-512, 1.3x eager under no_grad at 257-512
+// classes where the per-row sweep gave 0.8x, t, e and d then take 3 x 32 KiB of stack; AVX2, 8 rows a tile, the
+// forward under no_grad 1.8x faster at 161 classes, 1.5x at 200, 1.3x at 256, 1.06x at 512) and up to
+// kTileMaxClassesNarrow in the baseline variant.
 constexpr int kTileRows = 8;
 constexpr int kTileUnitRows = 16;
 constexpr int64_t kTileMaxClasses = 512;
