@@ -198,7 +198,8 @@ def _version(distribution: str) -> str:
 def _cpu_name() -> str:
     """The CPU's model name, with its family and model numbers (a virtual machine may show only "AMD EPYC", the
     same for several generations) and the vector-ISA variant the cpp kernels run in (``fusedloss._C.cpu_isa()``),
-    e.g. ``AMD EPYC family 26 model 2, avx512 kernels``."""
+    e.g. ``AMD EPYC family 26 model 2, avx512 kernels``; with ATEN_CPU_CAPABILITY set, ATen's capability after it.
+    """
     fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -220,6 +221,9 @@ def _cpu_name() -> str:
         name += f", {fusedloss._C.cpu_isa()} kernels"
     except (ImportError, AttributeError):
         pass
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        # ATen's own kernels capped too (eager's side of the comparison), e.g. to stand in for an AVX2-only CPU.
+        name += f", ATen {torch.backends.cpu.get_cpu_capability().lower()}"
     return name
 
 
