@@ -4,7 +4,8 @@
 // FUSEDLOSS_INLINE, so that its loops (and the always-inline kernel functions they call) are compiled into each
 // variant below; `static constexpr bool kContract = true` lets the AVX2 and AVX-512 variants fuse multiply-adds
 // (results then differ from the baseline variant's in the last bits); a `run_wide` member runs instead of `run`
-// in the AVX-512 variant (loops written for 16 float lanes).
+// in the AVX-512 variant (loops written for 16 float lanes), a `run_avx2` member in the AVX2 variant (8 float
+// lanes with AVX2's variable permute).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -65,12 +66,33 @@ void run_baseline(const Job& job, int64_t begin, int64_t end) {
 }
 
 #ifdef FUSEDLOSS_CPU_AVX2
+// A job with `void run_avx2(int64_t, int64_t) const` runs it in the AVX2 variant (and in the AVX-512 one where it
+// has no run_wide): loops over 8 float lanes that use AVX2's variable permute of 8 floats (vpermps), which the
+// baseline variant would lower to scalar code.
+template <typename Job, typename = void>
+struct HasRunAvx2 {
+  static constexpr bool value = false;
+};
+template <typename Job>
+struct HasRunAvx2<Job, std::void_t<decltype(std::declval<const Job&>().run_avx2(int64_t(0), int64_t(0)))>> {
+  static constexpr bool value = true;
+};
+
+template <typename Job>
+FUSEDLOSS_INLINE void run_permuting(const Job& job, int64_t begin, int64_t end) {
+  if constexpr (HasRunAvx2<Job>::value) {
+    job.run_avx2(begin, end);
+  } else {
+    job.run(begin, end);
+  }
+}
+
 // Without contraction (GCC contracts by default in C++ once FMA is there): every result is the same, bit for
 // bit, as the baseline variant's.
 template <typename Job>
 __attribute__((target("avx2,fma"), optimize("fp-contract=off"))) void run_avx2(const Job& job, int64_t begin,
                                                                                  int64_t end) {
-  job.run(begin, end);
+  run_permuting(job, begin, end);
 }
 
 // With a * b + c fused into one rounding (jobs whose Job::kContract is true: their tests allow it).
@@ -78,7 +100,7 @@ template <typename Job>
 __attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void run_avx2_contract(const Job& job,
                                                                                            int64_t begin,
                                                                                            int64_t end) {
-  job.run(begin, end);
+  run_permuting(job, begin, end);
 }
 
 #define FUSEDLOSS_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"
@@ -98,7 +120,7 @@ FUSEDLOSS_INLINE void run_widest(const Job& job, int64_t begin, int64_t end) {
   if constexpr (HasRunWide<Job>::value) {
     job.run_wide(begin, end);
   } else {
-    job.run(begin, end);
+    run_permuting(job, begin, end);
   }
 }
 

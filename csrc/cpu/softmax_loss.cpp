@@ -37,15 +37,17 @@ struct RowsJob {
   acc_t* losses;
 
   static constexpr bool kContract = kFma;
-  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const { run_lanes<8>(begin, end); }
-  FUSEDLOSS_INLINE void run_wide(int64_t begin, int64_t end) const { run_lanes<16>(begin, end); }
+  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const { run_lanes<8, false>(begin, end); }
+  FUSEDLOSS_INLINE void run_avx2(int64_t begin, int64_t end) const { run_lanes<8, kFma>(begin, end); }
+  FUSEDLOSS_INLINE void run_wide(int64_t begin, int64_t end) const { run_lanes<16, true>(begin, end); }
 
-  template <int W>
+  // kPermute: the 8-lane table exp (AVX2 and up; not for one class, whose results must be the baseline's bits).
+  template <int W, bool kPermute>
   FUSEDLOSS_INLINE void run_lanes(int64_t begin, int64_t end) const {
     const int64_t C = prm->num_classes;
     for (int64_t n = begin; n < end; ++n) {
       const int64_t offset = row_offset(n, C);
-      losses[n] = softmax_loss::process_row<acc_t, scalar_t, target_t, W>(
+      losses[n] = softmax_loss::process_row<acc_t, scalar_t, target_t, W, kPermute>(
           x + offset, indices == nullptr ? 0 : indices[n], probs == nullptr ? nullptr : probs + offset, weight, *prm,
           grad == nullptr ? nullptr : grad + offset, scale);
     }
@@ -66,26 +68,32 @@ struct TilesJob {
   acc_t* losses;
 
   static constexpr bool kContract = kFma;
-  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const { run_tiles<softmax_loss::kTileRows>(begin, end); }
-  FUSEDLOSS_INLINE void run_wide(int64_t begin, int64_t end) const { run_tiles<16>(begin, end); }
+  FUSEDLOSS_INLINE void run(int64_t begin, int64_t end) const {
+    run_tiles<softmax_loss::kTileRows, false>(begin, end);
+  }
+  FUSEDLOSS_INLINE void run_avx2(int64_t begin, int64_t end) const {
+    run_tiles<softmax_loss::kTileRows, kFma>(begin, end);
+  }
+  FUSEDLOSS_INLINE void run_wide(int64_t begin, int64_t end) const { run_tiles<16, true>(begin, end); }
 
-  template <int R>
+  // kPermute as for RowsJob.
+  template <int R, bool kPermute>
   FUSEDLOSS_INLINE void run_tiles(int64_t begin, int64_t end) const {
     // 16 rows of float32 at 16, 32, 48 or 64 classes (the tag-set sizes where ATen's vectorized log_softmax has no
     // tail and is at its fastest): the tile with its class count fixed at compile time, 8-12% faster.
     if constexpr (kFma && R == 16 && std::is_same<acc_t, float>::value && std::is_same<scalar_t, float>::value) {
       switch (prm->num_classes) {
-        case 16: return run_tiles_of<R, 16>(begin, end);
-        case 32: return run_tiles_of<R, 32>(begin, end);
-        case 48: return run_tiles_of<R, 48>(begin, end);
-        case 64: return run_tiles_of<R, 64>(begin, end);
+        case 16: return run_tiles_of<R, 16, kPermute>(begin, end);
+        case 32: return run_tiles_of<R, 32, kPermute>(begin, end);
+        case 48: return run_tiles_of<R, 48, kPermute>(begin, end);
+        case 64: return run_tiles_of<R, 64, kPermute>(begin, end);
         default: break;
       }
     }
-    run_tiles_of<R, 0>(begin, end);
+    run_tiles_of<R, 0, kPermute>(begin, end);
   }
 
-  template <int R, int kC>
+  template <int R, int kC, bool kPermute>
   FUSEDLOSS_INLINE void run_tiles_of(int64_t begin, int64_t end) const {
     constexpr int64_t kUnit = softmax_loss::kTileUnitRows;
     static_assert(kUnit % R == 0, "a unit is whole tiles");
@@ -94,9 +102,8 @@ struct TilesJob {
     for (int64_t n = begin * kUnit; n < last; n += R) {
       const int rows = static_cast<int>(std::min<int64_t>(R, num_rows - n));
       const int64_t offset = row_offset(n, C);
-      softmax_loss::process_row_tile<acc_t, scalar_t, R, kC>(x + offset, indices + n, rows, weight, *prm,
-                                                         grad == nullptr ? nullptr : grad + offset, scale,
-                                                         losses + n);
+      softmax_loss::process_row_tile<acc_t, scalar_t, R, kC, kPermute>(
+          x + offset, indices + n, rows, weight, *prm, grad == nullptr ? nullptr : grad + offset, scale, losses + n);
     }
   }
 };

@@ -119,9 +119,12 @@ struct DoubleLanes<8> {
   typedef int64_t int_type __attribute__((vector_size(64)));
 };
 
-// exp of W floats x ≤ 0 (or NaN) at once: fast_exp lane by lane, the same bits, without its clamp from above
-// (the softmax sweeps pass s − max). W = 16 has its own algorithm, below.
-template <int W>
+// exp of W floats x ≤ 0 (or NaN) at once. kPermute: the code is compiled for an ISA with a variable permute of W
+// floats (vpermps: AVX2 for 8 lanes, AVX-512 for 16), which the table algorithm below needs; W = 16 always has it.
+// Without it: fast_exp lane by lane, the same bits, without its clamp from above (the softmax sweeps pass
+// s − max). The caller chooses: the ISA variants of the CPU kernels are compiled from the same source
+// (csrc/cpu/isa.h), so nothing inside a function can tell AVX2 from the baseline.
+template <int W, bool kPermute = (W == 16)>
 FUSEDLOSS_INLINE typename FloatLanes<W>::type fast_exp_nonpositive_lanes(typename FloatLanes<W>::type x);
 
 // Each step of a computation on K independent vectors, done for all K before the next step (the loop unrolled):
@@ -131,81 +134,102 @@ FUSEDLOSS_INLINE typename FloatLanes<W>::type fast_exp_nonpositive_lanes(typenam
 // with four vectors side by side. (The softmax tiles' exps, already many to a tile, did not gain.)
 #define FUSEDLOSS_EACH(k, K) _Pragma("GCC unroll 16") for (int k = 0; k < (K); ++k)
 
-// fast_exp_nonpositive_lanes<W> of K vectors in place, step by step across them (FUSEDLOSS_EACH): the same bits
-// as K separate calls.
-template <int W, int K>
+// The table exp's constants for W lanes: a table of W entries 2^(j/W) (one vector), each entry's rounding
+// (2^(j/W) − table_j) / table_j, W/ln2, and ln2/W in two parts (k times the first is exact for |k| ≤ 2016).
+template <int W>
+struct ExpTable;
+template <>
+struct ExpTable<16> {
+  typedef FloatLanes<16>::type F;
+  static constexpr float kScale = 23.083120346069336f, kLn2High = 0.0433197021484375f,
+                         kLn2Low = 1.9966364561696537e-06f;
+  static constexpr int kShift = 4;
+  FUSEDLOSS_INLINE static F table() {
+    return F{1.0f,         1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f,
+             1.1892070770263672f, 1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f,
+             1.4142135381698608f, 1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f,
+             1.6817928552627563f, 1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f};
+  }
+  FUSEDLOSS_INLINE static F error() {
+    return F{0.0f,          4.6285471455576044e-08f, -1.199215748926008e-08f, 4.7297824323777604e-08f,
+             3.1934181521364735e-08f, 3.621057231839586e-08f, -3.0990719324108795e-08f, -7.475213337215791e-09f,
+             1.7114270889351246e-08f, -3.047683350132502e-08f, 5.233334210430485e-09f, 6.10759176566944e-09f,
+             -1.4719605090363075e-08f, -5.258795177098818e-09f, -6.128259677495862e-09f, 5.140609271592211e-09f};
+  }
+};
+template <>
+struct ExpTable<8> {
+  typedef FloatLanes<8>::type F;
+  static constexpr float kScale = 11.541560327111707f, kLn2High = 0.086639404296875f,
+                         kLn2Low = 3.9932729123393074e-06f;
+  static constexpr int kShift = 3;
+  FUSEDLOSS_INLINE static F table() {
+    return F{1.0f,         1.0905077457427979f, 1.1892070770263672f, 1.2968395948410034f,
+             1.4142135381698608f, 1.5422108173370361f, 1.6817928552627563f, 1.8340080976486206f};
+  }
+  FUSEDLOSS_INLINE static F error() {
+    return F{0.0f,          -1.199215748926008e-08f, 3.1934181521364735e-08f, -3.0990719324108795e-08f,
+             1.7114270889351246e-08f, 5.233334210430485e-09f, -1.4719605090363075e-08f, -6.128259677495862e-09f};
+  }
+};
+
+// fast_exp_nonpositive_lanes<W, kPermute> of K vectors in place, step by step across them (FUSEDLOSS_EACH): the
+// same bits as K separate calls.
+template <int W, int K, bool kPermute = (W == 16)>
 FUSEDLOSS_INLINE void fast_exp_nonpositive_lanes_each(typename FloatLanes<W>::type (&x)[K]) {
-  if constexpr (W != 16) {
-    FUSEDLOSS_EACH(i, K) x[i] = fast_exp_nonpositive_lanes<W>(x[i]);
+  if constexpr (W != 16 && !kPermute) {
+    FUSEDLOSS_EACH(i, K) x[i] = exp_float_lanes<typename FloatLanes<W>::type, typename FloatLanes<W>::int_type, true>(x[i]);
   } else {
-    // The AVX-512 variant's exp: 7 multiplies or multiply-adds where Cephes' has 11 (the softmax sweeps' exps are
-    // bound by the two multiply-add ports). x = (16n + j)·ln2/16 + r with j in [0, 16) and |r| ≤ ln2/32;
-    // e^x = 2^n · 2^(j/16) · (1 + q), 2^(j/16) from a table of 16 (one vpermps: the index is the low 4 bits of the
-    // rounded 16x/ln2, which the 1.5·2^23 trick leaves in the float's low bits), 2^n added to the table entry's
-    // exponent bits (n ≥ −126 above the underflow bound: always a normal number), q = e^r − 1 as
-    // r + r²(c2 + c3·r) (fitted on |r| ≤ ln2/32, relative error 2e-9) plus the table entry's rounding error (a
-    // second table). Within 1 ulp: the last multiply-add's rounding and little else (the C++ tests bound it).
+    // The table exp: 7 (16 lanes) or 8 (8 lanes) multiplies or multiply-adds where Cephes' has 11 (the softmax
+    // sweeps' exps are bound by the two multiply-add ports). x = (Wn + j)·ln2/W + r with j in [0, W) and
+    // |r| ≤ ln2/(2W); e^x = 2^n · 2^(j/W) · (1 + q), 2^(j/W) from a table of W (one vpermps: the index is the
+    // low bits of the rounded Wx/ln2, which the 1.5·2^23 trick leaves in the float's low bits), 2^n added to the
+    // table entry's exponent bits (n ≥ −126 above the underflow bound: always a normal number), q = e^r − 1 as
+    // r + r²(c2 + c3·r) (16 lanes: fitted on |r| ≤ ln2/32, relative error 2e-9) or r + r²(1/2 + r/6 + r²/24)
+    // (8 lanes: |r| ≤ ln2/16, error below r⁵/120 = 1.3e-9), plus the table entry's rounding error (a second
+    // table). Within 1 ulp: the last multiply-add's rounding and little else (the C++ tests bound it).
     // Inputs below −87.3365 give 0, as fast_exp; NaN propagates through q (the exponent bits added to a NaN's
     // table entry are whatever they are, the product with q is NaN).
-    typedef typename FloatLanes<16>::type F;
-    typedef typename FloatLanes<16>::int_type I;
-    typedef uint32_t U __attribute__((vector_size(64)));
-    // Just above −126·ln2 (−87.33654475): from there on, 2^n · 2^(j/16) · (1 + q) ≥ 2^−126 · e^(r ≥ 0).
+    typedef ExpTable<W> T;
+    typedef typename FloatLanes<W>::type F;
+    typedef typename FloatLanes<W>::int_type I;
+    typedef uint32_t U __attribute__((vector_size(4 * W)));
+    // Just above −126·ln2 (−87.33654475): from there on, 2^n · 2^(j/W) · (1 + q) ≥ 2^−126 · e^(r ≥ 0).
     const F lo = F{} + -87.3365f;
     const F magic = F{} + 12582912.0f;  // 1.5·2^23: adding it rounds to an integer, kept in the low bits
-    const F table = {1.0f,         1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f,
-                     1.1892070770263672f, 1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f,
-                     1.4142135381698608f, 1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f,
-                     1.6817928552627563f, 1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f};
-    // (2^(j/16) − table_j) / table_j: the entries' rounding, added to q.
-    const F table_error = {0.0f,
-                           4.6285471455576044e-08f,
-                           -1.199215748926008e-08f,
-                           4.7297824323777604e-08f,
-                           3.1934181521364735e-08f,
-                           3.621057231839586e-08f,
-                           -3.0990719324108795e-08f,
-                           -7.475213337215791e-09f,
-                           1.7114270889351246e-08f,
-                           -3.047683350132502e-08f,
-                           5.233334210430485e-09f,
-                           6.10759176566944e-09f,
-                           -1.4719605090363075e-08f,
-                           -5.258795177098818e-09f,
-                           -6.128259677495862e-09f,
-                           5.140609271592211e-09f};
+    const F table = T::table(), table_error = T::error();
     I underflow[K];
     F shifted[K], k[K], r[K], scaled[K], q[K];
     U bits[K], j[K];
     FUSEDLOSS_EACH(i, K) underflow[i] = x[i] < lo;
     FUSEDLOSS_EACH(i, K) x[i] = underflow[i] ? lo : x[i];
-    FUSEDLOSS_EACH(i, K) shifted[i] = x[i] * 23.083120346069336f + magic;  // 16/ln2
-    FUSEDLOSS_EACH(i, K) k[i] = shifted[i] - magic;  // 16n + j, in [−2016, 0]
-    // ln2/16 in two parts: k times the first is exact.
-    FUSEDLOSS_EACH(i, K) r[i] = x[i] - k[i] * 0.0433197021484375f;
-    FUSEDLOSS_EACH(i, K) r[i] = r[i] - k[i] * 1.9966364561696537e-06f;
-    // 0x4B400000 + k: the low 4 bits are j, the rest >> 4 is n (+ 0x04B40000, whose << 23 vanishes).
+    FUSEDLOSS_EACH(i, K) shifted[i] = x[i] * T::kScale + magic;
+    FUSEDLOSS_EACH(i, K) k[i] = shifted[i] - magic;  // Wn + j, in [−126W, 0]
+    FUSEDLOSS_EACH(i, K) r[i] = x[i] - k[i] * T::kLn2High;
+    FUSEDLOSS_EACH(i, K) r[i] = r[i] - k[i] * T::kLn2Low;
+    // 0x4B400000 + k: the low bits are j, the rest >> kShift is n (+ 0x4B400000 >> kShift, whose << 23 vanishes).
     FUSEDLOSS_EACH(i, K) bits[i] = bit_cast_to<U>(shifted[i]);
-    FUSEDLOSS_EACH(i, K) j[i] = bits[i] & 15;
+    FUSEDLOSS_EACH(i, K) j[i] = bits[i] & (W - 1);
     FUSEDLOSS_EACH(i, K) {
-      scaled[i] = bit_cast_to<F>(bit_cast_to<U>(__builtin_shuffle(table, j[i])) + ((bits[i] >> 4) << 23));
+      scaled[i] = bit_cast_to<F>(bit_cast_to<U>(__builtin_shuffle(table, j[i])) + ((bits[i] >> T::kShift) << 23));
     }
-    FUSEDLOSS_EACH(i, K) q[i] = (r[i] * 0.1666698008775711f + 0.5000184774398804f) * (r[i] * r[i]) +
-                                (r[i] + __builtin_shuffle(table_error, j[i]));
+    if constexpr (W == 16) {
+      FUSEDLOSS_EACH(i, K) q[i] = (r[i] * 0.1666698008775711f + 0.5000184774398804f) * (r[i] * r[i]) +
+                                  (r[i] + __builtin_shuffle(table_error, j[i]));
+    } else {
+      FUSEDLOSS_EACH(i, K) q[i] = ((r[i] * 0.0416666679f + 0.166666672f) * r[i] + 0.5f) * (r[i] * r[i]) +
+                                  (r[i] + __builtin_shuffle(table_error, j[i]));
+    }
     FUSEDLOSS_EACH(i, K) x[i] = scaled[i] * q[i] + scaled[i];
     FUSEDLOSS_EACH(i, K) x[i] = underflow[i] ? F{} : x[i];
   }
 }
 
-template <int W>
+template <int W, bool kPermute>
 FUSEDLOSS_INLINE typename FloatLanes<W>::type fast_exp_nonpositive_lanes(typename FloatLanes<W>::type x) {
-  if constexpr (W == 16) {
-    typename FloatLanes<W>::type one[1] = {x};
-    fast_exp_nonpositive_lanes_each<W, 1>(one);
-    return one[0];
-  } else {
-    return exp_float_lanes<typename FloatLanes<W>::type, typename FloatLanes<W>::int_type, true>(x);
-  }
+  typename FloatLanes<W>::type one[1] = {x};
+  fast_exp_nonpositive_lanes_each<W, 1, kPermute>(one);
+  return one[0];
 }
 #endif
 

@@ -422,36 +422,38 @@ FUSEDLOSS_INLINE float block_max_lanes(const float* s, int64_t len) {
   return reduce_lanes<true, W>(m);
 }
 
-template <int W>
+// kPermute: the table exp in 8 lanes (fast_exp_nonpositive_lanes), for the AVX2 variant.
+template <int W, bool kPermute = false>
 FUSEDLOSS_INLINE float block_sum_exp_lanes(const float* s, int64_t len, float shift, float* out) {
   typedef typename FloatLanes<W>::type V;
+  constexpr bool kTable = kPermute || W == 16;
   // Two running sums (vectors i mod 2, added at the end): one is a chain of dependent adds across the loop.
   V sum = {}, sum1 = {};
   int64_t i = 0;
   if (out != nullptr) {
     for (; i + 2 * W <= len; i += 2 * W) {
-      const V e = fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift);
-      const V e1 = fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i + W) - shift);
+      const V e = fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i) - shift);
+      const V e1 = fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i + W) - shift);
       std::memcpy(out + i, &e, sizeof(e));
       std::memcpy(out + i + W, &e1, sizeof(e1));
       sum += e;
       sum1 += e1;
     }
     for (; i + W <= len; i += W) {
-      const V e = fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift);
+      const V e = fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i) - shift);
       std::memcpy(out + i, &e, sizeof(e));
       sum += e;
     }
   } else {
     for (; i + 2 * W <= len; i += 2 * W) {
-      sum += fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift);
-      sum1 += fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i + W) - shift);
+      sum += fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i) - shift);
+      sum1 += fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i + W) - shift);
     }
-    for (; i + W <= len; i += W) sum += fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift);
+    for (; i + W <= len; i += W) sum += fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i) - shift);
   }
   sum += sum1;
   if (i < len) {
-    const V e = lanes_below<W>(len - i) ? fast_exp_nonpositive_lanes<W>(load_lanes<W>(s + i) - shift) : V{};
+    const V e = lanes_below<W>(len - i) ? fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i) - shift) : V{};
     if (out != nullptr)
       for (int64_t k = 0; k < len - i; ++k) out[i + k] = e[k];
     sum += e;
@@ -489,11 +491,11 @@ FUSEDLOSS_INLINE acc_t row_block_max(const acc_t* s, int64_t len) {
   }
 }
 
-template <int W, typename acc_t>
+template <int W, typename acc_t, bool kPermute = false>
 FUSEDLOSS_INLINE acc_t row_block_sum_exp(const acc_t* s, int64_t len, acc_t shift, acc_t* out) {
 #ifndef __CUDACC__
   if constexpr (std::is_same<acc_t, float>::value) {
-    return block_sum_exp_lanes<W>(s, len, shift, out);
+    return block_sum_exp_lanes<W, kPermute>(s, len, shift, out);
   } else  // NOLINT(readability/braces)
 #endif
   {
@@ -689,7 +691,7 @@ FUSEDLOSS_INLINE V sum_mod4(int64_t C, const Term& term) {
 // some 40-class rows at 6 ulps where torch's is 1. In float32 on the host, one GCC vector of R lanes per class
 // (the compiler left the max as R scalar maxima, and the partial sums indexed by c mod 4 in memory); the same
 // operations lane by lane as the loops for other types.
-template <int R, typename acc_t>
+template <int R, typename acc_t, bool kPermute = false>
 FUSEDLOSS_INLINE void tile_max_sum_exp(const acc_t (*t)[R], int64_t C, acc_t* mx, acc_t (*e)[R], acc_t* sum) {
 #ifndef __CUDACC__
   if constexpr (std::is_same<acc_t, float>::value) {
@@ -707,7 +709,7 @@ FUSEDLOSS_INLINE void tile_max_sum_exp(const acc_t (*t)[R], int64_t C, acc_t* mx
     for (; k < C; ++k) m0 = larger(m0, load_lanes<R>(t[k]));
     const V m = larger(larger(m0, m1), larger(m2, m3));
     auto exp_at = [&](int64_t c) FUSEDLOSS_LAMBDA_INLINE {
-      const V v = fast_exp_nonpositive_lanes<R>(load_lanes<R>(t[c]) - m);
+      const V v = fast_exp_nonpositive_lanes<R, kPermute || R == 16>(load_lanes<R>(t[c]) - m);
       if (e != nullptr) std::memcpy(e[c], &v, sizeof(v));
       return v;
     };
@@ -850,8 +852,8 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void tile_grad_terms(T sum, T e_y, T w_y,
 }
 
 // kC: prm.num_classes when known at compile time (0: read at run time), so that the class loops unroll and keep
-// more of t and e in registers.
-template <typename acc_t, typename scalar_t, int R = kTileRows, int kC = 0>
+// more of t and e in registers. kPermute: the table exp in 8 lanes (the AVX2 variant).
+template <typename acc_t, typename scalar_t, int R = kTileRows, int kC = 0, bool kPermute = false>
 FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets, int rows, const acc_t* weight,
                       const Params<acc_t>& prm, scalar_t* grad, acc_t grad_scale, acc_t* losses) {
   static_assert(R % 8 == 0, "tiles are made of 8 x 8 transposes");
@@ -895,7 +897,7 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
     }
   }
   acc_t mx[R], sum[R];
-  tile_max_sum_exp<R>(t, C, mx, grad == nullptr ? nullptr : e, sum);
+  tile_max_sum_exp<R, acc_t, kPermute>(t, C, mx, grad == nullptr ? nullptr : e, sum);
   acc_t sum_w_s[R] = {};
   acc_t sum_w = 0;
   if (smoothing) tile_smoothing_sums<R>(t, C, mx, weight, sum_w_s, &sum_w);
@@ -1019,8 +1021,8 @@ FUSEDLOSS_INLINE bool tile_rows_apply(const Params<acc_t>& prm, int64_t max_clas
 // grad_scale·dl/dx into grad[0:C) (which may be x itself: every element is read before it is
 // written). Hard targets: soft == nullptr and target is the class index; soft targets: soft points
 // to the row's probabilities. weight may be null (all ones). Always inlined (as process_row_tile), so that it is
-// compiled into each vector-ISA variant of its caller (csrc/cpu/isa.h).
-template <typename acc_t, typename scalar_t, typename target_t, int W = 8>
+// compiled into each vector-ISA variant of its caller (csrc/cpu/isa.h); kPermute as for process_row_tile.
+template <typename acc_t, typename scalar_t, typename target_t, int W = 8, bool kPermute = false>
 FUSEDLOSS_INLINE acc_t process_row(const scalar_t* x, int64_t target, const target_t* soft, const acc_t* weight,
                   const Params<acc_t>& prm, scalar_t* grad, acc_t grad_scale) {
   const int64_t C = prm.num_classes;
@@ -1099,7 +1101,7 @@ FUSEDLOSS_INLINE acc_t process_row(const scalar_t* x, int64_t target, const targ
       block_maxima[start / kBlock] = block.max;
       exp_out = reinterpret_cast<acc_t*>(grad + start);
     }
-    block.sum_exp = row_block_sum_exp<W>(s_block, len, block.max, exp_out);
+    block.sum_exp = row_block_sum_exp<W, acc_t, kPermute>(s_block, len, block.max, exp_out);
     if (hard_smoothing) {
       const acc_t* w = weight == nullptr ? nullptr : weight + start;
       block.sum_a_s = row_block_dot<W>(w, s_block, block.max, len);

@@ -126,55 +126,69 @@ void test_fast_exp() {
   check(std::isnan(fast_exp(NAN)) && std::isnan(fast_exp(double(NAN))), "fast_exp propagates NaN");
 }
 
-// exp of 16 lanes x <= 0 (the table algorithm of the AVX-512 variant), applied to n floats.
-inline __attribute__((always_inline)) void apply_exp_lanes16(const float* in, float* out, int64_t n) {
-  typedef fusedloss::FloatLanes<16>::type V;
-  for (int64_t i = 0; i < n; i += 16) {
+// exp of W lanes x <= 0 by the table algorithm (the AVX-512 variant's with 16 lanes, the AVX2 variant's with 8),
+// applied to n floats.
+template <int W>
+inline __attribute__((always_inline)) void apply_exp_lanes(const float* in, float* out, int64_t n) {
+  typedef typename fusedloss::FloatLanes<W>::type V;
+  for (int64_t i = 0; i < n; i += W) {
     V v;
     std::memcpy(&v, in + i, sizeof(v));
-    v = fusedloss::fast_exp_nonpositive_lanes<16>(v);
+    v = fusedloss::fast_exp_nonpositive_lanes<W, true>(v);
     std::memcpy(out + i, &v, sizeof(v));
   }
 }
 
-void exp_lanes16(const float* in, float* out, int64_t n) { apply_exp_lanes16(in, out, n); }
+void exp_lanes16(const float* in, float* out, int64_t n) { apply_exp_lanes<16>(in, out, n); }
+void exp_lanes8(const float* in, float* out, int64_t n) { apply_exp_lanes<8>(in, out, n); }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-// The same, compiled as the extension's AVX-512 variant compiles it (vpermps, fused multiply-adds).
+// The same, compiled as the extension's AVX-512 and AVX2 variants compile them (vpermps, fused multiply-adds).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"),
                optimize("fp-contract=fast"))) void exp_lanes16_avx512(const float* in, float* out, int64_t n) {
-  apply_exp_lanes16(in, out, n);
+  apply_exp_lanes<16>(in, out, n);
+}
+__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void exp_lanes8_avx2(const float* in, float* out,
+                                                                                      int64_t n) {
+  apply_exp_lanes<8>(in, out, n);
 }
 #endif
 
-// fast_exp_nonpositive_lanes<16> against std::exp in float64, as compiled here and (where the CPU has it) as
-// AVX-512 code: relative error over [-87.33, 0] (every 2^-10 of a step, and every float in [-1, 0] at a
-// stride), 1 at ±0, 0 below the underflow bound and at -inf, NaN through whatever its payload and sign.
-void test_exp_lanes16() {
+// fast_exp_nonpositive_lanes<16> and <8, true> against std::exp in float64, as compiled here and (where the CPU has
+// it) as AVX-512 or AVX2 code: relative error over [-87.33, 0] (every 2^-10 of a step, and every float in [-1, 0] at
+// a stride), 1 at ±0, 0 below the underflow bound and at -inf, NaN through whatever its payload and sign.
+void test_exp_lanes() {
   std::vector<float> in;
   for (double v = -87.33; v <= 0.0; v += 0.000977) in.push_back(static_cast<float>(v));
   for (float v = -1.0f; v < 0.0f; v = std::nextafter(v, 0.0f)) {
     in.push_back(v);
     for (int skip = 0; skip < 37 && v < 0.0f; ++skip) v = std::nextafter(v, 0.0f);
   }
+  // The reductions' edges: |r| at ln2/32 (16 lanes) and ln2/16 (8 lanes), on both sides.
   const float specials[] = {0.0f, -0.0f, -87.3365f, -87.33654f, -87.4f, -88.0f, -103.0f, -1e30f, -INFINITY, NAN,
-                            -NAN, std::nanf("0x2345"), -std::nanf("0x10"), -1e-30f, -1e-45f, -0.021660f, -0.0216617f};
+                            -NAN, std::nanf("0x2345"), -std::nanf("0x10"), -1e-30f, -1e-45f, -0.021660f, -0.0216617f,
+                            -0.043321f, -0.0433217f, -0.0433219f, -0.129965f, -0.1299651f};
   const size_t first_special = in.size();
   for (float v : specials) in.push_back(v);
   while (in.size() % 16 != 0) in.push_back(-1.0f);
-  std::vector<float> out(in.size()), out_avx512(in.size());
+  std::vector<std::pair<std::string, std::vector<float>>> results;
+  std::vector<float> out(in.size());
   exp_lanes16(in.data(), out.data(), static_cast<int64_t>(in.size()));
-  std::vector<std::vector<float>*> results = {&out};
+  results.emplace_back("exp lanes16", out);
+  exp_lanes8(in.data(), out.data(), static_cast<int64_t>(in.size()));
+  results.emplace_back("exp lanes8", out);
 #if defined(__GNUC__) && defined(__x86_64__)
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq")) {
-    exp_lanes16_avx512(in.data(), out_avx512.data(), static_cast<int64_t>(in.size()));
-    results.push_back(&out_avx512);
+    exp_lanes16_avx512(in.data(), out.data(), static_cast<int64_t>(in.size()));
+    results.emplace_back("exp lanes16 (AVX-512)", out);
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    exp_lanes8_avx2(in.data(), out.data(), static_cast<int64_t>(in.size()));
+    results.emplace_back("exp lanes8 (AVX2)", out);
   }
 #endif
-  for (size_t k = 0; k < results.size(); ++k) {
-    const std::vector<float>& e = *results[k];
-    const std::string name = k == 0 ? "exp lanes16" : "exp lanes16 (AVX-512)";
+  for (const auto& [name, e] : results) {
     double worst = 0;
     bool specials_ok = true;
     for (size_t i = 0; i < in.size(); ++i) {
@@ -321,7 +335,7 @@ int main() {
   std::mt19937 rng(1234);
   test_fast_exp();
   test_fast_expm1();
-  test_exp_lanes16();
+  test_exp_lanes();
   test_nan_row();
   for (int64_t C : {1, 2, 3, 8, 9, 16, 17, 64, 133, 256, 257, 513, 1100}) {
     for (double eps : {0.0, 0.1}) {
