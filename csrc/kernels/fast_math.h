@@ -178,7 +178,9 @@ struct ExpTable<8> {
 template <int W, int K, bool kPermute = (W == 16)>
 FUSEDLOSS_INLINE void fast_exp_nonpositive_lanes_each(typename FloatLanes<W>::type (&x)[K]) {
   if constexpr (W != 16 && !kPermute) {
-    FUSEDLOSS_EACH(i, K) x[i] = exp_float_lanes<typename FloatLanes<W>::type, typename FloatLanes<W>::int_type, true>(x[i]);
+    typedef typename FloatLanes<W>::type F;
+    typedef typename FloatLanes<W>::int_type I;
+    FUSEDLOSS_EACH(i, K) x[i] = exp_float_lanes<F, I, true>(x[i]);
   } else {
     // The table exp: 7 (16 lanes) or 8 (8 lanes) multiplies or multiply-adds where Cephes' has 11 (the softmax
     // sweeps' exps are bound by the two multiply-add ports). x = (Wn + j)·ln2/W + r with j in [0, W) and
