@@ -422,38 +422,39 @@ FUSEDLOSS_INLINE float block_max_lanes(const float* s, int64_t len) {
   return reduce_lanes<true, W>(m);
 }
 
-// kPermute: the table exp in 8 lanes (fast_exp_nonpositive_lanes), for the AVX2 variant.
+// kPermute: the table exp in 8 lanes too (fast_exp_nonpositive_lanes; 16 lanes always take it), for the AVX2
+// variant.
 template <int W, bool kPermute = false>
 FUSEDLOSS_INLINE float block_sum_exp_lanes(const float* s, int64_t len, float shift, float* out) {
   typedef typename FloatLanes<W>::type V;
-  constexpr bool kTable = kPermute || W == 16;
   // Two running sums (vectors i mod 2, added at the end): one is a chain of dependent adds across the loop.
   V sum = {}, sum1 = {};
   int64_t i = 0;
   if (out != nullptr) {
     for (; i + 2 * W <= len; i += 2 * W) {
-      const V e = fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i) - shift);
-      const V e1 = fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i + W) - shift);
+      const V e = fast_exp_nonpositive_lanes<W, kPermute>(load_lanes<W>(s + i) - shift);
+      const V e1 = fast_exp_nonpositive_lanes<W, kPermute>(load_lanes<W>(s + i + W) - shift);
       std::memcpy(out + i, &e, sizeof(e));
       std::memcpy(out + i + W, &e1, sizeof(e1));
       sum += e;
       sum1 += e1;
     }
     for (; i + W <= len; i += W) {
-      const V e = fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i) - shift);
+      const V e = fast_exp_nonpositive_lanes<W, kPermute>(load_lanes<W>(s + i) - shift);
       std::memcpy(out + i, &e, sizeof(e));
       sum += e;
     }
   } else {
     for (; i + 2 * W <= len; i += 2 * W) {
-      sum += fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i) - shift);
-      sum1 += fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i + W) - shift);
+      sum += fast_exp_nonpositive_lanes<W, kPermute>(load_lanes<W>(s + i) - shift);
+      sum1 += fast_exp_nonpositive_lanes<W, kPermute>(load_lanes<W>(s + i + W) - shift);
     }
-    for (; i + W <= len; i += W) sum += fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i) - shift);
+    for (; i + W <= len; i += W) sum += fast_exp_nonpositive_lanes<W, kPermute>(load_lanes<W>(s + i) - shift);
   }
   sum += sum1;
   if (i < len) {
-    const V e = lanes_below<W>(len - i) ? fast_exp_nonpositive_lanes<W, kTable>(load_lanes<W>(s + i) - shift) : V{};
+    const V e =
+        lanes_below<W>(len - i) ? fast_exp_nonpositive_lanes<W, kPermute>(load_lanes<W>(s + i) - shift) : V{};
     if (out != nullptr)
       for (int64_t k = 0; k < len - i; ++k) out[i + k] = e[k];
     sum += e;
@@ -709,7 +710,7 @@ FUSEDLOSS_INLINE void tile_max_sum_exp(const acc_t (*t)[R], int64_t C, acc_t* mx
     for (; k < C; ++k) m0 = larger(m0, load_lanes<R>(t[k]));
     const V m = larger(larger(m0, m1), larger(m2, m3));
     auto exp_at = [&](int64_t c) FUSEDLOSS_LAMBDA_INLINE {
-      const V v = fast_exp_nonpositive_lanes<R, kPermute || R == 16>(load_lanes<R>(t[c]) - m);
+      const V v = fast_exp_nonpositive_lanes<R, kPermute>(load_lanes<R>(t[c]) - m);
       if (e != nullptr) std::memcpy(e[c], &v, sizeof(v));
       return v;
     };
