@@ -627,7 +627,12 @@ FUSEDLOSS_INLINE void transpose_tile16(float* x, int64_t C, float (*t)[16], cons
 // (16 x 16 for 16 rows of at least 16 classes); columns past the last multiple of 8 go through one more block that
 // ends at column C and overlaps the one before (the overlap is written twice with the same values: no
 // element-by-element tail, no access past a row); fewer than 8 classes element by element.
-template <bool to_tile, int R>
+// kUnroll: the 8 rows' loads and stores of a block unrolled, so that the rows go straight between memory and
+// registers where a TileVector is one register (AVX2 and up). Left as loops, GCC copied the rows into a stack array
+// with 16-byte moves that the transpose read back as 32-byte vectors (a failed store-to-load forward per row: the
+// AVX2 variant's tiles took 1.4x as long at 9 to 64 classes); in the baseline variant, two SSE registers a row,
+// the unrolled copies measured 12-20% slower instead.
+template <bool to_tile, int R, bool kUnroll>
 FUSEDLOSS_INLINE void transpose_tile(float* x, int64_t C, float (*t)[R]) {
   if constexpr (R == 16) {
     if (C >= 16) {
@@ -641,11 +646,21 @@ FUSEDLOSS_INLINE void transpose_tile(float* x, int64_t C, float (*t)[R]) {
   for (int r0 = 0; r0 < R; r0 += 8) {
     auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
       TileVector v[8];
-      _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i)
+      auto load = [&](int i) FUSEDLOSS_LAMBDA_INLINE {
         __builtin_memcpy(&v[i], to_tile ? x + (r0 + i) * C + c0 : &t[c0 + i][r0], sizeof(TileVector));
-      transpose8(v);
-      _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i)
+      };
+      auto store = [&](int i) FUSEDLOSS_LAMBDA_INLINE {
         __builtin_memcpy(to_tile ? &t[c0 + i][r0] : x + (r0 + i) * C + c0, &v[i], sizeof(TileVector));
+      };
+      if constexpr (kUnroll) {
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) load(i);
+        transpose8(v);
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) store(i);
+      } else {
+        for (int i = 0; i < 8; ++i) load(i);
+        transpose8(v);
+        for (int i = 0; i < 8; ++i) store(i);
+      }
     };
     int64_t c0 = 0;
     for (; c0 + 8 <= C; c0 += 8) block(c0);
@@ -853,7 +868,8 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void tile_grad_terms(T sum, T e_y, T w_y,
 }
 
 // kC: prm.num_classes when known at compile time (0: read at run time), so that the class loops unroll and keep
-// more of t and e in registers. kPermute: the table exp in 8 lanes (the AVX2 variant).
+// more of t and e in registers. kPermute: compiled for AVX2 or later (the AVX2 and AVX-512 variants pass it): the
+// table exp in 8 lanes, the transposes' row copies unrolled.
 template <typename acc_t, typename scalar_t, int R = kTileRows, int kC = 0, bool kPermute = false>
 FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets, int rows, const acc_t* weight,
                       const Params<acc_t>& prm, scalar_t* grad, acc_t grad_scale, acc_t* losses) {
@@ -876,7 +892,7 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
   constexpr bool kVectorTranspose = std::is_same<acc_t, float>::value && std::is_same<scalar_t, float>::value;
   const bool vector_transpose = kVectorTranspose && rows == R && !softcap;
   if constexpr (kVectorTranspose) {
-    if (vector_transpose) transpose_tile<true>(const_cast<float*>(x), C, t);
+    if (vector_transpose) transpose_tile<true, R, kPermute>(const_cast<float*>(x), C, t);
   }
 #else
   const bool vector_transpose = false;
@@ -997,7 +1013,7 @@ FUSEDLOSS_INLINE void process_row_tile(const scalar_t* x, const int64_t* targets
       for (int r = 0; r < R && !lanes_done; ++r)
         if (ignored[r])
           for (int64_t c = 0; c < C; ++c) t[c][r] = acc_t(0);
-      transpose_tile<false>(grad, C, t);
+      transpose_tile<false, R, kPermute>(grad, C, t);
       return;
     }
   }
