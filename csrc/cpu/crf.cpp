@@ -237,33 +237,44 @@ struct ViterbiJob {
     }
   }
 
-  // The AVX-512 variant: up to 16 tags in one vector of float32 scores (crf::viterbi_lanes16, the same results;
-  // a sequence with a NaN score goes through crf::viterbi).
+  // The AVX-512 variant: up to 16 tags in one vector of float32 scores (crf::viterbi_lanes16, the same results),
+  // two sequences side by side; a sequence with a NaN score goes through crf::viterbi.
   FUSEDLOSS_INLINE void run_wide(int64_t begin, int64_t end) const {
     if constexpr (std::is_same<T, float>::value && std::is_same<BP, uint8_t>::value) {
       const int K = tab->K;
       if (K <= 16) {
         const crf::TransitionLanes16 lanes(*tab);
-        std::vector<uint8_t> backpointers(max_length * K + 16);
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t L = lengths[b];
-          int64_t* path = paths + b * T_len;
-          const E* em = emissions + b * T_len * K;
-          double score = 0;
+        const int64_t stride = max_length * K + 16;
+        std::vector<uint8_t> backpointers(2 * stride);
+        uint8_t* const bp[2] = {backpointers.data(), backpointers.data() + stride};
+        for (int64_t b = begin; b < end; b += 2) {
+          const int n = b + 1 < end ? 2 : 1;
+          const int64_t second = b + n - 1;  // b itself when alone
+          const E* em[2] = {emissions + b * T_len * K, emissions + second * T_len * K};
+          const int64_t L[2] = {lengths[b], lengths[second]};
+          int64_t* path[2] = {paths + b * T_len, paths + second * T_len};
+          double score[2] = {0, 0};
+          bool done[2] = {false, false};
           auto lanes_of = [&](auto powers) FUSEDLOSS_LAMBDA_INLINE {
-            return crf::viterbi_lanes16<decltype(powers)::value>(lanes, *tab, em, L, backpointers.data(), path,
-                                                                  &score);
+            crf::viterbi_lanes16<decltype(powers)::value>(lanes, *tab, n, em, L, bp, path, score, done);
           };
-          const bool done = K <= 2   ? lanes_of(std::integral_constant<int, 2>())
-                            : K <= 4 ? lanes_of(std::integral_constant<int, 4>())
-                            : K <= 8 ? lanes_of(std::integral_constant<int, 8>())
-                                     : lanes_of(std::integral_constant<int, 16>());
-          if (!done) {
-            run(b, b + 1);
-            continue;
+          if (K <= 2) {
+            lanes_of(std::integral_constant<int, 2>());
+          } else if (K <= 4) {
+            lanes_of(std::integral_constant<int, 4>());
+          } else if (K <= 8) {
+            lanes_of(std::integral_constant<int, 8>());
+          } else {
+            lanes_of(std::integral_constant<int, 16>());
           }
-          scores[b] = static_cast<T>(score);
-          std::fill(path + L, path + T_len, int64_t(-1));
+          for (int i = 0; i < n; ++i) {
+            if (!done[i]) {
+              run(b + i, b + i + 1);
+              continue;
+            }
+            scores[b + i] = static_cast<T>(score[i]);
+            std::fill(path[i] + L[i], path[i] + T_len, int64_t(-1));
+          }
         }
         return;
       }
