@@ -237,13 +237,18 @@ struct ViterbiJob {
     }
   }
 
-  // The AVX-512 variant: up to 16 tags in one vector of float32 scores (crf::viterbi_lanes16, the same results),
-  // two sequences side by side; a sequence with a NaN score goes through crf::viterbi.
-  FUSEDLOSS_INLINE void run_wide(int64_t begin, int64_t end) const {
+  // The AVX-512 and AVX2 variants: up to 16 tags in one vector of float32 scores (crf::viterbi_lanes16, the same
+  // results; one AVX-512 register, or two AVX2 ones), two sequences side by side; a sequence with a NaN score goes
+  // through crf::viterbi.
+  FUSEDLOSS_INLINE void run_wide(int64_t begin, int64_t end) const { run_lanes16<crf::Floats16>(begin, end); }
+  FUSEDLOSS_INLINE void run_avx2(int64_t begin, int64_t end) const { run_lanes16<crf::Halves16>(begin, end); }
+
+  template <typename V>
+  FUSEDLOSS_INLINE void run_lanes16(int64_t begin, int64_t end) const {
     if constexpr (std::is_same<T, float>::value && std::is_same<BP, uint8_t>::value) {
       const int K = tab->K;
       if (K <= 16) {
-        const crf::TransitionLanes16 lanes(*tab);
+        const crf::TransitionLanes<V> lanes(*tab);
         const int64_t stride = max_length * K + 16;
         std::vector<uint8_t> backpointers(2 * stride);
         uint8_t* const bp[2] = {backpointers.data(), backpointers.data() + stride};
@@ -256,7 +261,7 @@ struct ViterbiJob {
           double score[2] = {0, 0};
           bool done[2] = {false, false};
           auto lanes_of = [&](auto powers) FUSEDLOSS_LAMBDA_INLINE {
-            crf::viterbi_lanes16<decltype(powers)::value>(lanes, *tab, n, em, L, bp, path, score, done);
+            crf::viterbi_lanes16<decltype(powers)::value, V>(lanes, *tab, n, em, L, bp, path, score, done);
           };
           if (K <= 2) {
             lanes_of(std::integral_constant<int, 2>());

@@ -698,68 +698,72 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE double viterbi(const Tables<T>& tab, cons
 
 #ifndef __CUDACC__
 // ---------------------------------------------------------------------------------------------
-// Viterbi with the running scores of K <= 16 tags in one vector of 16 float lanes (the CPU kernels' AVX-512
-// variant, float32 scores): viterbi's arithmetic lane by lane, the same path and score bits. Each step forms the
-// candidates cur[i] + A[i, :] of P >= K predecessors (a power of two; rows past K are −inf) and picks the best
+// Viterbi with the running scores of K <= 16 tags in one vector of 16 float lanes (the CPU kernels' AVX-512 and
+// AVX2 variants, float32 scores): viterbi's arithmetic lane by lane, the same path and score bits. Each step forms
+// the candidates cur[i] + A[i, :] of P >= K predecessors (a power of two; rows past K are −inf) and picks the best
 // predecessor of every tag by a tree of pairwise choices in which the lower-index half keeps ties: the first best,
 // as viterbi's sweep in index order, with a chain of log2 P dependent choices instead of K. Without NaN only: a
 // NaN score (from the inputs, or inf − inf) ends the sequence's vector run, and viterbi() takes it from the start.
+// The vector V is a GCC vector of 16 floats (Floats16: one AVX-512 register) or two of 8 (Halves16: two AVX2
+// registers; GCC lowered the 16-lane shuffles to scalar code there, 4x slower than the scalar sweep).
 // ---------------------------------------------------------------------------------------------
 
 typedef FloatLanes<16>::type Floats16;
 typedef FloatLanes<16>::int_type Ints16;
+typedef FloatLanes<8>::type Floats8;
+typedef FloatLanes<8>::int_type Ints8;
 
-// The transition rows, start and end scores padded to 16 lanes, built once per call.
-struct TransitionLanes16 {
-  Floats16 rows[16];
-  Floats16 start, end;
-  Floats16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};  // each lane's index
-  bool has_nan = false;
-  explicit TransitionLanes16(const Tables<float>& tab) {
-    const int K = tab.K;
-    for (int i = 0; i < 16; ++i) {
-      rows[i] = i < K ? padded(tab.transitions + static_cast<int64_t>(i) * K, K) : Floats16{} - INFINITY;
-    }
-    start = padded(tab.start, K);
-    end = padded(tab.end, K);
-    for (int64_t i = 0; i < static_cast<int64_t>(K) * K; ++i) has_nan |= tab.transitions[i] != tab.transitions[i];
-    for (int k = 0; k < K; ++k) has_nan |= tab.start[k] != tab.start[k] || tab.end[k] != tab.end[k];
-  }
-  template <typename E>
-  static FUSEDLOSS_INLINE Floats16 padded(const E* values, int K) {
-    float lanes[16] = {};
-    for (int k = 0; k < K; ++k) lanes[k] = static_cast<float>(values[k]);
-    Floats16 v;
-    std::memcpy(&v, lanes, sizeof(v));
-    return v;
-  }
+// 16 float lanes as two vectors of 8: lanes 0-7, then 8-15.
+struct Halves16 {
+  Floats8 lo, hi;
+  FUSEDLOSS_INLINE float operator[](int k) const { return k < 8 ? lo[k] : hi[k - 8]; }
 };
+FUSEDLOSS_INLINE Halves16 operator+(const Halves16& a, const Halves16& b) { return {a.lo + b.lo, a.hi + b.hi}; }
+FUSEDLOSS_INLINE Halves16 operator-(const Halves16& a, const Halves16& b) { return {a.lo - b.lo, a.hi - b.hi}; }
 
-// The best of predecessors [First, First + Count) for every tag and its index (as a float: float selects on
-// the same float comparison), a tree written out at compile time so that every vector stays in a register.
-// Each select takes its comparison directly: GCC lowered a comparison kept in a variable, or two of them or'ed,
-// to one compare and branch per lane.
-template <int First, int Count>
-FUSEDLOSS_INLINE void best_predecessor16(const Floats16& cur, const Floats16 (&rows)[16], Floats16& best,
-                                         Floats16& arg) {
-  if constexpr (Count == 1) {
-    best = __builtin_shuffle(cur, Ints16{} + First) + rows[First];
-    arg = Floats16{} + static_cast<float>(First);
+template <typename V>
+FUSEDLOSS_INLINE V splat16(float value) {
+  if constexpr (std::is_same<V, Halves16>::value) {
+    return {Floats8{} + value, Floats8{} + value};
   } else {
-    Floats16 high, high_arg;
-    best_predecessor16<First, Count / 2>(cur, rows, best, arg);
-    best_predecessor16<First + Count / 2, Count / 2>(cur, rows, high, high_arg);
-    arg = high > best ? high_arg : arg;
-    best = high > best ? high : best;
+    return Floats16{} + value;
   }
 }
 
-// normalize() of the first K lanes (lane: 0, 1, ..., 15): their maximum subtracted from every lane, and returned;
-// NaN where a lane is NaN or infinite (their sum of x − x, beside the tree of maxima: GCC lowered a vector NaN test
-// here to one compare and branch per lane).
-FUSEDLOSS_INLINE float normalize_lanes16(Floats16& x, const Floats16& lane, int K) {
-  Floats16 m = lane < static_cast<float>(K) ? x : Floats16{} - INFINITY;
-  Floats16 z = lane < static_cast<float>(K) ? x - x : Floats16{};
+// Every lane of lane I of v.
+template <int I>
+FUSEDLOSS_INLINE Floats16 broadcast_lane(const Floats16& v) {
+  return __builtin_shuffle(v, Ints16{} + I);
+}
+template <int I>
+FUSEDLOSS_INLINE Halves16 broadcast_lane(const Halves16& v) {
+  const Floats8 b = __builtin_shuffle(I < 8 ? v.lo : v.hi, Ints8{} + (I & 7));
+  return {b, b};
+}
+
+// a > b ? x : y, lane by lane. Each select takes its comparison directly: GCC lowered a comparison kept in a
+// variable, or two of them or'ed, to one compare and branch per lane.
+FUSEDLOSS_INLINE Floats16 pick_greater(const Floats16& a, const Floats16& b, const Floats16& x, const Floats16& y) {
+  return a > b ? x : y;
+}
+FUSEDLOSS_INLINE Halves16 pick_greater(const Halves16& a, const Halves16& b, const Halves16& x, const Halves16& y) {
+  return {a.lo > b.lo ? x.lo : y.lo, a.hi > b.hi ? x.hi : y.hi};
+}
+
+// The first K lanes of x (lane: 0, 1, ..., 15) and −inf past them (m); x − x there and 0 past them (z).
+FUSEDLOSS_INLINE void lanes_below(const Floats16& x, const Floats16& lane, int K, Floats16& m, Floats16& z) {
+  m = lane < static_cast<float>(K) ? x : Floats16{} - INFINITY;
+  z = lane < static_cast<float>(K) ? x - x : Floats16{};
+}
+FUSEDLOSS_INLINE void lanes_below(const Halves16& x, const Halves16& lane, int K, Halves16& m, Halves16& z) {
+  const float k = static_cast<float>(K);
+  m = {lane.lo < k ? x.lo : Floats8{} - INFINITY, lane.hi < k ? x.hi : Floats8{} - INFINITY};
+  z = {lane.lo < k ? x.lo - x.lo : Floats8{}, lane.hi < k ? x.hi - x.hi : Floats8{}};
+}
+
+// Lane 0 of the maximum of m's lanes and of the sum of z's, by the same tree of pairs (lanes i and i + 8, then i
+// and i + 4 within each 8, i and i + 2, i and i + 1) for both vector types: the same bits.
+FUSEDLOSS_INLINE void fold_lanes(Floats16& m, Floats16& z) {
   auto fold = [&](Ints16 order) FUSEDLOSS_LAMBDA_INLINE {
     const Floats16 other = __builtin_shuffle(m, order);
     m = other > m ? other : m;
@@ -769,45 +773,130 @@ FUSEDLOSS_INLINE float normalize_lanes16(Floats16& x, const Floats16& lane, int 
   fold(Ints16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
   fold(Ints16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
   fold(Ints16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-  x -= m[0];
+}
+FUSEDLOSS_INLINE void fold_lanes(Halves16& m, Halves16& z) {
+  // Lanes i and i + 8: the other half (lane 0 is all that is read, so one half is enough from here on).
+  Floats8 mv = m.hi > m.lo ? m.hi : m.lo;
+  Floats8 zv = z.lo + z.hi;
+  auto fold = [&](Ints8 order) FUSEDLOSS_LAMBDA_INLINE {
+    const Floats8 other = __builtin_shuffle(mv, order);
+    mv = other > mv ? other : mv;
+    zv += __builtin_shuffle(zv, order);
+  };
+  fold(Ints8{4, 5, 6, 7, 0, 1, 2, 3});
+  fold(Ints8{2, 3, 0, 1, 6, 7, 4, 5});
+  fold(Ints8{1, 0, 3, 2, 5, 4, 7, 6});
+  m.lo = mv;
+  z.lo = zv;
+}
+
+// The transition rows, start and end scores padded to 16 lanes, built once per call.
+template <typename V>
+struct TransitionLanes {
+  V rows[16];
+  V start, end;
+  V lane;  // each lane's index
+  bool has_nan = false;
+  explicit TransitionLanes(const Tables<float>& tab) {
+    const int K = tab.K;
+    for (int i = 0; i < 16; ++i) {
+      rows[i] = i < K ? padded(tab.transitions + static_cast<int64_t>(i) * K, K) : splat16<V>(-INFINITY);
+    }
+    start = padded(tab.start, K);
+    end = padded(tab.end, K);
+    const float lanes[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    std::memcpy(&lane, lanes, sizeof(lane));
+    for (int64_t i = 0; i < static_cast<int64_t>(K) * K; ++i) has_nan |= tab.transitions[i] != tab.transitions[i];
+    for (int k = 0; k < K; ++k) has_nan |= tab.start[k] != tab.start[k] || tab.end[k] != tab.end[k];
+  }
+  template <typename E>
+  static FUSEDLOSS_INLINE V padded(const E* values, int K) {
+    static_assert(sizeof(V) == 16 * sizeof(float), "16 float lanes in order");
+    float lanes[16] = {};
+    for (int k = 0; k < K; ++k) lanes[k] = static_cast<float>(values[k]);
+    V v;
+    std::memcpy(&v, lanes, sizeof(v));
+    return v;
+  }
+};
+
+// The best of predecessors [First, First + Count) for every tag and its index (as a float: float selects on
+// the same float comparison), a tree written out at compile time so that every vector stays in a register.
+template <int First, int Count, typename V>
+FUSEDLOSS_INLINE void best_predecessor16(const V& cur, const V (&rows)[16], V& best, V& arg) {
+  if constexpr (Count == 1) {
+    best = broadcast_lane<First>(cur) + rows[First];
+    arg = splat16<V>(static_cast<float>(First));
+  } else {
+    V high, high_arg;
+    best_predecessor16<First, Count / 2>(cur, rows, best, arg);
+    best_predecessor16<First + Count / 2, Count / 2>(cur, rows, high, high_arg);
+    arg = pick_greater(high, best, high_arg, arg);
+    best = pick_greater(high, best, high, best);
+  }
+}
+
+// normalize() of the first K lanes: their maximum subtracted from every lane, and returned; NaN where a lane is
+// NaN or infinite (their sum of x − x, beside the tree of maxima: GCC lowered a vector NaN test here to one
+// compare and branch per lane).
+template <typename V>
+FUSEDLOSS_INLINE float normalize_lanes16(V& x, const V& lane, int K) {
+  V m, z;
+  lanes_below(x, lane, K, m, z);
+  fold_lanes(m, z);
+  x = x - splat16<V>(m[0]);
   return m[0] + z[0];
 }
 
 // One sequence's state in viterbi_lanes16: the running scores (less their maximum), that maximum (NaN ends the
 // vector run) and the sum of the maxima so far, in float64 as viterbi()'s offset.
+template <typename V>
 struct Viterbi16State {
-  Floats16 cur;
+  V cur;
   float m;
   double offset;
 };
 
-template <typename E>
-FUSEDLOSS_INLINE Viterbi16State viterbi16_start(const TransitionLanes16& lanes, const E* emissions, int K) {
-  Viterbi16State s;
-  s.cur = lanes.start + TransitionLanes16::padded(emissions, K);
+template <typename V, typename E>
+FUSEDLOSS_INLINE Viterbi16State<V> viterbi16_start(const TransitionLanes<V>& lanes, const E* emissions, int K) {
+  Viterbi16State<V> s;
+  s.cur = lanes.start + TransitionLanes<V>::padded(emissions, K);
   s.m = normalize_lanes16(s.cur, lanes.lane, K);
   s.offset = static_cast<double>(s.m);
   return s;
 }
 
-// Step t of one sequence: every tag's best predecessor (its index stored as step t's backpointers, 16 bytes), plus
-// the emissions, normalized.
-template <int P, typename E>
-FUSEDLOSS_INLINE void viterbi16_step(const TransitionLanes16& lanes, const E* emissions, int K, int64_t t,
-                                     uint8_t* backpointers, Viterbi16State& s) {
-  Floats16 best, arg;
-  best_predecessor16<0, P>(s.cur, lanes.rows, best, arg);
-  s.cur = best + TransitionLanes16::padded(emissions + t * K, K);
+// The 16 lanes' predecessor indices (small whole floats) as 16 bytes.
+FUSEDLOSS_INLINE void store_backpointers16(const Floats16& arg, uint8_t* out) {
   typedef uint8_t Bytes16 __attribute__((vector_size(16)));
   const Bytes16 bp = __builtin_convertvector(__builtin_convertvector(arg, Ints16), Bytes16);
-  std::memcpy(backpointers + t * K, &bp, sizeof(bp));
+  std::memcpy(out, &bp, sizeof(bp));
+}
+FUSEDLOSS_INLINE void store_backpointers16(const Halves16& arg, uint8_t* out) {
+  typedef uint8_t Bytes8 __attribute__((vector_size(8)));
+  const Bytes8 lo = __builtin_convertvector(__builtin_convertvector(arg.lo, Ints8), Bytes8);
+  const Bytes8 hi = __builtin_convertvector(__builtin_convertvector(arg.hi, Ints8), Bytes8);
+  std::memcpy(out, &lo, sizeof(lo));
+  std::memcpy(out + 8, &hi, sizeof(hi));
+}
+
+// Step t of one sequence: every tag's best predecessor (its index stored as step t's backpointers, 16 bytes), plus
+// the emissions, normalized.
+template <int P, typename V, typename E>
+FUSEDLOSS_INLINE void viterbi16_step(const TransitionLanes<V>& lanes, const E* emissions, int K, int64_t t,
+                                     uint8_t* backpointers, Viterbi16State<V>& s) {
+  V best, arg;
+  best_predecessor16<0, P>(s.cur, lanes.rows, best, arg);
+  s.cur = best + TransitionLanes<V>::padded(emissions + t * K, K);
+  store_backpointers16(arg, backpointers + t * K);
   s.m = normalize_lanes16(s.cur, lanes.lane, K);
   s.offset += static_cast<double>(s.m);
 }
 
 // The best last tag (viterbi()'s order: the first best), the path back from it, the score; false where a score
 // went NaN.
-FUSEDLOSS_INLINE bool viterbi16_finish(const Tables<float>& tab, const Viterbi16State& s, int64_t L,
+template <typename V>
+FUSEDLOSS_INLINE bool viterbi16_finish(const Tables<float>& tab, const Viterbi16State<V>& s, int64_t L,
                                        const uint8_t* backpointers, int64_t* path, double* score) {
   if (s.m != s.m) return false;
   const int K = tab.K;
@@ -834,8 +923,8 @@ FUSEDLOSS_INLINE bool viterbi16_finish(const Tables<float>& tab, const Viterbi16
 // shadow; one sequence's time per step fell by a third, while four side by side ran slower than two), or of one
 // (n = 1). done[i]: false where a score is NaN (the caller then runs viterbi() for that sequence). backpointers:
 // (L, K) bytes and 16 more (each step stores 16), one buffer per sequence.
-template <int P, typename E>
-FUSEDLOSS_INLINE void viterbi_lanes16(const TransitionLanes16& lanes, const Tables<float>& tab, int n,
+template <int P, typename V, typename E>
+FUSEDLOSS_INLINE void viterbi_lanes16(const TransitionLanes<V>& lanes, const Tables<float>& tab, int n,
                                       const E* const* emissions, const int64_t* L, uint8_t* const* backpointers,
                                       int64_t* const* path, double* score, bool* done) {
   const int K = tab.K;
@@ -843,11 +932,11 @@ FUSEDLOSS_INLINE void viterbi_lanes16(const TransitionLanes16& lanes, const Tabl
     done[0] = done[1] = false;
     return;
   }
-  Viterbi16State a = viterbi16_start(lanes, emissions[0], K);
+  Viterbi16State<V> a = viterbi16_start(lanes, emissions[0], K);
   int64_t t = 1;
   if (n == 2) {
     // Two states as two variables (an array of them ran 10% slower).
-    Viterbi16State b = viterbi16_start(lanes, emissions[1], K);
+    Viterbi16State<V> b = viterbi16_start(lanes, emissions[1], K);
     const int64_t common = L[0] < L[1] ? L[0] : L[1];
     for (; t < common && a.m == a.m && b.m == b.m; ++t) {
       viterbi16_step<P>(lanes, emissions[0], K, t, backpointers[0], a);
