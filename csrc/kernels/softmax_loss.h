@@ -639,7 +639,8 @@ FUSEDLOSS_INLINE void transpose_tile16(float* x, int64_t C, float (*t)[16], cons
 
 // The R rows of a full float32 tile between row-major x and the transposed tile t. to_tile: t[c][r] =
 // x[r * C + c]; otherwise the inverse, x[r * C + c] = t[c][r] (x is then the gradient). 8 x 8 blocks at a time
-// (16 x 16 for 16 rows of at least 16 classes); columns past the last multiple of 8 go through one more block that
+// (16 x 16 for 16 rows of at least 16 classes; 16 x 8 into t for 16 rows of 8 to 15); columns past the last
+// multiple of 8 go through one more block that
 // ends at column C and overlaps the one before (the overlap is written twice with the same values: no
 // element-by-element tail, no access past a row); fewer than 8 classes element by element.
 // kUnroll: the 8 rows' loads and stores of a block unrolled, so that the rows go straight between memory and
@@ -656,6 +657,29 @@ FUSEDLOSS_INLINE void transpose_tile(float* x, int64_t C, float (*t)[R]) {
         __builtin_memcpy(&v, t[c], sizeof(v));
         return v;
       });
+    }
+    if (to_tile && C >= 8) {
+      // 8 to 15 classes: rows 0-7 and 8-15 of 8 columns through two 8 x 8 transposes, joined into one 64-byte store
+      // per class. Stored as two 32-byte halves, each class's row of t was then read by one 64-byte load, which
+      // cannot take its value from two stores still in flight and waited for them to reach the cache (Intel Xeon,
+      // 4096 x 9 to 15 without a gradient: 7-10% faster on one thread, 20% on two).
+      auto block = [&](int64_t c0) FUSEDLOSS_LAMBDA_INLINE {
+        TileVector lo[8], hi[8];
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) {
+          __builtin_memcpy(&lo[i], x + i * C + c0, sizeof(TileVector));
+          __builtin_memcpy(&hi[i], x + (i + 8) * C + c0, sizeof(TileVector));
+        }
+        transpose8(lo);
+        transpose8(hi);
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) {
+          const TileVector16 v =
+              __builtin_shufflevector(lo[i], hi[i], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+          __builtin_memcpy(&t[c0 + i][0], &v, sizeof(v));
+        }
+      };
+      block(0);
+      if (C > 8) block(C - 8);
+      return;
     }
   }
   for (int r0 = 0; r0 < R; r0 += 8) {
