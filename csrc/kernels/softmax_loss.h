@@ -640,9 +640,9 @@ FUSEDLOSS_INLINE void transpose_tile16(float* x, int64_t C, float (*t)[16], cons
 // The R rows of a full float32 tile between row-major x and the transposed tile t. to_tile: t[c][r] =
 // x[r * C + c]; otherwise the inverse, x[r * C + c] = t[c][r] (x is then the gradient). 8 x 8 blocks at a time
 // (16 x 16 for 16 rows of at least 16 classes; 16 x 8 into t for 16 rows of 8 to 15); columns past the last
-// multiple of 8 go through one more block that
-// ends at column C and overlaps the one before (the overlap is written twice with the same values: no
-// element-by-element tail, no access past a row); fewer than 8 classes element by element.
+// multiple of 8 go through one more block that ends at column C and overlaps the one before (the overlap is
+// written twice with the same values: no element-by-element tail, no access past a row); fewer than 8 classes
+// element by element.
 // kUnroll: the 8 rows' loads and stores of a block unrolled, so that the rows go straight between memory and
 // registers where a TileVector is one register (AVX2 and up). Left as loops, GCC copied the rows into a stack array
 // with 16-byte moves that the transpose read back as 32-byte vectors (a failed store-to-load forward per row: the
