@@ -276,8 +276,10 @@ FUSEDLOSS_HOST_DEVICE FUSEDLOSS_INLINE void finish_per_class_focal(RowResult<acc
 
 // Elements per block of the host sweep (the block buffer stays in L1) and independent
 // accumulators per reduction (so that the compiler can keep them in vector registers without
-// reassociating a single float sum, which it may not do without -ffast-math).
-constexpr int64_t kBlock = 512;
+// reassociating a single float sum, which it may not do without -ffast-math). A row of 1024 classes is one block:
+// with blocks of 512 each row had two reductions of its lanes and a merge, and the forward at 4096 x 600 to 2000
+// took 5-6% longer without a gradient, 5-14% with one (Intel Xeon, 2 threads); blocks of 2048 were slower at 1024.
+constexpr int64_t kBlock = 1024;
 constexpr int kLanes = 8;
 
 template <typename acc_t>
@@ -423,11 +425,11 @@ FUSEDLOSS_INLINE float block_max_lanes(const float* s, int64_t len) {
 }
 
 // kPermute: the table exp in 8 lanes too (fast_exp_nonpositive_lanes; 16 lanes always take it), for the AVX2
-// variant. ahead (or null): memory to bring into the cache meanwhile, as many bytes as the block has floats times
-// four, one or two lines per step of the loop (see process_row).
+// variant. ahead (or null): memory to bring into the cache meanwhile, ahead_size bytes per float of the block (the
+// logits ahead, in their own dtype), a line or two per step of the loop (see process_row).
 template <int W, bool kPermute = false>
 FUSEDLOSS_INLINE float block_sum_exp_lanes(const float* s, int64_t len, float shift, float* out,
-                                           const char* ahead = nullptr) {
+                                           const char* ahead = nullptr, int ahead_size = sizeof(float)) {
   typedef typename FloatLanes<W>::type V;
   // Two running sums (vectors i mod 2, added at the end): one is a chain of dependent adds across the loop.
   V sum = {}, sum1 = {};
@@ -436,9 +438,8 @@ FUSEDLOSS_INLINE float block_sum_exp_lanes(const float* s, int64_t len, float sh
   // past the end of a tensor does not fault).
   auto prefetch = [&](int64_t at) FUSEDLOSS_LAMBDA_INLINE {
     if (ahead != nullptr) {
-      const uintptr_t line = reinterpret_cast<uintptr_t>(ahead) + static_cast<uintptr_t>(at) * sizeof(float);
-      _Pragma("GCC unroll 2") for (int b = 0; b < 2 * W * static_cast<int>(sizeof(float)); b += 64)
-        __builtin_prefetch(reinterpret_cast<const void*>(line + b));
+      const uintptr_t line = reinterpret_cast<uintptr_t>(ahead) + static_cast<uintptr_t>(at * ahead_size);
+      for (int b = 0; b < 2 * W * ahead_size; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(line + b));
     }
   };
   if (out != nullptr) {
@@ -505,13 +506,13 @@ FUSEDLOSS_INLINE acc_t row_block_max(const acc_t* s, int64_t len) {
   }
 }
 
-// ahead: as for block_sum_exp_lanes (float32 only).
+// ahead, ahead_size: as for block_sum_exp_lanes (float32 only).
 template <int W, typename acc_t, bool kPermute = false>
 FUSEDLOSS_INLINE acc_t row_block_sum_exp(const acc_t* s, int64_t len, acc_t shift, acc_t* out,
-                                         const char* ahead = nullptr) {
+                                         const char* ahead = nullptr, int ahead_size = sizeof(float)) {
 #ifndef __CUDACC__
   if constexpr (std::is_same<acc_t, float>::value) {
-    return block_sum_exp_lanes<W, kPermute>(s, len, shift, out, ahead);
+    return block_sum_exp_lanes<W, kPermute>(s, len, shift, out, ahead, ahead_size);
   } else  // NOLINT(readability/braces)
 #endif
   {
@@ -1135,19 +1136,20 @@ FUSEDLOSS_INLINE acc_t process_row(const scalar_t* x, int64_t target, const targ
   RowStats<acc_t> stats;
   for (int64_t start = 0; start < C; start += kBlock) {
     const int64_t len = min_of(kBlock, C - start);
-    // Rows of several blocks: the logits ahead of this block on their way into the cache while this block's
+    // Rows of 512 classes or more: the logits ahead of this block on their way into the cache while this block's
     // exps run. The hardware prefetcher follows the loads, which pause during the exps, so a row of 32000 classes
     // waited on memory once per block (the no_grad forward at 4096 x 32000 took 28 ms, then 14 with the next
-    // block prefetched). float32: the block after the next one (or the next row's), a line or two per step of
-    // the exp loop; issued all at once at the start of the block, the prefetches had waited on each other for the
-    // core's few outstanding misses (Intel Xeon, 2 threads, no_grad: 4096 x 1024 0.88 -> 0.81 ms, 4096 x 32000
-    // 42 -> 38 ms). Other dtypes (a converted copy of the block) the next block at the start. A prefetch past
-    // the tensor's end does not fault (the addresses are formed as integers).
+    // block prefetched). Computed in float32: a block's worth starting one block past the end of this one (the
+    // next row's where the row ends), a line or two per step of the exp loop; issued all at once at the start of
+    // the block, the prefetches had waited on each other for the core's few outstanding misses (Intel Xeon, 2
+    // threads, no_grad: 4096 x 1024 0.77-0.81 -> 0.70-0.74 ms, 4096 x 32000 40-43 -> 35-37 ms). float64: the
+    // next block at the start. A prefetch past the tensor's end does not fault (the addresses are formed as
+    // integers).
     const char* ahead = nullptr;
-    if (C > kBlock) {
+    if (C >= 512) {
       const uintptr_t next = reinterpret_cast<uintptr_t>(x + start + len);
       const uintptr_t next_bytes = kBlock * sizeof(scalar_t);
-      if constexpr (std::is_same<scalar_t, float>::value) {
+      if constexpr (std::is_same<acc_t, float>::value) {
         ahead = reinterpret_cast<const char*>(next + next_bytes);
       } else {
         for (uintptr_t b = 0; b < next_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(next + b));
@@ -1166,7 +1168,8 @@ FUSEDLOSS_INLINE acc_t process_row(const scalar_t* x, int64_t target, const targ
       block_maxima[start / kBlock] = block.max;
       exp_out = reinterpret_cast<acc_t*>(grad + start);
     }
-    block.sum_exp = row_block_sum_exp<W, acc_t, kPermute>(s_block, len, block.max, exp_out, ahead);
+    block.sum_exp = row_block_sum_exp<W, acc_t, kPermute>(s_block, len, block.max, exp_out, ahead,
+                                                          static_cast<int>(sizeof(scalar_t)));
     if (hard_smoothing) {
       const acc_t* w = weight == nullptr ? nullptr : weight + start;
       block.sum_a_s = row_block_dot<W>(w, s_block, block.max, len);
