@@ -1128,35 +1128,39 @@ FUSEDLOSS_INLINE acc_t process_row(const scalar_t* x, int64_t target, const targ
                          C <= kMaxStoredBlocks * kBlock;
   acc_t block_maxima[kMaxStoredBlocks];
 
-  // Sweep 1: online max / sum of exp, and the target sums the loss needs. Whole blocks of logits already in acc_t
-  // are read where they are (no copy into s, which took a sixth of a 1024-class row), unless the gradient is
-  // written over x (sweep 1 may store exps there before the block's dot products read it).
+  // Sweep 1: online max / sum of exp, and the target sums the loss needs. Blocks of logits already in acc_t whose
+  // length is a multiple of 16 (the vector sweeps then read nothing past them) are read where they are (no copy
+  // into s, which took a sixth of a 1024-class row; copied, the last 512 classes of a 1536-class row made it 8%
+  // slower), unless the gradient is written over x (sweep 1 may store exps there before the block's dot products
+  // read it).
   const bool read_in_place = std::is_same<scalar_t, acc_t>::value && !softcap &&
                              (grad == nullptr || static_cast<const void*>(grad) != static_cast<const void*>(x));
   RowStats<acc_t> stats;
   for (int64_t start = 0; start < C; start += kBlock) {
     const int64_t len = min_of(kBlock, C - start);
-    // Rows of 512 classes or more: the logits ahead of this block on their way into the cache while this block's
-    // exps run. The hardware prefetcher follows the loads, which pause during the exps, so a row of 32000 classes
-    // waited on memory once per block (the no_grad forward at 4096 x 32000 took 28 ms, then 14 with the next
-    // block prefetched). Computed in float32: a block's worth starting one block past the end of this one (the
-    // next row's where the row ends), a line or two per step of the exp loop; issued all at once at the start of
-    // the block, the prefetches had waited on each other for the core's few outstanding misses (Intel Xeon, 2
-    // threads, no_grad: 4096 x 1024 0.77-0.81 -> 0.70-0.74 ms, 4096 x 32000 40-43 -> 35-37 ms). float64: the
-    // next block at the start. A prefetch past the tensor's end does not fault (the addresses are formed as
-    // integers).
+    // Rows of 512 classes or more: the logits ahead on their way into the cache while this block's exps run. The
+    // hardware prefetcher follows the loads, which pause during the exps, so a row of 32000 classes waited on
+    // memory once per block (the no_grad forward at 4096 x 32000 took 28 ms, then 14 with the next block
+    // prefetched at the start of each block). Computed in float32: the logits kBlock classes ahead of the ones
+    // being summed (into the next row where this one ends), a line or two per step of the exp loop. Issued all at
+    // once at the start of a block, the prefetches had waited on each other for the core's few outstanding
+    // misses; taken relative to the block's end, a row of blocks of two lengths left gaps. With the blocks of
+    // 1024, against the burst and blocks of 512 (Intel Xeon, 2 threads, paired runs): no_grad 9-14% faster from
+    // 600 to 2048 classes and 23% at 32000 (34 -> 26 ms), with the gradient 10-17% and 9%; half that distance was
+    // slower. float64: the next block at the start. A prefetch past the tensor's end does not fault (the addresses
+    // are formed as integers).
     const char* ahead = nullptr;
     if (C >= 512) {
       const uintptr_t next = reinterpret_cast<uintptr_t>(x + start + len);
       const uintptr_t next_bytes = kBlock * sizeof(scalar_t);
       if constexpr (std::is_same<acc_t, float>::value) {
-        ahead = reinterpret_cast<const char*>(next + next_bytes);
+        ahead = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(x + start) + kBlock * sizeof(scalar_t));
       } else {
         for (uintptr_t b = 0; b < next_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(next + b));
       }
     }
     const acc_t* s_block = s;
-    if (read_in_place && len == kBlock) {
+    if (read_in_place && len % 16 == 0) {
       s_block = reinterpret_cast<const acc_t*>(x + start);
     } else {
       load_block(x + start, len, prm, s);
