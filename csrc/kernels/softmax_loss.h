@@ -1151,12 +1151,12 @@ FUSEDLOSS_INLINE acc_t process_row(const scalar_t* x, int64_t target, const targ
     // are formed as integers).
     const char* ahead = nullptr;
     if (C >= 512) {
-      const uintptr_t next = reinterpret_cast<uintptr_t>(x + start + len);
-      const uintptr_t next_bytes = kBlock * sizeof(scalar_t);
       if constexpr (std::is_same<acc_t, float>::value) {
         ahead = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(x + start) + kBlock * sizeof(scalar_t));
       } else {
-        for (uintptr_t b = 0; b < next_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(next + b));
+        const uintptr_t next = reinterpret_cast<uintptr_t>(x + start + len);
+        for (uintptr_t b = 0; b < kBlock * sizeof(scalar_t); b += 64)
+          __builtin_prefetch(reinterpret_cast<const void*>(next + b));
       }
     }
     const acc_t* s_block = s;
