@@ -151,6 +151,70 @@ def test_viterbi_matches_reference(shape):
     torch.testing.assert_close(got64[1], want_scores, rtol=1e-12, atol=1e-12)
 
 
+# Batches that the AVX-512 and AVX2 variants decode W = 16 or 8 sequences at a time, one per vector lane: full and
+# partial groups, a last group too small for a batch run, ragged lengths (1 and T among them), and tag counts below,
+# at and above one vector of tags.
+@pytest.mark.parametrize("batch,length,num_tags", [(4, 7, 5), (16, 12, 9), (37, 21, 9), (21, 9, 1), (19, 6, 2),
+                                                   (33, 11, 17), (20, 5, 40)])
+@pytest.mark.parametrize("kind", ["random", "ties", "forbidden", "emissions of 1000", "float16", "nan"])
+def test_batched_viterbi_matches_pytorch_crf_and_one_sequence_at_a_time(batch, length, num_tags, kind):
+    emissions, _, mask, transitions, start, end = make_case(batch, length, num_tags, seed=11)
+    mask[1, 1:] = False  # one sequence of length 1
+    if kind == "ties":
+        emissions, transitions, start, end = (x.mul(2).round() for x in (emissions, transitions, start, end))
+    elif kind == "forbidden":  # −inf transitions and emissions: forbidden, not NaN
+        gen = torch.Generator().manual_seed(12)
+        transitions = transitions.masked_fill(torch.rand(transitions.shape, generator=gen) < 0.4, float("-inf"))
+        emissions = emissions.masked_fill(torch.rand(emissions.shape, generator=gen) < 0.2, float("-inf"))
+        start = start.masked_fill(torch.rand(start.shape, generator=gen) < 0.3, float("-inf"))
+    elif kind == "emissions of 1000":
+        emissions = emissions * 1000
+    elif kind == "float16":
+        emissions = emissions.half()
+    elif kind == "nan":  # a NaN or +inf in one sequence makes its score NaN and leaves the others alone
+        emissions[2, 0, 0], emissions[3 % batch, min(2, length - 1), num_tags - 1] = float("nan"), float("inf")
+    paths, scores = cpp.crf_viterbi(emissions, mask, transitions, start, end)
+    threads = torch.get_num_threads()
+    try:  # one thread: every sequence in one range (two threads split a batch of 4 into two runs of 2)
+        torch.set_num_threads(1)
+        one_thread = cpp.crf_viterbi(emissions, mask, transitions, start, end)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread[0], paths) and torch.equal(one_thread[1].isnan(), scores.isnan())
+    assert torch.equal(one_thread[1].nan_to_num(), scores.nan_to_num())
+    # Each sequence alone (a one-sequence decode never takes the batch run): the same bits.
+    for b in range(batch):
+        one_path, one_score = cpp.crf_viterbi(emissions[b:b + 1], mask[b:b + 1], transitions, start, end)
+        assert torch.equal(one_path[0], paths[b]), b
+        assert torch.equal(one_score, scores[b:b + 1]) or (one_score.isnan().all() and scores[b].isnan()), b
+    assert torch.all(paths[~mask] == -1)
+    finite = ~scores.isnan()
+    if kind == "nan":
+        assert not finite[2] and finite.sum() >= batch - 2
+    if kind != "forbidden":  # pytorch-crf's decode of a sequence with no allowed path is undefined
+        crf = torchcrf.CRF(num_tags, batch_first=True)
+        with torch.no_grad():
+            crf.transitions.copy_(transitions)
+            crf.start_transitions.copy_(start)
+            crf.end_transitions.copy_(end)
+        theirs = crf.decode(emissions.float(), mask)
+        ours = [row[:n] for row, n in zip(paths.tolist(), mask.sum(1).tolist())]
+        # Their float32 sums round in another order: exact ties may go either way there.
+        if kind not in ("ties", "nan"):
+            assert ours == theirs
+    # Against the float64 reference: the same path, or (near a tie, rounded otherwise in float32) one whose float64
+    # score, log-likelihood + log Z, is as good.
+    e64, a64, s64, z64 = double(emissions, transitions, start, end)
+    want_tags, want_scores = ref.crf_viterbi(e64, mask, a64, s64, z64)
+    ours64 = (ref.crf_log_likelihood(e64, paths.clamp(min=0), mask, a64, s64, z64)
+              + ref.crf_log_partition(e64, mask, a64, s64, z64))
+    for b in torch.nonzero(finite & want_scores.isfinite()).flatten().tolist():
+        if not torch.equal(paths[b], want_tags[b]):
+            assert kind != "random", b
+            torch.testing.assert_close(ours64[b], want_scores[b], rtol=1e-6, atol=1e-3 * (1 + want_scores[b].abs()))
+    torch.testing.assert_close(scores[finite].double(), want_scores[finite], rtol=1e-5, atol=1e-2)
+
+
 def test_viterbi_ties_go_to_the_lowest_tag():
     emissions = torch.zeros(1, 4, 3)
     zeros = torch.zeros(3)

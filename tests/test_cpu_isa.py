@@ -109,6 +109,24 @@ def compute():
                     emissions[1, 3, 0], emissions[3, 5, k - 1] = float("nan"), float("-inf")
                 paths, scores = fusedloss.crf_viterbi(emissions, transitions, start, end, mask, backend="cpp")
                 out[f"viterbi K={k} {kind} paths"], out[f"viterbi K={k} {kind} scores"] = paths, scores
+        # Batches (the AVX-512 and AVX2 variants decode 16 or 8 sequences at a time, one per lane), ragged, with
+        # -inf transitions and emissions, and a NaN in one sequence.
+        lengths = torch.randint(1, 20, (37,), generator=generator)
+        mask = torch.arange(19)[None] < lengths[:, None]
+        for k in (2, 9, 17, 40):
+            for kind in ("random", "ties", "-inf", "nan"):
+                emissions = torch.randn(37, 19, k, generator=generator)
+                transitions = torch.randn(k, k, generator=generator)
+                start, end = torch.randn(k, generator=generator), torch.randn(k, generator=generator)
+                if kind == "ties":
+                    emissions, transitions = emissions.round(), transitions.round()
+                elif kind == "-inf":
+                    transitions[torch.rand(k, k, generator=generator) < 0.4] = float("-inf")
+                    emissions[torch.rand(37, 19, k, generator=generator) < 0.2] = float("-inf")
+                elif kind == "nan":
+                    emissions[4, 0, 0], emissions[20, 1, k - 1] = float("nan"), float("inf")
+                paths, scores = fusedloss.crf_viterbi(emissions, transitions, start, end, mask, backend="cpp")
+                out[f"viterbi K={k} batch {kind} paths"], out[f"viterbi K={k} batch {kind} scores"] = paths, scores
     return out
 
 

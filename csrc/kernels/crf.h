@@ -40,9 +40,12 @@
 // accumulation type (float or double). Every function works on one sequence with caller-provided workspace.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "kernels/common.h"
 #include "kernels/fast_math.h"
@@ -948,6 +951,202 @@ FUSEDLOSS_INLINE void viterbi_lanes16(const TransitionLanes<V>& lanes, const Tab
   for (; t < L[0] && a.m == a.m; ++t) viterbi16_step<P>(lanes, emissions[0], K, t, backpointers[0], a);
   done[0] = viterbi16_finish(tab, a, L[0], backpointers[0], path[0], score);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Viterbi of up to W sequences side by side, one sequence per lane of a vector of W float32 scores (W = 16 in the
+// AVX-512 variant, 8 in the AVX2 one), for batches: viterbi()'s arithmetic lane by lane, the same comparisons in
+// the same order, so the same path and score bits. Each step costs about K^2 vector additions, maxima, compares
+// and selects for W sequences at once, whatever K (the per-sequence vector run spends a chain of shuffles on each
+// sequence's step). The emissions are transposed in chunks of steps (step, tag, lane) as floats.
+//
+// Only where no NaN can arise silently: the caller checks that the transitions, start and end scores hold no NaN
+// and no +inf (batch_viterbi_applies); a lane whose emissions make a score NaN or its step's maximum infinite
+// (where viterbi() goes NaN) is reported in done[] as false, and the caller runs viterbi() for that sequence.
+// ---------------------------------------------------------------------------------------------
+
+template <int W>
+struct BatchLanes {
+  typedef float V __attribute__((vector_size(4 * W)));
+  typedef int32_t I __attribute__((vector_size(4 * W)));
+  typedef uint8_t Bytes __attribute__((vector_size(W)));
+  typedef double D __attribute__((vector_size(8 * W)));
+  // Steps per chunk of transposed emissions: about 32 KB of them.
+  static int chunk_steps(int K) { return std::max(1, 8192 / (K * W)); }
+  // Floats of workspace for K tags: the chunk of emissions, the running scores, the next step's, the indices.
+  static int64_t workspace(int K) { return (static_cast<int64_t>(chunk_steps(K)) + 3) * K * W; }
+};
+
+// Transitions, start and end scores that the batch run reproduces viterbi() on: no NaN and no +inf (a −inf,
+// a forbidden transition, is fine). Lengths must be whole floats (below 2^24).
+FUSEDLOSS_INLINE bool batch_viterbi_applies(const Tables<float>& tab, int64_t max_length) {
+  const int K = tab.K;
+  bool ok = max_length < (int64_t(1) << 24);
+  for (int64_t i = 0; i < static_cast<int64_t>(K) * K; ++i) ok &= tab.transitions[i] < INFINITY;
+  for (int k = 0; k < K; ++k) ok &= tab.start[k] < INFINITY && tab.end[k] < INFINITY;
+  return ok;  // (NaN < INFINITY is false)
+}
+
+// One stage of a W x W transpose in W vectors (rows): within every 2H x 2H block, the top-right H x H block and
+// the bottom-left one trade places. The stages H = W/2, ..., 1 make the transpose; each shuffle's lane order is
+// a compile-time constant.
+template <int W, int H, typename V, int... C>
+FUSEDLOSS_INLINE void transpose_stage(V* x, std::integer_sequence<int, C...>) {
+  for (int r = 0; r < W; ++r) {
+    if (r & H) continue;
+    const V a = x[r], b = x[r + H];
+    x[r] = __builtin_shufflevector(a, b, ((C & H) ? W + C - H : C)...);
+    x[r + H] = __builtin_shufflevector(a, b, ((C & H) ? W + C : C + H)...);
+  }
+}
+template <int W, int H = W / 2, typename V>
+FUSEDLOSS_INLINE void transpose_lanes(V* x) {
+  transpose_stage<W, H>(x, std::make_integer_sequence<int, W>());
+  if constexpr (H > 1) transpose_lanes<W, H / 2>(x);
+}
+
+// Flat elements [f0, f1) of each lane's emissions (f = step * K + tag) as floats to dst[(f - f0) * W + lane]:
+// blocks of W elements of float emissions through a register transpose, where all W lanes may be read there (f
+// below readable); the rest one by one, and only up to each lane's own end (L[l] * K).
+template <int W, typename E>
+FUSEDLOSS_INLINE void transpose_emissions(int n, const E* const* emissions, const int64_t* L, int K, int64_t f0,
+                                          int64_t f1, int64_t readable, float* dst) {
+  typedef typename BatchLanes<W>::V V;
+  int64_t f = f0;
+  if constexpr (std::is_same<E, float>::value) {
+    for (; f + W <= f1 && f + W <= readable; f += W) {
+      V x[W];
+      for (int l = 0; l < W; ++l) std::memcpy(&x[l], emissions[l < n ? l : 0] + f, sizeof(V));
+      transpose_lanes<W>(x);
+      std::memcpy(dst + (f - f0) * W, x, sizeof(x));
+    }
+  }
+  for (int l = 0; l < n; ++l) {
+    const int64_t end = std::min(f1, L[l] * K);
+    for (int64_t g = f; g < end; ++g) dst[(g - f0) * W + l] = static_cast<float>(emissions[l][g]);
+  }
+}
+
+// Sequences emissions[l] of lengths L[l] (l < n <= W, each L >= 1), each readable up to element readable (its
+// padded length T * K). work: BatchLanes<W>::workspace(K) floats, 64-byte aligned; backpointers: (max L, K, W)
+// bytes. Writes path[l][0..L) and score[l] where done[l].
+template <int W, typename E>
+FUSEDLOSS_INLINE void viterbi_batch(const Tables<float>& tab, int n, const E* const* emissions, const int64_t* L,
+                                    int64_t readable, float* work, uint8_t* backpointers, int64_t* const* path,
+                                    double* score, bool* done) {
+  typedef typename BatchLanes<W>::V V;
+  typedef typename BatchLanes<W>::I I;
+  typedef typename BatchLanes<W>::Bytes Bytes;
+  typedef typename BatchLanes<W>::D D;
+  const int K = tab.K;
+  const int chunk = BatchLanes<W>::chunk_steps(K);
+  V* const em = reinterpret_cast<V*>(work);  // (chunk, K) vectors
+  V* const cur = em + static_cast<int64_t>(chunk) * K;
+  V* const nxt = cur + K;
+  // Every lane runs every step: a lane's state is read at its own last step (the lanes in order of length), and
+  // past it (and in lanes past n) the lane computes on stale values that nothing reads. (Selects on a lane's
+  // length instead were lowered by GCC to one branch per lane.)
+  int order[W];
+  int64_t max_length = 0;
+  for (int l = 0; l < n; ++l) {
+    int p = l;
+    for (; p > 0 && L[order[p - 1]] > L[l]; --p) order[p] = order[p - 1];
+    order[p] = l;
+    max_length = std::max(max_length, L[l]);
+  }
+  int finished = 0;  // lanes whose last step is done: order[0 .. finished)
+  int tag[W];
+  V* const index = nxt + K;  // index[i]: i in every lane
+  for (int i = 0; i < K; ++i) index[i] = V{} + static_cast<float>(i);
+  I bad = I{};
+  D offset = D{};
+  for (int64_t t0 = 0; t0 < max_length; t0 += chunk) {
+    // Steps [t0, t1), transposed; a lane's steps past its end hold stale values, which its selects never take.
+    const int64_t t1 = std::min<int64_t>(max_length, t0 + chunk);
+    transpose_emissions<W>(n, emissions, L, K, t0 * K, t1 * K, readable, reinterpret_cast<float*>(em));
+    for (int64_t t = t0; t < t1; ++t) {
+      const V* e = em + (t - t0) * K;
+      if (t == 0) {
+        for (int j = 0; j < K; ++j) nxt[j] = e[j] + tab.start[j];
+      } else {
+        // Columns j0 .. j0 + J - 1 at once: J independent chains of maxima share each load of cur[i].
+        uint8_t* bp = backpointers + t * K * W;
+        auto columns = [&](auto count, int j0) FUSEDLOSS_LAMBDA_INLINE {
+          constexpr int J = decltype(count)::value;
+          const float* a = tab.transitions + j0;
+          V best[J], arg[J];
+#pragma GCC unroll 4
+          for (int q = 0; q < J; ++q) {
+            best[q] = cur[0] + a[q];  // predecessor 0 first, then strictly better ones in index order:
+            arg[q] = V{};             // the lowest index wins ties
+          }
+          for (int i = 1; i < K; ++i) {
+            const V c = cur[i], at = index[i];
+            const float* row = a + static_cast<int64_t>(i) * K;
+#pragma GCC unroll 4
+            for (int q = 0; q < J; ++q) {
+              const V cand = c + row[q];
+              arg[q] = cand > best[q] ? at : arg[q];
+              best[q] = cand > best[q] ? cand : best[q];
+            }
+          }
+#pragma GCC unroll 4
+          for (int q = 0; q < J; ++q) {
+            nxt[j0 + q] = best[q] + e[j0 + q];
+            const Bytes b = __builtin_convertvector(__builtin_convertvector(arg[q], I), Bytes);
+            std::memcpy(bp + (j0 + q) * W, &b, sizeof(b));
+          }
+        };
+        int j = 0;
+        for (; j + 4 <= K; j += 4) columns(std::integral_constant<int, 4>(), j);
+        if (K - j == 3) {
+          columns(std::integral_constant<int, 3>(), j);
+        } else if (K - j == 2) {
+          columns(std::integral_constant<int, 2>(), j);
+        } else if (K - j == 1) {
+          columns(std::integral_constant<int, 1>(), j);
+        }
+      }
+      // normalize(): the maximum in index order, subtracted; a NaN score or an infinite maximum ends the lane.
+      V m = nxt[0];
+      I nan = nxt[0] != nxt[0];
+      for (int j = 1; j < K; ++j) {
+        m = m > nxt[j] ? m : nxt[j];
+        nan |= nxt[j] != nxt[j];
+      }
+      bad |= nan | ((m - m) != 0);
+      offset += __builtin_convertvector(m, D);
+      for (int j = 0; j < K; ++j) cur[j] = nxt[j] - m;
+      // The lanes that end here: their best last tag (viterbi()'s order: the first best) and score.
+      for (; finished < n && L[order[finished]] == t + 1; ++finished) {
+        const int l = order[finished];
+        done[l] = bad[l] == 0;
+        tag[l] = 0;
+        if (!done[l]) continue;
+        float best_score = cur[0][l] + tab.end[0];
+        for (int k = 1; k < K; ++k) {
+          const float v = cur[k][l] + tab.end[k];
+          if (v > best_score) {  // no NaN here
+            best_score = v;
+            tag[l] = k;
+          }
+        }
+        path[l][L[l] - 1] = tag[l];
+        score[l] = offset[l] + static_cast<double>(best_score);
+      }
+    }
+  }
+  // The paths back, every lane a step at a time (one lane after the other, each step waited on the load of the
+  // step before).
+  for (int64_t t = max_length - 1; t >= 1; --t) {
+    const uint8_t* bp = backpointers + t * K * W;
+    for (int l = 0; l < n; ++l) {
+      if (t >= L[l] || !done[l]) continue;
+      tag[l] = bp[tag[l] * W + l];
+      path[l][t - 1] = tag[l];
+    }
+  }
+}
+
 #endif
 
 }  // namespace crf
