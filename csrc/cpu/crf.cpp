@@ -46,6 +46,12 @@ struct TablesJob {
   FUSEDLOSS_INLINE void run(int64_t, int64_t) const { crf::make_tables(tab); }
 };
 
+// x in dtype, contiguous: x itself when it already is (without a call through the dispatcher, which costs a
+// one-sentence decode a few percent each).
+at::Tensor contiguous_as(const at::Tensor& x, at::ScalarType dtype) {
+  return x.scalar_type() == dtype && x.is_contiguous() ? x : x.to(dtype).contiguous();
+}
+
 // The transition tensors in the compute dtype and their tables (crf::Tables), built once per call.
 template <typename T>
 struct TransitionTables {
@@ -55,9 +61,9 @@ struct TransitionTables {
 
   TransitionTables(const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
                    at::ScalarType dtype, bool with_exp_tables) {
-    transitions = transitions_arg.to(dtype).contiguous();
-    start = start_arg.to(dtype).contiguous();
-    end = end_arg.to(dtype).contiguous();
+    transitions = contiguous_as(transitions_arg, dtype);
+    start = contiguous_as(start_arg, dtype);
+    end = contiguous_as(end_arg, dtype);
     const int K = static_cast<int>(transitions.size(0));
     tab.K = K;
     tab.transitions = transitions.const_data_ptr<T>();
@@ -597,7 +603,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_fo
     const at::Tensor& emissions_arg, const at::Tensor& tags_arg, const at::Tensor& mask,
     const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
     bool save_for_backward) {
-  const at::ScalarType result_dtype = at::promote_types(emissions_arg.scalar_type(), transitions_arg.scalar_type());
+  const at::ScalarType result_dtype = c10::promoteTypes(emissions_arg.scalar_type(), transitions_arg.scalar_type());
   const at::ScalarType dtype = compute_dtype(emissions_arg, transitions_arg);
   const at::Tensor emissions = emissions_for(emissions_arg, dtype);
   const at::Tensor tags = tags_arg.to(at::kLong).contiguous();
@@ -678,7 +684,7 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions_a
                                                    const at::Tensor& transitions_arg, const at::Tensor& start_arg,
                                                    const at::Tensor& end_arg) {
   check_crf_args(emissions_arg, nullptr, &mask, transitions_arg, start_arg, end_arg);
-  const at::ScalarType result_dtype = at::promote_types(emissions_arg.scalar_type(), transitions_arg.scalar_type());
+  const at::ScalarType result_dtype = c10::promoteTypes(emissions_arg.scalar_type(), transitions_arg.scalar_type());
   const at::ScalarType dtype = compute_dtype(emissions_arg, transitions_arg);
   const at::Tensor emissions = emissions_for(emissions_arg, dtype);
   const int64_t B = emissions.size(0), T_len = emissions.size(1), K = emissions.size(2);
@@ -701,14 +707,14 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions_a
                    B);
     }
   });
-  return {paths, scores.to(result_dtype)};
+  return {paths, contiguous_as(scores, result_dtype)};
 }
 
 at::Tensor crf_marginals_cpu(const at::Tensor& emissions_arg, const at::Tensor& mask,
                              const at::Tensor& transitions_arg, const at::Tensor& start_arg,
                              const at::Tensor& end_arg) {
   check_crf_args(emissions_arg, nullptr, &mask, transitions_arg, start_arg, end_arg);
-  const at::ScalarType result_dtype = at::promote_types(emissions_arg.scalar_type(), transitions_arg.scalar_type());
+  const at::ScalarType result_dtype = c10::promoteTypes(emissions_arg.scalar_type(), transitions_arg.scalar_type());
   const at::ScalarType dtype = compute_dtype(emissions_arg, transitions_arg);
   const at::Tensor emissions = emissions_for(emissions_arg, dtype);
   const int64_t B = emissions.size(0), T_len = emissions.size(1), K = emissions.size(2);
@@ -733,7 +739,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> partition_forward(
     const at::Tensor& emissions_arg, const at::Tensor* allowed_arg, const at::Tensor& mask,
     const at::Tensor& transitions_arg, const at::Tensor& start_arg, const at::Tensor& end_arg,
     bool save_for_backward) {
-  const at::ScalarType result_dtype = at::promote_types(emissions_arg.scalar_type(), transitions_arg.scalar_type());
+  const at::ScalarType result_dtype = c10::promoteTypes(emissions_arg.scalar_type(), transitions_arg.scalar_type());
   const at::ScalarType dtype = compute_dtype(emissions_arg, transitions_arg);
   const at::Tensor emissions = emissions_for(emissions_arg, dtype);
   const bool partial = allowed_arg != nullptr;
@@ -863,7 +869,7 @@ std::tuple<at::Tensor, at::Tensor> crf_kbest_viterbi_cpu(const at::Tensor& emiss
                                                          int64_t k) {
   check_crf_args(emissions_arg, nullptr, &mask, transitions_arg, start_arg, end_arg);
   check_kbest_k(k, emissions_arg.size(2));
-  const at::ScalarType result_dtype = at::promote_types(emissions_arg.scalar_type(), transitions_arg.scalar_type());
+  const at::ScalarType result_dtype = c10::promoteTypes(emissions_arg.scalar_type(), transitions_arg.scalar_type());
   const at::ScalarType dtype = compute_dtype(emissions_arg, transitions_arg);
   const at::Tensor emissions = emissions_for(emissions_arg, dtype);
   const int64_t B = emissions.size(0), T_len = emissions.size(1);
@@ -880,7 +886,7 @@ std::tuple<at::Tensor, at::Tensor> crf_kbest_viterbi_cpu(const at::Tensor& emiss
                  B);
   });
   // Scores go through T first, as crf_viterbi's do, so that k = 1 gives its bits in every result dtype.
-  return {paths, scores.to(result_dtype)};
+  return {paths, contiguous_as(scores, result_dtype)};
 }
 
 }  // namespace
