@@ -6,7 +6,8 @@
 // the per-step offsets of the normalized forward variables in float64. Extra memory: the forward variables
 // alpha (B, T, K) in the compute dtype and their offsets (B, T), only when the backward will need them (twice for
 // the partial-label log-likelihood: the constrained and the free model); per-thread workspace of O(T K) otherwise
-// (the k-best Viterbi: O(T K k) backpointers), and for the transition gradient one (K, K) accumulator per slot of
+// (the k-best Viterbi: O(T K k) backpointers; Viterbi of a batch, 16 or 8 sequences at a time: T K bytes of
+// backpointers per sequence of the group), and for the transition gradient one (K, K) accumulator per slot of
 // sequences.
 //
 // Determinism: every result is a function of one sequence, except the transition gradients, which are

@@ -1060,7 +1060,7 @@ FUSEDLOSS_INLINE void viterbi_batch(const Tables<float>& tab, int n, const E* co
   I bad = I{};
   D offset = D{};
   for (int64_t t0 = 0; t0 < max_length; t0 += chunk) {
-    // Steps [t0, t1), transposed; a lane's steps past its end hold stale values, which its selects never take.
+    // Steps [t0, t1), transposed; a lane's steps past its end hold stale values (read only by its unread state).
     const int64_t t1 = std::min<int64_t>(max_length, t0 + chunk);
     transpose_emissions<W>(n, emissions, L, K, t0 * K, t1 * K, readable, reinterpret_cast<float*>(em));
     for (int64_t t = t0; t < t1; ++t) {
@@ -1135,8 +1135,8 @@ FUSEDLOSS_INLINE void viterbi_batch(const Tables<float>& tab, int n, const E* co
       }
     }
   }
-  // The paths back, every lane a step at a time (one lane after the other, each step waited on the load of the
-  // step before).
+  // The paths back, all lanes one step at a time: the lanes' chains of dependent loads overlap (traced one lane
+  // after the other, each step waited on the load of the step before).
   for (int64_t t = max_length - 1; t >= 1; --t) {
     const uint8_t* bp = backpointers + t * K * W;
     for (int l = 0; l < n; ++l) {
