@@ -244,10 +244,11 @@ struct ViterbiJob {
     }
   }
 
-  // The AVX-512 and AVX2 variants: up to 16 tags in one vector of float32 scores (crf::viterbi_lanes16, the same
-  // results; one AVX-512 register, or two AVX2 ones), two sequences side by side; a sequence with a NaN score goes
-  // through crf::viterbi. In the AVX2 variant one sequence alone takes the scalar sweep: its two-register steps
-  // were no faster than the sweep's, and building the padded rows cost a one-sentence decode 10%.
+  // The AVX-512 and AVX2 variants: groups of 16 or 8 sequences, one per vector lane (run_batches); what is left,
+  // up to 16 tags in one vector of float32 scores (crf::viterbi_lanes16, the same results; one AVX-512 register,
+  // or two AVX2 ones), two sequences side by side; a sequence with a NaN score goes through crf::viterbi. In the
+  // AVX2 variant one sequence alone takes the scalar sweep: its two-register steps were no faster than the
+  // sweep's, and building the padded rows cost a one-sentence decode 10%.
   FUSEDLOSS_INLINE void run_wide(int64_t begin, int64_t end) const {
     run_batches<16>(begin, end, [&](int64_t b, int64_t e) FUSEDLOSS_LAMBDA_INLINE {
       run_lanes16<crf::Floats16>(b, e);
@@ -275,7 +276,8 @@ struct ViterbiJob {
         const int K = tab->K;
         // 64-byte aligned by hand: a std::vector of GCC vector types was not (and the kernel's stores assume it).
         std::vector<float> buffer(crf::BatchLanes<W>::workspace(K) + 16);
-        float* const work = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
+        float* const work =
+            reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
         std::vector<uint8_t> backpointers(max_length * K * W);
         for (int64_t b = begin; b < end; b += W) {
           const int n = static_cast<int>(std::min<int64_t>(W, end - b));
