@@ -2,10 +2,12 @@
 
 Times, in the same run and interleaved call by call (so that drifts of a shared machine hit both sides
 alike), forward+backward of cross_entropy (plain, label smoothing 0.1, focal γ=2) against
-F.cross_entropy and the eager focal formula at N=4096 rows of C = 9, 37, 133, 1024, 32000 classes; the
-forward alone under torch.no_grad; the fixed cost of a call at N=1 and N=64 rows of 9 tags; at C >= 1024 the
-machine's floor (one copy of the logits, one row sum) beside the fused calls; and the CRF (log-likelihood
-forward+backward, decode) against pytorch-crf at B=1 T=32 K=9 and B=32 T=128 K=9. --sweep instead times
+F.cross_entropy and the eager focal formula at N=4096 rows of C = 9, 17, 37, 64, 133, 1024, 32000 classes; the
+forward alone under torch.no_grad; the fixed cost of a call at N=1 and N=64 rows of 9 tags; the floor of a fused
+forward+backward beside it (at 17 to 133 classes an autograd node that only copies the logits into a gradient:
+torch's cost of a call and the memory's, no arithmetic; at C >= 1024 the machine's, one copy of the logits and
+one row sum); and the CRF (log-likelihood forward+backward, decode) against pytorch-crf at B=1 T=32 K=9 and
+B=32 T=128 K=9. --sweep instead times
 cross_entropy at every C from 2 to 64 and at sizes up to 1024 (where a cliff between two paths would show).
 Prints a Markdown table of medians and speed-ups (eager time / fusedloss time; above 1 is faster).
 
@@ -81,6 +83,8 @@ def softmax_rows(shapes: List[Tuple[int, int]], repeats: int) -> List[Tuple[str,
             ms = interleaved_ms({"eager": _fwd_no_grad(F.cross_entropy, logits, target),
                                  "fused": _fwd_no_grad(fusedloss.cross_entropy, logits, target)}, reps)
             rows.append(("cross_entropy, forward under no_grad", f"N={n} C={c}", ms["eager"], ms["fused"]))
+        if n == 4096 and 9 < c < 1024:
+            rows += node_floor_rows(logits, target, reps)
         if n == 4096 and c >= 1024:
             rows += memory_rows(logits, target, reps)
     return rows
@@ -107,6 +111,34 @@ def memory_rows(logits: torch.Tensor, target: torch.Tensor, repeats: int) -> Lis
                         repeats)
     rows.append(("logits.sum(-1) vs fused forward under no_grad", f"N={n} C={c}", ms["floor"], ms["fused"]))
     return rows
+
+
+class _CopyNode(torch.autograd.Function):
+    """The least work any fused forward+backward does: one autograd node whose forward reads the logits and writes
+    them into a new gradient-sized buffer (a copy), and whose backward returns that buffer."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        grad = torch.empty_like(logits)
+        grad.copy_(logits)
+        ctx.save_for_backward(grad)
+        return logits.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return ctx.saved_tensors[0], None
+
+
+def node_floor_rows(logits: torch.Tensor, target: torch.Tensor, repeats: int) -> List[Tuple[str, str, float, float]]:
+    """At tag-set sizes, where a call is tens of microseconds: the fused forward+backward against _CopyNode, an
+    autograd node that reads the logits and writes a gradient and computes nothing, in the same run. What the
+    fused call costs above it is the kernel's arithmetic; what the floor costs is torch's (the Python call, the
+    autograd graph and engine, the allocation) and the memory's. The floor is a Python autograd.Function, whose
+    call costs a few microseconds more than fusedloss's C++ one: it errs on the high side."""
+    n, c = logits.shape
+    ms = interleaved_ms({"floor": _fwd_bwd(_CopyNode.apply, logits, target),
+                         "fused": _fwd_bwd(fusedloss.cross_entropy, logits, target)}, repeats)
+    return [("autograd node that copies the logits vs fused fwd+bwd", f"N={n} C={c}", ms["floor"], ms["fused"])]
 
 
 # Tag-set sizes of the sweep: every C from 2 to 64 (where a cliff between two vector paths would show), then
