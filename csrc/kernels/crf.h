@@ -821,6 +821,25 @@ struct TransitionLanes {
     std::memcpy(&v, lanes, sizeof(v));
     return v;
   }
+  // padded(row, K) of float32 emissions where 16 floats can be read from row (the step is not among the
+  // sequence's last 16 / K): one load, the lanes past K set to 0. Built by padded(), each step's emissions went
+  // through a stack buffer that one vector load read back from several smaller stores, which the CPU cannot
+  // forward: about 15% of a one-sentence decode.
+  FUSEDLOSS_INLINE V step_emissions(const float* row, int K, bool whole) const {
+    if (!whole) return padded(row, K);
+    V v;
+    std::memcpy(&v, row, sizeof(v));
+    const float k = static_cast<float>(K);
+    if constexpr (std::is_same<V, Halves16>::value) {
+      return {lane.lo < k ? v.lo : Floats8{}, lane.hi < k ? v.hi : Floats8{}};
+    } else {
+      return lane < k ? v : V{};
+    }
+  }
+  template <typename E>
+  FUSEDLOSS_INLINE V step_emissions(const E* row, int K, bool) const {
+    return padded(row, K);
+  }
 };
 
 // The best of predecessors [First, First + Count) for every tag and its index (as a float: float selects on
@@ -886,11 +905,11 @@ FUSEDLOSS_INLINE void store_backpointers16(const Halves16& arg, uint8_t* out) {
 // Step t of one sequence: every tag's best predecessor (its index stored as step t's backpointers, 16 bytes), plus
 // the emissions, normalized.
 template <int P, typename V, typename E>
-FUSEDLOSS_INLINE void viterbi16_step(const TransitionLanes<V>& lanes, const E* emissions, int K, int64_t t,
-                                     uint8_t* backpointers, Viterbi16State<V>& s) {
+FUSEDLOSS_INLINE void viterbi16_step(const TransitionLanes<V>& lanes, const E* emissions, int K, int64_t L,
+                                     int64_t t, uint8_t* backpointers, Viterbi16State<V>& s) {
   V best, arg;
   best_predecessor16<0, P>(s.cur, lanes.rows, best, arg);
-  s.cur = best + TransitionLanes<V>::padded(emissions + t * K, K);
+  s.cur = best + lanes.step_emissions(emissions + t * K, K, (L - t) * K >= 16);
   store_backpointers16(arg, backpointers + t * K);
   s.m = normalize_lanes16(s.cur, lanes.lane, K);
   s.offset += static_cast<double>(s.m);
@@ -942,13 +961,14 @@ FUSEDLOSS_INLINE void viterbi_lanes16(const TransitionLanes<V>& lanes, const Tab
     Viterbi16State<V> b = viterbi16_start(lanes, emissions[1], K);
     const int64_t common = L[0] < L[1] ? L[0] : L[1];
     for (; t < common && a.m == a.m && b.m == b.m; ++t) {
-      viterbi16_step<P>(lanes, emissions[0], K, t, backpointers[0], a);
-      viterbi16_step<P>(lanes, emissions[1], K, t, backpointers[1], b);
+      viterbi16_step<P>(lanes, emissions[0], K, L[0], t, backpointers[0], a);
+      viterbi16_step<P>(lanes, emissions[1], K, L[1], t, backpointers[1], b);
     }
-    for (int64_t u = t; u < L[1] && b.m == b.m; ++u) viterbi16_step<P>(lanes, emissions[1], K, u, backpointers[1], b);
+    for (int64_t u = t; u < L[1] && b.m == b.m; ++u)
+      viterbi16_step<P>(lanes, emissions[1], K, L[1], u, backpointers[1], b);
     done[1] = viterbi16_finish(tab, b, L[1], backpointers[1], path[1], score + 1);
   }
-  for (; t < L[0] && a.m == a.m; ++t) viterbi16_step<P>(lanes, emissions[0], K, t, backpointers[0], a);
+  for (; t < L[0] && a.m == a.m; ++t) viterbi16_step<P>(lanes, emissions[0], K, L[0], t, backpointers[0], a);
   done[0] = viterbi16_finish(tab, a, L[0], backpointers[0], path[0], score);
 }
 
