@@ -109,6 +109,13 @@ def compute():
                     emissions[1, 3, 0], emissions[3, 5, k - 1] = float("nan"), float("-inf")
                 paths, scores = fusedloss.crf_viterbi(emissions, transitions, start, end, mask, backend="cpp")
                 out[f"viterbi K={k} {kind} paths"], out[f"viterbi K={k} {kind} scores"] = paths, scores
+                # One sequence and two (the AVX-512 variant's run of up to 16 tags in one vector, one or two
+                # sequences side by side; its steps read 16 emissions at once except near a sequence's end).
+                for part, rows in (("one", slice(3, 4)), ("pair", slice(0, 2))):
+                    paths, scores = fusedloss.crf_viterbi(emissions[rows], transitions, start, end, mask[rows],
+                                                          backend="cpp")
+                    out[f"viterbi K={k} {kind} {part} paths"], out[f"viterbi K={k} {kind} {part} scores"] = (
+                        paths, scores)
         # Batches (the AVX-512 and AVX2 variants decode 16 or 8 sequences at a time, one per lane), ragged, with
         # -inf transitions and emissions, and a NaN in one sequence.
         lengths = torch.randint(1, 20, (37,), generator=generator)
