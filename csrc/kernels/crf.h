@@ -824,7 +824,7 @@ struct TransitionLanes {
   // padded(row, K) of float32 emissions where 16 floats can be read from row (the step is not among the
   // sequence's last 16 / K): one load, the lanes past K set to 0. Built by padded(), each step's emissions went
   // through a stack buffer that one vector load read back from several smaller stores, which the CPU cannot
-  // forward: about 15% of a one-sentence decode.
+  // forward: about 15% of the kernel's time in a one-sentence decode (perf, 32 steps of 9 tags).
   FUSEDLOSS_INLINE V step_emissions(const float* row, int K, bool whole) const {
     if (!whole) return padded(row, K);
     V v;
