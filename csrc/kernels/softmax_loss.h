@@ -442,23 +442,29 @@ FUSEDLOSS_INLINE float block_sum_exp_lanes(const float* s, int64_t len, float sh
       for (int b = 0; b < 2 * W * ahead_size; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(line + b));
     }
   };
-  // Four vectors a step, their exps computed side by side (fast_exp_nonpositive_lanes_each): each exp is a chain
-  // of about twenty dependent operations, and two vectors a step left the vector ports waiting on those chains.
-  // The sums take the vectors in the same order as two a step (the same bits).
-  auto four = [&](int64_t at, float* to) FUSEDLOSS_LAMBDA_INLINE {
-    prefetch(at);
-    prefetch(at + 2 * W);
-    V e[4];
-    _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k) e[k] = load_lanes<W>(s + at + k * W) - shift;
-    fast_exp_nonpositive_lanes_each<W, 4, kPermute>(e);
-    if (to != nullptr) _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k) std::memcpy(to + at + k * W, &e[k], sizeof(V));
-    sum += e[0];
-    sum1 += e[1];
-    sum += e[2];
-    sum1 += e[3];
+  // kSide vectors a step, their exps computed side by side (fast_exp_nonpositive_lanes_each): each exp is a chain
+  // of about twenty dependent operations. Four 16-lane vectors a step: 6% fewer cycles than two one after the
+  // other (Intel Xeon, 4096 x 1024 under no_grad, AVX-512); the AVX2 variant, with 16 registers, keeps two (four
+  // spilled more to the stack, as slow as two). The sums take the vectors in the same order either way (the same
+  // bits).
+  constexpr int kSide = W == 16 ? 4 : 2;
+  auto side = [&](int64_t at, float* to) FUSEDLOSS_LAMBDA_INLINE {
+    _Pragma("GCC unroll 4") for (int k = 0; k < kSide; k += 2) prefetch(at + k * W);
+    V e[kSide];
+    _Pragma("GCC unroll 4") for (int k = 0; k < kSide; ++k) e[k] = load_lanes<W>(s + at + k * W) - shift;
+    fast_exp_nonpositive_lanes_each<W, kSide, kPermute>(e);
+    _Pragma("GCC unroll 4") for (int k = 0; k < kSide; ++k) {
+      if (to != nullptr) std::memcpy(to + at + k * W, &e[k], sizeof(V));
+      if (k % 2 == 0) {
+        sum += e[k];
+      } else {
+        sum1 += e[k];
+      }
+    }
   };
+  // What is left: two vectors a step, then one (16-lane vectors; no more than one with 8 lanes).
   if (out != nullptr) {
-    for (; i + 4 * W <= len; i += 4 * W) four(i, out);
+    for (; i + kSide * W <= len; i += kSide * W) side(i, out);
     for (; i + 2 * W <= len; i += 2 * W) {
       prefetch(i);
       const V e = fast_exp_nonpositive_lanes<W, kPermute>(load_lanes<W>(s + i) - shift);
@@ -474,7 +480,7 @@ FUSEDLOSS_INLINE float block_sum_exp_lanes(const float* s, int64_t len, float sh
       sum += e;
     }
   } else {
-    for (; i + 4 * W <= len; i += 4 * W) four(i, nullptr);
+    for (; i + kSide * W <= len; i += kSide * W) side(i, nullptr);
     for (; i + 2 * W <= len; i += 2 * W) {
       prefetch(i);
       sum += fast_exp_nonpositive_lanes<W, kPermute>(load_lanes<W>(s + i) - shift);
