@@ -408,14 +408,17 @@ FUSEDLOSS_INLINE float block_max_lanes(const float* s, int64_t len) {
   typedef typename FloatLanes<W>::type V;
   const V lowest = V{} + Limits<float>::large_negative;
   auto larger = [](V a, V b) FUSEDLOSS_LAMBDA_INLINE { return b > a ? b : a; };
-  // Two running maxima: one is a chain of dependent max operations, 2 cycles a vector.
-  V m = lowest, m1 = lowest;
+  // Four running maxima: one is a chain of dependent max operations (4 cycles a vector), two took 2 cycles a
+  // vector, a tenth of a 1024-class row's no_grad forward in the AVX2 variant.
+  V m = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
   int64_t i = 0;
-  for (; i + 2 * W <= len; i += 2 * W) {
+  for (; i + 4 * W <= len; i += 4 * W) {
     m = larger(m, load_lanes<W>(s + i));
     m1 = larger(m1, load_lanes<W>(s + i + W));
+    m2 = larger(m2, load_lanes<W>(s + i + 2 * W));
+    m3 = larger(m3, load_lanes<W>(s + i + 3 * W));
   }
-  m = larger(m, m1);
+  m = larger(larger(m, m2), larger(m1, m3));
   for (; i + W <= len; i += W) m = larger(m, load_lanes<W>(s + i));
   if (i < len) {
     const V v = lanes_below<W>(len - i) ? load_lanes<W>(s + i) : lowest;
