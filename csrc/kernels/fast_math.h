@@ -204,7 +204,18 @@ FUSEDLOSS_INLINE void fast_exp_nonpositive_lanes_each(typename FloatLanes<W>::ty
     F shifted[K], k[K], r[K], scaled[K], q[K];
     U bits[K];
     FUSEDLOSS_EACH(i, K) underflow[i] = x[i] < lo;
-    FUSEDLOSS_EACH(i, K) x[i] = underflow[i] ? lo : x[i];
+    if constexpr (W == 8) {
+      // 8 lanes (the AVX2 variant): the clamp compiled as vmaxps (lo > x ? lo : x is its exact semantics, NaN
+      // included). Against the constant lo, GCC reused the underflow compare's mask for a vblendvps instead, which
+      // runs one a cycle on the Intel Xeon VM where vmaxps runs two; the empty asm hides that floor is lo (a store
+      // and a load per call, on the memory ports). Measured there, one thread, the same bits: 4-8% faster at 1024
+      // classes under no_grad, 5-15% at 37 to 133 with the gradient.
+      F floor = lo;
+      __asm__("" : "+m"(floor));
+      FUSEDLOSS_EACH(i, K) x[i] = floor > x[i] ? floor : x[i];
+    } else {
+      FUSEDLOSS_EACH(i, K) x[i] = underflow[i] ? lo : x[i];
+    }
     FUSEDLOSS_EACH(i, K) shifted[i] = x[i] * T::kScale + magic;
     FUSEDLOSS_EACH(i, K) k[i] = shifted[i] - magic;  // Wn + j, in [−126W, 0]
     FUSEDLOSS_EACH(i, K) r[i] = x[i] - k[i] * T::kLn2High;
