@@ -220,14 +220,19 @@ FUSEDLOSS_INLINE void fast_exp_nonpositive_lanes_each(typename FloatLanes<W>::ty
     FUSEDLOSS_EACH(i, K) k[i] = shifted[i] - magic;  // Wn + j, in [−126W, 0]
     FUSEDLOSS_EACH(i, K) r[i] = x[i] - k[i] * T::kLn2High;
     FUSEDLOSS_EACH(i, K) r[i] = r[i] - k[i] * T::kLn2Low;
-    // 0x4B400000 + k: the low bits are j, the rest >> kShift is n (+ 0x4B400000 >> kShift, whose << 23 vanishes).
+    // 0x4B400000 + k, k = Wn + j: the low kShift bits are j. bits << (23 − kShift) is n << 23 (the exponent of 2^n,
+    // as the product's bits need it) plus j << (23 − kShift) (0x4B400000's bits shift out), so the table holds each
+    // entry's bits less j << (23 − kShift): its entry plus that shifted value is 2^n · 2^(j/W) exactly, in one shift
+    // and one add (a right shift, a left shift and an add took one operation more per vector).
     FUSEDLOSS_EACH(i, K) bits[i] = bit_cast_to<U>(shifted[i]);
+    I index;
+    for (int j = 0; j < W; ++j) index[j] = j;
+    const U table_less_j = bit_cast_to<U>(bit_cast_to<I>(table) - (index << (23 - T::kShift)));
     // The table index j is the low kShift bits of bits: __builtin_shuffle takes its index modulo W, which vpermps
     // does by itself (it reads only those bits), so bits goes in as it is (a masked index cost one more operation
     // per vector).
     FUSEDLOSS_EACH(i, K) {
-      scaled[i] =
-          bit_cast_to<F>(bit_cast_to<U>(__builtin_shuffle(table, bits[i])) + ((bits[i] >> T::kShift) << 23));
+      scaled[i] = bit_cast_to<F>(__builtin_shuffle(table_less_j, bits[i]) + (bits[i] << (23 - T::kShift)));
     }
     if constexpr (W == 16) {
       FUSEDLOSS_EACH(i, K) q[i] = (r[i] * 0.1666698008775711f + 0.5000184774398804f) * (r[i] * r[i]) +
