@@ -124,7 +124,10 @@ struct DoubleLanes<8> {
 // Without it: fast_exp lane by lane, the same bits, without its clamp from above (the softmax sweeps pass
 // s − max). The caller chooses: the ISA variants of the CPU kernels are compiled from the same source
 // (csrc/cpu/isa.h), so nothing inside a function can tell AVX2 from the baseline.
-template <int W, bool kPermute = (W == 16)>
+// kZeroUnderflow = false (the table algorithm only): inputs below −87.3365 give e^−87.3365 (about 2^−126, a normal
+// number) instead of 0, one operation fewer per vector in AVX2 and AVX-512; for sums that also hold an e^0 = 1
+// (a softmax's Σ exp(s − max)), where those few ulps of 1 vanish in the rounding.
+template <int W, bool kPermute = (W == 16), bool kZeroUnderflow = true>
 FUSEDLOSS_INLINE typename FloatLanes<W>::type fast_exp_nonpositive_lanes(typename FloatLanes<W>::type x);
 
 // Each step of a computation on K independent vectors, done for all K before the next step (the loop unrolled):
@@ -173,9 +176,9 @@ struct ExpTable<8> {
   }
 };
 
-// fast_exp_nonpositive_lanes<W, kPermute> of K vectors in place, step by step across them (FUSEDLOSS_EACH): the
-// same bits as K separate calls.
-template <int W, int K, bool kPermute = (W == 16)>
+// fast_exp_nonpositive_lanes<W, kPermute, kZeroUnderflow> of K vectors in place, step by step across them
+// (FUSEDLOSS_EACH): the same bits as K separate calls.
+template <int W, int K, bool kPermute = (W == 16), bool kZeroUnderflow = true>
 FUSEDLOSS_INLINE void fast_exp_nonpositive_lanes_each(typename FloatLanes<W>::type (&x)[K]) {
   if constexpr (W != 16 && !kPermute) {
     typedef typename FloatLanes<W>::type F;
@@ -203,13 +206,14 @@ FUSEDLOSS_INLINE void fast_exp_nonpositive_lanes_each(typename FloatLanes<W>::ty
     I underflow[K];
     F shifted[K], k[K], r[K], scaled[K], q[K];
     U bits[K];
-    FUSEDLOSS_EACH(i, K) underflow[i] = x[i] < lo;
-    if constexpr (W == 8) {
-      // 8 lanes (the AVX2 variant): the clamp compiled as vmaxps (lo > x ? lo : x is its exact semantics, NaN
-      // included). Against the constant lo, GCC reused the underflow compare's mask for a vblendvps instead, which
-      // runs one a cycle on the Intel Xeon VM where vmaxps runs two; the empty asm hides that floor is lo (a store
-      // and a load per call, on the memory ports). Measured there, one thread, the same bits: 4-8% faster at 1024
-      // classes under no_grad, 5-15% at 37 to 133 with the gradient.
+    if constexpr (kZeroUnderflow) FUSEDLOSS_EACH(i, K) underflow[i] = x[i] < lo;
+    if constexpr (W == 8 || !kZeroUnderflow) {
+      // 8 lanes (the AVX2 variant), or no underflow mask: the clamp compiled as vmaxps (lo > x ? lo : x is its
+      // exact semantics, NaN included). Against the constant lo, GCC reused the underflow compare's mask for a
+      // blend instead (8 lanes: vblendvps, which runs one a cycle on the Intel Xeon VM where vmaxps runs two); the
+      // empty asm hides that floor is lo (a store and a load per call, on the memory ports). Measured there, one
+      // thread, the same bits: the AVX2 variant 4-8% faster at 1024 classes under no_grad, 5-15% at 37 to 133
+      // with the gradient.
       F floor = lo;
       __asm__("" : "+m"(floor));
       FUSEDLOSS_EACH(i, K) x[i] = floor > x[i] ? floor : x[i];
@@ -242,14 +246,14 @@ FUSEDLOSS_INLINE void fast_exp_nonpositive_lanes_each(typename FloatLanes<W>::ty
                                   (r[i] + __builtin_shuffle(table_error, bits[i]));
     }
     FUSEDLOSS_EACH(i, K) x[i] = scaled[i] * q[i] + scaled[i];
-    FUSEDLOSS_EACH(i, K) x[i] = underflow[i] ? F{} : x[i];
+    if constexpr (kZeroUnderflow) FUSEDLOSS_EACH(i, K) x[i] = underflow[i] ? F{} : x[i];
   }
 }
 
-template <int W, bool kPermute>
+template <int W, bool kPermute, bool kZeroUnderflow>
 FUSEDLOSS_INLINE typename FloatLanes<W>::type fast_exp_nonpositive_lanes(typename FloatLanes<W>::type x) {
   typename FloatLanes<W>::type one[1] = {x};
-  fast_exp_nonpositive_lanes_each<W, 1, kPermute>(one);
+  fast_exp_nonpositive_lanes_each<W, 1, kPermute, kZeroUnderflow>(one);
   return one[0];
 }
 #endif

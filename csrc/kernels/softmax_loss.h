@@ -450,12 +450,18 @@ FUSEDLOSS_INLINE float block_sum_exp_lanes(const float* s, int64_t len, float sh
   // other (Intel Xeon, 4096 and 128 x 1024 under no_grad, AVX-512, two alternations); the AVX2 variant, with 16
   // registers, keeps two (four spilled more to the stack, as slow as two). The sums take the vectors in the same
   // order either way (the same bits).
+  // Without out, the exps are only summed: those below the underflow bound may be about 2^−126 instead of 0
+  // (fast_exp_nonpositive_lanes' kZeroUnderflow), as the block holds its max, whose e^0 = 1 they cannot change.
   constexpr int kSide = W == 16 ? 4 : 2;
   auto side = [&](int64_t at, float* to) FUSEDLOSS_LAMBDA_INLINE {
     _Pragma("GCC unroll 4") for (int k = 0; k < kSide; k += 2) prefetch(at + k * W);
     V e[kSide];
     _Pragma("GCC unroll 4") for (int k = 0; k < kSide; ++k) e[k] = load_lanes<W>(s + at + k * W) - shift;
-    fast_exp_nonpositive_lanes_each<W, kSide, kPermute>(e);
+    if (to != nullptr) {
+      fast_exp_nonpositive_lanes_each<W, kSide, kPermute>(e);
+    } else {
+      fast_exp_nonpositive_lanes_each<W, kSide, kPermute, false>(e);
+    }
     _Pragma("GCC unroll 4") for (int k = 0; k < kSide; ++k) {
       if (to != nullptr) std::memcpy(to + at + k * W, &e[k], sizeof(V));
       if (k % 2 == 0) {
@@ -486,10 +492,10 @@ FUSEDLOSS_INLINE float block_sum_exp_lanes(const float* s, int64_t len, float sh
     for (; i + kSide * W <= len; i += kSide * W) side(i, nullptr);
     for (; i + 2 * W <= len; i += 2 * W) {
       prefetch(i);
-      sum += fast_exp_nonpositive_lanes<W, kPermute>(load_lanes<W>(s + i) - shift);
-      sum1 += fast_exp_nonpositive_lanes<W, kPermute>(load_lanes<W>(s + i + W) - shift);
+      sum += fast_exp_nonpositive_lanes<W, kPermute, false>(load_lanes<W>(s + i) - shift);
+      sum1 += fast_exp_nonpositive_lanes<W, kPermute, false>(load_lanes<W>(s + i + W) - shift);
     }
-    for (; i + W <= len; i += W) sum += fast_exp_nonpositive_lanes<W, kPermute>(load_lanes<W>(s + i) - shift);
+    for (; i + W <= len; i += W) sum += fast_exp_nonpositive_lanes<W, kPermute, false>(load_lanes<W>(s + i) - shift);
   }
   sum += sum1;
   if (i < len) {
@@ -792,10 +798,15 @@ FUSEDLOSS_INLINE void tile_max_sum_exp(const acc_t (*t)[R], int64_t C, acc_t* mx
     const V m = larger(larger(m0, m1), larger(m2, m3));
     auto exp_at = [&](int64_t c) FUSEDLOSS_LAMBDA_INLINE {
       const V v = fast_exp_nonpositive_lanes<R, kPermute>(load_lanes<R>(t[c]) - m);
-      if (e != nullptr) std::memcpy(e[c], &v, sizeof(v));
+      std::memcpy(e[c], &v, sizeof(v));
       return v;
     };
-    const V total = sum_mod4<V>(C, exp_at);
+    // Without e, the exps are only summed: those below the underflow bound may be about 2^−126 instead of 0
+    // (kZeroUnderflow), as each row's sum holds its max's e^0 = 1.
+    auto sum_term = [&](int64_t c) FUSEDLOSS_LAMBDA_INLINE {
+      return fast_exp_nonpositive_lanes<R, kPermute, false>(load_lanes<R>(t[c]) - m);
+    };
+    const V total = e != nullptr ? sum_mod4<V>(C, exp_at) : sum_mod4<V>(C, sum_term);
     std::memcpy(mx, &m, sizeof(m));
     std::memcpy(sum, &total, sizeof(total));
     return;

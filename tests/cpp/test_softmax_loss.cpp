@@ -8,6 +8,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "check.h"
@@ -128,19 +129,22 @@ void test_fast_exp() {
 
 // exp of W lanes x <= 0 by the table algorithm (the AVX-512 variant's with 16 lanes, the AVX2 variant's with 8),
 // applied to n floats.
-template <int W>
+// kZeroUnderflow = false: below the underflow bound about 2^-126 instead of 0, the rest the same bits.
+template <int W, bool kZeroUnderflow = true>
 inline __attribute__((always_inline)) void apply_exp_lanes(const float* in, float* out, int64_t n) {
   typedef typename fusedloss::FloatLanes<W>::type V;
   for (int64_t i = 0; i < n; i += W) {
     V v;
     std::memcpy(&v, in + i, sizeof(v));
-    v = fusedloss::fast_exp_nonpositive_lanes<W, true>(v);
+    v = fusedloss::fast_exp_nonpositive_lanes<W, true, kZeroUnderflow>(v);
     std::memcpy(out + i, &v, sizeof(v));
   }
 }
 
 void exp_lanes16(const float* in, float* out, int64_t n) { apply_exp_lanes<16>(in, out, n); }
 void exp_lanes8(const float* in, float* out, int64_t n) { apply_exp_lanes<8>(in, out, n); }
+void exp_lanes16_unzeroed(const float* in, float* out, int64_t n) { apply_exp_lanes<16, false>(in, out, n); }
+void exp_lanes8_unzeroed(const float* in, float* out, int64_t n) { apply_exp_lanes<8, false>(in, out, n); }
 
 #if defined(__GNUC__) && defined(__x86_64__)
 // The same, compiled as the extension's AVX-512 and AVX2 variants compile them (vpermps, fused multiply-adds).
@@ -151,6 +155,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector
 __attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void exp_lanes8_avx2(const float* in, float* out,
                                                                                       int64_t n) {
   apply_exp_lanes<8>(in, out, n);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512"),
+               optimize("fp-contract=fast"))) void exp_lanes16_avx512_unzeroed(const float* in, float* out,
+                                                                               int64_t n) {
+  apply_exp_lanes<16, false>(in, out, n);
+}
+__attribute__((target("avx2,fma"), optimize("fp-contract=fast"))) void exp_lanes8_avx2_unzeroed(const float* in,
+                                                                                               float* out, int64_t n) {
+  apply_exp_lanes<8, false>(in, out, n);
 }
 #endif
 
@@ -206,6 +219,34 @@ void test_exp_lanes() {
     std::printf("%s relative error: %.3g\n", name.c_str(), worst);
     check(worst < 1.2e-7, name + " within 1 ulp");
     check(specials_ok, name + ": 1 at 0, 0 below the underflow bound, NaN through, no subnormal");
+  }
+  // Without the zeroing of underflows: the same bits from the bound up, a normal number of about 2^-126 below it
+  // (-inf included), NaN through.
+  std::vector<std::tuple<std::string, void (*)(const float*, float*, int64_t), void (*)(const float*, float*, int64_t)>>
+      pairs = {{"exp lanes16", exp_lanes16, exp_lanes16_unzeroed}, {"exp lanes8", exp_lanes8, exp_lanes8_unzeroed}};
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    pairs.emplace_back("exp lanes16 (AVX-512)", exp_lanes16_avx512, exp_lanes16_avx512_unzeroed);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    pairs.emplace_back("exp lanes8 (AVX2)", exp_lanes8_avx2, exp_lanes8_avx2_unzeroed);
+#endif
+  std::vector<float> unzeroed(in.size());
+  for (const auto& [name, zeroed_fn, unzeroed_fn] : pairs) {
+    zeroed_fn(in.data(), out.data(), static_cast<int64_t>(in.size()));
+    unzeroed_fn(in.data(), unzeroed.data(), static_cast<int64_t>(in.size()));
+    bool ok = true;
+    for (size_t i = 0; i < in.size(); ++i) {
+      const float x = in[i];
+      if (std::isnan(x)) {
+        ok &= std::isnan(unzeroed[i]);
+      } else if (x < -87.3365f) {
+        ok &= std::isnormal(unzeroed[i]) && unzeroed[i] < 2.5e-38f;
+      } else {
+        ok &= std::memcmp(&out[i], &unzeroed[i], sizeof(float)) == 0;
+      }
+    }
+    check(ok, name + " unzeroed: the same bits from the underflow bound up, about 2^-126 below, NaN through");
   }
 }
 
