@@ -126,7 +126,7 @@ struct DoubleLanes<8> {
 // (csrc/cpu/isa.h), so nothing inside a function can tell AVX2 from the baseline.
 // kZeroUnderflow = false (the table algorithm only): inputs below −87.3365 give e^−87.3365 (about 2^−126, a normal
 // number) instead of 0, one operation fewer per vector in AVX2 and AVX-512; for sums that also hold an e^0 = 1
-// (a softmax's Σ exp(s − max)), where those few ulps of 1 vanish in the rounding.
+// (a softmax's Σ exp(s − max)), next to which 2^−126 is lost in the rounding (1 + 2^−126 rounds to 1).
 template <int W, bool kPermute = (W == 16), bool kZeroUnderflow = true>
 FUSEDLOSS_INLINE typename FloatLanes<W>::type fast_exp_nonpositive_lanes(typename FloatLanes<W>::type x);
 

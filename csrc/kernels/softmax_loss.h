@@ -451,7 +451,7 @@ FUSEDLOSS_INLINE float block_sum_exp_lanes(const float* s, int64_t len, float sh
   // registers, keeps two (four spilled more to the stack, as slow as two). The sums take the vectors in the same
   // order either way (the same bits).
   // Without out, the exps are only summed: those below the underflow bound may be about 2^−126 instead of 0
-  // (fast_exp_nonpositive_lanes' kZeroUnderflow), as the block holds its max, whose e^0 = 1 they cannot change.
+  // (fast_exp_nonpositive_lanes' kZeroUnderflow): the block holds its max, whose e^0 = 1 leaves them in the rounding.
   constexpr int kSide = W == 16 ? 4 : 2;
   auto side = [&](int64_t at, float* to) FUSEDLOSS_LAMBDA_INLINE {
     _Pragma("GCC unroll 4") for (int k = 0; k < kSide; k += 2) prefetch(at + k * W);
